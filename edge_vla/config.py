@@ -1,0 +1,224 @@
+"""Model configs, named presets, and config files with dotted overrides.
+
+A preset names a whole model: `tiny` (random init, trains on a CPU in minutes), `minivla`
+(Qwen2.5-0.5B + SigLIP 224 px, MiniVLA's shape) and `openvla` (Llama-2 7B + SigLIP 224 px,
+OpenVLA's LM; OpenVLA fuses DINOv2 with SigLIP, which is not built here). Large presets load
+their towers with `from_pretrained` from `lm_path` / `vision_path`, a local directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_vla.errors import EdgeVLAError
+
+CONFIG_SCHEMA_VERSION = 1
+
+
+@dataclass
+class VLAConfig:
+    preset: str = "tiny"
+    # Vision tower: a Hugging Face vision config (dict with model_type) built at random init,
+    # or `vision_path` (local dir or hub id) loaded with from_pretrained.
+    vision: dict = field(default_factory=dict)
+    vision_path: str | None = None
+    # Language model: a Hugging Face causal-LM config dict, or `lm_path`.
+    lm: dict = field(default_factory=dict)
+    lm_path: str | None = None
+    # Tokenizer: trained locally (tiny) or loaded from `tokenizer_path` (defaults to lm_path).
+    tokenizer_path: str | None = None
+    tokenizer_vocab_size: int = 1024
+    image_size: int = 64
+    cameras: tuple[str, ...] = ("agentview", "wrist")
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    use_proprio: bool = True
+    proprio_dim: int = 8
+    projector_hidden: int = 256
+    action_dim: int = 7
+    action_chunk: int = 1
+    n_action_bins: int = 256
+    schema_version: int = CONFIG_SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cameras"] = list(self.cameras)
+        d["image_mean"] = list(self.image_mean)
+        d["image_std"] = list(self.image_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "VLAConfig":
+        if not isinstance(d, dict):
+            raise EdgeVLAError(f"{source} must hold a JSON object, got {type(d).__name__}")
+        version = d.get("schema_version", CONFIG_SCHEMA_VERSION)
+        if version != CONFIG_SCHEMA_VERSION:
+            raise EdgeVLAError(
+                f"{source} has config schema version {version}; this edge-vla reads {CONFIG_SCHEMA_VERSION}",
+                "re-save the checkpoint with this version of edge-vla",
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise EdgeVLAError(f"{source} has unknown model config keys {unknown}", f"valid keys: {sorted(known)}")
+        kw = dict(d)
+        for k in ("cameras", "image_mean", "image_std"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        cfg = cls(**kw)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        if not self.cameras:
+            raise EdgeVLAError(f"{source}: `cameras` is empty", "name at least one camera, e.g. agentview")
+        if self.image_size <= 0 or self.action_dim <= 0 or self.action_chunk <= 0 or self.n_action_bins < 2:
+            raise EdgeVLAError(f"{source}: image_size, action_dim, action_chunk must be positive and n_action_bins >= 2")
+        if not self.vision and not self.vision_path:
+            raise EdgeVLAError(f"{source}: no vision tower", "set `vision` (a config dict) or `vision_path`")
+        if not self.lm and not self.lm_path:
+            raise EdgeVLAError(f"{source}: no language model", "set `lm` (a config dict) or `lm_path`")
+
+    @property
+    def n_action_tokens(self) -> int:
+        return self.action_dim * self.action_chunk
+
+
+def _tiny() -> VLAConfig:
+    return VLAConfig(
+        preset="tiny",
+        vision=dict(
+            model_type="siglip_vision_model",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+            num_channels=3,
+        ),
+        lm=dict(
+            model_type="qwen2",
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+        ),
+        tokenizer_vocab_size=1024,
+        image_size=64,
+        cameras=("agentview", "wrist"),
+        use_proprio=True,
+        projector_hidden=256,
+    )
+
+
+def _minivla() -> VLAConfig:
+    return VLAConfig(
+        preset="minivla",
+        vision_path="google/siglip-so400m-patch14-224",
+        lm_path="Qwen/Qwen2.5-0.5B",
+        image_size=224,
+        cameras=("agentview",),
+        use_proprio=False,
+        projector_hidden=2048,
+    )
+
+
+def _openvla() -> VLAConfig:
+    return VLAConfig(
+        preset="openvla",
+        vision_path="google/siglip-so400m-patch14-224",
+        lm_path="meta-llama/Llama-2-7b-hf",
+        image_size=224,
+        cameras=("agentview",),
+        use_proprio=False,
+        projector_hidden=4096,
+    )
+
+
+PRESETS = {"tiny": _tiny, "minivla": _minivla, "openvla": _openvla}
+
+
+def unknown_name_error(kind: str, name: str, valid) -> EdgeVLAError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return EdgeVLAError(f"unknown {kind} `{name}`", f"{hint}valid: {', '.join(valid)}")
+
+
+def preset(name: str, overrides: list[str] | None = None) -> VLAConfig:
+    if name not in PRESETS:
+        raise unknown_name_error("preset", name, PRESETS)
+    cfg = PRESETS[name]()
+    if overrides:
+        cfg = VLAConfig.from_dict(apply_overrides(cfg.to_dict(), overrides), source=f"preset {name} with overrides")
+    cfg.validate(f"preset {name}")
+    return cfg
+
+
+# --- files and overrides -------------------------------------------------------------------------
+
+
+def load_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgeVLAError(f"config file not found: {p}", "pass an existing .yaml/.yml/.json file")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; both mean "malformed"
+        raise EdgeVLAError(f"config file {p} is malformed: {str(e).splitlines()[0]}", "fix its syntax") from None
+    if not isinstance(data, dict):
+        raise EdgeVLAError(f"config file {p} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        low = raw.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return raw
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as JSON when they parse, else strings)."""
+    out = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise EdgeVLAError(f"override `{item}` has no `=`", "write overrides as key.sub=value, e.g. lm.hidden_size=256")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[: i + 1])
+                raise unknown_name_error("config key", where, node.keys() if isinstance(node, dict) else [])
+            node = node[part]
+        leaf = parts[-1]
+        if not isinstance(node, dict):
+            raise EdgeVLAError(f"override `{key}`: `{'.'.join(parts[:-1])}` is not a section")
+        # New keys are allowed only inside free-form Hugging Face config dicts (vision, lm).
+        if leaf not in node and parts[0] not in ("vision", "lm"):
+            raise unknown_name_error("config key", key, [".".join(parts[:-1] + [k]) for k in node])
+        node[leaf] = _parse_value(raw.strip())
+    return out

@@ -1,0 +1,336 @@
+"""The VLA: a vision tower, an MLP projector and a Hugging Face causal LM, in one readable file.
+
+Sequence the LM sees (one row):
+
+    [camera 1 patches][camera 2 patches]...[proprio token] [bos] prompt tokens  target tokens
+    \__________________ prefix embeddings _______________/ \______ input_ids ____________/
+
+Image patch embeddings (plus a learned per-camera embedding) and an optional proprio token are
+spliced in front of the prompt's token embeddings. `forward` returns logits only for the
+`input_ids` positions, so labels line up with `input_ids` exactly (-100 = no loss), and the
+loss is the usual next-token shift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_vla.config import VLAConfig, preset as make_preset
+from edge_vla.errors import EdgeVLAError
+from edge_vla.model.processor import TextTokenizer, VLAProcessor
+from edge_vla.tokens.action import ActionStats, ActionTokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+STATS_FILE = "action_stats.json"
+RECIPE_FILE = "recipe.json"
+CHECKPOINT_FORMAT = "edge-vla-checkpoint"
+
+
+@dataclass
+class VLAOutput:
+    logits: torch.Tensor  # (B, T, V) for the input_ids positions
+    loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # (B, T, H) last hidden states of the input_ids positions
+
+
+def _hf_config(d: dict, what: str):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise EdgeVLAError(f"the {what} config has no `model_type`", "give a Hugging Face config dict with model_type")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except Exception as e:
+        raise EdgeVLAError(f"invalid {what} config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _vision_from_config(cfg):
+    from transformers import AutoModel, SiglipVisionConfig, SiglipVisionModel
+
+    if isinstance(cfg, SiglipVisionConfig):
+        return SiglipVisionModel(cfg)
+    return AutoModel.from_config(cfg)
+
+
+def _load_pretrained(kind: str, path: str):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipVisionModel
+
+    try:
+        if kind == "lm":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        cfg = AutoConfig.from_pretrained(path)
+        if cfg.model_type in ("siglip", "siglip_vision_model"):
+            # Drop SigLIP's attention-pooling head: the VLA reads every patch, not a pooled vector.
+            return SiglipVisionModel.from_pretrained(path, dtype=torch.float32, vision_use_head=False)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        return getattr(model, "vision_model", model)
+    except EdgeVLAError:
+        raise
+    except Exception as e:
+        raise EdgeVLAError(
+            f"could not load the {kind} from `{path}` ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            "pass a local directory saved with save_pretrained, or a hub id reachable from this machine",
+        ) from None
+
+
+class VLA(nn.Module):
+    def __init__(self, config: VLAConfig, vision: nn.Module, lm: nn.Module, tokenizer: TextTokenizer,
+                 action_stats: ActionStats | None = None):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.processor = VLAProcessor(config, tokenizer)
+        v_hidden = vision.config.hidden_size
+        l_hidden = lm.config.hidden_size
+        self.projector = nn.Sequential(
+            nn.Linear(v_hidden, config.projector_hidden), nn.GELU(), nn.Linear(config.projector_hidden, l_hidden)
+        )
+        self.camera_embed = nn.Parameter(torch.zeros(len(config.cameras), l_hidden))
+        self.proprio = nn.Linear(config.proprio_dim, l_hidden) if config.use_proprio else None
+        if lm.get_input_embeddings().weight.shape[0] != tokenizer.vocab_size:
+            lm.resize_token_embeddings(tokenizer.vocab_size)
+        self.action_stats = action_stats
+        self.recipe_info: dict = {}
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: VLAConfig, texts: list[str] = (), action_stats: ActionStats | None = None,
+                    seed: int | None = 0) -> "VLA":
+        """Build a new VLA: random towers from config dicts, or pretrained ones from paths."""
+        from transformers import AutoModelForCausalLM
+
+        config.validate()
+        if seed is not None:
+            torch.manual_seed(seed)
+        tok_path = config.tokenizer_path or config.lm_path
+        tokenizer = (TextTokenizer.from_hf(tok_path, config.n_action_bins) if tok_path
+                     else TextTokenizer.train_tiny(list(texts), config.tokenizer_vocab_size, config.n_action_bins))
+        vision = _load_pretrained("vision", config.vision_path) if config.vision_path else _vision_from_config(
+            _hf_config(config.vision, "vision"))
+        if config.lm_path:
+            lm = _load_pretrained("lm", config.lm_path)
+        else:
+            lm_cfg = dict(config.lm, vocab_size=tokenizer.vocab_size)
+            lm = AutoModelForCausalLM.from_config(_hf_config(lm_cfg, "language model"))
+        # Record the towers' full configs so the checkpoint rebuilds without the original paths.
+        config.vision = _config_dict(vision.config)
+        config.lm = _config_dict(lm.config)
+        return cls(config, vision, lm, tokenizer, action_stats)
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: list[str] | None = None, **kw) -> "VLA":
+        return cls.from_config(make_preset(name, overrides), **kw)
+
+    # --- the model -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.camera_embed.device
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        c = self.vision.config
+        per_cam = (self.config.image_size // c.patch_size) ** 2 if hasattr(c, "patch_size") else None
+        if per_cam is None:
+            raise EdgeVLAError("cannot infer the number of image tokens of this vision tower")
+        return per_cam * len(self.config.cameras) + (1 if self.proprio is not None else 0)
+
+    def encode_prefix(self, pixel_values: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_cams, 3, S, S) [+ (B, proprio_dim)] -> (B, P, H) prefix embeddings."""
+        n_cams = len(self.config.cameras)
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != n_cams or pixel_values.shape[2] != 3:
+            raise EdgeVLAError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected (B, {n_cams}, 3, S, S)",
+                "build inputs with the model's processor (VLAProcessor.images)",
+            )
+        b = pixel_values.shape[0]
+        flat = pixel_values.flatten(0, 1).to(self.camera_embed.dtype)
+        patches = self.vision(pixel_values=flat).last_hidden_state  # (B*C, N, Hv)
+        tokens = self.projector(patches).unflatten(0, (b, n_cams)) + self.camera_embed[None, :, None, :]
+        prefix = tokens.flatten(1, 2)
+        if self.proprio is not None:
+            if state is None:
+                raise EdgeVLAError("this model reads the proprio state but none was given", "pass `state`")
+            prefix = torch.cat([prefix, self.proprio(state.to(prefix.dtype))[:, None, :]], dim=1)
+        return prefix
+
+    def _decoder(self):
+        return self.lm.get_decoder()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(hidden)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, state=None) -> VLAOutput:
+        prefix = self.encode_prefix(pixel_values, state)
+        b, p = prefix.shape[:2]
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        hidden = self._decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return VLAOutput(logits=logits, loss=loss, hidden=hidden)
+
+    # --- incremental decoding (KV cache; prefill once, then one token at a time) -------------------
+    @torch.no_grad()
+    def prefill(self, pixel_values, input_ids, state=None):
+        """Run prefix + prompt once. Returns (last hidden state (B, H), cache)."""
+        from transformers import DynamicCache
+
+        prefix = self.encode_prefix(pixel_values, state)
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        cache = DynamicCache(config=self.lm.config)
+        out = self._decoder()(inputs_embeds=embeds, cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], out.cache
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, cache):
+        """Feed (B,) or (B, n) tokens after the cached sequence. Returns (last hidden (B, H), cache)."""
+        ids = token_ids.view(token_ids.shape[0], -1)
+        out = self._decoder()(inputs_embeds=self.lm.get_input_embeddings()(ids), cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], out.cache
+
+    @torch.no_grad()
+    def generate(self, pixel_values, prompt_ids: torch.Tensor, state=None, max_free_tokens: int = 0,
+                 n_action_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding for one batch: up to `max_free_tokens` unrestricted tokens (reasoning),
+        which end early at the first action token, then action tokens restricted to the action block.
+
+        Returns (free token ids (B, F) — may be empty, action token ids (B, n_action_tokens)).
+        Rows of a batch stop together; use batch size 1 for reasoning of different lengths.
+        """
+        n_act = n_action_tokens or self.config.n_action_tokens
+        tok = self.processor.tokenizer
+        lo, hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        hidden, cache = self.prefill(pixel_values, prompt_ids, state)
+        free: list[torch.Tensor] = []
+        actions: list[torch.Tensor] = []
+        for _ in range(max_free_tokens):
+            nxt = self.head(hidden).argmax(-1)
+            if ((nxt >= lo) & (nxt < hi)).all():
+                actions.append(nxt)
+                hidden, cache = self.step(nxt, cache)
+                break
+            if (nxt == tok.eos_id).all():
+                break
+            free.append(nxt)
+            hidden, cache = self.step(nxt, cache)
+        while len(actions) < n_act:
+            w = self.lm.get_output_embeddings().weight[lo:hi]
+            nxt = (hidden @ w.T).argmax(-1) + lo
+            actions.append(nxt)
+            if len(actions) < n_act:
+                hidden, cache = self.step(nxt, cache)
+        b = prompt_ids.shape[0]
+        f = torch.stack(free, 1) if free else torch.zeros(b, 0, dtype=torch.long, device=prompt_ids.device)
+        return f, torch.stack(actions, 1)
+
+    # --- convenience: one observation in, one action out -----------------------------------------
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        if self.action_stats is None:
+            raise EdgeVLAError("this model has no action statistics yet", "train it on a dataset (stats are saved with the checkpoint)")
+        tok = self.processor.tokenizer
+        return ActionTokenizer(self.action_stats, tok.first_action_id, tok.n_bins)
+
+    def model_inputs(self, images, instruction: str, state=None, extra_prompt_ids: list[int] = ()):
+        pv = torch.from_numpy(self.processor.images(images))[None].to(self.device)
+        st = torch.from_numpy(self.processor.state(state))[None].to(self.device) if self.config.use_proprio else None
+        ids = torch.tensor([self.processor.prompt_ids(instruction) + list(extra_prompt_ids)], device=self.device)
+        return pv, ids, st
+
+    @torch.no_grad()
+    def predict_action(self, images, instruction: str, state=None, max_free_tokens: int = 0,
+                       extra_prompt_ids: list[int] = ()) -> tuple[np.ndarray, str]:
+        """Greedy action (env units; (K, D) for chunks, else (D,)) and the reasoning text, if any."""
+        pv, ids, st = self.model_inputs(images, instruction, state, extra_prompt_ids)
+        free, act = self.generate(pv, ids, st, max_free_tokens=max_free_tokens)
+        text = self.processor.tokenizer.decode(free[0].tolist()) if free.shape[1] else ""
+        return self.action_tokenizer.decode(act[0].cpu().numpy()), text
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the checkpoint directory atomically: config, safetensors weights, tokenizer, stats."""
+        from safetensors.torch import save_model
+
+        from edge_vla.io import atomic_directory
+
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            meta = {"format": CHECKPOINT_FORMAT, **self.config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.processor.tokenizer.save(tmp / TOKENIZER_DIR)
+            if self.action_stats is not None:
+                self.action_stats.save(tmp / STATS_FILE)
+            if self.recipe_info:
+                (tmp / RECIPE_FILE).write_text(json.dumps(self.recipe_info, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLA":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+        from transformers import AutoModelForCausalLM
+
+        p = Path(path)
+        cfg_file = check_checkpoint_dir(p)
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgeVLAError(f"{cfg_file} is not valid JSON ({e.msg}, line {e.lineno})", "re-save the checkpoint") from None
+        if not isinstance(meta, dict) or meta.pop("format", None) != CHECKPOINT_FORMAT:
+            raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
+                               "pass a directory written by VLA.save_pretrained / edge-vla train")
+        config = VLAConfig.from_dict(meta, source=str(cfg_file))
+        tokenizer = TextTokenizer.load(p / TOKENIZER_DIR)
+        stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
+        vision = _vision_from_config(_hf_config(config.vision, "vision"))
+        lm = AutoModelForCausalLM.from_config(_hf_config(config.lm, "language model"))
+        model = cls(config, vision, lm, tokenizer, stats)
+        try:
+            missing, unexpected = load_model(model, str(p / WEIGHTS_FILE), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise EdgeVLAError(f"weights in {p / WEIGHTS_FILE} do not load ({str(e).splitlines()[0][:200]})",
+                               "the file is damaged or from another model config; re-save the checkpoint") from None
+        if missing or unexpected:
+            raise EdgeVLAError(f"weights in {p / WEIGHTS_FILE} do not match config.json "
+                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                               "save config and weights together with save_pretrained")
+        if (p / RECIPE_FILE).exists():
+            model.recipe_info = json.loads((p / RECIPE_FILE).read_text())
+        return model.to(device).eval()
+
+
+def check_checkpoint_dir(p: Path) -> Path:
+    if not p.exists():
+        raise EdgeVLAError(f"checkpoint not found: {p}", "pass the directory written by `edge-vla train` or save_pretrained")
+    if not p.is_dir():
+        raise EdgeVLAError(f"checkpoint {p} is a file, expected a directory", "pass the checkpoint directory")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (p / name).is_file():
+            raise EdgeVLAError(f"checkpoint {p} lacks {name}", "pass a complete checkpoint directory (config.json + model.safetensors + tokenizer/)")
+    return p / CONFIG_FILE
+
+
+def _config_dict(hf_config) -> dict:
+    d = hf_config.to_dict()
+    # Keep what rebuilds the architecture; drop run-time and provenance fields.
+    for k in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+        d.pop(k, None)
+    d["model_type"] = hf_config.model_type
+    return d

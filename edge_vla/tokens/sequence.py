@@ -1,0 +1,43 @@
+"""How a training/inference token sequence is laid out, shared by recipes and every runtime.
+
+    prompt_ids                     [bos] "In: What action should the robot take to ...?\nOut:"
+    + reasoning ids  (optional)    " TASK: ... GRIPPER POSITION: [...]"
+    + action prefix                " ACTION:"
+    + action ids                   <act_i> x (action_chunk * action_dim)
+    + eos
+
+At test time `direct` mode forces prompt + action prefix and decodes only action tokens;
+`full` mode decodes reasoning freely from the prompt until the first action token.
+"""
+
+from __future__ import annotations
+
+from edge_vla.tokens.reasoning import ACTION_TAG, Reasoning
+
+ACTION_PREFIX = " " + ACTION_TAG
+IGNORE = -100
+
+
+def reasoning_ids(tokenizer, reasoning: Reasoning | None) -> list[int]:
+    if reasoning is None or reasoning.is_empty():
+        return []
+    return tokenizer.encode(" " + reasoning.to_text(include_action_tag=False))
+
+
+def action_prefix_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(ACTION_PREFIX)
+
+
+def build_sequence(prompt_ids: list[int], middle_ids: list[int], action_ids: list[int], eos_id: int,
+                   loss_on_middle: bool) -> tuple[list[int], list[int]]:
+    """Concatenate the parts and mark where loss is taken (labels == ids) or not (IGNORE).
+
+    `action_ids` is the action prefix followed by the action tokens.
+    Loss is never taken on the prompt. `middle_ids` (reasoning, or filler) gets loss only when
+    `loss_on_middle`; the action prefix, the action tokens and eos always do.
+    """
+    input_ids = list(prompt_ids) + list(middle_ids) + list(action_ids) + [eos_id]
+    labels = [IGNORE] * len(prompt_ids)
+    labels += list(middle_ids) if loss_on_middle else [IGNORE] * len(middle_ids)
+    labels += list(action_ids) + [eos_id]
+    return input_ids, labels
