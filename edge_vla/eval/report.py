@@ -1,0 +1,300 @@
+"""Trade-off reports from results files only: a Markdown and a self-contained HTML report plus a
+Pareto plot (success vs latency), every variant compared with the full-CoT baseline.
+
+A variant is what `config.variant` of a results file names (recipe, precision, backend, target,
+mode...). Files of the same variant are merged: shards of one LIBERO run (episodes de-duplicated
+by id), rollouts plus a latency bench of the same bundle (the bench fills in latency, projected
+Hz per Jetson target, bundle size and peak memory where the rollouts lack them).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.eval.results import load_results, summarize, wilson_interval
+from edge_vla.io import atomic_write_bytes, atomic_write_text
+
+BASELINE = {"recipe": "ecot", "mode": "full"}
+VARIANT_FIELDS = ("recipe", "mode", "precision", "backend", "target")
+
+
+@dataclass
+class Variant:
+    name: str
+    info: dict = field(default_factory=dict)  # recipe, mode, precision, backend, target, bundle_bytes, ...
+    episodes: dict = field(default_factory=dict)  # episode id -> record (rollouts)
+    bench: dict = field(default_factory=dict)  # summary of a latency bench of this variant
+    sources: list = field(default_factory=list)
+    row: dict = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        return all(str(self.info.get(k, "")).lower() == v for k, v in BASELINE.items())
+
+
+def variant_name(config: dict, path: Path) -> str:
+    v = config.get("variant") or {}
+    if v.get("name"):
+        return str(v["name"])
+    parts = [str(v[k]) for k in VARIANT_FIELDS if v.get(k)]
+    return "/".join(parts) if parts else (str(config.get("policy")) if config.get("policy") else path.stem)
+
+
+def collect(paths: list[str | Path]) -> list[Variant]:
+    if not paths:
+        raise EdgeVLAError("no results files given", "pass one or more JSON files written by `edge-vla eval`/`bench`")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    variants: dict[str, Variant] = {}
+    for path in files:
+        doc = load_results(path)
+        name = variant_name(doc["config"], path)
+        var = variants.setdefault(name, Variant(name))
+        var.sources.append(str(path))
+        for k, v in (doc["config"].get("variant") or {}).items():
+            var.info.setdefault(k, v)
+        if doc["kind"] == "bench":
+            for k, v in doc["summary"].items():
+                var.bench.setdefault(k, v)
+            continue
+        for i, r in enumerate(doc["records"]):
+            var.episodes.setdefault(str(r.get("id", f"{path}:{i}")), r)
+    for var in variants.values():
+        var.row = _row(var)
+    return sorted(variants.values(), key=lambda v: (not v.is_baseline, v.name))
+
+
+def _row(var: Variant) -> dict:
+    s = summarize("libero", list(var.episodes.values())) if var.episodes else {}
+    b, info = var.bench, var.info
+    row = {
+        "variant": var.name, **{k: info.get(k) for k in VARIANT_FIELDS},
+        "episodes": s.get("episodes", 0), "successes": s.get("successes", 0), "success_rate": s.get("success_rate"),
+        "success_ci95": s.get("success_ci95"),
+        # Rollouts measure latency in the loop; a bench of the same variant is used where they lack it.
+        "latency_p50_ms": s.get("latency_p50_ms") or b.get("latency_p50_ms"),
+        "latency_p95_ms": s.get("latency_p95_ms") or b.get("latency_p95_ms"),
+        "actions_per_s": s.get("actions_per_s") or b.get("actions_per_s"),
+        "tokens_per_action": s.get("tokens_per_action") or b.get("tokens_per_action"),
+        "bundle_bytes": info.get("bundle_bytes") or b.get("bundle_bytes"),
+        "peak_memory_mb": info.get("peak_memory_mb") or b.get("peak_memory_mb"),
+        "projected_hz": dict(info.get("projected_hz") or b.get("projected_hz") or {}),
+        "baseline": var.is_baseline,
+    }
+    if row["actions_per_s"] is None and row["latency_p50_ms"]:
+        row["actions_per_s"] = 1000.0 / row["latency_p50_ms"]
+    return row
+
+
+def add_ratios(variants: list[Variant]) -> Variant | None:
+    """Each row's ratio against the full-CoT baseline: success ratio and speed-up (baseline p50 / p50)."""
+    base = next((v for v in variants if v.is_baseline), None)
+    for v in variants:
+        r = v.row
+        r["success_vs_baseline"] = r["speedup_vs_baseline"] = None
+        if base is None:
+            continue
+        b = base.row
+        if r["success_rate"] is not None and b["success_rate"]:
+            r["success_vs_baseline"] = r["success_rate"] / b["success_rate"]
+        if r["latency_p50_ms"] and b["latency_p50_ms"]:
+            r["speedup_vs_baseline"] = b["latency_p50_ms"] / r["latency_p50_ms"]
+    return base
+
+
+def per_task(variants: list[Variant]) -> tuple[list[str], dict]:
+    """(task labels, {variant: {task: (successes, n)}}) for the per-task table."""
+    tasks: set[str] = set()
+    table: dict[str, dict] = {}
+    for v in variants:
+        cells: dict[str, list[int]] = {}
+        for r in v.episodes.values():
+            if r.get("success") is None:
+                continue
+            key = f"{r.get('suite', '?')}/{r.get('task', '?')}"
+            c = cells.setdefault(key, [0, 0])
+            c[0] += bool(r["success"])
+            c[1] += 1
+        tasks.update(cells)
+        table[v.name] = cells
+    return sorted(tasks), table
+
+
+# --- formatting -----------------------------------------------------------------------------------
+def _f(x, fmt="{:.1f}", none="–"):
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _success(r) -> str:
+    if r["success_rate"] is None:
+        return "–"
+    lo, hi = r["success_ci95"]
+    return f"{100 * r['success_rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] ({r['successes']}/{r['episodes']})"
+
+
+def _size(b) -> str:
+    return "–" if not b else (f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB")
+
+
+def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], list[str]]:
+    targets = sorted({t for v in variants for t in v.row["projected_hz"]})
+    header = ["variant", "recipe", "mode", "precision", "backend", "target", "success (95% CI)", "vs baseline",
+              "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "peak MiB",
+              *[f"Hz @ {t}" for t in targets]]
+    rows = []
+    for v in variants:
+        r = v.row
+        rows.append([
+            v.name + (" (baseline)" if r["baseline"] else ""), *[str(r[k] or "–") for k in VARIANT_FIELDS],
+            _success(r), _f(r["success_vs_baseline"], "{:.2f}×"), _f(r["latency_p50_ms"]), _f(r["latency_p95_ms"]),
+            _f(r["speedup_vs_baseline"], "{:.1f}×"), _f(r["actions_per_s"]), _f(r["tokens_per_action"]),
+            _size(r["bundle_bytes"]), _f(r["peak_memory_mb"], "{:.0f}"),
+            *[_f(r["projected_hz"].get(t), "{:.2f}") for t in targets],
+        ])
+    return header, rows, targets
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats (lower latency AND higher success), by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -1.0
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_png(variants: list[Variant]) -> bytes | None:
+    pts = [(v.row["latency_p50_ms"], v.row["success_rate"], v) for v in variants
+           if v.row["latency_p50_ms"] and v.row["success_rate"] is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for lat, sr, v in pts:
+        lo, hi = v.row["success_ci95"]
+        ax.errorbar([lat], [100 * sr], yerr=[[100 * (sr - lo)], [100 * (hi - sr)]], fmt="*" if v.is_baseline else "o",
+                    markersize=13 if v.is_baseline else 7, capsize=3, color="tab:red" if v.is_baseline else "tab:blue")
+        ax.annotate(v.name + (" (full CoT)" if v.is_baseline else ""), (lat, 100 * sr), textcoords="offset points",
+                    xytext=(6, 6), fontsize=8)
+    front = pareto_front([(p[0], p[1]) for p in pts])
+    ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per policy call, p50 (ms, log scale)")
+    ax.set_ylabel("success rate (%), 95% CI")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Success vs latency")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _md_table(header, rows) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _task_rows(variants):
+    tasks, table = per_task(variants)
+    rows = []
+    for t in tasks:
+        cells = []
+        for v in variants:
+            k, n = table[v.name].get(t, (0, 0))
+            cells.append(f"{k}/{n}" if n else "–")
+        rows.append([t, *cells])
+    return ["task", *[v.name for v in variants]], rows
+
+
+def _notes(variants, base) -> list[str]:
+    notes = []
+    if base is None:
+        notes.append("No full-CoT baseline (recipe `ecot`, mode `full`) among these results: ratios are left empty.")
+    else:
+        notes.append(f"Baseline: **{base.name}** (recipe `ecot`, mode `full`); ratios are against it "
+                     "(success ratio; speed-up = baseline p50 / variant p50).")
+    notes.append("Success intervals are Wilson 95% score intervals. Latency is per policy call, measured in the "
+                 "loop that wrote each file (see each file's environment).")
+    return notes
+
+
+def render_markdown(variants, base, has_plot: bool) -> str:
+    header, rows, _ = table_rows(variants)
+    th, tr = _task_rows(variants)
+    parts = ["# edge-vla evaluation report", "", *_notes(variants, base), "", "## Variants", "", _md_table(header, rows), ""]
+    if has_plot:
+        parts += ["## Success vs latency", "", "![Pareto plot: success vs latency](pareto.png)", ""]
+    if tr:
+        parts += ["## Success per task", "", _md_table(th, tr), ""]
+    parts += ["## Sources", ""] + [f"- {v.name}: " + ", ".join(f"`{s}`" for s in v.sources) for v in variants] + [""]
+    return "\n".join(parts)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}tr.baseline{background:#fff3e0;font-weight:600}
+img{max-width:100%;border:1px solid #ddd}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def _html_table(header, rows, baseline_rows=()) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cls = ' class="baseline"' if i in baseline_rows else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+    return "\n".join(out + ["</tbody></table>"])
+
+
+def render_html(variants, base, png: bytes | None) -> str:
+    """One file, no external resources: CSS inline, the plot as a base64 data URI."""
+    header, rows, _ = table_rows(variants)
+    th, tr = _task_rows(variants)
+    md_bold = lambda s: html.escape(s).replace("**", "")  # noqa: E731
+    body = ["<h1>edge-vla evaluation report</h1>", *[f"<p>{md_bold(n)}</p>" for n in _notes(variants, base)],
+            "<h2>Variants</h2>", _html_table(header, rows, {i for i, v in enumerate(variants) if v.is_baseline})]
+    if png:
+        body += ["<h2>Success vs latency</h2>",
+                 f'<img alt="Pareto plot: success vs latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
+    if tr:
+        body += ["<h2>Success per task</h2>", _html_table(th, tr)]
+    body += ["<h2>Sources</h2><ul>"] + [f"<li>{html.escape(v.name)}: " + ", ".join(f"<code>{html.escape(s)}</code>"
+                                                                                   for s in v.sources) + "</li>"
+                                          for v in variants] + ["</ul>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edge-vla evaluation report</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path) -> dict:
+    """Write report.md, report.html (self-contained) and pareto.png into `out_dir`."""
+    variants = collect(paths)
+    base = add_ratios(variants)
+    png = pareto_png(variants)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EdgeVLAError(f"report output {out} is a file", "pass a directory for -o")
+    # Each file is written atomically; the directory itself is never replaced (it may hold other things).
+    if png:
+        atomic_write_bytes(out / "pareto.png", png)
+    atomic_write_text(out / "report.md", render_markdown(variants, base, png is not None))
+    atomic_write_text(out / "report.html", render_html(variants, base, png))
+    return {"out": str(out_dir), "variants": [v.row for v in variants], "baseline": base.name if base else None}
+
+
+__all__ = ["build_report", "collect", "add_ratios", "pareto_front", "wilson_interval"]

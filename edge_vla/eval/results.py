@@ -1,0 +1,145 @@
+"""The results-file format: one JSON per eval/bench run; `edge-vla report` reads only these.
+
+    {"format": "edge-vla-results", "schema_version": 1, "kind": "libero" | "hardware" | "bench",
+     "created": ISO time, "config": {...run settings, "variant": {recipe, precision, backend, target, ...}},
+     "environment": edge_vla.environment.environment_report(),
+     "records": [ per-episode (rollouts) or per-call (bench) dicts ],
+     "summary": {...}}
+
+Writes are atomic (a reader or a crash never sees half a file). Rollouts rewrite the file after
+every finished episode, which is what makes them resumable: episodes already in the file are
+skipped on the next run. A file from another schema version is refused with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.io import atomic_write_text
+
+RESULTS_FORMAT = "edge-vla-results"
+SCHEMA_VERSION = 1
+KINDS = ("libero", "hardware", "bench")
+
+
+def _jsonable(x):
+    """numpy scalars/arrays and tuples -> plain JSON; NaN/Inf -> None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_results(path: str | Path, kind: str, config: dict, records: list[dict], summary: dict | None = None,
+                  environment: dict | None = None, created: str | None = None) -> Path:
+    """Write one results file atomically. `environment` defaults to this machine's report."""
+    if kind not in KINDS:
+        raise EdgeVLAError(f"unknown results kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    if environment is None:
+        from edge_vla.environment import environment_report
+
+        environment = environment_report()
+    doc = {
+        "format": RESULTS_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "environment": environment,
+        "records": records,
+        "summary": summary if summary is not None else summarize(kind, records),
+    }
+    path = Path(path)
+    atomic_write_text(path, json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def load_results(path: str | Path) -> dict:
+    """Read and check a results file; every problem is one EdgeVLAError line naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdgeVLAError(f"results file not found: {p}", "pass a JSON written by `edge-vla eval` or `edge-vla bench`")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeVLAError(f"{p} is not valid JSON ({e})", "re-run the evaluation that wrote it") from None
+    if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
+        raise EdgeVLAError(f"{p} is not an edge-vla results file (no format={RESULTS_FORMAT!r})",
+                           "pass a JSON written by `edge-vla eval` or `edge-vla bench`")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise EdgeVLAError(f"{p} has results schema version {version}, this edge-vla reads version {SCHEMA_VERSION}",
+                           "re-run the evaluation with this version, or read it with the edge-vla that wrote it")
+    if doc.get("kind") not in KINDS:
+        raise EdgeVLAError(f"{p} has unknown kind {doc.get('kind')!r}", f"kind must be one of {', '.join(KINDS)}")
+    for key, typ in (("config", dict), ("records", list), ("summary", dict), ("environment", dict)):
+        if not isinstance(doc.get(key), typ):
+            raise EdgeVLAError(f"{p} lacks a valid `{key}` ({typ.__name__})", "the file is damaged; re-run the evaluation")
+    return doc
+
+
+# --- statistics shared by rollouts, the bench and the report ---------------------------------------
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (well-behaved at 0/n and n/n, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def percentile(values, q: float) -> float | None:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    return float(np.percentile(v, q)) if v else None
+
+
+def summarize(kind: str, records: list[dict]) -> dict:
+    """Summary of episode records (rollouts) or call records (bench): the numbers the report shows.
+
+    Episode records carry `success`, `steps`, `latency_ms` (one per policy call), `actions_executed`
+    and `tokens` (generated per call); call records carry `latency_ms` (a number) and `tokens`.
+    """
+    if kind == "bench":
+        lat = [r.get("latency_ms") for r in records]
+        tok = [r.get("tokens") for r in records if r.get("tokens") is not None]
+        p50 = percentile(lat, 50)
+        return {"calls": len(records), "latency_p50_ms": p50, "latency_p95_ms": percentile(lat, 95),
+                "tokens_per_call": float(np.mean(tok)) if tok else None}
+    done = [r for r in records if r.get("success") is not None]
+    k = sum(bool(r["success"]) for r in done)
+    lo, hi = wilson_interval(k, len(done))
+    lat = [x for r in done for x in (r.get("latency_ms") or [])]
+    actions = sum(int(r.get("actions_executed") or 0) for r in done)
+    calls = sum(len(r.get("latency_ms") or []) for r in done)
+    tokens = sum(float(r.get("tokens_generated") or 0) for r in done)
+    policy_s = sum(lat) / 1000.0
+    return {
+        "episodes": len(done),
+        "successes": k,
+        "success_rate": k / len(done) if done else None,
+        "success_ci95": [lo, hi],
+        "calls": calls,
+        "latency_p50_ms": percentile(lat, 50),
+        "latency_p95_ms": percentile(lat, 95),
+        # Actions the policy delivers per second of its own compute (chunks count every executed action).
+        "actions_per_s": actions / policy_s if policy_s > 0 else None,
+        "tokens_per_action": tokens / actions if actions else None,
+        "mean_steps": float(np.mean([r.get("steps", 0) for r in done])) if done else None,
+    }

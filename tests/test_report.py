@@ -1,0 +1,104 @@
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.eval.report import build_report, collect, add_ratios, pareto_front
+from edge_vla.eval.results import load_results
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+
+
+def test_report_from_fixtures(tmp_path):
+    info = build_report([FIXTURES], tmp_path / "rep")
+    rows = {r["variant"]: r for r in info["variants"]}
+    assert info["baseline"] == "ecot-full-fp32"
+    # shards of one run merge into one variant with all 10 episodes
+    lite = rows["ecot-lite-dropout-int8"]
+    assert (lite["successes"], lite["episodes"]) == (8, 10)
+    base = rows["ecot-full-fp32"]
+    assert base["baseline"] and base["success_rate"] == pytest.approx(0.9)
+    assert lite["success_vs_baseline"] == pytest.approx(0.8 / 0.9)
+    assert lite["speedup_vs_baseline"] == pytest.approx(base["latency_p50_ms"] / lite["latency_p50_ms"])
+    assert lite["speedup_vs_baseline"] > 20
+    # the bench of the same variant contributes projected Hz per target
+    assert lite["projected_hz"]["orin-nx-16gb"] == pytest.approx(17.5)
+    # chunks of 4 executed per call with 7 tokens per call -> 7/4 tokens per action
+    assert lite["tokens_per_action"] == pytest.approx(7 / 4)
+    lo, hi = lite["success_ci95"]
+    assert 0.4 < lo < 0.8 < hi < 1.0
+
+    out = tmp_path / "rep"
+    md = (out / "report.md").read_text()
+    assert "ecot-full-fp32 (baseline)" in md and "pareto.png" in md and "Hz @ agx-orin" in md
+    page = (out / "report.html").read_text()
+    # self-contained: the plot is inlined, nothing is fetched from elsewhere
+    assert "data:image/png;base64," in page
+    assert not re.search(r'(src|href)=["\'](https?:|//)', page)
+    assert "<link" not in page and "<script" not in page
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_baseline_leaves_ratios_empty(tmp_path):
+    variants = collect([FIXTURES / "vla_int4.json"])
+    assert add_ratios(variants) is None
+    assert variants[0].row["speedup_vs_baseline"] is None
+
+
+def test_pareto_front():
+    # (latency, success): B dominates C; A is slow but best
+    pts = [(100.0, 0.9), (10.0, 0.8), (20.0, 0.7), (5.0, 0.5)]
+    assert pareto_front(pts) == [3, 1, 0]
+
+
+def test_report_refuses_other_schema(tmp_path):
+    doc = json.loads((FIXTURES / "vla_int4.json").read_text())
+    doc["schema_version"] = 99
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(EdgeVLAError, match="schema version 99"):
+        build_report([bad], tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    r = CliRunner().invoke(main, ["report", str(FIXTURES / "ecot_full.json"), str(FIXTURES / "vla_int4.json"),
+                                  "-o", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "2 variant(s)" in r.output
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "nope.json"), "-o", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "results file not found" in r.output and "Traceback" not in r.output
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path):
+    """Renders the HTML with a real browser, offline; the screenshot is kept for a human to look at."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install -y chromium)")
+    build_report([FIXTURES], tmp_path / "rep")
+    png = tmp_path / "report.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--window-size=1600,1400", f"--screenshot={png}", (tmp_path / "rep" / "report.html").as_uri()]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    keep = Path(__file__).parent.parent / "build" / "report_screenshot.png"
+    keep.parent.mkdir(exist_ok=True)
+    keep.write_bytes(data)
