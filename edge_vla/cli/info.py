@@ -5,11 +5,15 @@ import click
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info(as_json: bool):
+@click.option("--checkpoint", type=click.Path(path_type=str), default=None,
+              help="Also describe this checkpoint (config, parameters, recipe, action statistics).")
+def info(as_json: bool, checkpoint: str | None):
     """Versions, CPU/GPU, and which optional backends are usable here (and why not)."""
     from edge_vla.environment import environment_report
 
     report = environment_report()
+    if checkpoint:
+        report["checkpoint"] = describe_checkpoint(checkpoint)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -23,3 +27,24 @@ def info(as_json: bool):
     for name, b in report["backends"].items():
         table.add_row(name, "[green]yes[/]" if b["usable"] else "[red]no[/]", b["detail"])
     console.print(table)
+    if checkpoint:
+        c = report["checkpoint"]
+        console.print(f"[bold]checkpoint[/] {checkpoint}: preset {c['preset']}, {c['parameters'] / 1e6:.2f}M parameters, "
+                      f"LM {c['lm']}, cameras {c['cameras']} at {c['image_size']} px, recipe {c['recipe'] or 'none'}, "
+                      f"action stats {'yes' if c['action_stats'] else 'missing'}")
+
+
+def describe_checkpoint(path: str) -> dict:
+    from edge_vla.model.vla import VLA
+
+    vla = VLA.from_pretrained(path)
+    return {
+        "preset": vla.config.preset,
+        "parameters": sum(p.numel() for p in vla.parameters()),
+        "lm": vla.config.lm.get("model_type"),
+        "cameras": list(vla.config.cameras),
+        "image_size": vla.config.image_size,
+        "action_chunk": vla.config.action_chunk,
+        "recipe": vla.recipe_info.get("name"),
+        "action_stats": vla.action_stats is not None,
+    }

@@ -1,0 +1,3 @@
+from edge_vla.cli import main
+
+main()
