@@ -18,6 +18,7 @@ from edge_vla.errors import EdgeVLAError
 COMMANDS: dict[str, str] = {
     "info": "edge_vla.cli.info:info",
     "report": "edge_vla.cli.report:report",
+    "serve": "edge_vla.cli.serve:serve",
 }
 
 
