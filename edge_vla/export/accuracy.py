@@ -1,0 +1,103 @@
+"""Parity (exported graphs vs PyTorch) and accuracy (quantized bundle vs its fp32 source).
+
+Both run real observations through two backends/policies and compare what they decode.
+Parity feeds both backends the same (reference) tokens so every step's logits are compared;
+accuracy lets each policy decode on its own, the way a robot would run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError
+
+
+def sample_to_obs(sample) -> dict:
+    return {"images": sample.images, "state": sample.state, "instruction": sample.instruction}
+
+
+def synthetic_observations(config, n: int = 4, seed: int = 0) -> list[dict]:
+    """Deterministic observations when no data is given (images of noise; enough for parity)."""
+    rng = np.random.default_rng(seed)
+    s = config.image_size
+    return [{"images": {c: rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for c in config.cameras},
+             "state": rng.normal(size=config.proprio_dim).astype(np.float32),
+             "instruction": "pick up the object and put it in the basket"} for _ in range(n)]
+
+
+def parity(ref, test, observations, n_tokens: int = 16, atol: float = 1e-3, rtol: float = 1e-3,
+           min_agreement: float = 1.0) -> dict:
+    """Compare backends `test` against `ref` (teacher-forced greedy decode of `n_tokens` tokens).
+
+    Returns {max_logit_diff, logit_scale, token_agreement, n_tokens, passed}.
+    """
+    from edge_vla.runtime.policy import Policy
+
+    proc = Policy(ref, mode="direct")  # only for input checks and processing
+    worst, scale, agree, total = 0.0, 0.0, 0, 0
+    for obs in observations:
+        pv, state, prompt = proc._inputs(obs)
+        pa, pb = ref.encode_prefix(pv, state), test.encode_prefix(pv, state)
+        (_, la, ca), (_, lb, cb) = ref.prefill(pa, prompt), test.prefill(pb, prompt)
+        for i in range(n_tokens + 1):
+            la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
+            worst = max(worst, float(np.abs(la - lb).max()))
+            scale = max(scale, float(np.abs(la).max()))
+            agree += int(la.argmax() == lb.argmax())
+            total += 1
+            if i == n_tokens:
+                break
+            nxt = int(la.argmax())
+            (_, la, ca), (_, lb, cb) = ref.step([nxt], ca), test.step([nxt], cb)
+    agreement = agree / max(total, 1)
+    passed = worst <= atol + rtol * scale and agreement >= min_agreement
+    return {"max_logit_diff": worst, "logit_scale": scale, "token_agreement": agreement,
+            "n_tokens": total, "n_observations": len(observations), "passed": bool(passed)}
+
+
+def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:
+    """Action-token agreement, action L1 (env units), per-dim error; reasoning-token agreement in full mode."""
+    report: dict = {"n_observations": len(observations)}
+    for mode in modes:
+        ref_policy.mode = test_policy.mode = mode
+        act_eq = act_n = reason_eq = reason_n = 0
+        errs = []
+        for obs in observations:
+            a, b = ref_policy.act(obs), test_policy.act(obs)
+            ia, ib = np.array(a.info["action_token_ids"]), np.array(b.info["action_token_ids"])
+            act_eq += int((ia == ib).sum())
+            act_n += ia.size
+            errs.append(np.abs(np.asarray(a.action, np.float64) - np.asarray(b.action, np.float64)).reshape(-1, a.action.shape[-1]))
+            fa, fb = a.info["free_token_ids"], b.info["free_token_ids"]
+            if mode == "full":
+                n = max(len(fa), len(fb))
+                reason_eq += sum(int(x == y) for x, y in zip(fa, fb))
+                reason_n += n
+        e = np.concatenate(errs) if errs else np.zeros((0, 1))
+        r = {"action_token_agreement": act_eq / max(act_n, 1), "action_l1": float(e.mean()) if e.size else 0.0,
+             "per_dim_l1": e.mean(0).tolist() if e.size else [], "per_dim_max": e.max(0).tolist() if e.size else [],
+             "n_action_tokens": act_n}
+        if mode == "full":
+            r["reasoning_token_agreement"] = reason_eq / reason_n if reason_n else 1.0
+        report[mode] = r
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for mode, r in report.items():
+        if not isinstance(r, dict):
+            continue
+        line = (f"  {mode:8s} action-token agreement {100 * r['action_token_agreement']:.2f}%  "
+                f"action L1 {r['action_l1']:.5f} (env units)  per-dim L1 "
+                + " ".join(f"{x:.4f}" for x in r["per_dim_l1"]))
+        if "reasoning_token_agreement" in r:
+            line += f"  reasoning-token agreement {100 * r['reasoning_token_agreement']:.2f}%"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def require(report_value: float, floor: float | None, what: str) -> None:
+    if floor is not None and report_value < floor:
+        raise EdgeVLAError(f"{what} {100 * report_value:.2f}% is below the required {100 * floor:.2f}%",
+                           "export at a higher precision, or calibrate on more representative data")

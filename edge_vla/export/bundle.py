@@ -1,0 +1,132 @@
+"""The bundle: a directory the runtime loads without torch.
+
+    manifest.json   format, schema_version, model_config, graphs (file, inputs, outputs,
+                    precision), action_stats, recipe, target, parity, accuracy, files (sha256)
+    tokenizer/      tokenizer.json + edge_vla_tokens.json (TextTokenizer.save)
+    *.onnx          prefix (vision + projector + proprio), embed, decoder (KV cache as tensors)
+    engines/        optional, e.g. TensorRT engines built on the target
+
+`write_bundle` writes atomically; `load_bundle` checks the schema and the sha256 of every
+file and names exactly what is wrong. Imports: numpy/json/tokenizers only (runtime path).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_vla.config import VLAConfig
+from edge_vla.errors import EdgeVLAError
+from edge_vla.io import atomic_directory, sha256_file
+from edge_vla.tokens.action import ActionStats
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "edge-vla-bundle"
+BUNDLE_SCHEMA_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+GRAPH_ROLES = ("prefix", "embed", "decoder")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> VLAConfig:
+        return VLAConfig.from_dict(dict(self.manifest["model_config"]), source=f"{self.path / MANIFEST} model_config")
+
+    @property
+    def action_stats(self) -> ActionStats:
+        return ActionStats.from_dict(self.manifest["action_stats"], source=f"{self.path / MANIFEST} action_stats")
+
+    @property
+    def recipe(self) -> dict:
+        return dict(self.manifest.get("recipe") or {})
+
+    @property
+    def graphs(self) -> dict:
+        return self.manifest["graphs"]
+
+    def graph_path(self, role: str) -> Path:
+        return self.path / self.graphs[role]["file"]
+
+    def tokenizer(self):
+        from edge_vla.model.processor import TextTokenizer
+
+        return TextTokenizer.load(self.path / TOKENIZER_DIR)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.manifest["files"])
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_bundle(path: str | Path, staging: str | Path, manifest: dict) -> Bundle:
+    """Move the files of `staging` (graphs, tokenizer/, engines/) into `path` with a manifest, atomically.
+
+    `manifest` holds everything but `format`, `schema_version` and `files`, which are filled here.
+    """
+    staging = Path(staging)
+    for role in GRAPH_ROLES:
+        g = manifest.get("graphs", {}).get(role)
+        if g is None or not (staging / g["file"]).is_file():
+            raise EdgeVLAError(f"cannot write the bundle: the {role} graph is missing", "export all three graphs first")
+    if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
+        raise EdgeVLAError("cannot write the bundle: tokenizer/ is missing")
+    with atomic_directory(path) as tmp:
+        for item in staging.iterdir():
+            if item.name == MANIFEST:
+                continue
+            dst = tmp / item.name
+            shutil.copytree(item, dst) if item.is_dir() else shutil.copy2(item, dst)
+        full = {"format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA_VERSION, **manifest, "files": _hash_tree(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
+    return load_bundle(path)
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    p = Path(path)
+    if not p.is_dir():
+        raise EdgeVLAError(f"bundle not found: {p}", "pass the directory written by `edge-vla export`")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise EdgeVLAError(f"{p} is not an edge-vla bundle (no {MANIFEST})", "pass a directory written by `edge-vla export`")
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeVLAError(f"{mf} is not valid JSON ({e.msg}, line {e.lineno})", "re-export the bundle") from None
+    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
+        raise EdgeVLAError(f"{mf} lacks format={BUNDLE_FORMAT!r}: not an edge-vla bundle", "re-export the bundle")
+    if m.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+        raise EdgeVLAError(f"bundle {p} has schema version {m.get('schema_version')!r}, this edge-vla reads "
+                           f"{BUNDLE_SCHEMA_VERSION}", "re-export it with this version of edge-vla")
+    for key in ("model_config", "graphs", "action_stats", "files"):
+        if not isinstance(m.get(key), dict):
+            raise EdgeVLAError(f"{mf} lacks `{key}`", "re-export the bundle")
+    for role in GRAPH_ROLES:
+        g = m["graphs"].get(role)
+        if not isinstance(g, dict) or "file" not in g:
+            raise EdgeVLAError(f"{mf} names no `{role}` graph", "re-export the bundle")
+        if g["file"] not in m["files"]:
+            raise EdgeVLAError(f"{mf}: the {role} graph {g['file']} has no sha256 entry", "re-export the bundle")
+    if verify:
+        for rel, digest in m["files"].items():
+            f = p / rel
+            if not f.is_file():
+                raise EdgeVLAError(f"bundle {p} is missing {rel}", "copy the whole bundle directory, or re-export it")
+            if sha256_file(f) != digest:
+                raise EdgeVLAError(f"bundle file {rel} in {p} was changed (sha256 mismatch)",
+                                   "restore the original file or re-export the bundle")
+        listed = set(m["files"])
+        extra = [str(f.relative_to(p)) for f in p.rglob("*") if f.is_file() and f.name != MANIFEST
+                 and str(f.relative_to(p)) not in listed]
+        if any(e.endswith(".onnx") or e.startswith("engines/") for e in extra):
+            raise EdgeVLAError(f"bundle {p} holds graph/engine files not in its manifest: {sorted(extra)[:3]}",
+                               "remove them or re-export the bundle")
+    return Bundle(p, m)

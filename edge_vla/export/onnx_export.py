@@ -1,0 +1,151 @@
+"""Export a VLA to three ONNX graphs that a runtime chains together without torch.
+
+    prefix.onnx   pixel_values (B, C, 3, S, S) [+ state (B, 8)]  -> prefix_embeds (B, P, H)
+                  (vision tower + projector + camera embedding + proprio token)
+    embed.onnx    input_ids (B, T)                                -> token_embeds (B, T, H)
+    decoder.onnx  inputs_embeds (B, T, H), past_key_i / past_value_i (B, kv, L, d) per layer
+                  -> hidden (B, H) and logits (B, V) of the last position,
+                     present_key_i / present_value_i (B, kv, L+T, d)
+
+One decoder graph serves prefill (past length 0) and decode (T = 1): the KV cache travels as
+plain tensors and is rebuilt inside the wrapper as a transformers DynamicCache, the form
+torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). The decoder returns the last
+hidden state as well as the logits so a restricted action head (the action-token rows of the
+LM head, or the fused kernel graph of edge_vla.kernels) can be applied to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_vla.errors import EdgeVLAError
+
+PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx"
+OPSET = 18
+
+
+def kv_names(n_layers: int, kind: str) -> list[str]:
+    """Input (`past`) or output (`present`) cache names in graph order: key_0, value_0, key_1, ..."""
+    out = []
+    for i in range(n_layers):
+        out += [f"{kind}_key_{i}", f"{kind}_value_{i}"]
+    return out
+
+
+def kv_shape(lm_config) -> tuple[int, int, int]:
+    """(n_layers, n_kv_heads, head_dim) of a Hugging Face causal-LM config."""
+    c = lm_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
+class PrefixEncoder(nn.Module):
+    def __init__(self, vla):
+        super().__init__()
+        self.vla = vla
+
+    def forward(self, pixel_values, state=None):
+        return self.vla.encode_prefix(pixel_values, state)
+
+
+class TokenEmbed(nn.Module):
+    def __init__(self, vla):
+        super().__init__()
+        self.embed = vla.lm.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class DecoderWithCache(nn.Module):
+    """inputs_embeds + flat past (k0, v0, k1, v1, ...) -> last hidden, last logits, flat present."""
+
+    def __init__(self, vla):
+        super().__init__()
+        self.decoder = vla.lm.get_decoder()
+        self.head = vla.lm.get_output_embeddings()
+        self.lm_config = vla.lm.config
+
+    def forward(self, inputs_embeds, past):
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        cache = DynamicCache(pairs, config=self.lm_config)
+        out = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (hidden, self.head(hidden), *present)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress lines and warnings; keep the CLI output readable."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, what: str):
+    try:
+        with _quiet(), torch.no_grad():
+            prog = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=False,
+                                     verbose=False)
+            prog.save(str(path), external_data=_needs_external(module))
+    except EdgeVLAError:
+        raise
+    except Exception as e:
+        raise EdgeVLAError(f"ONNX export of the {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})",
+                           "report this model config; the tiny/minivla presets are known to export") from None
+
+
+def _needs_external(module) -> bool:
+    # protobuf caps one file at 2 GB: larger graphs keep their weights in a side file.
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
+
+
+def export_graphs(vla, out_dir: str | Path) -> dict:
+    """Write prefix/embed/decoder graphs of `vla` (fp32) into `out_dir`; return their I/O names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vla = vla.float().eval()
+    cfg = vla.config
+    n_cams, s = len(cfg.cameras), cfg.image_size
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("seq", min=1, max=8192)
+    past_len = torch.export.Dim("past", min=0, max=8192)
+
+    pv = torch.zeros(2, n_cams, 3, s, s)
+    graphs: dict[str, dict] = {}
+    if vla.proprio is not None:
+        args, names, dyn = (pv, torch.zeros(2, cfg.proprio_dim)), ["pixel_values", "state"], {
+            "pixel_values": {0: batch}, "state": {0: batch}}
+    else:
+        args, names, dyn = (pv,), ["pixel_values"], {"pixel_values": {0: batch}}
+    _export(PrefixEncoder(vla), args, out / PREFIX_GRAPH, names, ["prefix_embeds"], dyn, "vision tower + projector")
+    graphs["prefix"] = {"file": PREFIX_GRAPH, "inputs": names, "outputs": ["prefix_embeds"]}
+
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    _export(TokenEmbed(vla), (ids,), out / EMBED_GRAPH, ["input_ids"], ["token_embeds"],
+            {"input_ids": {0: batch, 1: seq}}, "token embedding")
+    graphs["embed"] = {"file": EMBED_GRAPH, "inputs": ["input_ids"], "outputs": ["token_embeds"]}
+
+    n_layers, n_kv, hd = kv_shape(vla.lm.config)
+    hidden = vla.lm.config.hidden_size
+    past = tuple(torch.zeros(2, n_kv, 3, hd) for _ in range(2 * n_layers))
+    emb = torch.zeros(2, 4, hidden)
+    in_names = ["inputs_embeds", *kv_names(n_layers, "past")]
+    out_names = ["hidden", "logits", *kv_names(n_layers, "present")]
+    dyn = {"inputs_embeds": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
+    _export(DecoderWithCache(vla), (emb, past), out / DECODER_GRAPH, in_names, out_names, dyn, "decoder")
+    graphs["decoder"] = {"file": DECODER_GRAPH, "inputs": in_names, "outputs": out_names,
+                         "n_layers": n_layers, "n_kv_heads": n_kv, "head_dim": hd, "hidden_size": hidden}
+    return graphs

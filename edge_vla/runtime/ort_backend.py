@@ -1,0 +1,91 @@
+"""ONNX Runtime backend: runs a bundle with onnxruntime + numpy + tokenizers only (no torch).
+
+The KV cache is a list of numpy arrays fed back as `past_*` inputs; prefill and decode use the
+same decoder graph (past length 0 at prefill).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError, MissingDependencyError
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle, threads: int | None = 1, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime", "the ONNX Runtime backend") from None
+        from edge_vla.model.processor import VLAProcessor
+
+        self.bundle = bundle
+        config = bundle.config
+        self.processor = VLAProcessor(config, bundle.tokenizer())
+        self.action_stats = bundle.action_stats
+        self.recipe = bundle.recipe
+        self.n_action_tokens = config.n_action_tokens
+        tok = self.processor.tokenizer
+        self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise EdgeVLAError(f"onnxruntime here lacks provider(s) {missing}", f"available: {available}")
+        self.sessions = {}
+        for role in ("prefix", "embed", "decoder"):
+            try:
+                self.sessions[role] = ort.InferenceSession(str(bundle.graph_path(role)), so, providers=providers)
+            except Exception as e:
+                raise EdgeVLAError(f"onnxruntime cannot load the {role} graph of {bundle.path} "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", "re-export the bundle") from None
+        dec = bundle.graphs["decoder"]
+        self._past_names = dec["inputs"][1:]
+        self._kv_shape = (dec["n_kv_heads"], dec["head_dim"])
+        self._prefix_inputs = bundle.graphs["prefix"]["inputs"]
+        self._kv_dtype = np.float16 if "float16" in self.sessions["decoder"].get_inputs()[1].type else np.float32
+        self._embed_dtype = np.float16 if "float16" in self.sessions["decoder"].get_inputs()[0].type else np.float32
+
+    @classmethod
+    def load(cls, path: str | Path, **opts):
+        from edge_vla.export.bundle import load_bundle
+
+        return cls(load_bundle(path), **opts)
+
+    def encode_prefix(self, pixel_values, state):
+        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        if "state" in self._prefix_inputs:
+            if state is None:
+                raise EdgeVLAError("this bundle reads the proprio state but none was given", "pass `state`")
+            feeds["state"] = np.ascontiguousarray(state, dtype=np.float32)
+        return self.sessions["prefix"].run(None, feeds)[0]
+
+    def _embed(self, ids):
+        return self.sessions["embed"].run(None, {"input_ids": np.asarray([list(ids)], dtype=np.int64)})[0]
+
+    def _run(self, embeds, cache):
+        feeds = {"inputs_embeds": embeds.astype(self._embed_dtype, copy=False)}
+        feeds.update(zip(self._past_names, cache))
+        hidden, logits, *present = self.sessions["decoder"].run(None, feeds)
+        return hidden[0].astype(np.float32), logits[0].astype(np.float32), present
+
+    def prefill(self, prefix, input_ids):
+        embeds = np.concatenate([prefix.astype(np.float32), self._embed(input_ids).astype(np.float32)], axis=1)
+        empty = np.zeros((1, *self._kv_shape[:1], 0, self._kv_shape[1]), dtype=self._kv_dtype)
+        return self._run(embeds, [empty] * len(self._past_names))
+
+    def step(self, token_ids, cache):
+        return self._run(self._embed(token_ids), cache)
+
+    def action_logits(self, hidden, logits):
+        return logits[self._lo:self._hi]

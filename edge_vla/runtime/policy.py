@@ -1,0 +1,253 @@
+"""`Policy`: one observation in, one action out, the same for every backend.
+
+A backend knows how to run the network; the Policy knows how to decode (numpy only):
+
+    direct    prompt + inference prefix (" ACTION:") -> only action tokens
+    full      prompt -> free tokens (the reasoning) until the first action token -> action tokens
+    adaptive  direct first; when the action tokens are uncertain (mean entropy above
+              `entropy_threshold`, or mean top-1/top-2 margin below `margin_threshold`),
+              reason first (full) and use that action instead
+
+The backend interface (see `Backend`) is deliberately small, so TensorRT or any other engine is
+one class registered in `BACKENDS`.
+
+This module imports only numpy and edge_vla's numpy-only modules: the ONNX Runtime path never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.tokens.action import ActionTokenizer, entropy_and_margin
+from edge_vla.tokens.sequence import ACTION_PREFIX
+
+MODES = ("full", "direct", "adaptive")
+DEFAULT_MAX_FREE_TOKENS = 512
+
+
+@dataclass
+class ActionResult:
+    action: np.ndarray  # (D,) or (K, D) in env units
+    reasoning_text: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)  # ms: vision, prefill, decode_tokens [..], action_decode, total
+    tokens: dict[str, int] = field(default_factory=dict)  # prompt, reasoning, action counts
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """What a Policy needs from an engine. Arrays are numpy; batch size is 1.
+
+    name                       registry name ("torch", "onnxruntime", ...)
+    processor                  edge_vla.model.processor.VLAProcessor (images, state, prompt ids)
+    action_stats               edge_vla.tokens.action.ActionStats
+    recipe                     dict from recipe.json ({} when there is none)
+    n_action_tokens            action tokens per call (action_chunk * action_dim)
+    encode_prefix(pixel_values (1, C, 3, S, S) float32, state (1, 8) float32 | None) -> prefix handle
+    prefill(prefix, input_ids list[int]) -> (hidden (H,), logits (V,), cache)
+    step(token_ids list[int], cache) -> (hidden (H,), logits (V,), cache)  # appends tokens to the cache
+    action_logits(hidden (H,), logits (V,)) -> (n_bins,) logits of the action tokens only
+    """
+
+    name: str
+
+
+# name -> "module:Class"; backends import lazily so that loading one never imports another's stack.
+BACKENDS: dict[str, str] = {
+    "torch": "edge_vla.runtime.torch_backend:TorchBackend",
+    "onnxruntime": "edge_vla.runtime.ort_backend:OrtBackend",
+    "tensorrt": "edge_vla.runtime.tensorrt_backend:TensorRTBackend",
+}
+
+
+def backend_class(name: str):
+    from edge_vla.config import unknown_name_error
+
+    if name not in BACKENDS:
+        raise unknown_name_error("backend", name, sorted(BACKENDS))
+    module, attr = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("edge_vla."):
+            raise EdgeVLAError(f"backend `{name}` is not available in this edge-vla build ({e.name} missing)") from None
+        raise
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+class Policy:
+    def __init__(self, backend, mode: str | None = None, max_free_tokens: int | None = None,
+                 entropy_threshold: float = 1.0, margin_threshold: float | None = None,
+                 inference_prefix: str | None = None):
+        self.backend = backend
+        recipe = dict(getattr(backend, "recipe", None) or {})
+        self.recipe = recipe
+        self.mode = mode or recipe.get("decode_mode") or "direct"
+        if self.mode not in MODES:
+            raise EdgeVLAError(f"unknown decode mode `{self.mode}`", f"use one of {list(MODES)}")
+        self.max_free_tokens = int(max_free_tokens or recipe.get("max_free_tokens") or DEFAULT_MAX_FREE_TOKENS)
+        self.entropy_threshold = entropy_threshold
+        self.margin_threshold = margin_threshold
+        self.processor = backend.processor
+        tok = self.processor.tokenizer
+        self.tokenizer = tok
+        self.action_tokenizer = ActionTokenizer(backend.action_stats, tok.first_action_id, tok.n_bins)
+        self.n_action_tokens = int(backend.n_action_tokens)
+        # direct mode forces the recipe's inference prefix (thinking recipes put their filler here).
+        prefix = inference_prefix if inference_prefix is not None else recipe.get("inference_prefix", ACTION_PREFIX)
+        self.inference_prefix_ids = tok.encode(prefix) if prefix else []
+        self.calls = 0
+
+    def reset(self) -> None:
+        """Start a new episode. Decoding is stateless between calls (no history is kept)."""
+        self.calls = 0
+
+    # --- one call --------------------------------------------------------------------------------
+    def act(self, obs: dict) -> ActionResult:
+        t_start = time.perf_counter()
+        pv, state, prompt = self._inputs(obs)
+        t0 = time.perf_counter()
+        prefix = self.backend.encode_prefix(pv, state)
+        timings: dict[str, Any] = {"vision": _ms(t0)}
+        info: dict[str, Any] = {"mode": self.mode, "backend": self.backend.name}
+        if self.mode == "full":
+            res = self._decode_full(prefix, prompt, timings)
+        else:
+            res = self._decode_direct(prefix, prompt, timings)
+            if self.mode == "adaptive":
+                ent, margin = entropy_and_margin(res["action_logits"])
+                uncertain = ent > self.entropy_threshold or (
+                    self.margin_threshold is not None and margin < self.margin_threshold)
+                info["adaptive"] = {"entropy": ent, "margin": margin, "reasoned": bool(uncertain)}
+                if uncertain:
+                    direct_t = dict(timings)
+                    res = self._decode_full(prefix, prompt, timings)
+                    info["adaptive"]["direct_timings"] = direct_t
+        t0 = time.perf_counter()
+        action = self.action_tokenizer.decode(np.asarray(res["action_ids"]))
+        timings["action_decode"] = timings.pop("_action_tokens_ms") + _ms(t0)
+        self._check_action(action, info)
+        timings["total"] = _ms(t_start)
+        self.calls += 1
+        tokens = {"prompt": len(prompt), "reasoning": len(res["free_ids"]), "action": len(res["action_ids"])}
+        text = res.get("text")
+        return ActionResult(action=action.astype(np.float32), reasoning_text=text, timings=timings, tokens=tokens,
+                            info=info | {"action_token_ids": list(map(int, res["action_ids"])),
+                                         "free_token_ids": list(map(int, res["free_ids"]))})
+
+    def _inputs(self, obs):
+        if not isinstance(obs, dict):
+            raise EdgeVLAError(f"observation must be a dict, got {type(obs).__name__}",
+                               'pass {"images": {camera: uint8 HxWx3}, "state": (8,), "instruction": str}')
+        for key in ("images", "instruction"):
+            if key not in obs:
+                raise EdgeVLAError(f"observation lacks `{key}`", 'pass {"images": ..., "state": ..., "instruction": ...}')
+        if not isinstance(obs["instruction"], str) or not obs["instruction"].strip():
+            raise EdgeVLAError("observation `instruction` must be a non-empty string")
+        pv = self.processor.images(obs["images"])[None]
+        use_state = self.processor.config.use_proprio
+        state = self.processor.state(obs.get("state"))[None] if use_state else None
+        return pv, state, self.processor.prompt_ids(obs["instruction"])
+
+    # --- decoding --------------------------------------------------------------------------------
+    def _action_tokens(self, hidden, logits, cache, timings) -> tuple[list[int], np.ndarray]:
+        """Greedy restricted decode of n_action_tokens; the first comes from (hidden, logits)."""
+        t0 = time.perf_counter()
+        lo = self.tokenizer.first_action_id
+        ids, rows = [], []
+        while True:
+            a = np.asarray(self.backend.action_logits(hidden, logits), dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise EdgeVLAError("the model produced NaN/Inf action logits",
+                                   "the weights or the quantized graph are broken; re-export without quantization to compare")
+            rows.append(a)
+            ids.append(lo + int(a.argmax()))
+            if len(ids) == self.n_action_tokens:
+                break
+            hidden, logits, cache = self.backend.step([ids[-1]], cache)
+        timings["_action_tokens_ms"] = _ms(t0)
+        return ids, np.stack(rows)
+
+    def _decode_direct(self, prefix, prompt, timings) -> dict:
+        t0 = time.perf_counter()
+        hidden, logits, cache = self.backend.prefill(prefix, prompt + self.inference_prefix_ids)
+        timings["prefill"] = _ms(t0)
+        timings["decode_tokens"] = []
+        ids, rows = self._action_tokens(hidden, logits, cache, timings)
+        return {"free_ids": [], "action_ids": ids, "action_logits": rows, "text": None}
+
+    def _decode_full(self, prefix, prompt, timings) -> dict:
+        """Reason freely until the model emits an action token (or eos / the budget), then act."""
+        tok = self.tokenizer
+        lo, hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        t0 = time.perf_counter()
+        hidden, logits, cache = self.backend.prefill(prefix, prompt)
+        timings["prefill"] = _ms(t0)
+        free: list[int] = []
+        per_token: list[float] = []
+        ended_without_action = True
+        for _ in range(self.max_free_tokens):
+            nxt = int(np.asarray(logits).argmax())
+            if lo <= nxt < hi:
+                ended_without_action = False
+                break
+            if nxt == tok.eos_id:
+                break
+            free.append(nxt)
+            t0 = time.perf_counter()
+            hidden, logits, cache = self.backend.step([nxt], cache)
+            per_token.append(_ms(t0))
+        if ended_without_action and self.inference_prefix_ids:
+            # The reasoning ran out (budget or eos) without reaching ACTION: force the action prefix.
+            t0 = time.perf_counter()
+            hidden, logits, cache = self.backend.step(list(self.inference_prefix_ids), cache)
+            per_token.append(_ms(t0))
+        timings["decode_tokens"] = per_token
+        ids, rows = self._action_tokens(hidden, logits, cache, timings)
+        text = tok.decode(free)
+        if text.endswith("ACTION:"):
+            text = text[: -len("ACTION:")].rstrip()
+        return {"free_ids": free, "action_ids": ids, "action_logits": rows, "text": text,
+                "forced_action_prefix": ended_without_action}
+
+    def _check_action(self, action: np.ndarray, info: dict) -> None:
+        if not np.isfinite(action).all():
+            raise EdgeVLAError("the decoded action contains NaN/Inf", "check the bundle's action statistics")
+        s = self.action_tokenizer.stats
+        lo, hi = np.asarray(s.min), np.asarray(s.max)
+        outside = (action < lo - 1e-6) | (action > hi + 1e-6)
+        if outside.any():
+            info.setdefault("warnings", []).append("action outside the action statistics' [min, max] range")
+
+
+def _is_bundle(p: Path) -> bool:
+    return (p / "manifest.json").is_file()
+
+
+def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None, **opts) -> Policy:
+    """A Policy from a checkpoint dir (torch backend) or a bundle dir (onnxruntime by default).
+
+    `opts` go to the backend (e.g. threads=1, providers=[...], quantize="int8"|"nf4" for torch)
+    except the Policy's own: max_free_tokens, entropy_threshold, margin_threshold, inference_prefix.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise EdgeVLAError(f"no checkpoint or bundle at {p}", "pass a directory written by `edge-vla train` or `edge-vla export`")
+    if not p.is_dir():
+        raise EdgeVLAError(f"{p} is a file; a checkpoint or bundle is a directory", "pass the directory")
+    if backend == "auto":
+        backend = "onnxruntime" if _is_bundle(p) else "torch"
+    policy_keys = ("max_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix")
+    policy_opts = {k: opts.pop(k) for k in policy_keys if k in opts}
+    engine = backend_class(backend).load(p, **opts)
+    return Policy(engine, mode=mode, **policy_opts)
