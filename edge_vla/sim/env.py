@@ -152,6 +152,7 @@ class LiberoEnv:
         max_steps: int | None = None,
         settle_steps: int = 10,
         seed: int = 7,
+        hard_reset: bool = False,
     ):
         self.suite = suite
         self.task_id = resolve_task(suite, task)
@@ -181,6 +182,8 @@ class LiberoEnv:
                     camera_names=[CAMERAS[c] for c in self.cameras] or ["agentview"],
                     camera_heights=self.image_size,
                     camera_widths=self.image_size,
+                    # A soft reset takes 0.1 s instead of 1-3 s; set_init_state fixes the state anyway.
+                    hard_reset=hard_reset,
                 )
         except Exception as e:  # GL problems surface as assorted errors deep in PyOpenGL/MuJoCo
             msg = f"{type(e).__name__}: {e}"
@@ -295,10 +298,36 @@ class LiberoEnv:
         s = int(size or self.image_size)
         return CameraModel(name, get_camera_transform_matrix(self.sim, CAMERAS[name], s, s), s)
 
+    def _bounds(self, body_id: int) -> dict:
+        """World-space corner points of every geom under a body, and their axis-aligned box."""
+        m, d = self.sim.model, self.sim.data
+        subtree = self._subtree(int(body_id))
+        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+        pts = []
+        for g in np.flatnonzero(np.isin(m.geom_bodyid, subtree)):
+            aabb = np.asarray(m.geom_aabb[g])
+            local = aabb[:3] + signs * aabb[3:]
+            pts.append(d.geom_xpos[g] + local @ np.asarray(d.geom_xmat[g]).reshape(3, 3).T)
+        if not pts:
+            p = d.body_xpos[body_id]
+            return {"points": p[None].copy(), "lo": p.copy(), "hi": p.copy()}
+        pts = np.concatenate(pts)
+        return {"points": pts, "lo": pts.min(0), "hi": pts.max(0)}
+
+    def _subtree(self, body_id: int) -> list[int]:
+        parent = np.asarray(self.sim.model.body_parentid)
+        out, frontier = [body_id], [body_id]
+        while frontier:
+            kids = [int(b) for b in np.flatnonzero(np.isin(parent, frontier)) if b not in out]
+            out += kids
+            frontier = kids
+        return out
+
     def privileged(self) -> dict:
         """Simulator truth for the expert and the annotator (never for a policy).
 
-        objects: name -> {"pos" (3,), "quat" (4, xyzw), "body_id"}; fixtures likewise;
+        objects: name -> {"pos" (3,), "quat" (4, xyzw), "body_id", "points" (N, 3) geom box corners,
+        "lo"/"hi" (3,) world axis-aligned bounds}; fixtures: pose only;
         sites: region/site name -> pos; goal: BDDL goal predicates; eef_pos, eef_quat;
         gripper_opening (m, ~0.078 open, ~0.001 closed); cameras: name -> CameraModel.
         """
@@ -310,7 +339,7 @@ class LiberoEnv:
                     "quat": np.asarray(sim.data.body_xquat[body_id])[[1, 2, 3, 0]].copy(),  # wxyz -> xyzw
                     "body_id": int(body_id)}
 
-        objects = {n: body(n, env.obj_body_id[n]) for n in env.objects_dict}
+        objects = {n: {**body(n, env.obj_body_id[n]), **self._bounds(env.obj_body_id[n])} for n in env.objects_dict}
         fixtures = {n: body(n, env.obj_body_id[n]) for n in getattr(env, "fixtures_dict", {}) if n in env.obj_body_id}
         sites = {}
         for name in getattr(env, "object_sites_dict", {}):
