@@ -17,6 +17,7 @@ from edge_vla.errors import EdgeVLAError
 # name -> "module:attribute". Add a command here when it works (no stubs).
 COMMANDS: dict[str, str] = {
     "info": "edge_vla.cli.info:info",
+    "data": "edge_vla.cli.data:data",
     "report": "edge_vla.cli.report:report",
     "serve": "edge_vla.cli.serve:serve",
 }

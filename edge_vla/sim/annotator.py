@@ -200,6 +200,8 @@ class ReasoningAnnotator:
         if self.object is None or stage == 2:
             return f"{move} to finish the task" if move != "stop" else "the task is done, so stop"
         goal_name = self.object if stage == 0 else self.target
+        if goal_name not in sn.object_pos:  # a region site: use the object that owns it (basket_1_contain_region)
+            goal_name = next((n for n in sn.object_pos if goal_name.startswith(n)), goal_name)
         goal = sn.object_pos.get(goal_name)
         if goal is None:
             return f"{move} toward the goal"

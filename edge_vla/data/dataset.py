@@ -1,0 +1,220 @@
+"""LIBERO demos (+ ECoT reasoning) as a torch Dataset of `Sample`s: the one door training uses.
+
+    ds = open_dataset("data/libero90_mini", split="train", action_chunk=8)
+    ds.action_stats, ds.instructions, ds.has_reasoning, ds[0] -> Sample
+
+`path` is a directory made by `generate_dataset` (manifest.json + hdf5 files + reasoning.json),
+any directory of LIBERO hdf5 files (with ECoT JSON files beside them, if any), or one hdf5 file
+(with `annotations=` for its JSON). Splits are by episode, so no validation frame shares an
+episode with a training frame. No-op steps (no motion, gripper unchanged: OpenVLA's test) are
+dropped by default: in LIBERO they teach a policy to stall (../shared/notes/FACTS.md). With
+`action_chunk=K`, `Sample.action` is the next K kept actions of the episode, padded by repeating
+the last. Only the index (actions, a few numbers per step) is read up front; images are read
+one step at a time when a Sample is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.data.ecot_json import EcotAnnotations
+from edge_vla.data.libero_hdf5 import LiberoHDF5
+from edge_vla.data.sample import Sample
+from edge_vla.errors import EdgeVLAError
+from edge_vla.tokens.action import ActionStats
+
+try:  # torch is a core dependency, but keep the data layer importable without it
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # pragma: no cover
+    _TorchDataset = object
+
+NOOP_THRESHOLD = 1e-4  # OpenVLA's regenerated LIBERO data: |action[:6]| below this and gripper unchanged
+SPLITS = ("train", "val", "all")
+
+
+def is_noop(action: np.ndarray, prev_action: np.ndarray | None, threshold: float = NOOP_THRESHOLD) -> bool:
+    if prev_action is None:
+        return bool(np.linalg.norm(action[:-1]) < threshold)
+    return bool(np.linalg.norm(action[:-1]) < threshold and action[-1] == prev_action[-1])
+
+
+@dataclass
+class _Episode:
+    file: int  # index into the dataset's file list
+    demo: str  # "demo_3"
+    steps: np.ndarray  # kept step indices (into the demo)
+    actions: np.ndarray  # (len(steps), 7) kept actions
+    name: str
+
+
+def _resolve(path: Path, annotations) -> tuple[list[Path], list[EcotAnnotations], dict]:
+    if not path.exists():
+        raise EdgeVLAError(f"dataset not found: {path}",
+                           "pass a directory made by `edge-vla data generate` or a LIBERO *.hdf5 file")
+    anns: list[EcotAnnotations] = []
+    if annotations is not None:
+        anns.append(annotations if isinstance(annotations, EcotAnnotations) else EcotAnnotations.load(annotations))
+    if path.is_file():
+        return [path], anns, {"root": path.parent}
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        files = [path / f for f in m.get("files", [])]
+        if m.get("reasoning") and (path / m["reasoning"]).is_file():
+            anns.append(EcotAnnotations.load(path / m["reasoning"]))
+        if not files:
+            raise EdgeVLAError(f"{manifest} lists no demo files", "generation made no successful demo yet: run it again")
+        return files, anns, {"root": path, "manifest": m}
+    files = sorted(p for p in path.rglob("*.hdf5") if "parts" not in p.relative_to(path).parts)
+    if not files:
+        raise EdgeVLAError(f"no *.hdf5 demo files under {path}", "pass a LIBERO demo directory or file")
+    for j in sorted(path.rglob("*.json")):
+        try:
+            anns.append(EcotAnnotations.load(j))
+        except EdgeVLAError:
+            continue  # not an annotation file
+    return files, anns, {"root": path}
+
+
+class LiberoDataset(_TorchDataset):
+    """Samples of LIBERO demos; see the module docstring. Build it with `open_dataset`."""
+
+    def __init__(self, path, split="train", val_fraction=0.1, action_chunk=1, drop_noops=True,
+                 cameras=("agentview", "wrist"), seed=0, annotations=None):
+        if split not in SPLITS:
+            raise EdgeVLAError(f"unknown split `{split}`", f"use one of {', '.join(SPLITS)}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise EdgeVLAError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if int(action_chunk) < 1:
+            raise EdgeVLAError(f"action_chunk must be >= 1, got {action_chunk}")
+        self.path = Path(path)
+        self.split = split
+        self.action_chunk = int(action_chunk)
+        self.cameras = tuple(cameras)
+        files, self._annotations, info = _resolve(self.path, annotations)
+        self.root = info["root"]
+        self.files = [str(f) for f in files]
+        self._handles: dict = {}
+        episodes, instructions, ann_keys = [], [], []
+        n_steps_total = 0
+        for fi, f in enumerate(files):
+            with LiberoHDF5(f) as h:
+                missing = [c for c in self.cameras if c not in h.cameras()]
+                if missing:
+                    raise EdgeVLAError(f"{f} has no images for camera(s) {', '.join(missing)}",
+                                       f"open it with cameras={tuple(h.cameras())}")
+                instructions.append(h.instruction)
+                rel = self._rel(f)
+                ann = next((a for a in self._annotations if a.file_key(rel) or a.file_key(f)), None)
+                ann_keys.append((ann, rel if ann is not None and ann.file_key(rel) else str(f)))
+                for demo in h.demos:
+                    actions = h.actions(demo)
+                    n_steps_total += len(actions)
+                    if ann is not None:
+                        ann.check_episode(ann_keys[-1][1], demo.split("_")[1], len(actions))
+                    keep = [t for t in range(len(actions))
+                            if not (drop_noops and is_noop(actions[t], actions[t - 1] if t else None))]
+                    if not keep:
+                        continue
+                    keep = np.asarray(keep)
+                    episodes.append(_Episode(fi, demo, keep, actions[keep], f"{Path(f).stem.removesuffix('_demo')}/{demo}"))
+        if not episodes:
+            raise EdgeVLAError(f"{self.path} holds no usable steps", "check the files hold demos with actions")
+        self._ann_keys = ann_keys
+        self.instructions = sorted(set(instructions))
+        self._file_instruction = instructions
+        self.has_reasoning = any(a is not None and a.episode(k, e.demo.split("_")[1]) is not None
+                                 for e in episodes[:1] for a, k in [ann_keys[e.file]])
+        # Episode split: a seeded permutation, the first n_val episodes are validation.
+        order = np.random.default_rng(seed).permutation(len(episodes))
+        n_val = int(round(val_fraction * len(episodes))) if len(episodes) > 1 else 0
+        if val_fraction > 0 and n_val == 0 and len(episodes) > 1:
+            n_val = 1
+        val_ids = set(order[:n_val].tolist())
+        self.all_episodes = episodes
+        pick = {"train": lambda i: i not in val_ids, "val": lambda i: i in val_ids, "all": lambda i: True}[split]
+        self.episodes = [e for i, e in enumerate(episodes) if pick(i)]
+        train_eps = [e for i, e in enumerate(episodes) if i not in val_ids] or episodes
+        self.action_stats = ActionStats.from_actions(np.concatenate([e.actions for e in train_eps]))
+        self._index = [(ei, j) for ei, e in enumerate(self.episodes) for j in range(len(e.steps))]
+        self.n_steps_recorded = n_steps_total
+
+    def _rel(self, f) -> str:
+        try:
+            return str(Path(f).relative_to(self.root))
+        except ValueError:
+            return str(f)
+
+    @property
+    def episode_names(self) -> list[str]:
+        return [e.name for e in self.episodes]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _handle(self, fi: int) -> LiberoHDF5:
+        # h5py handles must not cross a fork: one set per process (DataLoader workers).
+        key = (os.getpid(), fi)
+        if key not in self._handles:
+            self._handles[key] = LiberoHDF5(self.files[fi])
+        return self._handles[key]
+
+    def __getitem__(self, i: int) -> Sample:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        ei, j = self._index[i]
+        e = self.episodes[ei]
+        t = int(e.steps[j])
+        h = self._handle(e.file)
+        chunk = e.actions[j : j + self.action_chunk]
+        if self.action_chunk > 1:
+            pad = self.action_chunk - len(chunk)
+            action = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+        else:
+            action = chunk[0]
+        reasoning = None
+        ann, key = self._ann_keys[e.file]
+        if ann is not None:
+            reasoning = ann.reasoning(key, e.demo.split("_")[1], t)
+        state = self._state(h, e.demo, t)
+        return Sample(
+            images={c: h.image(e.demo, c, t) for c in self.cameras},
+            instruction=self._file_instruction[e.file],
+            state=state, action=np.asarray(action, dtype=np.float32), reasoning=reasoning,
+            episode=e.name, step=t, meta={"file": self.files[e.file], "demo": e.demo},
+        )
+
+    @staticmethod
+    def _state(h: LiberoHDF5, demo: str, t: int) -> np.ndarray:
+        g = h._demo(demo).get("obs")
+        parts = []
+        for key, dim in (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2)):
+            parts.append(np.asarray(g[key][t], dtype=np.float32).reshape(dim) if g is not None and key in g
+                         else np.zeros(dim, dtype=np.float32))
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def __getstate__(self):  # DataLoader workers re-open files themselves
+        d = dict(self.__dict__)
+        d["_handles"] = {}
+        return d
+
+
+def open_dataset(path, split: str = "train", val_fraction: float = 0.1, action_chunk: int = 1,
+                 drop_noops: bool = True, cameras=("agentview", "wrist"), seed: int = 0,
+                 annotations=None) -> LiberoDataset:
+    """The dataset training reads. See the module docstring for what `path` may be."""
+    return LiberoDataset(path, split=split, val_fraction=val_fraction, action_chunk=action_chunk,
+                         drop_noops=drop_noops, cameras=cameras, seed=seed, annotations=annotations)
+
+
+__all__ = ["open_dataset", "LiberoDataset", "is_noop", "NOOP_THRESHOLD"]
