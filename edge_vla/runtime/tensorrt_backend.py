@@ -1,0 +1,224 @@
+"""TensorRT backend for `Policy`: the bundle's engines on a Jetson/CUDA GPU, KV cache kept on the device.
+
+NOT YET RUN ON ANY HARDWARE: TensorRT and pycuda cannot be installed in this workplace
+(../shared/notes/FACTS.md) and no GPU was lent to the task that wrote it. It follows the TensorRT
+10 Python API (named tensors, `set_tensor_address`, `execute_async_v3`) and is kept thin so the
+first run on a board is easy to debug. What it does:
+
+- engines from `edge-vla build-engine`, each checked against this machine's TensorRT version
+  and GPU (`check_engine_record`) and refit from the ONNX graph when the plan is weight-stripped;
+- device buffers allocated once with pycuda at the largest shapes the profiles allow;
+- the prefix engine writes straight into the decoder's `inputs_embeds` buffer and the embed
+  engine right after it, so prefill copies nothing through the host;
+- the KV cache lives in two device buffer sets (past, present) that swap after each step: the
+  decoder reads one and writes the other, no cache bytes cross to the host. A cache handle from
+  an older step is refused (it has been overwritten);
+- per step only `hidden` (H floats) and `logits` (V floats) come back to the host, for the
+  Policy's greedy decode; `decode_actions_fused` runs the fused action-decode CUDA kernel
+  (edge_vla.kernels.cuda_loader) on device-resident hidden states when torch is present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError, MissingDependencyError
+from edge_vla.export.tensorrt_build import ROLES, check_engine_record, gpu_identity, import_tensorrt
+
+
+def _import_pycuda():
+    try:
+        import pycuda.autoinit  # noqa: F401  (creates the context on GPU 0)
+        import pycuda.driver as cuda
+    except ImportError:
+        raise MissingDependencyError("pycuda", "the TensorRT backend",
+                                     "pip install pycuda on the target (it builds against the CUDA toolkit)") from None
+    return cuda
+
+
+@dataclass
+class DeviceCache:
+    """Handle to the KV cache on the device: which buffer set holds it, how long it is, which step made it."""
+
+    length: int
+    generation: int
+
+
+class _Engine:
+    """One deserialized engine with its execution context and named tensors."""
+
+    def __init__(self, trt, runtime, logger, plan: bytes, onnx_path: Path, stripped: bool, role: str):
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EdgeVLAError(f"TensorRT could not deserialize the {role} engine", "rebuild it: edge-vla build-engine BUNDLE")
+        if stripped:
+            refitter = trt.Refitter(engine, logger)
+            if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+                raise EdgeVLAError(f"refitting the weight-stripped {role} engine from {onnx_path.name} failed",
+                                   "rebuild the engine from this bundle")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self.profile = -1
+
+    def use_profile(self, index: int, stream) -> None:
+        if index != self.profile and self.engine.num_optimization_profiles > index:
+            self.context.set_optimization_profile_async(index, stream.handle)
+            self.profile = index
+
+    def run(self, shapes: dict, addresses: dict, stream) -> dict:
+        for name, shape in shapes.items():
+            if not self.context.set_input_shape(name, tuple(int(s) for s in shape)):
+                raise EdgeVLAError(f"input {name} shape {tuple(shape)} is outside the engine's profiles",
+                                   "rebuild the engines with larger --max-free-tokens")
+        for name, ptr in addresses.items():
+            self.context.set_tensor_address(name, int(ptr))
+        if not self.context.execute_async_v3(stream.handle):
+            raise EdgeVLAError("TensorRT execution failed (see the TensorRT log)")
+        return {n: tuple(self.context.get_tensor_shape(n)) for n in self.outputs}
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, bundle, max_total_tokens: int | None = None):
+        from edge_vla.model.processor import VLAProcessor
+
+        trt = import_tensorrt()
+        cuda = _import_pycuda()
+        self._cuda = cuda
+        engines = bundle.manifest.get("engines") or {}
+        missing = [r for r in ROLES if r not in engines]
+        if missing:
+            raise EdgeVLAError(f"bundle {bundle.path} has no TensorRT engine for {missing}",
+                               "build them on this machine: edge-vla build-engine BUNDLE")
+        gpu = gpu_identity()
+        for role in ROLES:
+            check_engine_record(engines[role], trt.__version__, gpu)
+        self.bundle = bundle
+        config = bundle.config
+        self.processor = VLAProcessor(config, bundle.tokenizer())
+        self.action_stats = bundle.action_stats
+        self.recipe = bundle.recipe
+        self.n_action_tokens = config.n_action_tokens
+        tok = self.processor.tokenizer
+        self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self.engines = {role: _Engine(trt, runtime, logger, (bundle.path / engines[role]["file"]).read_bytes(),
+                                      bundle.graph_path(role), engines[role].get("weights_stripped", False), role)
+                        for role in ROLES}
+        self.stream = cuda.Stream()
+
+        dec_graph = bundle.graphs["decoder"]
+        self._past = dec_graph["inputs"][1:]
+        self._present = dec_graph["outputs"][2:]
+        self._n_kv, self._head_dim, self._hidden = dec_graph["n_kv_heads"], dec_graph["head_dim"], dec_graph["hidden_size"]
+        profiles = engines["decoder"]["profiles"]
+        # The longest cache the engine accepts: max of `past` over the profiles, plus one step.
+        max_past = max(p[self._past[0]][2][2] for p in profiles)
+        self.max_total = int(max_total_tokens or max_past + 8)
+        self._prefix_tokens = None
+        dec = self.engines["decoder"]
+        self._kv_dtype = dec.dtypes[self._past[0]]
+        self._embed_dtype = dec.dtypes["inputs_embeds"]
+        kv_bytes = self._n_kv * self.max_total * self._head_dim * self._kv_dtype.itemsize
+        # Two full buffer sets; set `self._cur` holds the cache, the other receives `present`.
+        self._kv = [[cuda.mem_alloc(kv_bytes) for _ in self._past] for _ in range(2)]
+        self._cur, self._generation, self._length = 0, 0, 0
+        self._embeds = cuda.mem_alloc(self.max_total * self._hidden * self._embed_dtype.itemsize)
+        vocab = int(self.processor.tokenizer.vocab_size)
+        self._host_hidden = cuda.pagelocked_empty(self._hidden, dec.dtypes["hidden"])
+        self._host_logits = cuda.pagelocked_empty(vocab, dec.dtypes["logits"])
+        self._dev_hidden = cuda.mem_alloc(self._host_hidden.nbytes)
+        self._dev_logits = cuda.mem_alloc(self._host_logits.nbytes)
+        self._ids = cuda.mem_alloc(self.max_total * 8)
+        self._pixels = self._state = None
+        self._prefix_inputs = bundle.graphs["prefix"]["inputs"]
+
+    @classmethod
+    def load(cls, path: str | Path, **opts):
+        from edge_vla.export.bundle import load_bundle
+
+        return cls(load_bundle(path), **opts)
+
+    # --- the Backend protocol ----------------------------------------------------------------------
+    def encode_prefix(self, pixel_values, state):
+        cuda, eng = self._cuda, self.engines["prefix"]
+        pv = np.ascontiguousarray(pixel_values, dtype=eng.dtypes["pixel_values"])
+        if self._pixels is None:
+            self._pixels = cuda.mem_alloc(pv.nbytes)
+        cuda.memcpy_htod_async(self._pixels, pv, self.stream)
+        shapes, addresses = {"pixel_values": pv.shape}, {"pixel_values": self._pixels}
+        if "state" in self._prefix_inputs:
+            if state is None:
+                raise EdgeVLAError("this bundle reads the proprio state but none was given", "pass `state`")
+            st = np.ascontiguousarray(state, dtype=eng.dtypes["state"])
+            if self._state is None:
+                self._state = cuda.mem_alloc(st.nbytes)
+            cuda.memcpy_htod_async(self._state, st, self.stream)
+            shapes["state"], addresses["state"] = st.shape, self._state
+        eng.use_profile(0, self.stream)
+        # The prefix embeddings land at the start of the decoder's inputs_embeds buffer.
+        out = eng.run(shapes, {**addresses, "prefix_embeds": self._embeds}, self.stream)
+        self._prefix_tokens = int(out["prefix_embeds"][1])
+        return self._prefix_tokens
+
+    def _embed_into(self, ids: list[int], offset_tokens: int, profile: int) -> None:
+        cuda, eng = self._cuda, self.engines["embed"]
+        arr = np.asarray([list(ids)], dtype=eng.dtypes["input_ids"])
+        cuda.memcpy_htod_async(self._ids, arr, self.stream)
+        eng.use_profile(profile, self.stream)
+        dst = int(self._embeds) + offset_tokens * self._hidden * self._embed_dtype.itemsize
+        eng.run({"input_ids": arr.shape}, {"input_ids": self._ids, "token_embeds": dst}, self.stream)
+
+    def _decode(self, n_new: int, profile: int):
+        cuda, eng = self._cuda, self.engines["decoder"]
+        if self._length + n_new > self.max_total:
+            raise EdgeVLAError(f"the sequence would reach {self._length + n_new} tokens, the engines hold {self.max_total}",
+                               "lower max_free_tokens or rebuild the engines with a larger --max-free-tokens")
+        eng.use_profile(profile, self.stream)
+        past_shape = (1, self._n_kv, self._length, self._head_dim)
+        shapes = {"inputs_embeds": (1, n_new, self._hidden), **{n: past_shape for n in self._past}}
+        addresses = {"inputs_embeds": self._embeds, "hidden": self._dev_hidden, "logits": self._dev_logits}
+        nxt = 1 - self._cur
+        addresses.update(zip(self._past, self._kv[self._cur]))
+        addresses.update(zip(self._present, self._kv[nxt]))
+        eng.run(shapes, addresses, self.stream)
+        cuda.memcpy_dtoh_async(self._host_hidden, self._dev_hidden, self.stream)
+        cuda.memcpy_dtoh_async(self._host_logits, self._dev_logits, self.stream)
+        self.stream.synchronize()
+        self._cur, self._length = nxt, self._length + n_new
+        self._generation += 1
+        return (self._host_hidden.astype(np.float32), self._host_logits.astype(np.float32),
+                DeviceCache(self._length, self._generation))
+
+    def prefill(self, prefix, input_ids):
+        if prefix != self._prefix_tokens:
+            raise EdgeVLAError("prefill got a prefix handle from another call", "call encode_prefix right before prefill")
+        self._length = 0
+        self._embed_into(input_ids, prefix, profile=0)
+        return self._decode(prefix + len(input_ids), profile=0)
+
+    def step(self, token_ids, cache: DeviceCache):
+        if cache.generation != self._generation:
+            raise EdgeVLAError("this KV cache handle is stale (a later step overwrote it on the device)",
+                               "continue from the cache the last prefill/step returned")
+        self._embed_into(token_ids, 0, profile=1)
+        return self._decode(len(token_ids), profile=1)
+
+    def action_logits(self, hidden, logits):
+        return logits[self._lo:self._hi]
+
+    # --- fused action decode on the device ------------------------------------------------------
+    def decode_actions_fused(self, hidden_rows, dims, head_rows, values, low, high):
+        """Bins and env-unit actions of `hidden_rows` (torch CUDA tensor (N, H)) with the CUDA kernel."""
+        from edge_vla.kernels.cuda_loader import decode_actions_cuda
+
+        return decode_actions_cuda(hidden_rows, head_rows, dims, values, low, high, loader="pycuda")

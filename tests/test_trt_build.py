@@ -1,0 +1,145 @@
+"""TensorRT engine build and runtime: everything that runs without TensorRT, plus gpu-marked end-to-end tests.
+
+TensorRT cannot be installed here (FACTS.md): the CPU tests prove the lint-before-build order,
+the one-line errors, the manifest records and the refusal of engines built elsewhere.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from edge_vla.errors import EdgeVLAError, MissingDependencyError
+from edge_vla.export.bundle import load_bundle, write_bundle
+from edge_vla.export.tensorrt_build import (build_engines, check_engine_record, engine_profiles, import_tensorrt,
+                                            record_engines)
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _graph(path, inputs, outputs, nodes, inits=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+
+
+def _bundle(tmp_path, tiny_vla, contrib_decoder=False):
+    """A schema-valid bundle whose graphs are small static stand-ins (fast; real graphs: test_export)."""
+    staging = tmp_path / "staging"
+    staging.mkdir(parents=True)
+    f = lambda n, s: helper.make_tensor_value_info(n, TP.FLOAT, s)  # noqa: E731
+    _graph(staging / "prefix.onnx", [f("pixel_values", [1, 2, 3, 64, 64])], [f("prefix_embeds", [1, 2, 3, 64, 64])],
+           [helper.make_node("Relu", ["pixel_values"], ["prefix_embeds"])])
+    _graph(staging / "embed.onnx", [f("input_ids", [1, 4])], [f("token_embeds", [1, 4])],
+           [helper.make_node("Relu", ["input_ids"], ["token_embeds"])])
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    node = (helper.make_node("MatMulNBits", ["x", "w"], ["y"], domain="com.microsoft", K=8, N=8, bits=4, block_size=32)
+            if contrib_decoder else helper.make_node("MatMul", ["x", "w"], ["y"]))
+    _graph(staging / "decoder.onnx", [f("x", [1, 8])], [f("y", [1, 8])], [node], [w])
+    tiny_vla.processor.tokenizer.save(staging / "tokenizer")
+    graphs = {r: {"file": f"{r}.onnx", "inputs": [], "outputs": [], "precision": "fp16"} for r in ("prefix", "embed", "decoder")}
+    manifest = {"model_config": tiny_vla.config.to_dict(), "action_stats": tiny_vla.action_stats.to_dict(),
+                "graphs": graphs, "target": "orin-nano-8", "precision": "fp16"}
+    return write_bundle(tmp_path / "bundle", staging, manifest)
+
+
+def test_tensorrt_absent_is_one_clear_line():
+    if HAS_TENSORRT:
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(MissingDependencyError) as e:
+        import_tensorrt()
+    assert "tensorrt" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_build_lints_before_it_needs_tensorrt(tmp_path, tiny_vla):
+    bad = _bundle(tmp_path / "a", tiny_vla, contrib_decoder=True)
+    with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*MatMulNBits"):
+        build_engines(bad.path)
+    good = _bundle(tmp_path / "b", tiny_vla)
+    if not HAS_TENSORRT:
+        with pytest.raises(MissingDependencyError, match="tensorrt"):
+            build_engines(good.path)
+    with pytest.raises(EdgeVLAError, match="does not run TensorRT"):
+        build_engines(good.path, target="cpu")
+
+
+def test_engine_records_are_hashed_into_the_manifest_and_checked_at_load(tmp_path, tiny_vla):
+    b = _bundle(tmp_path, tiny_vla)
+    gpu = {"name": "Orin", "compute_capability": "8.7"}
+    records = {r: {"file": f"engines/{r}.plan", "graph": f"{r}.onnx", "precision": "fp16", "tensorrt_version": "10.3.0",
+                   "gpu": gpu, "target": "orin-nano-8", "profiles": []} for r in ("prefix", "embed", "decoder")}
+    # Stand-in plan bytes: this tests the bundle bookkeeping, not TensorRT.
+    record_engines(b.path, {r: f"plan-{r}".encode() for r in records}, records, timing_cache=b"cache")
+    again = load_bundle(b.path)  # verifies every sha256, engines and timing cache included
+    assert set(again.manifest["engines"]) == {"prefix", "embed", "decoder"}
+    assert "engines/decoder.plan" in again.manifest["files"] and "engines/timing.cache" in again.manifest["files"]
+    assert (b.path / "engines" / "embed.plan").read_bytes() == b"plan-embed"
+    rec = again.manifest["engines"]["decoder"]
+    check_engine_record(rec, "10.3.0", gpu)  # same machine: accepted
+    with pytest.raises(EdgeVLAError, match="built with TensorRT 10.3.0, this machine has 10.7.0"):
+        check_engine_record(rec, "10.7.0", gpu)
+    with pytest.raises(EdgeVLAError, match="built for Orin .*this GPU is NVIDIA H100"):
+        check_engine_record(rec, "10.3.0", {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    (b.path / "engines" / "decoder.plan").write_bytes(b"tampered")
+    with pytest.raises(EdgeVLAError, match="sha256 mismatch"):
+        load_bundle(b.path)
+
+
+def test_engine_profiles_for_a_kv_cache_graph(tmp_path, tiny_vla):
+    e = helper.make_tensor_value_info("inputs_embeds", TP.FLOAT, ["batch", "seq", 128])
+    p = helper.make_tensor_value_info("past_key_0", TP.FLOAT, ["batch", 2, "past", 32])
+    out = helper.make_tensor_value_info("o", TP.FLOAT, ["batch", 2, "past", 32])
+    _graph(tmp_path / "d.onnx", [e, p], [out], [helper.make_node("Relu", ["past_key_0"], ["o"])])
+    prefill, decode = engine_profiles(tmp_path / "d.onnx", tiny_vla.config)
+    assert prefill["past_key_0"][2] == (1, 2, 0, 32)  # prefill starts from an empty cache
+    assert prefill["inputs_embeds"][1] == (1, 129 + 32 + 3, 128)  # opt: prefix + prompt + " ACTION:"
+    assert decode["inputs_embeds"][2] == (1, 8, 128) and decode["past_key_0"][2][2] >= 129 + 512
+
+
+def test_tensorrt_backend_refuses_cleanly_without_tensorrt(tmp_path, tiny_vla):
+    if HAS_TENSORRT:
+        pytest.skip("tensorrt is installed here")
+    from edge_vla.runtime.policy import load_policy
+
+    b = _bundle(tmp_path, tiny_vla)
+    with pytest.raises(MissingDependencyError, match="tensorrt"):
+        load_policy(b.path, backend="tensorrt")
+
+
+def test_cli_build_engine_lint_only_and_targets(tmp_path, tiny_vla):
+    from edge_vla.cli import main
+
+    runner = CliRunner()
+    b = _bundle(tmp_path / "bad", tiny_vla, contrib_decoder=True)
+    r = runner.invoke(main, ["build-engine", str(b.path), "--lint-only"])
+    assert r.exit_code == 1 and "custom-op" in r.output and "not TensorRT-ready" in r.output
+    r = runner.invoke(main, ["targets", "--model", "minivla", "--precision", "int8", "--json"])
+    rows = {row["target"]: row for row in json.loads(r.output)}
+    assert r.exit_code == 0 and rows["orin-nano-8"]["fits"] and rows["orin-agx-64"]["projected_hz"] > 0
+    r = runner.invoke(main, ["targets", "--model", "minivla", "--precision", "fp8", "--json"])
+    assert "does not run fp8" in json.loads(r.output)[1]["error"]
+
+
+@pytest.mark.gpu
+def test_engines_build_and_match_onnxruntime_on_a_gpu(tmp_path, tiny_vla):
+    """On a machine with TensorRT + pycuda: export, build engines, compare actions with ORT."""
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("pycuda")
+    from conftest import make_samples
+
+    from edge_vla.export import export_checkpoint
+    from edge_vla.runtime.policy import load_policy
+
+    ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
+    bundle = export_checkpoint(ckpt, tmp_path / "bundle", precision="fp16", target="cuda-gpu", report=lambda *_: None)
+    build_engines(bundle, "cuda-gpu", max_free_tokens=32, report=lambda *_: None)
+    ort, trt = load_policy(bundle, backend="onnxruntime"), load_policy(bundle, backend="tensorrt")
+    for s in make_samples(4):
+        obs = {"images": s.images, "state": s.state, "instruction": s.instruction}
+        assert np.allclose(ort.act(obs).action, trt.act(obs).action, atol=1e-2)
