@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "data": "edge_vla.cli.data:data",
     "report": "edge_vla.cli.report:report",
     "serve": "edge_vla.cli.serve:serve",
+    "build-engine": "edge_vla.cli.build_engine:build_engine",
+    "targets": "edge_vla.cli.targets:targets",
 }
 
 
