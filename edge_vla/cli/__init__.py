@@ -18,6 +18,7 @@ from edge_vla.errors import EdgeVLAError
 COMMANDS: dict[str, str] = {
     "info": "edge_vla.cli.info:info",
     "data": "edge_vla.cli.data:data",
+    "export": "edge_vla.cli.export:export",
     "report": "edge_vla.cli.report:report",
     "serve": "edge_vla.cli.serve:serve",
     "build-engine": "edge_vla.cli.build_engine:build_engine",

@@ -78,11 +78,15 @@ class DecoderWithCache(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         cache = DynamicCache(pairs, config=self.lm_config)
         out = self.decoder(inputs_embeds=inputs_embeds, cache=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
+        last = out.last_hidden_state[:, -1:]
+        # Apply the head to a 3-D tensor so it exports as MatMul (not Gemm): ORT's INT4
+        # MatMulNBits quantizer only rewrites MatMul, and the head is a large share of the weights.
+        logits = self.head(last)[:, 0]
+        hidden = last[:, 0]
         present = []
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
-        return (hidden, self.head(hidden), *present)
+        return (hidden, logits, *present)
 
 
 @contextlib.contextmanager

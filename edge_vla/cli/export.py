@@ -1,0 +1,37 @@
+"""`edge-vla export CKPT --int8 -o BUNDLE`: a checkpoint -> a verified, quantized ONNX bundle."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle directory to write.")
+@click.option("--int8", "precision", flag_value="int8", default=True,
+              help="Dynamic INT8, per-channel weights (ONNX Runtime; the CPU default).")
+@click.option("--int8-static", "precision", flag_value="int8-static",
+              help="Static QDQ INT8 calibrated on --data (for accelerator targets).")
+@click.option("--int4", "precision", flag_value="int4", help="Weight-only 4-bit blocks (MatMulNBits), embedding too.")
+@click.option("--fp16", "precision", flag_value="fp16", help="float16 weights.")
+@click.option("--fp32", "precision", flag_value="fp32", help="No quantization.")
+@click.option("--vision-precision", default=None,
+              type=click.Choice(["fp32", "fp16", "int8", "int8-static", "int4"]),
+              help="Precision of the vision graph (default: the decoder's; int8 when the decoder is int4).")
+@click.option("--target", default="cpu", show_default=True, help="Deployment target name (see edge_vla.export.targets).")
+@click.option("--data", default=None, type=click.Path(path_type=str),
+              help="Held-out samples for the accuracy report, calibration and parity.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Refuse the bundle when its action-token agreement with fp32 is below this fraction (e.g. 0.99).")
+def export(checkpoint, output, precision, vision_precision, target, data, min_agreement):
+    """Export CHECKPOINT to an ONNX bundle that runs without PyTorch.
+
+    Every export checks parity against PyTorch (logit difference, greedy-token agreement) and
+    refuses to write a bundle that fails; a quantized bundle's accuracy against its fp32 source
+    is printed and stored in the manifest.
+    """
+    from edge_vla.export import export_checkpoint
+
+    export_checkpoint(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
+                      target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
+                      report=click.echo)
