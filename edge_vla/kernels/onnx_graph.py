@@ -115,9 +115,10 @@ def append_action_head(decoder, hidden_output_name: str, weight, values, low, hi
     (e.g. the full-vocabulary "logits") are removed together with every node that only they
     needed, so the direct-mode graph never computes the full LM head.
 
-    Keep the decoder's weights in the same directory when it uses external data: the copy refers
-    to them by relative path. The checker runs on the result (by path for >2 GB models is the
-    caller's job: this checks the in-memory proto only when it is small enough).
+    A decoder loaded with `onnx.load(path, load_external_data=False)` stays light: the copy refers
+    to the same weight file by relative path, so save it in the same directory. The ONNX checker
+    runs here on self-contained models under 2 GB; for the others check the saved file by path
+    (`onnx.checker.check_model(path)`).
     """
     onnx = _onnx()
     from onnx import TensorProto, helper
@@ -158,9 +159,15 @@ def append_action_head(decoder, hidden_output_name: str, weight, values, low, hi
         del g.output[:]
         g.output.extend(kept)
         _prune_dead_nodes(g)
-    if out.ByteSize() < 1_900_000_000:
+    if out.ByteSize() < 1_900_000_000 and not _uses_external_data(out):
         onnx.checker.check_model(out)
     return out
+
+
+def _uses_external_data(model) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _prune_dead_nodes(graph) -> None:
