@@ -1,0 +1,117 @@
+"""Policy decoding modes on the torch backend (random tiny VLA: decoding logic, not accuracy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.export.accuracy import sample_to_obs
+from edge_vla.runtime.policy import BACKENDS, ActionResult, Policy, backend_class, load_policy
+from edge_vla.runtime.torch_backend import TorchBackend
+from edge_vla.tokens.sequence import action_prefix_ids
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_vla):
+    return TorchBackend(tiny_vla)
+
+
+def test_direct_mode_equals_vla_generate_with_forced_action_prefix(tiny_vla, backend, samples):
+    p = Policy(backend, mode="direct")
+    for s in samples[:3]:
+        r = p.act(sample_to_obs(s))
+        assert isinstance(r, ActionResult) and r.reasoning_text is None
+        pv, ids, st = tiny_vla.model_inputs(s.images, s.instruction, s.state,
+                                            action_prefix_ids(tiny_vla.processor.tokenizer))
+        free, act = tiny_vla.generate(pv, ids, st, max_free_tokens=0)
+        assert r.info["action_token_ids"] == act[0].tolist()
+        np.testing.assert_allclose(r.action, tiny_vla.action_tokenizer.decode(act[0].numpy()), atol=1e-6)
+        assert r.tokens == {"prompt": ids.shape[1] - len(p.inference_prefix_ids), "reasoning": 0, "action": 7}
+        assert r.timings["total"] >= r.timings["vision"] + r.timings["prefill"] > 0
+
+
+def test_full_mode_equals_vla_generate_and_returns_the_reasoning(tiny_vla, backend, samples):
+    s = samples[0]
+    p = Policy(backend, mode="full", max_free_tokens=5, inference_prefix="")
+    r = p.act(sample_to_obs(s))
+    pv, ids, st = tiny_vla.model_inputs(s.images, s.instruction, s.state)
+    free, act = tiny_vla.generate(pv, ids, st, max_free_tokens=5)
+    assert r.info["free_token_ids"] == free[0].tolist()
+    assert r.info["action_token_ids"] == act[0].tolist()
+    assert r.reasoning_text == tiny_vla.processor.tokenizer.decode(free[0].tolist()).removesuffix("ACTION:").rstrip()
+    assert r.tokens["reasoning"] == free.shape[1] == len(r.timings["decode_tokens"])
+
+
+def test_full_mode_forces_the_action_prefix_when_reasoning_runs_out(backend, samples):
+    p = Policy(backend, mode="full", max_free_tokens=3)
+    r = p.act(sample_to_obs(samples[0]))
+    if r.tokens["reasoning"] == 3:  # budget exhausted: " ACTION:" was forced, one more timed step
+        assert len(r.timings["decode_tokens"]) == 4
+    assert r.action.shape == (7,) and np.isfinite(r.action).all()
+
+
+def test_adaptive_reasons_only_when_uncertain(backend, samples):
+    obs = sample_to_obs(samples[0])
+    never = Policy(backend, mode="adaptive", entropy_threshold=1e9, max_free_tokens=4)
+    always = Policy(backend, mode="adaptive", entropy_threshold=-1.0, max_free_tokens=4)
+    direct = Policy(backend, mode="direct").act(obs)
+    full = Policy(backend, mode="full", max_free_tokens=4).act(obs)
+    a, b = never.act(obs), always.act(obs)
+    assert not a.info["adaptive"]["reasoned"] and a.info["action_token_ids"] == direct.info["action_token_ids"]
+    assert b.info["adaptive"]["reasoned"] and b.info["action_token_ids"] == full.info["action_token_ids"]
+    assert b.info["adaptive"]["entropy"] > 0 and 0 <= b.info["adaptive"]["margin"] <= 1
+    by_margin = Policy(backend, mode="adaptive", entropy_threshold=1e9, margin_threshold=2.0, max_free_tokens=4)
+    assert by_margin.act(obs).info["adaptive"]["reasoned"]
+
+
+def test_mode_defaults_from_recipe_and_bad_names_are_explained(tiny_vla, backend):
+    tiny_vla.recipe_info = {"name": "ecot", "decode_mode": "full", "max_free_tokens": 7}
+    try:
+        p = Policy(TorchBackend(tiny_vla))
+        assert p.mode == "full" and p.max_free_tokens == 7
+    finally:
+        tiny_vla.recipe_info = {}
+    assert Policy(backend).mode == "direct"
+    with pytest.raises(EdgeVLAError, match="decode mode"):
+        Policy(backend, mode="fast")
+    with pytest.raises(EdgeVLAError, match="onnxruntime"):
+        backend_class("onnxruntim")
+    assert {"torch", "onnxruntime", "tensorrt"} <= set(BACKENDS)
+
+
+def test_load_policy_errors(tmp_path):
+    with pytest.raises(EdgeVLAError, match="no checkpoint or bundle"):
+        load_policy(tmp_path / "missing")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(EdgeVLAError, match="is a file"):
+        load_policy(tmp_path / "f")
+    with pytest.raises(EdgeVLAError, match="lacks config.json"):
+        load_policy(tmp_path)
+
+
+def test_nan_logits_are_refused_not_decoded(backend, samples):
+    class Broken:
+        def __getattr__(self, k):
+            return getattr(backend, k)
+
+        def action_logits(self, hidden, logits):
+            return np.full(256, np.nan, np.float32)
+
+    with pytest.raises(EdgeVLAError, match="NaN"):
+        Policy(Broken()).act(sample_to_obs(samples[0]))
+
+
+def test_bitsandbytes_int8_and_nf4_torch_backends_decode(tmp_path, tiny_vla, samples):
+    pytest.importorskip("bitsandbytes")
+    tiny_vla.save_pretrained(tmp_path / "ckpt")
+    obs = sample_to_obs(samples[0])
+    for q in ("int8", "nf4"):
+        p = load_policy(tmp_path / "ckpt", backend="torch", quantize=q)
+        names = {type(m).__name__ for m in p.backend.vla.lm.modules()}
+        assert {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[q] in names
+        r = p.act(obs)
+        assert r.action.shape == (7,) and np.isfinite(r.action).all()
+    with pytest.raises(EdgeVLAError, match="quantization"):
+        load_policy(tmp_path / "ckpt", backend="torch", quantize="int3")
