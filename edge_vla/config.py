@@ -35,6 +35,9 @@ class VLAConfig:
     tokenizer_path: str | None = None
     tokenizer_vocab_size: int = 1024
     image_size: int = 64
+    # Average-pool each camera's patch grid by this factor before the projector: 2 turns 8x8
+    # patches into 4x4 tokens, a 4x shorter LM prefix for the small CPU models.
+    token_pool: int = 1
     cameras: tuple[str, ...] = ("agentview", "wrist")
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -78,6 +81,8 @@ class VLAConfig:
     def validate(self, source: str = "config") -> None:
         if not self.cameras:
             raise EdgeVLAError(f"{source}: `cameras` is empty", "name at least one camera, e.g. agentview")
+        if self.token_pool < 1:
+            raise EdgeVLAError(f"{source}: token_pool must be >= 1, got {self.token_pool}")
         if self.image_size <= 0 or self.action_dim <= 0 or self.action_chunk <= 0 or self.n_action_bins < 2:
             raise EdgeVLAError(f"{source}: image_size, action_dim, action_chunk must be positive and n_action_bins >= 2")
         if not self.vision and not self.vision_path:
@@ -116,6 +121,7 @@ def _tiny() -> VLAConfig:
         ),
         tokenizer_vocab_size=1024,
         image_size=64,
+        token_pool=2,
         cameras=("agentview", "wrist"),
         use_proprio=True,
         projector_hidden=256,

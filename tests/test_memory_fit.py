@@ -14,7 +14,7 @@ def test_shape_counts_match_the_real_tiny_model(tiny_vla):
     # every parameter a graph runs (SigLIP's unused pooling head is never exported)
     used = sum(p.numel() for n, p in tiny_vla.named_parameters() if not n.startswith("vision.vision_model.head."))
     assert shape.total_params == used
-    assert shape.prefix_tokens == tiny_vla.n_prefix_tokens == 129
+    assert shape.prefix_tokens == tiny_vla.n_prefix_tokens == 33
     assert shape.vocab == tiny_vla.lm.get_input_embeddings().weight.shape[0]
 
 
@@ -99,3 +99,17 @@ def test_fits_returns_the_estimate_and_rejects_unsupported_precision():
     assert est.fits and est.to_dict()["total_gib"] < 6.6
     with pytest.raises(EdgeVLAError, match="does not run fp8"):
         check_fit("minivla", "fp8", "direct", "orin-nano-8")
+
+
+def test_export_check_refuses_before_exporting_and_skips_unknown_targets(tiny_vla):
+    from types import SimpleNamespace
+
+    from edge_vla.export.memory_fit import check_export_fits
+
+    lines = []
+    fit = check_export_fits(tiny_vla, "int8-static", "orin-nano-8", lines.append)
+    assert fit["fits"] and fit["precision"] == "int8" and "memory fit: int8" in lines[0]
+    assert check_export_fits(tiny_vla, "int8", "cuda", lines.append) is None  # not a registry target
+    seven_b = SimpleNamespace(config=preset("openvla"), recipe_info={"decode_mode": "full"})
+    with pytest.raises(EdgeVLAError, match="full needs .* orin-nano-8 .* use --int4"):
+        check_export_fits(seven_b, "fp16", "orin-nano-8", lines.append)

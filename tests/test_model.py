@@ -36,7 +36,7 @@ def test_forward_shapes_and_loss(tiny_vla, samples):
     assert out.logits.shape == (len(samples), ids.shape[1], tiny_vla.processor.tokenizer.vocab_size)
     assert out.hidden.shape[:2] == ids.shape
     assert torch.isfinite(out.loss) and out.loss.item() > 0
-    assert tiny_vla.encode_prefix(pv, st).shape[1] == tiny_vla.n_prefix_tokens == 2 * 64 + 1
+    assert tiny_vla.encode_prefix(pv, st).shape[1] == tiny_vla.n_prefix_tokens == 2 * 16 + 1  # 8x8 patches pooled 2x2, + proprio
 
 
 def test_loss_is_taken_only_where_labels_are_set(tiny_vla, samples):

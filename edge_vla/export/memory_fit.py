@@ -81,10 +81,11 @@ class ModelShape:
     tied_embeddings: bool
     lm_matrix_params: int  # decoder-layer linear weights (excludes embedding and head)
     lm_other_params: int  # norms and biases
+    token_pool: int = 1  # the VLA average-pools each camera's patch grid by this factor before the LM
 
     @property
     def prefix_tokens(self) -> int:
-        return self.n_cameras * self.image_tokens_per_camera + self.proprio_tokens
+        return self.n_cameras * (self.image_tokens_per_camera // self.token_pool ** 2) + self.proprio_tokens
 
     @property
     def embedding_params(self) -> int:
@@ -193,7 +194,7 @@ def shape_from_config(config: VLAConfig) -> ModelShape:
         kv_heads=getattr(lcfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(lcfg, "head_dim", None) or hidden // heads,
         intermediate=lcfg.intermediate_size, vocab=emb.weight.shape[0], tied_embeddings=tied,
-        lm_matrix_params=lm_matrix, lm_other_params=lm_other,
+        lm_matrix_params=lm_matrix, lm_other_params=lm_other, token_pool=config.token_pool,
     )
 
 
@@ -382,3 +383,23 @@ def check_fit(model, precision: str, mode: str = "full", target: str | Target = 
         f"{precision} {mode} needs {est.total / GIB:.1f} GiB (weights {est.weights_total / GIB:.1f}, KV cache "
         f"{est.kv_cache / GIB:.2f}, activations {est.activations / GIB:.2f}, runtime {est.runtime_overhead / GIB:.1f}), "
         f"{t.name} has {t.usable_gib:.1f} GiB usable", fix)
+
+
+# The exporter's precision names (edge_vla.export.quantize) -> the weight formats sized here.
+EXPORT_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int8-static": "int8", "int4": "int4"}
+
+
+def check_export_fits(vla, precision: str, target: str, report=print) -> dict | None:
+    """`edge-vla export --target NAME`: refuse a bundle that will not fit the target's memory.
+
+    Sized for the mode the checkpoint's recipe decodes in (adaptive/full include the reasoning).
+    Targets outside the registry (e.g. the exporter's generic "cuda") are not checked.
+    """
+    if target not in TARGETS or precision not in EXPORT_PRECISION:
+        return None
+    mode = (getattr(vla, "recipe_info", None) or {}).get("decode_mode") or "direct"
+    mode = mode if mode in MODES else "full"
+    # The exporter's INT4 also quantizes the embedding Gather (MatMulNBits on Gather).
+    est = check_fit(vla.config, EXPORT_PRECISION[precision], mode, target, quantize_embedding=precision == "int4")
+    report(f"memory fit: {est.summary()}")
+    return est.to_dict()

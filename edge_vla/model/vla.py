@@ -141,9 +141,9 @@ class VLA(nn.Module):
     @property
     def n_prefix_tokens(self) -> int:
         c = self.vision.config
-        per_cam = (self.config.image_size // c.patch_size) ** 2 if hasattr(c, "patch_size") else None
-        if per_cam is None:
+        if not hasattr(c, "patch_size"):
             raise EdgeVLAError("cannot infer the number of image tokens of this vision tower")
+        per_cam = (self.config.image_size // c.patch_size // self.config.token_pool) ** 2
         return per_cam * len(self.config.cameras) + (1 if self.proprio is not None else 0)
 
     def encode_prefix(self, pixel_values: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,6 +157,10 @@ class VLA(nn.Module):
         b = pixel_values.shape[0]
         flat = pixel_values.flatten(0, 1).to(self.camera_embed.dtype)
         patches = self.vision(pixel_values=flat).last_hidden_state  # (B*C, N, Hv)
+        if self.config.token_pool > 1:
+            g = int(round(patches.shape[1] ** 0.5))
+            grid = patches.transpose(1, 2).unflatten(2, (g, g))
+            patches = F.avg_pool2d(grid, self.config.token_pool).flatten(2).transpose(1, 2)
         tokens = self.projector(patches).unflatten(0, (b, n_cams)) + self.camera_embed[None, :, None, :]
         prefix = tokens.flatten(1, 2)
         if self.proprio is not None:
