@@ -35,7 +35,11 @@ def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_no
             return []
         return open_dataset(str(data), split=split, val_fraction=val_fraction, action_chunk=action_chunk,
                             drop_noops=drop_noops)
-    return split_samples(list(data), split, val_fraction, seed)
+    if type(data) in (list, tuple):
+        return split_samples(list(data), split, val_fraction, seed)
+    # A dataset object (e.g. open_dataset's) keeps its precomputed statistics: it is used whole
+    # for training; pass `val_data` for validation.
+    return data if split == "train" else []
 
 
 def split_samples(samples: list, split: str, val_fraction: float, seed: int = 0) -> list:

@@ -320,12 +320,12 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
                 continue
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             micro_in_step = 0
-            lr = scheduler.get_last_lr()[0]
             mean_loss = float(accelerator.reduce(torch.tensor(loss_acc, device=accelerator.device), "mean"))
             loss_acc = 0.0
             progress.update(task, completed=step, loss=mean_loss, lr=lr)
