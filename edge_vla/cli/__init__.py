@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "info": "edge_vla.cli.info:info",
     "data": "edge_vla.cli.data:data",
     "export": "edge_vla.cli.export:export",
+    "bench": "edge_vla.cli.bench:bench",
     "report": "edge_vla.cli.report:report",
     "serve": "edge_vla.cli.serve:serve",
     "build-engine": "edge_vla.cli.build_engine:build_engine",

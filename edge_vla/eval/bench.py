@@ -1,0 +1,257 @@
+"""Latency bench of checkpoints and bundles (`edge-vla bench A B ...`).
+
+Each artefact runs in a fresh Python process with one intra-op thread (FACTS.md: on a shared
+2-core machine that is the only way timings compare), all in one run, so the ratios against
+the first artefact are measured under the same conditions. Per artefact: latency median/p95
+per component (vision, prefill, per decoded token, action decode, total) and per action,
+actions/s, peak memory, model bytes, and the fraction of this machine's memory-bandwidth
+roofline its decoder reaches (decode is bandwidth-bound at batch 1: a decode step reads every
+decoder weight once, so time/token >= decoder bytes / bandwidth).
+
+Results: one results file per artefact (edge_vla.eval.results, kind "bench"), the side-by-side
+comparison in each summary, and the table printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError
+
+COMPONENTS = ("vision", "prefill", "decode_token", "action_decode", "total")
+
+
+# --- worker (runs inside a fresh process) -------------------------------------------------------
+def _decoder_bytes(policy, path: Path) -> int:
+    """Bytes a decode step reads: the decoder graph (bundle) or the LM decoder + head weights (torch)."""
+    be = policy.backend
+    if getattr(be, "bundle", None) is not None:
+        return be.bundle.graph_path("decoder").stat().st_size
+    if hasattr(be, "vla"):
+        lm = be.vla.lm
+        params = {id(p): p for m in (lm.get_decoder(), lm.get_output_embeddings()) for p in m.parameters()}
+        emb = lm.get_input_embeddings().weight
+        total = sum(p.numel() * p.element_size() for k, p in params.items() if k != id(emb))
+        if lm.get_output_embeddings().weight is emb:  # tied head: read once per step as the head
+            total += emb.numel() * emb.element_size()
+        return int(total)
+    return 0
+
+
+def _model_bytes(path: Path) -> int:
+    if (path / "manifest.json").is_file():
+        m = json.loads((path / "manifest.json").read_text())
+        return sum((path / f).stat().st_size for f in m.get("files", {}))
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's pre-exec image)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts: dict) -> dict:
+    import time
+
+    from edge_vla.export.accuracy import synthetic_observations
+    from edge_vla.runtime.policy import load_policy
+
+    p = Path(path)
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    policy = load_policy(p, backend=backend, mode=mode, threads=1, **opts)
+    load_s = time.perf_counter() - t0
+    obs = synthetic_observations(policy.processor.config, n=4, seed=1)
+    for i in range(warmup):
+        policy.act(obs[i % len(obs)])
+    records = []
+    for i in range(calls):
+        r = policy.act(obs[i % len(obs)])
+        t = r.timings
+        n_act = r.tokens["action"]
+        free_steps = t.get("decode_tokens") or []
+        # Decode steps of this call: free tokens (full) + the action tokens after the first.
+        steps = len(free_steps) + max(n_act - 1, 0)
+        decode_ms = sum(free_steps) + t["action_decode"]
+        records.append({"vision": t["vision"], "prefill": t["prefill"], "action_decode": t["action_decode"],
+                        "decode_token": decode_ms / steps if steps else None, "total": t["total"],
+                        "latency_ms": t["total"], "tokens": r.tokens["reasoning"] + n_act,
+                        "reasoning_tokens": r.tokens["reasoning"], "prompt_tokens": r.tokens["prompt"],
+                        "decode_steps": steps})
+    rss = peak_rss_mb()
+    cfg = policy.processor.config
+    prec = None
+    be = policy.backend
+    if getattr(be, "bundle", None) is not None:
+        prec = be.bundle.manifest.get("precision")
+    return {"records": records, "backend": be.name, "mode": policy.mode, "load_s": load_s,
+            "peak_rss_mb": rss, "load_rss_mb": rss - rss0,
+            "model_bytes": _model_bytes(p), "decoder_bytes": _decoder_bytes(policy, p),
+            "precision": prec or opts.get("quantize") or "fp32", "recipe": policy.recipe.get("name"),
+            "actions_per_call": cfg.action_chunk}
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def _stats(values) -> dict:
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if not v.size:
+        return {"median": None, "p95": None}
+    return {"median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
+
+
+def summarize_artifact(w: dict, bandwidth_gbs: float) -> dict:
+    rec = w["records"]
+    comp = {c: _stats(r[c] for r in rec) for c in COMPONENTS}
+    per_action = [r["total"] / w["actions_per_call"] for r in rec]
+    med = comp["total"]["median"]
+    tok_ms = comp["decode_token"]["median"]
+    roof_ms = w["decoder_bytes"] / (bandwidth_gbs * 1e9) * 1e3 if bandwidth_gbs > 0 else None
+    return {
+        "components_ms": comp,
+        "per_action_ms": _stats(per_action),
+        "latency_p50_ms": med, "latency_p95_ms": comp["total"]["p95"],
+        "actions_per_s": 1000.0 * w["actions_per_call"] / med if med else None,
+        "tokens_per_action": float(np.mean([r["tokens"] for r in rec])) / w["actions_per_call"],
+        "reasoning_tokens_per_call": float(np.mean([r["reasoning_tokens"] for r in rec])),
+        "decode_ms_per_token": tok_ms,
+        "peak_memory_mb": w["peak_rss_mb"], "load_memory_mb": w["load_rss_mb"],
+        "bundle_bytes": w["model_bytes"], "decoder_bytes": w["decoder_bytes"],
+        "roofline_ms_per_token": roof_ms,
+        "roofline_fraction": roof_ms / tok_ms if roof_ms and tok_ms else None,
+    }
+
+
+def _worker_cmd(path, backend, mode, calls, warmup, opts) -> list[str]:
+    spec = json.dumps({"path": str(path), "backend": backend, "mode": mode, "calls": calls, "warmup": warmup,
+                       "opts": opts})
+    return [sys.executable, "-m", "edge_vla.eval.bench", spec]
+
+
+def bench_artifacts(paths: list[str | Path], mode: str | None = None, backend: str = "auto", calls: int = 20,
+                    warmup: int = 3, out_dir: str | Path | None = None, targets: tuple[str, ...] = (),
+                    opts: dict | None = None, progress=None) -> dict:
+    """Benchmark every artefact in a fresh 1-thread process; ratios against the first. Returns the comparison."""
+    from edge_vla.export.roofline import measure_memory_bandwidth
+
+    if not paths:
+        raise EdgeVLAError("no artefact given", "pass one or more checkpoint or bundle directories")
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise EdgeVLAError(f"no checkpoint or bundle at {p}", "pass directories written by `edge-vla train`/`export`")
+    if calls < 1:
+        raise EdgeVLAError(f"--calls must be >= 1, got {calls}")
+    bandwidth = measure_memory_bandwidth()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows = []
+    for i, p in enumerate(paths):
+        if progress:
+            progress(i, len(paths), str(p))
+        out = subprocess.run(_worker_cmd(p, backend, mode, calls, warmup, opts or {}), capture_output=True, text=True,
+                             env=env)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if out.returncode != 0 or not lines:
+            err = [ln for ln in (out.stderr or "").splitlines() if ln.strip()]
+            raise EdgeVLAError(f"benchmarking {p} failed: {err[-1] if err else 'no output'}")
+        w = json.loads(lines[-1])
+        if "error" in w:
+            raise EdgeVLAError(f"benchmarking {p} failed: {w['error']}")
+        rows.append({"artifact": str(p), **w, "summary": summarize_artifact(w, bandwidth)})
+    base = rows[0]["summary"]
+    for r in rows:
+        s = r["summary"]
+        s["ratios_vs_first"] = {
+            "speedup_per_action": _ratio(base["per_action_ms"]["median"], s["per_action_ms"]["median"]),
+            "speedup_per_token": _ratio(base["decode_ms_per_token"], s["decode_ms_per_token"]),
+            "size": _ratio(s["bundle_bytes"], base["bundle_bytes"]),
+            "decoder_size": _ratio(s["decoder_bytes"], base["decoder_bytes"]),
+        }
+        if targets:
+            s["projected_hz"] = _project(r, s, bandwidth, targets)
+    result = {"bandwidth_gbs": bandwidth, "calls": calls, "warmup": warmup, "rows": rows}
+    if out_dir is not None:
+        result["files"] = _write(rows, out_dir, bandwidth, calls, warmup)
+    return result
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def _project(row, s, bandwidth, targets) -> dict:
+    """Projected actions/s on each target: the target's roofline scaled by the fraction this CPU reached."""
+    from edge_vla.export.roofline import calibrate, project_latency
+
+    measured = {"vision_ms": s["components_ms"]["vision"]["median"], "prefill_ms": s["components_ms"]["prefill"]["median"]}
+    if s["decode_ms_per_token"]:
+        measured["decode_ms_per_token"] = s["decode_ms_per_token"]
+    prec = row["precision"] if row["precision"] in ("fp32", "fp16", "int8", "int4") else "int8"
+    cal = calibrate(measured, bandwidth, model=row["artifact"], precision=prec)
+    mode = row["mode"] if row["mode"] in ("direct", "full") else "direct"
+    return {t: project_latency(row["artifact"], prec, mode, t, calibration=cal).hz for t in targets}
+
+
+def _write(rows, out_dir, bandwidth, calls, warmup) -> list[str]:
+    from edge_vla.eval.results import write_results
+
+    d = Path(out_dir)
+    files = []
+    for r in rows:
+        name = Path(r["artifact"]).name
+        config = {"artifact": r["artifact"], "calls": calls, "warmup": warmup, "threads": 1,
+                  "bandwidth_gbs": bandwidth, "policy": name,
+                  "variant": {"recipe": r["recipe"], "mode": r["mode"], "precision": r["precision"],
+                              "backend": r["backend"], "target": "cpu"}}
+        recs = [{**x, "artifact": r["artifact"]} for x in r["records"]]
+        f = write_results(d / f"bench-{name}-{r['mode']}.json", "bench", config, recs,
+                          summary={"calls": len(recs), **r["summary"]})
+        files.append(str(f))
+    return files
+
+
+def format_table(result: dict) -> str:
+    lines = [f"memory bandwidth (measured, 1 thread copy): {result['bandwidth_gbs']:.1f} GB/s;"
+             f" {result['calls']} calls per artefact, 1 intra-op thread, fresh process each"]
+    hdr = (f"{'artefact':28s} {'backend':11s} {'mode':8s} {'prec':6s} {'vision':>7s} {'prefill':>8s} {'ms/tok':>7s} "
+           f"{'act p50':>8s} {'p95':>8s} {'act/s':>7s} {'MB':>8s} {'peakMB':>7s} {'roof%':>6s} {'x speed':>7s} {'x size':>7s}")
+    lines.append(hdr)
+    for r in result["rows"]:
+        s = r["summary"]
+        c = s["components_ms"]
+        f = lambda x, fmt="{:.2f}": fmt.format(x) if x is not None else "-"  # noqa: E731
+        lines.append(
+            f"{Path(r['artifact']).name[:28]:28s} {r['backend']:11s} {r['mode']:8s} {r['precision']:6s} "
+            f"{f(c['vision']['median']):>7s} {f(c['prefill']['median']):>8s} {f(s['decode_ms_per_token']):>7s} "
+            f"{f(s['per_action_ms']['median']):>8s} {f(s['per_action_ms']['p95']):>8s} {f(s['actions_per_s'], '{:.1f}'):>7s} "
+            f"{s['bundle_bytes'] / 1e6:8.2f} {s['peak_memory_mb']:7.0f} "
+            f"{f(100 * s['roofline_fraction'] if s['roofline_fraction'] else None, '{:.0f}'):>6s} "
+            f"{f(s['ratios_vs_first']['speedup_per_action']):>7s} {f(s['ratios_vs_first']['size'], '{:.3f}'):>7s}")
+        if s.get("projected_hz"):
+            lines.append("    projected actions/s: " + ", ".join(f"{t} {hz:.1f}" for t, hz in s["projected_hz"].items()))
+    return "\n".join(lines)
+
+
+def _main(argv) -> None:
+    spec = json.loads(argv[0])
+    try:
+        res = run_worker(spec["path"], spec["backend"], spec["mode"], spec["calls"], spec["warmup"], spec["opts"])
+    except EdgeVLAError as e:
+        res = {"error": str(e)}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

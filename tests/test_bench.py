@@ -1,0 +1,46 @@
+"""`edge-vla bench`: fresh-process timings, side-by-side ratios, results files (timings never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edge_vla.errors import EdgeVLAError
+
+
+def test_bench_two_artifacts_writes_results_with_ratios(tmp_path, tiny_vla):
+    from edge_vla.cli import main
+    from edge_vla.eval.results import load_results
+
+    a = tiny_vla.save_pretrained(tmp_path / "a")
+    b = tiny_vla.save_pretrained(tmp_path / "b")
+    res = CliRunner().invoke(main, ["bench", str(a), str(b), "--calls", "2", "--warmup", "1", "-o", str(tmp_path / "out"),
+                                    "--target", "orin-agx-64"])
+    assert res.exit_code == 0, res.output
+    assert "memory bandwidth" in res.output and "projected actions/s: orin-agx-64" in res.output
+    files = sorted((tmp_path / "out").glob("bench-*.json"))
+    assert [f.name for f in files] == ["bench-a-direct.json", "bench-b-direct.json"]
+    doc = load_results(files[0])
+    s = doc["summary"]
+    assert doc["kind"] == "bench" and len(doc["records"]) == 2 and doc["environment"]["python"]
+    assert doc["config"]["variant"]["backend"] == "torch" and doc["config"]["threads"] == 1
+    assert set(s["components_ms"]) == {"vision", "prefill", "decode_token", "action_decode", "total"}
+    assert s["ratios_vs_first"]["speedup_per_action"] == 1.0 and s["ratios_vs_first"]["size"] == 1.0
+    assert 0 < s["roofline_fraction"] and s["decoder_bytes"] > 0 and s["bundle_bytes"] > s["decoder_bytes"]
+    assert s["peak_memory_mb"] > 0 and s["actions_per_s"] > 0 and s["tokens_per_action"] == 7
+    assert s["projected_hz"]["orin-agx-64"] > 0
+    other = load_results(files[1])["summary"]["ratios_vs_first"]
+    assert other["size"] == 1.0 and other["speedup_per_action"] > 0
+
+
+def test_bench_refuses_missing_artifacts_and_bad_counts(tmp_path):
+    from edge_vla.eval.bench import bench_artifacts
+
+    with pytest.raises(EdgeVLAError, match="no checkpoint or bundle"):
+        bench_artifacts([tmp_path / "nope"])
+    with pytest.raises(EdgeVLAError, match="calls"):
+        bench_artifacts([tmp_path], calls=0)
+    with pytest.raises(EdgeVLAError, match="failed: .*lacks config.json"):
+        bench_artifacts([tmp_path], calls=1)  # an empty directory is neither: the worker's error comes back
