@@ -50,5 +50,5 @@ def test_precision_check_refuses_fp8_on_orin():
 def test_export_defaults_per_target():
     nano, cpu = target_defaults("orin-nano-8"), target_defaults("cpu")
     assert nano["precision"] == "int4" and nano["runtime"] == "tensorrt" and nano["lint_tensorrt"]
-    assert nano["quant_format"] == "qdq-symmetric"
+    assert nano["quant_format"] == "qdq-symmetric" and nano["export_precision"] == "fp16"
     assert cpu["runtime"] == "onnxruntime" and not cpu["lint_tensorrt"] and cpu["tensorrt"] is None

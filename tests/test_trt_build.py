@@ -96,10 +96,13 @@ def test_engine_profiles_for_a_kv_cache_graph(tmp_path, tiny_vla):
     p = helper.make_tensor_value_info("past_key_0", TP.FLOAT, ["batch", 2, "past", 32])
     out = helper.make_tensor_value_info("o", TP.FLOAT, ["batch", 2, "past", 32])
     _graph(tmp_path / "d.onnx", [e, p], [out], [helper.make_node("Relu", ["past_key_0"], ["o"])])
+    from edge_vla.export.memory_fit import model_shape
+
+    prefix = model_shape(tiny_vla.config).prefix_tokens
     prefill, decode = engine_profiles(tmp_path / "d.onnx", tiny_vla.config)
     assert prefill["past_key_0"][2] == (1, 2, 0, 32)  # prefill starts from an empty cache
-    assert prefill["inputs_embeds"][1] == (1, 129 + 32 + 3, 128)  # opt: prefix + prompt + " ACTION:"
-    assert decode["inputs_embeds"][2] == (1, 8, 128) and decode["past_key_0"][2][2] >= 129 + 512
+    assert prefill["inputs_embeds"][1] == (1, prefix + 32 + 3, 128)  # opt: prefix + prompt + " ACTION:"
+    assert decode["inputs_embeds"][2] == (1, 8, 128) and decode["past_key_0"][2][2] >= prefix + 512
 
 
 def test_tensorrt_backend_refuses_cleanly_without_tensorrt(tmp_path, tiny_vla):

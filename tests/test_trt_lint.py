@@ -230,3 +230,17 @@ def test_exported_tiny_bundle_graphs_are_tensorrt_ready(tmp_path, tiny_vla):
     for g in graphs.values():
         r = lint_onnx(tmp_path / g["file"], "orin-nano-8", dim_ranges=ranges)
         assert r.ok, r.summary()
+
+
+def test_export_lint_hook_refuses_for_tensorrt_targets_only(tmp_path, tiny_vla):
+    from edge_vla.export.trt_lint import lint_for_target
+
+    onnx.save(_qdq_linear(zero_point=3), tmp_path / "decoder.onnx")
+    onnx.save(_mlp(), tmp_path / "embed.onnx")
+    graphs = {"embed": {"file": "embed.onnx"}, "decoder": {"file": "decoder.onnx"}}
+    assert lint_for_target(tmp_path, graphs, tiny_vla.config, "cpu", print) is None
+    with pytest.raises(EdgeVLAError, match="decoder.onnx is not TensorRT-ready for orin-nx-16: .*zero-point"):
+        lint_for_target(tmp_path, graphs, tiny_vla.config, "orin-nx-16", lambda *_: None)
+    graphs.pop("decoder")
+    out = lint_for_target(tmp_path, graphs, tiny_vla.config, "orin-nx-16", lambda *_: None)
+    assert out["embed"]["ok"]

@@ -34,17 +34,21 @@ def _check_target(target: str) -> str:
 
 def load_observations(data, config, limit: int | None = None) -> list[dict]:
     """Observations from a list of Samples/obs dicts, or a dataset path read by edge_vla.data."""
+    import numpy as np
+
     from edge_vla.export.accuracy import sample_to_obs
 
     if data is None:
         return []
     if isinstance(data, (str, Path)):
-        try:
-            from edge_vla.data import load_samples  # type: ignore
-        except ImportError:
-            raise EdgeVLAError(f"cannot read samples from {data}: this build has no dataset reader "
-                               "(edge_vla.data.load_samples)", "pass Sample objects from Python") from None
-        data = load_samples(data, limit=limit) if limit else load_samples(data)
+        # Held-out (validation) episodes of the dataset training reads, spread evenly over it.
+        from edge_vla.data.dataset import open_dataset
+
+        ds = open_dataset(data, split="val", cameras=tuple(config.cameras), action_chunk=config.action_chunk)
+        if len(ds) == 0:
+            raise EdgeVLAError(f"dataset {data} has no held-out (validation) samples", "pass a dataset with several episodes")
+        n = min(len(ds), limit or len(ds))
+        data = [ds[int(i)] for i in np.linspace(0, len(ds) - 1, n).round().astype(int)]
     obs = [d if isinstance(d, dict) else sample_to_obs(d) for d in data]
     return obs[:limit] if limit else obs
 
@@ -91,6 +95,10 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
     vla = VLA.from_pretrained(ckpt_dir)
     if vla.action_stats is None:
         raise EdgeVLAError(f"checkpoint {ckpt_dir} has no action_stats.json", "train it on a dataset first")
+    from edge_vla.export.memory_fit import check_export_fits
+    from edge_vla.export.trt_lint import lint_for_target
+
+    memory_fit = check_export_fits(vla, precision, target, report)  # refuses before the slow export
     parity_obs = load_observations(parity_samples, vla.config, limit=8) or acc.synthetic_observations(vla.config)
     held_out = load_observations(calibration_data, vla.config, limit=64) or parity_obs
 
@@ -135,6 +143,8 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
         manifest["graphs"] = graphs
         manifest["precision"] = precision
         manifest["parity"] = par
+        manifest["memory_fit"] = memory_fit
+        manifest["tensorrt_lint"] = lint_for_target(final_dir, graphs, vla.config, target, report)
 
         test_policy = Policy(OrtBackend(Bundle(final_dir, {**manifest, "files": {}})))
         if precision != "fp32" or vision_precision != "fp32":

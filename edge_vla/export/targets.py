@@ -115,7 +115,8 @@ def _cpu() -> Target:
         runtime_overhead_gib=0.4,
         # Nominal 2-core x86 figures; bench calibrates against a measured copy bandwidth / matmul rate.
         bandwidth_gbs=20.0, fp32_tflops=0.1, fp16_tflops=0.1, int8_tops=0.2,
-        precisions=("fp32", "int8", "int4"), default_precision="int8", float_dtype="fp32", tensorrt=None,
+        # fp16 graphs run on ORT's CPU provider too (slowly: it upcasts), so the exporter may write them.
+        precisions=("fp32", "fp16", "int8", "int4"), default_precision="int8", float_dtype="fp32", tensorrt=None,
     )
 
 
@@ -193,6 +194,9 @@ def target_defaults(name: str) -> dict:
     return {
         "target": t.name,
         "precision": t.default_precision,
+        # In the exporter's vocabulary (edge_vla.export.quantize): its TensorRT-ready path today is fp16
+        # (its int8 is ORT-dynamic, its int8-static asymmetric and its int4 MatMulNBits: trt_lint refuses all three).
+        "export_precision": "fp16" if t.uses_tensorrt else "int8",
         "float_dtype": t.float_dtype,
         "runtime": "tensorrt" if t.uses_tensorrt else "onnxruntime",
         "lint_tensorrt": t.uses_tensorrt,

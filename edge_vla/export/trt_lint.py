@@ -40,12 +40,12 @@ UNSUPPORTED_OPS = {
     "StringNormalizer", "TfIdfVectorizer", "Unique",
 }
 # Why a dynamic-quantization op is there and what to do instead (ORT's CPU quantizers emit these).
-_QUANT_FIX = "export with QDQ (QuantizeLinear/DequantizeLinear) for TensorRT targets: --target picks it"
+_QUANT_FIX = "ONNX Runtime's dynamic INT8 is CPU-only: export with --int8-static (QDQ) or --fp16 for TensorRT targets"
 OP_FIXES = {
     "MatMulInteger": _QUANT_FIX, "ConvInteger": _QUANT_FIX, "DynamicQuantizeLinear": _QUANT_FIX,
     "QLinearMatMul": _QUANT_FIX, "QLinearConv": _QUANT_FIX,
     "MatMulNBits": "TensorRT's INT4 path is weight-only DequantizeLinear(int4, block_size) before MatMul; "
-                   "export INT4 in QDQ form for TensorRT targets (MatMulNBits is ONNX Runtime only)",
+                   "MatMulNBits is ONNX Runtime only: export --int8-static or --fp16 for TensorRT targets",
 }
 
 # onnx.TensorProto data types
@@ -100,9 +100,23 @@ class LintReport:
     def codes(self) -> set:
         return {f.code for f in self.findings}
 
-    def summary(self) -> str:
+    def summary(self, max_nodes: int = 3) -> str:
+        """One line per kind of finding; the nodes that share it are listed together."""
         head = f"{self.graph}: {len(self.errors)} error(s), {len(self.warnings)} warning(s) for TensorRT on {self.target}"
-        return "\n".join([head, *("  " + f.line() for f in self.findings)])
+        groups: dict[tuple, list] = {}
+        for f in self.findings:
+            key = (f.severity, f.code, f.message if f.node is None else f.message.replace(f.node, "{}"), f.fix)
+            groups.setdefault(key, []).append(f)
+        lines = [head]
+        for (sev, code, _, fix), fs in groups.items():
+            first = fs[0]
+            nodes = [f.node for f in fs if f.node]
+            where = ""
+            if nodes:
+                more = f" +{len(nodes) - max_nodes} more" if len(nodes) > max_nodes else ""
+                where = f" [{', '.join(nodes[:max_nodes])}{more}]"
+            lines.append(f"  {sev}: {code}{where}: {first.message}" + (f" — {fix}" if fix else ""))
+        return "\n".join(lines)
 
     def raise_on_error(self) -> None:
         if self.errors:
@@ -209,7 +223,7 @@ def _load(model_or_path):
             raise EdgeVLAError(f"no ONNX graph at {p}", "pass a .onnx file from a bundle")
         try:
             # Weights in side files are needed for the INT64/zero-point value checks.
-            return onnx.load(str(p), load_external_data=True), str(p)
+            return onnx.load(str(p), load_external_data=True), p.name
         except Exception as e:
             raise EdgeVLAError(f"{p} is not a readable ONNX graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                                "re-export it") from None
@@ -432,3 +446,21 @@ def default_dim_ranges(model, max_free_tokens: int = 512, max_prompt_tokens: int
         {"batch": (1, 1, 1), "seq": (1, prefill_opt, prefill_max), "past": (0, 0, 0)},
         {"batch": (1, 1, 1), "seq": (1, 1, MAX_STEP_TOKENS), "past": (1, total_opt, total_max)},
     ]
+
+
+def lint_for_target(graph_dir, graphs: dict, model_config, target: str, report=print) -> dict | None:
+    """`edge-vla export --target NAME` for a TensorRT target: lint every graph, refuse on errors.
+
+    Returns {role: LintReport.to_dict()} for the manifest; None for targets without TensorRT.
+    """
+    from edge_vla.export.targets import TARGETS
+
+    if target not in TARGETS or not get_target(target).uses_tensorrt:
+        return None
+    ranges = default_dim_ranges(model_config)
+    reports = {role: lint_onnx(Path(graph_dir) / g["file"], target, dim_ranges=ranges) for role, g in graphs.items()}
+    for r in reports.values():
+        report(f"TensorRT lint: {r.summary()}")
+    for r in reports.values():
+        r.raise_on_error()
+    return {role: r.to_dict() for role, r in reports.items()}
