@@ -95,6 +95,12 @@ def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed
 
     d = teacher.config.to_dict()
     d.update(vision_path=None, lm_path=None, tokenizer_path=None)
+    for section in ("vision", "lm"):
+        if f"{section}.num_hidden_layers" in overrides:
+            # Per-layer lists recorded from the teacher (e.g. Qwen2's layer_types) would contradict
+            # the new depth: drop them and let the config rebuild them.
+            n_old = d[section].get("num_hidden_layers")
+            d[section] = {k: v for k, v in d[section].items() if not (isinstance(v, list) and len(v) == n_old)}
     d = apply_overrides(d, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     cfg = VLAConfig.from_dict(d, source="student config")
     if cfg.action_chunk != teacher.config.action_chunk or cfg.n_action_bins != teacher.config.n_action_bins:
@@ -221,7 +227,7 @@ def sequence_kl(student, teacher, samples, recipe, temperature: float = 1.0, bat
         batch = collate([rows.row(s, np.random.default_rng([0, i + j]), recipe.stages[-1])
                          for j, s in enumerate(samples[i:i + batch_size])])
         batch = {k: v.to(student.device) for k, v in batch.items()}
-        kl, cnt = _sequence_kl(student, teacher, batch, temperature)
+        kl, cnt, _ = _sequence_kl(student, teacher, batch, temperature)
         total, n = total + float(kl) * cnt, n + cnt
     return total / max(n, 1)
 
