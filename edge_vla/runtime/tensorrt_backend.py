@@ -8,8 +8,9 @@ first run on a board is easy to debug. What it does:
 - engines from `edge-vla build-engine`, each checked against this machine's TensorRT version
   and GPU (`check_engine_record`) and refit from the ONNX graph when the plan is weight-stripped;
 - device buffers allocated once with pycuda at the largest shapes the profiles allow;
-- the prefix engine writes straight into the decoder's `inputs_embeds` buffer and the embed
-  engine right after it, so prefill copies nothing through the host;
+- the prefix engine's output is copied device-to-device to the start of the decoder's
+  `inputs_embeds` buffer and the embed engine writes right after it: prefill copies nothing
+  through the host;
 - the KV cache lives in two device buffer sets (past, present) that swap after each step: the
   decoder reads one and writes the other, no cache bytes cross to the host. A cache handle from
   an older step is refused (it has been overwritten);
@@ -132,7 +133,16 @@ class TensorRTBackend:
         # Two full buffer sets; set `self._cur` holds the cache, the other receives `present`.
         self._kv = [[cuda.mem_alloc(kv_bytes) for _ in self._past] for _ in range(2)]
         self._cur, self._generation, self._length = 0, 0, 0
-        self._embeds = cuda.mem_alloc(self.max_total * self._hidden * self._embed_dtype.itemsize)
+        for role, name in (("prefix", "prefix_embeds"), ("embed", "token_embeds")):
+            if self.engines[role].dtypes[name] != self._embed_dtype:
+                raise EdgeVLAError(f"the {role} engine writes {self.engines[role].dtypes[name]} embeddings, the decoder "
+                                   f"reads {self._embed_dtype}", "re-export the bundle (graph I/O types must agree)")
+        row_bytes = self._hidden * self._embed_dtype.itemsize
+        self._embeds = cuda.mem_alloc(self.max_total * row_bytes)
+        # The prefix embeddings stay in their own buffer: decode steps reuse the start of _embeds, and
+        # adaptive mode prefills twice from one prefix.
+        self._prefix_buf = cuda.mem_alloc(self.max_total * row_bytes)
+        self._row_bytes = row_bytes
         vocab = int(self.processor.tokenizer.vocab_size)
         self._host_hidden = cuda.pagelocked_empty(self._hidden, dec.dtypes["hidden"])
         self._host_logits = cuda.pagelocked_empty(vocab, dec.dtypes["logits"])
@@ -165,8 +175,7 @@ class TensorRTBackend:
             cuda.memcpy_htod_async(self._state, st, self.stream)
             shapes["state"], addresses["state"] = st.shape, self._state
         eng.use_profile(0, self.stream)
-        # The prefix embeddings land at the start of the decoder's inputs_embeds buffer.
-        out = eng.run(shapes, {**addresses, "prefix_embeds": self._embeds}, self.stream)
+        out = eng.run(shapes, {**addresses, "prefix_embeds": self._prefix_buf}, self.stream)
         self._prefix_tokens = int(out["prefix_embeds"][1])
         return self._prefix_tokens
 
@@ -175,7 +184,7 @@ class TensorRTBackend:
         arr = np.asarray([list(ids)], dtype=eng.dtypes["input_ids"])
         cuda.memcpy_htod_async(self._ids, arr, self.stream)
         eng.use_profile(profile, self.stream)
-        dst = int(self._embeds) + offset_tokens * self._hidden * self._embed_dtype.itemsize
+        dst = int(self._embeds) + offset_tokens * self._row_bytes
         eng.run({"input_ids": arr.shape}, {"input_ids": self._ids, "token_embeds": dst}, self.stream)
 
     def _decode(self, n_new: int, profile: int):
@@ -203,6 +212,7 @@ class TensorRTBackend:
         if prefix != self._prefix_tokens:
             raise EdgeVLAError("prefill got a prefix handle from another call", "call encode_prefix right before prefill")
         self._length = 0
+        self._cuda.memcpy_dtod_async(self._embeds, self._prefix_buf, prefix * self._row_bytes, self.stream)
         self._embed_into(input_ids, prefix, profile=0)
         return self._decode(prefix + len(input_ids), profile=0)
 
