@@ -43,16 +43,20 @@ def check_image(image, name: str = "image") -> np.ndarray:
     return a
 
 
+# optimize=True contracts the three operands as two matrix products; without it numpy loops over
+# every (o, h, w, p) quadruple: 256 -> 224 px took ~20 s of CPU instead of ~5 ms.
+
+
 def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
     """Resize a uint8 HxWx3 frame to size x size with the same filter (for videos and datasets)."""
     a = check_image(image)
-    out = np.einsum("oh,hwc,pw->opc", resize_matrix(a.shape[0], size), a.astype(np.float32), resize_matrix(a.shape[1], size))
+    out = np.einsum("oh,hwc,pw->opc", resize_matrix(a.shape[0], size), a.astype(np.float32), resize_matrix(a.shape[1], size), optimize=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def preprocess_image(image, size: int, mean, std, name: str = "image") -> np.ndarray:
     a = check_image(image, name).astype(np.float32) * (1.0 / 255.0)
     if a.shape[0] != size or a.shape[1] != size:
-        a = np.einsum("oh,hwc,pw->opc", resize_matrix(a.shape[0], size), a, resize_matrix(a.shape[1], size))
+        a = np.einsum("oh,hwc,pw->opc", resize_matrix(a.shape[0], size), a, resize_matrix(a.shape[1], size), optimize=True)
     a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
