@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.export.memory_fit import (PROMPT_TOKENS, REASONING_TOKENS, ModelShape, float_bytes, model_shape,
-                                        sequence_length, weight_bytes, weights_breakdown)
+                                        sequence_length, weights_breakdown)
 from edge_vla.export.targets import Target, get_target
 
 PHASES = ("vision", "prefill", "decode")
@@ -89,7 +89,7 @@ def phase_costs(shape: ModelShape, precision: str, mode: str, target: Target,
     fb = float_bytes(precision, target)
     kv_tok = shape.kv_bytes_per_token(fb)
 
-    n_img = shape.n_cameras * shape.image_tokens_per_camera
+    n_img = shape.prefix_tokens - shape.proprio_tokens  # image tokens after token pooling: what the projector sees
     vision = PhaseCost(
         flops=2.0 * (shape.vision_matrix_params * shape.image_tokens_per_camera * shape.n_cameras
                      + shape.projector_params * n_img)
