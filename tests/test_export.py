@@ -243,3 +243,27 @@ def test_export_rejects_what_is_not_an_edge_vla_checkpoint(tmp_path):
     assert res.exit_code == 1 and "not an edge-vla checkpoint" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "--int4", "-o", str(tmp_path / "o")])
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_static_int8_calibrates_on_a_dataset_path(trained, tmp_path):
+    """--int8-static --data: held-out samples of a LIBERO hdf5 calibrate and measure the bundle."""
+    from edge_vla.cli import main
+    from edge_vla.data.libero_hdf5 import write_libero_hdf5
+    from edge_vla.export.bundle import load_bundle
+
+    ckpt, samples = trained
+    rng = np.random.default_rng(0)
+    demos = [{"actions": rng.uniform(-0.5, 0.5, (6, 7)).astype(np.float32), "proprio": rng.normal(size=(6, 8)),
+              "images": {c: rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8) for c in ("agentview", "wrist")}}
+             for _ in range(10)]
+    write_libero_hdf5(tmp_path / "ds" / "task_demo.hdf5", demos, samples[0].instruction)
+    out = tmp_path / "b"
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--int8-static", "--data", str(tmp_path / "ds"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(out)
+    assert b.graphs["decoder"]["precision"] == "int8-static"
+    import onnx
+
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(b.graph_path("decoder"))).graph.node}
+    assert b.manifest["accuracy"]["n_observations"] >= 1
