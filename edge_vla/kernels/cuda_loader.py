@@ -51,6 +51,61 @@ def nvcc_compile(out_dir: str | Path, arch: str = "sm_87", mode: str = "ptx") ->
     return out
 
 
+def find_nvrtc() -> str | None:
+    """Path of libnvrtc (what CuPy compiles with): $EDGE_VLA_NVRTC_LIBRARY, the system, the CUDA
+    toolkit, or an `nvidia-cuda-nvrtc` wheel; None when there is none."""
+    import ctypes.util
+    import glob
+    import os
+    import site
+
+    env = os.environ.get("EDGE_VLA_NVRTC_LIBRARY")
+    if env:
+        return env
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        return found
+    roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/*/lib"]
+    roots += [f"{p}/nvidia/*/lib" for p in site.getsitepackages()] + [f"{p}/nvidia/cuda_nvrtc/lib" for p in site.getsitepackages()]
+    for root in roots:
+        hits = sorted(glob.glob(f"{root}/libnvrtc.so*"))
+        hits = [h for h in hits if "builtins" not in h]
+        if hits:
+            return hits[0]
+    return None
+
+
+def nvrtc_compile(arch: str = "compute_87", library: str | None = None) -> str:
+    """Compile the shipped source to PTX with NVRTC (the compiler CuPy's RawModule uses), via
+    ctypes: needs libnvrtc but no GPU. Returns the PTX text."""
+    import ctypes
+
+    path = library or find_nvrtc()
+    if path is None:
+        raise MissingDependencyError("libnvrtc", "compiling the CUDA kernel with NVRTC",
+                                     "install the CUDA toolkit or `pip install nvidia-cuda-nvrtc`")
+    lib = ctypes.CDLL(path)
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), KERNEL_FILE.name.encode(), 0, None, None):
+        raise EdgeVLAError(f"NVRTC could not create a program from {KERNEL_FILE.name}")
+    try:
+        opts = (ctypes.c_char_p * 1)(f"--gpu-architecture={arch}".encode())
+        rc = lib.nvrtcCompileProgram(prog, 1, opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if rc:
+            raise EdgeVLAError(f"NVRTC failed to compile {KERNEL_FILE.name} for {arch}: "
+                               f"{log.value.decode(errors='replace')[:500]}")
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 def available_loaders() -> dict[str, str | None]:
     """loader -> None when it can run here, else why not."""
     out: dict[str, str | None] = {}
@@ -148,4 +203,4 @@ def decode_actions_cuda(hidden, weight, dim, values, low, high, bias=None, loade
     return bins.reshape(lead), actions.reshape(lead)
 
 
-__all__ = ["decode_actions_cuda", "nvcc_compile", "kernel_source", "available_loaders", "KERNEL_FILE", "KERNEL_NAME"]
+__all__ = ["decode_actions_cuda", "nvcc_compile", "nvrtc_compile", "find_nvrtc", "kernel_source", "available_loaders", "KERNEL_FILE", "KERNEL_NAME"]

@@ -25,15 +25,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _kernel():
+def _triton():
     try:
         import triton
         import triton.language as tl
     except ImportError:
         raise MissingDependencyError("triton", "the Triton action-decode kernel", "pip install 'edge-vla[gpu]'") from None
+    return triton, tl
 
-    @triton.jit
+
+@functools.cache
+def _kernel():
+    """The kernel, jitted (or interpreted, when TRITON_INTERPRET was set before the first call)."""
+    triton, _ = _triton()
+    return triton.jit(_kernel_function())
+
+
+@functools.cache
+def _kernel_function():
+    """The undecorated kernel (triton reads its source); `tl` is imported lazily."""
+    _, tl = _triton()
+
     def action_decode_kernel(h_ptr, w_ptr, b_ptr, dim_ptr, values_ptr, low_ptr, high_ptr, bins_ptr, actions_ptr,
                              H, n_bins, D, stride_h, stride_w,
                              HAS_BIAS: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -62,6 +74,31 @@ def _kernel():
         tl.store(actions_ptr + row, v)
 
     return action_decode_kernel
+
+
+SIGNATURE = {"h_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "dim_ptr": "*i64", "values_ptr": "*fp32",
+             "low_ptr": "*fp32", "high_ptr": "*fp32", "bins_ptr": "*i64", "actions_ptr": "*fp32", "H": "i32",
+             "n_bins": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "HAS_BIAS": "constexpr",
+             "BLOCK_BINS": "constexpr", "BLOCK_H": "constexpr"}
+
+
+def compile_for(capability: int = 87, n_bins: int = 256, has_bias: bool = False, num_warps: int = 8) -> dict:
+    """Compile the kernel ahead of time for a CUDA compute capability (87 = Jetson Orin, 90 = H100)
+    without a GPU (triton ships ptxas). Returns {"ptx": str, "cubin": bytes, "shared": bytes used}."""
+    triton, _ = _triton()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    block_bins = max(16, 1 << (n_bins - 1).bit_length())
+    src = ASTSource(fn=JITFunction(_kernel_function()), signature=SIGNATURE,
+                    constexprs={"HAS_BIAS": has_bias, "BLOCK_BINS": block_bins, "BLOCK_H": BLOCK_H})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    except Exception as e:
+        raise EdgeVLAError(f"Triton could not compile the action-decode kernel for sm_{capability} "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    return {"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"], "shared": compiled.metadata.shared}
 
 
 def decode_actions_triton(hidden, weight, dim, values, low, high, bias=None):
@@ -93,8 +130,9 @@ def decode_actions_triton(hidden, weight, dim, values, low, high, bias=None):
     if n_rows:
         block_bins = max(16, 1 << (n_bins - 1).bit_length())
         _kernel()[(n_rows,)](h2, w, b, d, vals, lo, hi, bins, actions, H, n_bins, vals.shape[1], h2.stride(0),
-                             w.stride(0), HAS_BIAS=bias is not None, BLOCK_BINS=block_bins, BLOCK_H=BLOCK_H)
+                             w.stride(0), HAS_BIAS=bias is not None, BLOCK_BINS=block_bins, BLOCK_H=BLOCK_H,
+                             num_warps=8)  # a 256 x 64 fp32 tile: 8 warps keep it in registers
     return bins.reshape(lead), actions.reshape(lead)
 
 
-__all__ = ["decode_actions_triton", "interpreting", "BLOCK_H"]
+__all__ = ["decode_actions_triton", "compile_for", "interpreting", "BLOCK_H"]
