@@ -403,3 +403,18 @@ def test_cuda_kernel_matches_the_reference(loader, case):
 def test_gpu_reference_matches_cpu_reference():
     for case, c in CASES.items():
         _assert_match(f"reference-cuda/{case}", run_implementation("reference", **c, device="cuda"), _expected(c))
+
+
+def test_numpy_and_onnx_paths_never_import_torch():
+    """The ONNX runtime path decodes actions without torch (edge_vla.runtime's contract)."""
+    code = ("import sys, numpy as np\n"
+            "from edge_vla.kernels import run_implementation, available_implementations, action_dims\n"
+            "rng = np.random.default_rng(0)\n"
+            "h, w, v = rng.normal(size=(7, 16)), rng.normal(size=(256, 16)), rng.normal(size=(256, 7))\n"
+            "a = run_implementation('numpy', h, w, action_dims(7, 7), v, -np.ones(7), np.ones(7))\n"
+            "b = run_implementation('onnx', h, w, action_dims(7, 7), v, -np.ones(7), np.ones(7))\n"
+            "assert (a[0] == b[0]).all()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
