@@ -3,7 +3,7 @@
 import pytest
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.targets import PRECISIONS, TARGETS, get_target, target_defaults
+from edge_vla.export.targets import PRECISIONS, TARGETS, export_precision_for, get_target, target_defaults
 
 
 def test_registry_has_the_boards_users_deploy_on():
@@ -52,3 +52,9 @@ def test_export_defaults_per_target():
     assert nano["precision"] == "int4" and nano["runtime"] == "tensorrt" and nano["lint_tensorrt"]
     assert nano["quant_format"] == "qdq-symmetric" and nano["export_precision"] == "fp16"
     assert cpu["runtime"] == "onnxruntime" and not cpu["lint_tensorrt"] and cpu["tensorrt"] is None
+
+
+def test_exporter_default_precision_per_target():
+    assert export_precision_for("cpu") == "int8"  # ORT dynamic INT8: the fastest accurate CPU path
+    assert export_precision_for("orin-nx-16") == "fp16"  # the exporter's only TensorRT-ready path today
+    assert export_precision_for("cuda") == "int8"  # the exporter's own generic name, outside the registry

@@ -8,8 +8,8 @@ import click
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle directory to write.")
-@click.option("--int8", "precision", flag_value="int8", default=True,
-              help="Dynamic INT8, per-channel weights (ONNX Runtime; the CPU default).")
+@click.option("--int8", "precision", flag_value="int8",
+              help="Dynamic INT8, per-channel weights (ONNX Runtime; the CPU default). Default: the target's.")
 @click.option("--int8-static", "precision", flag_value="int8-static",
               help="Static QDQ INT8 calibrated on --data (for accelerator targets).")
 @click.option("--int4", "precision", flag_value="int4", help="Weight-only 4-bit blocks (MatMulNBits), embedding too.")
@@ -31,7 +31,11 @@ def export(checkpoint, output, precision, vision_precision, target, data, min_ag
     is printed and stored in the manifest.
     """
     from edge_vla.export import export_checkpoint
+    from edge_vla.export.targets import export_precision_for
 
+    if precision is None:
+        precision = export_precision_for(target)
+        click.echo(f"precision: {precision} (the default for target {target})")
     export_checkpoint(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
                       target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
                       report=click.echo)

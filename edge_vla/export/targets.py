@@ -204,3 +204,8 @@ def target_defaults(name: str) -> dict:
         "quant_format": "qdq-symmetric" if t.uses_tensorrt else "onnxruntime-dynamic",
         "tensorrt": dataclasses.asdict(t.tensorrt) if t.tensorrt else None,
     }
+
+
+def export_precision_for(target: str) -> str:
+    """The exporter's default precision for `target` (names outside the registry get the CPU default)."""
+    return target_defaults(target)["export_precision"] if target in TARGETS else "int8"
