@@ -108,23 +108,28 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = (),
             if k not in known:
                 raise unknown_name_error(f"key in {path}", k, known)
         d.update(file_d)
+    d = merge_overrides(d, overrides, free_sections=("model", "recipe_options"))
+    return TrainConfig.from_dict(d, source=str(path) if path else "train config")
+
+
+def merge_overrides(d: dict, overrides, free_sections=()) -> dict:
+    """Apply `key=value` overrides; keys below a free-form section (`model.lm.x=1`) are accepted
+    as they are and checked later by whoever reads that section."""
     plain = []
+    d = dict(d)
     for item in overrides:
         if "=" not in item:
             raise EdgeVLAError(f"override `{item}` has no `=`", "write overrides as key=value, e.g. lr=1e-3")
         key, raw = item.split("=", 1)
         key = key.strip()
-        # `model.*` and `recipe_options.*` are free-form: any dotted key below them is accepted here
-        # and checked later by the preset / the recipe.
-        for section in ("model", "recipe_options"):
+        for section in free_sections:
             if key.startswith(section + "."):
                 d[section] = dict(d.get(section) or {})
                 d[section][key[len(section) + 1:]] = _parse_value(raw.strip())
                 break
         else:
             plain.append(item)
-    d = apply_overrides(d, plain)
-    return TrainConfig.from_dict(d, source=str(path) if path else "train config")
+    return apply_overrides(d, plain)
 
 
-__all__ = ["TrainConfig", "load_train_config"]
+__all__ = ["TrainConfig", "load_train_config", "merge_overrides"]

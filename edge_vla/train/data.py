@@ -34,7 +34,7 @@ def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_no
         if split == "val" and val_fraction <= 0:
             return []
         return open_dataset(str(data), split=split, val_fraction=val_fraction, action_chunk=action_chunk,
-                            drop_noops=drop_noops)
+                            drop_noops=drop_noops, seed=seed)
     if type(data) in (list, tuple):
         return split_samples(list(data), split, val_fraction, seed)
     # A dataset object (e.g. open_dataset's) keeps its precomputed statistics: it is used whole

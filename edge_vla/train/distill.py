@@ -86,6 +86,21 @@ class DistillConfig:
         return cfg
 
 
+def load_distill_config(path=None, overrides=(), **base) -> DistillConfig:
+    """Defaults <- `base` <- config file <- dotted overrides (`student_model.lm.num_hidden_layers=2`)."""
+    from edge_vla.config import load_config_file
+    from edge_vla.train.config import merge_overrides
+
+    d = asdict(DistillConfig(**{k: v for k, v in base.items() if v is not None}))
+    if path is not None:
+        file_d = load_config_file(path)
+        for k in file_d:
+            if k not in d:
+                raise unknown_name_error(f"key in {path}", k, list(d))
+        d.update(file_d)
+    return DistillConfig.from_dict(merge_overrides(d, overrides, free_sections=("student_model",)))
+
+
 # --- the student -----------------------------------------------------------------------------------
 def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed: int = 0):
     """A VLA with the teacher's tokenizer and statistics and the teacher's config + `overrides`."""
@@ -364,5 +379,5 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
     return final
 
 
-__all__ = ["DistillConfig", "distill", "build_student", "init_from", "reasoning_targets", "action_kl", "sequence_kl",
+__all__ = ["DistillConfig", "load_distill_config", "distill", "build_student", "init_from", "reasoning_targets", "action_kl", "sequence_kl",
            "MODES"]

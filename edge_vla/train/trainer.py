@@ -148,8 +148,11 @@ def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA:
+    # accelerate forms a CPU process group (gloo) only when told cpu=True.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Some tower parameters (SigLIP's unused pooling head) get no gradient: DDP must know.
-    return Accelerator(mixed_precision=_mixed_precision(cfg),
+    return Accelerator(mixed_precision=_mixed_precision(cfg), cpu=cpu,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 

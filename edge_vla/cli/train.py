@@ -1,0 +1,34 @@
+"""`edge-vla train`: one command for every recipe, on one CPU or many GPUs (accelerate launch)."""
+
+import click
+
+RECIPE_HELP = "vla | ecot | ecot-lite-dropout | ecot-lite-pretrain | scaffold | thinking-tokens"
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--recipe", default=None, help=f"Training recipe: {RECIPE_HELP} [default: vla].")
+@click.option("--preset", default=None, help="Model preset: tiny | minivla | openvla [default: tiny].")
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="Dataset directory (LIBERO hdf5 + reasoning.json, as `edge-vla data` writes it).")
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Run directory: metrics.jsonl, state/ (resumable), checkpoint-*/, final/.")
+@click.option("--config", "config_file", default=None, type=click.Path(path_type=str),
+              help="YAML/JSON TrainConfig; --recipe/--preset/--set win over it.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Dotted override, repeatable: steps=2000, lr=1e-4, recipe_options.p=0.3, "
+                   "model.lm.num_hidden_layers=2, lora_rank=16, freeze_vision=true.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved state (exactly).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl).")
+def train(recipe, preset, data, out, config_file, overrides, resume, no_progress):
+    """Train a VLA with one of the ECoT-Lite recipes; writes OUT/final (a checkpoint).
+
+    Multi-GPU / multi-node: `accelerate launch -m edge_vla.cli train ...` (DDP or FSDP per your
+    accelerate config); the same options apply.
+    """
+    from edge_vla.train.config import load_train_config
+    from edge_vla.train.trainer import train as run
+
+    cli = [f"{k}={v}" for k, v in (("recipe", recipe), ("preset", preset)) if v is not None]
+    cfg = load_train_config(config_file, cli + list(overrides))
+    final = run(cfg, data, out, resume=resume, show_progress=not no_progress)
+    click.echo(f"checkpoint: {final}")
