@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "serve": "edge_vla.cli.serve:serve",
     "build-engine": "edge_vla.cli.build_engine:build_engine",
     "targets": "edge_vla.cli.targets:targets",
+    "train": "edge_vla.cli.train:train",
+    "distill": "edge_vla.cli.distill:distill",
 }
 
 
