@@ -81,7 +81,7 @@ def inspect(path, annotations, episode, step, png, as_json):
     from edge_vla.data.inspect import draw_sample
     from edge_vla.errors import EdgeVLAError
 
-    ds = open_dataset(path, split="all", annotations=annotations)
+    ds = open_dataset(path, split="all", annotations=annotations, cameras=None)
     stats = ds.action_stats
     summary = {
         "path": str(path), "files": len(ds.files), "episodes": len(ds.all_episodes),

@@ -3,7 +3,7 @@
     ds = open_dataset("data/libero90_mini", split="train", action_chunk=8)
     ds.action_stats, ds.instructions, ds.has_reasoning, ds[0] -> Sample
 
-`path` is a directory made by `generate_dataset` (manifest.json + hdf5 files + reasoning.json),
+`cameras=None` takes the cameras the files hold. `path` is a directory made by `generate_dataset` (manifest.json + hdf5 files + reasoning.json),
 any directory of LIBERO hdf5 files (with ECoT JSON files beside them, if any), or one hdf5 file
 (with `annotations=` for its JSON). Splits are by episode, so no validation frame shares an
 episode with a training frame. No-op steps (no motion, gripper unchanged: OpenVLA's test) are
@@ -95,8 +95,11 @@ class LiberoDataset(_TorchDataset):
         self.path = Path(path)
         self.split = split
         self.action_chunk = int(action_chunk)
-        self.cameras = tuple(cameras)
         files, self._annotations, info = _resolve(self.path, annotations)
+        if cameras is None:  # whatever the (first) file holds
+            with LiberoHDF5(files[0]) as h:
+                cameras = tuple(h.cameras())
+        self.cameras = tuple(cameras)
         self.root = info["root"]
         self.files = [str(f) for f in files]
         self._handles: dict = {}

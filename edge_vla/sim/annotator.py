@@ -75,7 +75,7 @@ class ReasoningAnnotator:
         self.image_size = int(image_size or env.image_size)
         self.lookahead = lookahead
         self.instruction = env.instruction
-        goal = env.privileged()["goal"]
+        goal = env.privileged(cameras=False)["goal"]
         try:
             self.relation, self.object, self.target = parse_goal(goal)
         except Exception:  # not a pick-and-place goal: one subtask, the instruction itself
@@ -84,7 +84,7 @@ class ReasoningAnnotator:
 
     # --- per step -------------------------------------------------------------------------------
     def snapshot(self, action=None, phase: str | None = None) -> Snapshot:
-        pv = self.env.privileged()
+        pv = self.env.privileged(cameras=False)
         cam = self.env.camera(self.camera_name, self.image_size)
         s = self.image_size
         x, y = cam.project(pv["eef_pos"])[0]

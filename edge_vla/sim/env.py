@@ -212,6 +212,12 @@ class LiberoEnv:
             np.random.seed(int(seed) % (2**32))  # robosuite's placement samplers draw from numpy's global RNG
         with contextlib.redirect_stdout(io.StringIO()):
             self._env.reset()
+            # A soft reset keeps the gripper's integrated command (robosuite's PandaGripper
+            # current_action); a hard reset rebuilds it at zero. Zero it so resets are reproducible.
+            for robot in self._env.env.robots:
+                gripper = getattr(robot, "gripper", None)
+                if gripper is not None and hasattr(gripper, "current_action"):
+                    gripper.current_action = np.zeros_like(gripper.current_action)
             if "init_state" in options:
                 states = self.benchmark_init_states()
                 i = int(options["init_state"])
@@ -301,35 +307,40 @@ class LiberoEnv:
     def _bounds(self, body_id: int) -> dict:
         """World-space corner points of every geom under a body, and their axis-aligned box."""
         m, d = self.sim.model, self.sim.data
-        subtree = self._subtree(int(body_id))
-        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
-        pts = []
-        for g in np.flatnonzero(np.isin(m.geom_bodyid, subtree)):
-            aabb = np.asarray(m.geom_aabb[g])
-            local = aabb[:3] + signs * aabb[3:]
-            pts.append(d.geom_xpos[g] + local @ np.asarray(d.geom_xmat[g]).reshape(3, 3).T)
-        if not pts:
+        geoms, local = self._geom_corners(int(body_id))
+        if not len(geoms):
             p = d.body_xpos[body_id]
             return {"points": p[None].copy(), "lo": p.copy(), "hi": p.copy()}
-        pts = np.concatenate(pts)
+        rot = np.asarray(d.geom_xmat)[geoms].reshape(-1, 3, 3)
+        pts = (np.asarray(d.geom_xpos)[geoms][:, None, :] + np.einsum("gij,gkj->gki", rot, local)).reshape(-1, 3)
         return {"points": pts, "lo": pts.min(0), "hi": pts.max(0)}
 
-    def _subtree(self, body_id: int) -> list[int]:
-        parent = np.asarray(self.sim.model.body_parentid)
-        out, frontier = [body_id], [body_id]
-        while frontier:
-            kids = [int(b) for b in np.flatnonzero(np.isin(parent, frontier)) if b not in out]
-            out += kids
-            frontier = kids
-        return out
+    def _geom_corners(self, body_id: int):
+        """Geoms under a body and their 8 local box corners; cached per MjModel (a hard reset makes a new one)."""
+        m = self.sim.model
+        cache = getattr(self, "_corner_cache", None)
+        if cache is None or cache[0] is not m:
+            cache = self._corner_cache = (m, {})
+        if body_id not in cache[1]:
+            parent = np.asarray(m.body_parentid)
+            subtree, frontier = [body_id], [body_id]
+            while frontier:
+                frontier = [int(b) for b in np.flatnonzero(np.isin(parent, frontier)) if b not in subtree]
+                subtree += frontier
+            geoms = np.flatnonzero(np.isin(m.geom_bodyid, subtree))
+            signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+            aabb = np.asarray(m.geom_aabb)[geoms]
+            cache[1][body_id] = (geoms, aabb[:, None, :3] + signs[None] * aabb[:, None, 3:])
+        return cache[1][body_id]
 
-    def privileged(self) -> dict:
+    def privileged(self, cameras: bool = True) -> dict:
         """Simulator truth for the expert and the annotator (never for a policy).
 
         objects: name -> {"pos" (3,), "quat" (4, xyzw), "body_id", "points" (N, 3) geom box corners,
         "lo"/"hi" (3,) world axis-aligned bounds}; fixtures: pose only;
         sites: region/site name -> pos; goal: BDDL goal predicates; eef_pos, eef_quat;
-        gripper_opening (m, ~0.078 open, ~0.001 closed); cameras: name -> CameraModel.
+        gripper_opening (m, ~0.078 open, ~0.001 closed); cameras: name -> CameraModel (skipped with
+        cameras=False, which the expert uses: it is called every step).
         """
         env, sim = self._env.env, self.sim
         o = self._raw_obs
@@ -356,7 +367,7 @@ class LiberoEnv:
             "eef_pos": np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy(),
             "eef_quat": np.asarray(o["robot0_eef_quat"], dtype=np.float64).copy(),
             "gripper_opening": float(qpos[0] - qpos[1]),
-            "cameras": {c: self.camera(c) for c in CAMERAS},
+            "cameras": {c: self.camera(c) for c in CAMERAS} if cameras else {},
             "step": self.steps,
         }
 
