@@ -16,6 +16,7 @@ from edge_vla.errors import EdgeVLAError
 
 # name -> "module:attribute". Add a command here when it works (no stubs).
 COMMANDS: dict[str, str] = {
+    "eval": "edge_vla.cli.eval:eval_group",
     "info": "edge_vla.cli.info:info",
     "data": "edge_vla.cli.data:data",
     "export": "edge_vla.cli.export:export",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,9 +53,7 @@ def write_results(path: str | Path, kind: str, config: dict, records: list[dict]
     if kind not in KINDS:
         raise EdgeVLAError(f"unknown results kind {kind!r}", f"use one of {', '.join(KINDS)}")
     if environment is None:
-        from edge_vla.environment import environment_report
-
-        environment = environment_report()
+        environment = environment_snapshot()
     doc = {
         "format": RESULTS_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -67,6 +67,35 @@ def write_results(path: str | Path, kind: str, config: dict, records: list[dict]
     path = Path(path)
     atomic_write_text(path, json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
     return path
+
+
+_ENVIRONMENT: dict | None = None
+
+
+def environment_snapshot() -> dict:
+    """edge_vla.environment.environment_report(), computed once per process.
+
+    Probing the backends imports triton, whose native library segfaults when imported after
+    LIBERO's (MuJoCo/robosuite/EGL) libraries are loaded in the same process. In that case the
+    report is taken in a fresh interpreter instead.
+    """
+    global _ENVIRONMENT
+    if _ENVIRONMENT is None:
+        loaded = any(m in sys.modules for m in ("mujoco", "robosuite", "libero"))
+        if loaded and "triton" not in sys.modules:
+            code = "import json; from edge_vla.environment import environment_report as r; print(json.dumps(r()))"
+            try:
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+                _ENVIRONMENT = json.loads(out.stdout.strip().splitlines()[-1])
+            except (subprocess.SubprocessError, json.JSONDecodeError, IndexError):
+                from edge_vla.environment import environment_report
+
+                _ENVIRONMENT = environment_report(backends=False)
+        else:
+            from edge_vla.environment import environment_report
+
+            _ENVIRONMENT = environment_report()
+    return _ENVIRONMENT
 
 
 def load_results(path: str | Path) -> dict:

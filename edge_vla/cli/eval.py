@@ -1,0 +1,78 @@
+import click
+
+
+@click.group("eval")
+def eval_group():
+    """Evaluate policies: LIBERO rollouts, or hardware rollouts through the policy server."""
+
+
+@eval_group.command("libero")
+@click.argument("policies", nargs=-1, required=True)
+@click.option("--suite", default="libero_90", show_default=True, help="LIBERO suite.")
+@click.option("--tasks", default=None, help="Comma-separated task names or indices (default: every task of the suite).")
+@click.option("--trials", default=50, show_default=True, type=int, help="Benchmark init states per task.")
+@click.option("--first-trial", default=0, show_default=True, type=int, help="First benchmark init state.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Parallel rollout processes on this machine.")
+@click.option("--shard", default="0/1", show_default=True, help="Run shard i of N (i/N) of the episode list.")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Results directory (one JSON per policy; re-running resumes).")
+@click.option("--video", "video_dir", default=None, type=click.Path(file_okay=False),
+              help="Write an mp4 per episode (reasoning drawn on the frames) under this directory.")
+@click.option("--reason-every", default=1, show_default=True, type=int,
+              help="Full mode: reason every k-th call, reuse the last reasoning in between.")
+@click.option("--execute-k", default=None, type=int, help="Actions of a chunk executed before re-planning (default: all).")
+@click.option("--backend", default="auto", show_default=True)
+@click.option("--mode", default=None, help="full | direct | adaptive (default: the recipe's).")
+@click.option("--max-steps", default=None, type=int, help="Override the suite's step limit.")
+@click.option("--name", default=None, help="Variant name in the results (one policy only).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
+def libero(policies, suite, tasks, trials, first_trial, workers, shard, out, video_dir, reason_every, execute_k,
+           backend, mode, max_steps, name, no_progress):
+    """Roll POLICIES (checkpoints, bundles, or `expert` for the scripted ceiling check) out in LIBERO
+    with the field's protocol (seed 7, 10 settle steps, per-suite step limits, benchmark init states)."""
+    from edge_vla.errors import EdgeVLAError
+    from edge_vla.eval.libero_rollout import RolloutConfig, parse_shard, run_libero
+
+    if name and len(policies) > 1:
+        raise EdgeVLAError("--name names one variant, but several policies were given", "drop --name")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    for policy in policies:
+        cfg = RolloutConfig(policy=policy, suite=suite, tasks=task_list, trials=trials, first_trial=first_trial,
+                            out=out, name=name, backend=backend, mode=mode, workers=workers, shard=parse_shard(shard),
+                            execute_k=execute_k, reason_every=reason_every, max_steps=max_steps, video_dir=video_dir)
+        r = run_libero(cfg, progress=not no_progress)
+        s = r["summary"]
+        rate = "–" if s["success_rate"] is None else f"{100 * s['success_rate']:.1f}%"
+        click.echo(f"{policy}: success {s['successes']}/{s['episodes']} ({rate}), ran {r['ran']}, "
+                   f"resumed past {r['skipped']} -> {r['path']}")
+
+
+@eval_group.command("hardware")
+@click.argument("policy")
+@click.option("--robot", required=True,
+              help="libero:SUITE/TASK[@INIT] (simulated robot) or module:Class (your robot, see edge_vla.eval.hardware).")
+@click.option("--episodes", default=1, show_default=True, type=int)
+@click.option("--max-steps", default=400, show_default=True, type=int)
+@click.option("--execute-k", default=None, type=int, help="Actions of a chunk executed before re-planning.")
+@click.option("--success", type=click.Choice(["ask", "yes", "no", "auto"]), default="ask", show_default=True,
+              help="ask the operator after each episode, a fixed answer, or auto (the simulator judges).")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--record-dir", default=None, type=click.Path(file_okay=False), help="hdf5 per episode (default OUT/episodes).")
+@click.option("--api-key", envvar="EDGE_VLA_API_KEY", default=None, help="Server API key (env EDGE_VLA_API_KEY).")
+@click.option("--timeout", default=30.0, show_default=True, type=float, help="Seconds to wait for each server reply.")
+@click.option("--control-hz", default=None, type=float, help="Pace the loop at the robot's control rate.")
+@click.option("--backend", default="auto", show_default=True, help="In-process policy backend.")
+@click.option("--mode", default=None, help="In-process decode mode.")
+@click.option("--name", default=None, help="Variant name in the results.")
+def hardware(policy, robot, episodes, max_steps, execute_k, success, out, record_dir, api_key, timeout, control_hz,
+             backend, mode, name):
+    """Robot-side rollouts: POLICY is a server (ws://HOST:PORT, from `edge-vla serve`) or a local
+    checkpoint/bundle. Records every episode to hdf5 and writes a results file."""
+    from edge_vla.eval.hardware import HardwareConfig, run_hardware
+
+    cfg = HardwareConfig(policy=policy, robot=robot, episodes=episodes, max_steps=max_steps, execute_k=execute_k,
+                         success=success, out=out, record_dir=record_dir, name=name, api_key=api_key, backend=backend,
+                         mode=mode, timeout_s=timeout, control_hz=control_hz)
+    r = run_hardware(cfg)
+    s = r["summary"]
+    click.echo(f"success {s['successes']}/{s['episodes']}; {len(r['episodes'])} episode(s) recorded; results -> {r['path']}")

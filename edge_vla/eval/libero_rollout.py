@@ -1,0 +1,458 @@
+"""LIBERO rollouts the way the field runs them: benchmark init states, seed 7, 10 settle steps,
+per-suite step limits (edge_vla.sim.env), preprocessing identical to training (the Policy's
+processor), N trials per task.
+
+    run_libero(RolloutConfig(policy="ckpt/", suite="libero_90", tasks=[...], trials=50, out="runs/"))
+
+- one results file per policy (edge_vla.eval.results), rewritten after every episode, so an
+  interrupted run resumes where it stopped (episodes already in the file are skipped);
+- `shard=(i, N)`: a deterministic 1/N of the episode list (index % N == i), so a SLURM array or a
+  Ray job spreads a suite over machines and `edge-vla report` merges the shard files;
+- `workers`: parallel processes on this machine (spawned: MuJoCo/EGL and torch do not fork well);
+- action chunks: a (K, 7) answer executes its first `execute_k` actions before re-planning;
+- `reason_every=k` (full mode): reason on every k-th call and reuse the last reasoning in between;
+- `policy="expert"`: the scripted expert (privileged state), a ceiling check for the setup.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import queue as queue_mod
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.eval.results import load_results, summarize, write_results
+
+def preload_triton() -> None:
+    """Load triton before MuJoCo: triton's native library segfaults when it is loaded after MuJoCo's
+    (with EGL rendering) in the same process, and transformers/torch load triton lazily, e.g. when
+    a policy is built after an env. Loading it first is harmless; afterwards it is too late."""
+    if "triton" not in sys.modules and "mujoco" not in sys.modules and importlib.util.find_spec("triton"):
+        try:
+            import triton  # noqa: F401
+        except Exception:  # a broken triton is the GPU backends' problem, not the rollouts'
+            pass
+
+
+preload_triton()
+
+EXPERT = "expert"
+ACTION_DIM = 7
+REASONING_SAMPLES = 3  # reasoning texts kept per episode in the results file
+
+
+@dataclass
+class RolloutConfig:
+    policy: str  # checkpoint dir, bundle dir, or "expert"
+    suite: str = "libero_90"
+    tasks: list[str] | None = None  # names, instructions or indices; None = every task of the suite
+    trials: int = 50  # benchmark init states first_trial .. first_trial + trials - 1
+    first_trial: int = 0
+    out: str = "runs"  # results directory
+    name: str | None = None  # variant name (default: policy dir name + mode)
+    backend: str = "auto"
+    mode: str | None = None
+    workers: int = 1
+    shard: tuple[int, int] = (0, 1)
+    execute_k: int | None = None  # actions executed per chunk before re-planning (None: the whole chunk)
+    reason_every: int = 1
+    max_steps: int | None = None  # None: the suite's limit
+    seed: int = 7
+    settle_steps: int = 10
+    video_dir: str | None = None
+    image_size: int | None = None  # env render size; None: the policy's input size (64 for the expert)
+    extra: dict = field(default_factory=dict)
+
+
+# --- the episode list and sharding ------------------------------------------------------------------
+def episode_list(suite: str, tasks: list[str] | None, trials: int, first_trial: int = 0) -> list[tuple[str, int]]:
+    """Every (task name, init state) of the run, in a fixed order (suite's task order, then trial)."""
+    from edge_vla.sim.env import init_states, list_tasks, resolve_task
+
+    names = list_tasks(suite)
+    chosen = [names[resolve_task(suite, t)] for t in tasks] if tasks else names
+    chosen = list(dict.fromkeys(chosen))
+    out = []
+    for name in chosen:
+        n = len(init_states(suite, name))
+        if first_trial + trials > n:
+            raise EdgeVLAError(f"{suite}/{name} has {n} benchmark init states, asked for trials "
+                               f"{first_trial}..{first_trial + trials - 1}", f"use --trials {n - first_trial} or fewer")
+        out += [(name, first_trial + i) for i in range(trials)]
+    return out
+
+
+def shard_of(items: list, shard: tuple[int, int]) -> list:
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise EdgeVLAError(f"shard {i}/{n} is invalid", "use --shard i/N with 0 <= i < N, e.g. 0/4")
+    return [x for k, x in enumerate(items) if k % n == i]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise EdgeVLAError(f"--shard {text!r} is not i/N", "use e.g. --shard 0/4 (this is shard 0 of 4)")
+    shard = (int(m.group(1)), int(m.group(2)))
+    shard_of([], shard)
+    return shard
+
+
+def episode_id(suite: str, task: str, trial: int) -> str:
+    return f"{suite}/{task}/{trial}"
+
+
+# --- policies ---------------------------------------------------------------------------------------
+class ReuseReasoning:
+    """Full-mode policy that reasons every k-th call and reuses that reasoning in between: the
+    cached reasoning tokens are forced after the prompt (as `direct` forces " ACTION:") and only the
+    action tokens are decoded, with the current image."""
+
+    def __init__(self, policy, every: int):
+        if policy.mode != "full":
+            raise EdgeVLAError(f"--reason-every needs a policy in `full` mode, this one decodes `{policy.mode}`",
+                               "pass --mode full, or drop --reason-every")
+        self.policy, self.every = policy, int(every)
+        self.mode = "full"
+        self._ids: list[int] | None = None
+        self._text: str | None = None
+        self._calls = 0
+
+    def reset(self):
+        self.policy.reset()
+        self._ids, self._text, self._calls = None, None, 0
+
+    def act(self, obs):
+        p = self.policy
+        if self._ids is None or self._calls % self.every == 0:
+            res = p.act(obs)
+            ids = list(res.info.get("free_token_ids", []))
+            prefix = list(p.inference_prefix_ids)
+            self._ids = ids if prefix and ids[-len(prefix):] == prefix else ids + prefix
+            self._text = res.reasoning_text
+        else:
+            saved = p.mode, p.inference_prefix_ids
+            p.mode, p.inference_prefix_ids = "direct", self._ids
+            try:
+                res = p.act(obs)
+            finally:
+                p.mode, p.inference_prefix_ids = saved
+            res.reasoning_text = self._text
+            res.info["reused_reasoning"] = True
+        self._calls += 1
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+
+class ExpertPolicy:
+    """The scripted expert behind the Policy interface (it reads privileged state from the env)."""
+
+    mode = EXPERT
+
+    def __init__(self):
+        self.env = None
+        self.expert = None
+
+    def bind(self, env):
+        from edge_vla.sim.expert import ScriptedExpert
+
+        self.env = env
+        self.expert = ScriptedExpert(env, strict=False)
+
+    def reset(self):
+        if self.expert is not None:
+            self.expert.reset()
+
+    def act(self, obs):
+        from edge_vla.runtime.policy import ActionResult
+
+        return ActionResult(action=np.asarray(self.expert.act(obs), np.float32), tokens={},
+                            info={"phase": self.expert.phase})
+
+
+def load_rollout_policy(cfg: RolloutConfig):
+    if cfg.policy == EXPERT:
+        return ExpertPolicy()
+    from edge_vla.runtime.policy import load_policy
+
+    policy = load_policy(cfg.policy, backend=cfg.backend, mode=cfg.mode)
+    pc = policy.processor.config
+    if int(pc.action_dim) != ACTION_DIM:
+        raise EdgeVLAError(f"policy {cfg.policy} acts in {pc.action_dim}-D, LIBERO takes {ACTION_DIM}-D actions",
+                           "evaluate a policy trained on LIBERO data (7-D: xyz, rpy deltas, gripper)")
+    from edge_vla.sim.env import CAMERAS
+
+    unknown = [c for c in pc.cameras if c not in CAMERAS]
+    if unknown:
+        raise EdgeVLAError(f"policy {cfg.policy} reads camera(s) {unknown}, LIBERO renders {list(CAMERAS)}",
+                           "evaluate a policy trained on LIBERO's agentview/wrist cameras")
+    if cfg.reason_every > 1:
+        return ReuseReasoning(policy, cfg.reason_every)
+    return policy
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def variant_info(cfg: RolloutConfig, policy) -> dict:
+    """What the report groups and labels by: recipe, mode, precision, backend, target, size."""
+    if cfg.policy == EXPERT:
+        return {"name": cfg.name or "scripted-expert", "recipe": "scripted-expert", "mode": EXPERT, "backend": "sim"}
+    inner = getattr(policy, "policy", policy)
+    backend = inner.backend
+    recipe = dict(getattr(inner, "recipe", {}) or {})
+    manifest = getattr(getattr(backend, "bundle", None), "manifest", None) or {}
+    info = {
+        "recipe": recipe.get("name") or recipe.get("recipe"),
+        "mode": inner.mode + (f"/reason-every-{cfg.reason_every}" if cfg.reason_every > 1 else ""),
+        "precision": manifest.get("precision") or getattr(backend, "precision", None) or "fp32",
+        "backend": getattr(backend, "name", cfg.backend),
+        "target": manifest.get("target") or "host",
+        "bundle_bytes": _dir_bytes(Path(cfg.policy)),
+    }
+    info["name"] = cfg.name or f"{Path(cfg.policy).name}-{info['mode'].replace('/', '-')}"
+    return info
+
+
+# --- one episode -----------------------------------------------------------------------------------
+def run_episode(env, policy, trial: int, execute_k: int | None = None, video_path: Path | None = None) -> dict:
+    """Roll one episode from benchmark init state `trial`; returns its results record."""
+    obs, _ = env.reset(options={"init_state": trial})
+    if isinstance(policy, ExpertPolicy):
+        policy.bind(env)
+    policy.reset()
+    pending: list[np.ndarray] = []
+    latency, generated, samples, frames = [], 0, [], []
+    reasoning, steps, success, executed = None, 0, False, 0
+    t_episode = time.perf_counter()
+    while True:
+        if not pending:
+            t0 = time.perf_counter()
+            res = policy.act(obs)
+            latency.append(round((time.perf_counter() - t0) * 1e3, 3))
+            a = np.asarray(res.action, dtype=np.float32)
+            if a.ndim == 1:
+                a = a[None]
+            if a.ndim != 2 or a.shape[1] != ACTION_DIM:
+                raise EdgeVLAError(f"policy returned actions of shape {np.shape(res.action)}, LIBERO takes "
+                                   f"({ACTION_DIM},) or (K, {ACTION_DIM})", "evaluate a policy trained on LIBERO data")
+            pending = list(a[: execute_k or len(a)])
+            tok = res.tokens or {}
+            generated += int(tok.get("reasoning", 0)) + int(tok.get("action", 0))
+            if res.reasoning_text:
+                reasoning = res.reasoning_text
+                if len(samples) < REASONING_SAMPLES and not res.info.get("reused_reasoning"):
+                    samples.append({"step": steps, "text": res.reasoning_text})
+        action = pending.pop(0)
+        if video_path is not None:
+            from edge_vla.eval.video import compose_frame
+
+            caption = f"step {steps}  action {np.array2string(action, precision=2, suppress_small=True)}"
+            frames.append(compose_frame(obs["images"], caption, reasoning))
+        obs, _, success, truncated, _ = env.step(action)
+        steps += 1
+        executed += 1
+        if success or truncated:
+            break
+    if video_path is not None:
+        from edge_vla.eval.video import write_mp4
+
+        write_mp4(video_path, frames)
+    return {"success": bool(success), "steps": steps, "actions_executed": executed, "latency_ms": latency,
+            "tokens_generated": generated, "reasoning_samples": samples,
+            "wall_s": round(time.perf_counter() - t_episode, 3), "video": str(video_path) if video_path else None}
+
+
+def _env_for(cfg: RolloutConfig, policy, task: str):
+    from edge_vla.sim.env import LiberoEnv
+
+    inner = getattr(policy, "policy", policy)
+    pconf = getattr(getattr(inner, "processor", None), "config", None)
+    size = cfg.image_size or (pconf.image_size if pconf is not None else 64)
+    cameras = tuple(pconf.cameras) if pconf is not None else ("agentview", "wrist")
+    return LiberoEnv(cfg.suite, task, image_size=size, cameras=cameras, max_steps=cfg.max_steps,
+                     settle_steps=cfg.settle_steps, seed=cfg.seed)
+
+
+def _video_path(cfg: RolloutConfig, variant: str, task: str, trial: int) -> Path | None:
+    if not cfg.video_dir:
+        return None
+    return Path(cfg.video_dir) / variant / f"{task}__{trial}.mp4"
+
+
+def run_episodes(cfg: RolloutConfig, episodes: list[tuple[str, int]], emit, policy=None, variant: str = "") -> None:
+    """Run episodes (grouped by task: one env per task) and call emit(record) after each."""
+    policy = policy or load_rollout_policy(cfg)
+    by_task: dict[str, list[int]] = {}
+    for task, trial in episodes:
+        by_task.setdefault(task, []).append(trial)
+    for task, trials in by_task.items():
+        env = _env_for(cfg, policy, task)
+        try:
+            for trial in trials:
+                rec = run_episode(env, policy, trial, cfg.execute_k, _video_path(cfg, variant, task, trial))
+                emit({"id": episode_id(cfg.suite, task, trial), "suite": cfg.suite, "task": task, "trial": trial,
+                      "init_state": trial, "instruction": env.instruction, **rec})
+        finally:
+            env.close()
+
+
+def _worker(cfg: RolloutConfig, episodes, variant: str, out_q) -> None:  # runs in a spawned process
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    try:
+        run_episodes(cfg, episodes, lambda rec: out_q.put(("record", rec)), variant=variant)
+        out_q.put(("done", None))
+    except EdgeVLAError as e:
+        out_q.put(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
+        out_q.put(("error", f"worker failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+
+
+# --- a whole run -----------------------------------------------------------------------------------
+def results_path(cfg: RolloutConfig, variant: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", variant)
+    i, n = cfg.shard
+    return Path(cfg.out) / (f"{slug}.json" if n == 1 else f"{slug}.shard-{i}-of-{n}.json")
+
+
+def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
+    d = asdict(cfg)
+    d.pop("out")
+    d["shard"] = f"{cfg.shard[0]}/{cfg.shard[1]}"
+    d["variant"] = variant
+    d["protocol"] = {"seed": cfg.seed, "settle_steps": cfg.settle_steps, "max_steps": cfg.max_steps or "suite default",
+                     "init_states": "benchmark"}
+    return d
+
+
+def _check_resumable(prev: dict, config: dict, path: Path) -> None:
+    keys = ("policy", "suite", "mode", "backend", "execute_k", "reason_every", "seed", "settle_steps", "max_steps")
+    diff = [k for k in keys if prev["config"].get(k) != config.get(k)]
+    if diff:
+        raise EdgeVLAError(f"{path} holds a run with other settings ({', '.join(diff)} differ)",
+                           "pass another --out directory, or the same settings to resume")
+
+
+def run_libero(cfg: RolloutConfig, progress: bool = True) -> dict:
+    """Run (or resume) an evaluation; returns {"path", "summary", "ran", "skipped"}."""
+    if cfg.trials < 1:
+        raise EdgeVLAError(f"--trials {cfg.trials} must be at least 1")
+    if cfg.execute_k is not None and cfg.execute_k < 1:
+        raise EdgeVLAError(f"--execute-k {cfg.execute_k} must be at least 1")
+    if cfg.reason_every < 1:
+        raise EdgeVLAError(f"--reason-every {cfg.reason_every} must be at least 1")
+    all_eps = episode_list(cfg.suite, cfg.tasks, cfg.trials, cfg.first_trial)
+    mine = shard_of(all_eps, cfg.shard)
+    policy = load_rollout_policy(cfg)  # loaded here too: fail fast, and name the variant
+    variant = variant_info(cfg, policy)
+    config = _run_config(cfg, variant)
+    path = results_path(cfg, variant["name"])
+    records: list[dict] = []
+    if path.exists():
+        prev = load_results(path)
+        _check_resumable(prev, config, path)
+        records = list(prev["records"])
+    done = {r["id"] for r in records}
+    todo = [e for e in mine if episode_id(cfg.suite, *e) not in done]
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_results(path, "libero", config, records, created=created)
+
+    def save(rec):
+        records.append(rec)
+        write_results(path, "libero", config, records, created=created)
+
+    bar = _Progress(len(mine), len(mine) - len(todo), sum(bool(r["success"]) for r in records), variant["name"],
+                    enabled=progress)
+    with bar:
+        def emit(rec):
+            save(rec)
+            bar.advance(rec["success"])
+
+        workers = max(1, min(cfg.workers, len(todo)))
+        if workers == 1:
+            run_episodes(cfg, todo, emit, policy=policy, variant=variant["name"])
+        else:
+            del policy
+            _run_parallel(cfg, todo, workers, variant["name"], emit)
+    return {"path": str(path), "summary": summarize("libero", records), "ran": len(todo), "skipped": len(mine) - len(todo)}
+
+
+def _run_parallel(cfg, todo, workers, variant, emit) -> None:
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    # Round-robin over the task-ordered list: every worker gets a similar mix of tasks and trials.
+    procs = [ctx.Process(target=_worker, args=(cfg, todo[w::workers], variant, out_q), daemon=True)
+             for w in range(workers)]
+    for p in procs:
+        p.start()
+    finished, error = 0, None
+    try:
+        while finished < workers and error is None:
+            try:
+                kind, payload = out_q.get(timeout=5)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs) and out_q.empty():
+                    error = "a rollout worker exited without reporting (killed? out of memory?)"
+                continue
+            if kind == "record":
+                emit(payload)
+            elif kind == "done":
+                finished += 1
+            else:
+                error = payload
+    finally:
+        for p in procs:
+            if p.is_alive() and (error is not None or finished < workers):
+                p.terminate()
+            p.join(10)
+    if error:
+        raise EdgeVLAError(f"{error} (finished episodes are saved; re-run the same command to resume)")
+
+
+class _Progress:
+    """rich progress bar with the running success rate; silent when disabled."""
+
+    def __init__(self, total: int, done: int, successes: int, name: str, enabled: bool = True):
+        self.total, self.done, self.successes, self.name, self.enabled = total, done, successes, name, enabled
+        self._p = None
+
+    def _desc(self):
+        rate = f"{100 * self.successes / self.done:.0f}%" if self.done else "–"
+        return f"{self.name}: success {self.successes}/{self.done} ({rate})"
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self._p.__enter__()
+            self._task = self._p.add_task(self._desc(), total=self.total, completed=self.done)
+        return self
+
+    def advance(self, success: bool):
+        self.done += 1
+        self.successes += bool(success)
+        if self._p is not None:
+            self._p.update(self._task, advance=1, description=self._desc())
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
