@@ -38,8 +38,11 @@ class RemotePolicy:
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
-            self._ws = connect(self.uri, additional_headers=headers, compression=None, max_size=None,
-                               open_timeout=open_timeout_s)
+            kw = dict(additional_headers=headers, compression=None, max_size=None, open_timeout=open_timeout_s)
+            try:  # websockets >= 17.1 wants legacy=True for a connection held outside a `with` block
+                self._ws = connect(self.uri, legacy=True, **kw)
+            except TypeError:
+                self._ws = connect(self.uri, **kw)
             self.metadata = decode_message(self._ws.recv(timeout=open_timeout_s))
         except InvalidStatus as e:
             code = e.response.status_code
