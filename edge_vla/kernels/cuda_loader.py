@@ -166,8 +166,8 @@ def decode_actions_cuda(hidden, weight, dim, values, low, high, bias=None, loade
     h = torch.as_tensor(hidden)
     if not h.is_cuda:
         raise EdgeVLAError("the CUDA action-decode kernel needs CUDA tensors", "move the inputs to the GPU")
-    check_shapes(h.shape, tuple(weight.shape), tuple(dim.shape), tuple(values.shape), tuple(low.shape),
-                 tuple(high.shape), None if bias is None else tuple(bias.shape))
+    check_shapes(h.shape, np.shape(weight), np.shape(dim), np.shape(values), np.shape(low), np.shape(high),
+                 None if bias is None else np.shape(bias))
     if loader == "auto":
         status = available_loaders()
         loader = next((k for k in LOADERS if status[k] is None), None)
@@ -181,11 +181,13 @@ def decode_actions_cuda(hidden, weight, dim, values, low, high, bias=None, loade
     h2 = h.reshape(-1, H).float()
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    w = weight.to(dev, torch.float32).contiguous()
-    d = dim.to(dev, torch.int64).expand(lead).reshape(-1).contiguous()
-    vals = values.to(dev, torch.float32).contiguous()
-    lo, hi = low.to(dev, torch.float32).contiguous(), high.to(dev, torch.float32).contiguous()
-    b = bias.to(dev, torch.float32).contiguous() if bias is not None else None
+    # The tables may come as numpy arrays or tensors anywhere: one copy to the device (cache them
+    # on the device in a decode loop to avoid it).
+    t = lambda x, dt: torch.as_tensor(x, dtype=dt, device=dev).contiguous()  # noqa: E731
+    w = t(weight, torch.float32)
+    d = t(dim, torch.int64).expand(lead).reshape(-1).contiguous()
+    vals, lo, hi = t(values, torch.float32), t(low, torch.float32), t(high, torch.float32)
+    b = t(bias, torch.float32) if bias is not None else None
     n_rows, n_bins = h2.shape[0], w.shape[0]
     shared = (H + n_bins) * 4
     if shared > MAX_SHARED_BYTES:

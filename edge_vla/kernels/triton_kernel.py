@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
+
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 from edge_vla.kernels.reference import check_shapes
 
@@ -111,8 +113,8 @@ def decode_actions_triton(hidden, weight, dim, values, low, high, bias=None):
         raise EdgeVLAError("the compiled Triton kernel needs CUDA tensors",
                            "move the inputs to a GPU, or set TRITON_INTERPRET=1 before the first call (slow, for tests)")
     dev = h.device
-    check_shapes(h.shape, tuple(weight.shape), tuple(dim.shape), tuple(values.shape), tuple(low.shape),
-                 tuple(high.shape), None if bias is None else tuple(bias.shape))
+    check_shapes(h.shape, np.shape(weight), np.shape(dim), np.shape(values), np.shape(low), np.shape(high),
+                 None if bias is None else np.shape(bias))
     lead = h.shape[:-1]
     H = h.shape[-1]
     h2 = h.reshape(-1, H).float().contiguous()
