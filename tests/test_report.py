@@ -102,3 +102,22 @@ def test_report_renders_in_headless_chromium(tmp_path):
     keep = Path(__file__).parent.parent / "build" / "report_screenshot.png"
     keep.parent.mkdir(exist_ok=True)
     keep.write_bytes(data)
+
+
+def test_bench_of_the_same_artifact_joins_its_rollouts(tmp_path):
+    from edge_vla.eval.results import write_results
+
+    env = {"python": "3.11"}
+    ep = {"id": "libero_90/t/0", "suite": "libero_90", "task": "t", "success": True, "steps": 10,
+          "actions_executed": 10, "latency_ms": [5.0] * 10, "tokens_generated": 70}
+    write_results(tmp_path / "roll.json", "libero", {"policy": str(tmp_path / "bundle"), "variant": {
+        "name": "bundle-direct", "recipe": "vla", "mode": "direct", "precision": "int8", "backend": "onnxruntime"}},
+        [ep], environment=env)
+    write_results(tmp_path / "bench.json", "bench", {"artifact": str(tmp_path / "bundle"), "variant": {
+        "recipe": "vla", "mode": "direct", "precision": "int8", "backend": "onnxruntime", "target": "cpu"}},
+        [{"latency_ms": 4.0}], summary={"latency_p50_ms": 4.0, "peak_memory_mb": 99.0, "bundle_bytes": 12345,
+                                        "projected_hz": {"agx-orin": 50.0}}, environment=env)
+    (v,) = collect([tmp_path / "roll.json", tmp_path / "bench.json"])
+    assert v.name == "bundle-direct" and len(v.sources) == 2
+    assert v.row["projected_hz"] == {"agx-orin": 50.0} and v.row["peak_memory_mb"] == 99.0
+    assert v.row["latency_p50_ms"] == 5.0  # the rollout's own latency wins over the bench's

@@ -217,7 +217,7 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
         "mode": inner.mode + (f"/reason-every-{cfg.reason_every}" if cfg.reason_every > 1 else ""),
         "precision": manifest.get("precision") or getattr(backend, "precision", None) or "fp32",
         "backend": getattr(backend, "name", cfg.backend),
-        "target": manifest.get("target") or "host",
+        "target": manifest.get("target") or "cpu",  # where it ran; a bundle names its target
         "bundle_bytes": _dir_bytes(Path(cfg.policy)),
     }
     info["name"] = cfg.name or f"{Path(cfg.policy).name}-{info['mode'].replace('/', '-')}"

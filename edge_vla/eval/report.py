@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +47,33 @@ def variant_name(config: dict, path: Path) -> str:
     return "/".join(parts) if parts else (str(config.get("policy")) if config.get("policy") else path.stem)
 
 
+def _artifact_key(config: dict) -> tuple | None:
+    """(resolved checkpoint/bundle path, base decode mode): what a rollout and a bench share."""
+    path = config.get("artifact") or config.get("policy")
+    if not path or path == "expert" or str(path).startswith("ws"):
+        return None
+    mode = str((config.get("variant") or {}).get("mode") or config.get("mode") or "").split("/")[0]
+    return (str(Path(path).resolve()), mode)
+
+
 def collect(paths: list[str | Path]) -> list[Variant]:
     if not paths:
         raise EdgeVLAError("no results files given", "pass one or more JSON files written by `edge-vla eval`/`bench`")
     files: list[Path] = []
     for p in map(Path, paths):
         files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    docs = [(path, load_results(path)) for path in files]
+    # Rollouts first, so a bench of the same artefact (same path and mode) joins that variant.
+    docs.sort(key=lambda pd: pd[1]["kind"] == "bench")
     variants: dict[str, Variant] = {}
-    for path in files:
-        doc = load_results(path)
+    by_artifact: dict[tuple, str] = {}
+    for path, doc in docs:
         name = variant_name(doc["config"], path)
+        key = _artifact_key(doc["config"])
+        if doc["kind"] == "bench" and "name" not in (doc["config"].get("variant") or {}) and key in by_artifact:
+            name = by_artifact[key]
+        elif key is not None:
+            by_artifact.setdefault(key, name)
         var = variants.setdefault(name, Variant(name))
         var.sources.append(str(path))
         for k, v in (doc["config"].get("variant") or {}).items():
@@ -266,8 +284,11 @@ def render_html(variants, base, png: bytes | None) -> str:
     """One file, no external resources: CSS inline, the plot as a base64 data URI."""
     header, rows, _ = table_rows(variants)
     th, tr = _task_rows(variants)
-    md_bold = lambda s: html.escape(s).replace("**", "")  # noqa: E731
-    body = ["<h1>edge-vla evaluation report</h1>", *[f"<p>{md_bold(n)}</p>" for n in _notes(variants, base)],
+    def md_inline(s):  # the notes' Markdown (**bold**, `code`) as HTML
+        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s))
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+    body = ["<h1>edge-vla evaluation report</h1>", *[f"<p>{md_inline(n)}</p>" for n in _notes(variants, base)],
             "<h2>Variants</h2>", _html_table(header, rows, {i for i, v in enumerate(variants) if v.is_baseline})]
     if png:
         body += ["<h2>Success vs latency</h2>",
