@@ -244,3 +244,40 @@ def test_export_lint_hook_refuses_for_tensorrt_targets_only(tmp_path, tiny_vla):
     graphs.pop("decoder")
     out = lint_for_target(tmp_path, graphs, tiny_vla.config, "orin-nx-16", lambda *_: None)
     assert out["embed"]["ok"]
+
+
+@pytest.mark.slow
+def test_export_for_a_jetson_writes_fp16_and_refuses_dynamic_int8(tmp_path, tiny_vla):
+    from edge_vla.export import export_checkpoint
+    from edge_vla.export.bundle import load_bundle
+
+    ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
+    quiet = lambda *_: None  # noqa: E731
+    out = export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16", target="orin-nano-8", report=quiet)
+    m = load_bundle(out).manifest
+    assert m["memory_fit"]["fits"] and all(r["ok"] for r in m["tensorrt_lint"].values())
+    with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*DynamicQuantizeLinear|MatMulInteger"):
+        export_checkpoint(ckpt, tmp_path / "int8", precision="int8", target="orin-nano-8", report=quiet)
+    assert not (tmp_path / "int8").exists()  # nothing written on refusal
+
+
+@pytest.mark.gpu
+def test_lint_verdicts_agree_with_tensorrts_own_parser(tmp_path):
+    """On a machine with TensorRT: a graph the lint passes parses; the unsupported-op graphs do not."""
+    trt = pytest.importorskip("tensorrt")
+    logger = trt.Logger(trt.Logger.ERROR)
+
+    def parses(model) -> bool:
+        path = tmp_path / "g.onnx"
+        onnx.save(model, path)
+        builder = trt.Builder(logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if hasattr(
+            trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") else 0
+        parser = trt.OnnxParser(builder.create_network(flags), logger)
+        return bool(parser.parse_from_file(str(path)))
+
+    assert parses(_mlp()) and parses(_qdq_linear()) and parses(_int4_weight_graph())
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [6])
+    u = helper.make_tensor_value_info("u", TP.FLOAT, [None])
+    assert not parses(_model([helper.make_node("Unique", ["x"], ["u"])], [x], [u], opset=18))
+    assert not parses(_qdq_linear(zero_point=128, qtype=TP.UINT8))

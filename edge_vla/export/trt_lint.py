@@ -442,9 +442,13 @@ def default_dim_ranges(model, max_free_tokens: int = 512, max_prompt_tokens: int
     prefill_max = shape.prefix_tokens + max_prompt_tokens + ACTION_PREFIX_TOKENS
     total_opt = sequence_length(shape, "full")["total"]
     total_max = prefill_max + max_free_tokens + ACTION_PREFIX_TOKENS + shape.n_action_tokens
+    # The standalone action-head graph (edge_vla.kernels.onnx_graph) takes 1..n_action_tokens hidden rows.
+    n_act = shape.n_action_tokens
+    rows = (1, 1, max(n_act, 1))
     return [
-        {"batch": (1, 1, 1), "seq": (1, prefill_opt, prefill_max), "past": (0, 0, 0)},
-        {"batch": (1, 1, 1), "seq": (1, 1, MAX_STEP_TOKENS), "past": (1, total_opt, total_max)},
+        {"batch": (1, 1, 1), "seq": (1, prefill_opt, prefill_max), "past": (0, 0, 0), "rows": rows, "tokens": rows},
+        {"batch": (1, 1, 1), "seq": (1, 1, MAX_STEP_TOKENS), "past": (1, total_opt, total_max), "rows": rows,
+         "tokens": rows},
     ]
 
 
