@@ -418,3 +418,25 @@ def test_numpy_and_onnx_paths_never_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_split_lm_head_shares_one_body_between_modes():
+    import onnxruntime as ort
+
+    from edge_vla.kernels.onnx_graph import split_lm_head
+
+    rng = np.random.default_rng(4)
+    decoder, w1, head_w = _toy_decoder(rng)
+    body, head = split_lm_head(decoder, head_w)
+    assert [o.name for o in body.graph.output] == ["hidden"]
+    assert "head_t" not in {i.name for i in body.graph.initializer}
+    assert "full_head" not in {n.name for n in body.graph.node}
+    x = rng.normal(size=(5, 12)).astype(np.float32)
+    (hidden,) = ort.InferenceSession(body.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (logits,) = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"hidden": hidden})
+    np.testing.assert_allclose(logits, np.tanh(x @ w1) @ head_w.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(EdgeVLAError, match="no output 'lgts'"):
+        split_lm_head(decoder, head_w, logits_output_name="lgts")
+    with pytest.raises(EdgeVLAError, match="LM-head weight has shape"):
+        split_lm_head(decoder, head_w[:, :5])

@@ -85,3 +85,27 @@ def test_action_head_in_the_exported_decoder_matches_the_full_head(tiny_vla, exp
     assert bins_d == bins_b
     np.testing.assert_allclose(acts, vla.action_tokenizer.decode(np.array(bins_d) + lo).reshape(-1),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_split_lm_head_on_the_exported_decoder(tiny_vla, exported):
+    """body + head reproduce the exported decoder's hidden state and logits; the body holds no
+    vocabulary-sized weight, so direct mode (body + fused action head) never reads the LM head."""
+    import onnx
+
+    from edge_vla.kernels.onnx_graph import split_lm_head
+
+    path, info = exported
+    decoder = onnx.load(str(path))
+    head_w = tiny_vla.lm.get_output_embeddings().weight.detach().numpy()
+    body, head = split_lm_head(decoder, head_w)
+    vocab_sized = head_w.size
+    assert max(int(np.prod(i.dims)) for i in body.graph.initializer) < vocab_sized
+    rng = np.random.default_rng(0)
+    feed = {"inputs_embeds": rng.normal(size=(2, 5, info["hidden_size"])).astype(np.float32)}
+    for n in info["inputs"][1:]:
+        feed[n] = rng.normal(size=(2, info["n_kv_heads"], 3, info["head_dim"])).astype(np.float32)
+    want = dict(zip(info["outputs"], _session(decoder).run(None, feed)))
+    got = dict(zip([o.name for o in body.graph.output], _session(body).run(None, feed)))
+    np.testing.assert_allclose(got["hidden"], want["hidden"], rtol=1e-5, atol=1e-5)
+    (logits,) = _session(head).run(None, {"hidden": got["hidden"]})
+    np.testing.assert_allclose(logits, want["logits"], rtol=1e-4, atol=1e-4)

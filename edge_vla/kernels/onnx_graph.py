@@ -15,6 +15,7 @@ Stable API (the export/bundle code calls it):
                             actions_name="actions") -> onnx.ModelProto
     append_action_head(decoder, hidden_output_name, weight, values, low, high, bias=None, ...)
                             -> onnx.ModelProto
+    split_lm_head(decoder, head_weight, bias=None) -> (body, head) onnx.ModelProto pair
 """
 
 from __future__ import annotations
@@ -170,6 +171,57 @@ def _uses_external_data(model) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def split_lm_head(decoder, head_weight, bias=None, hidden_output_name: str = "hidden",
+                  logits_output_name: str = "logits"):
+    """Split a decoder graph into (body, head) so one copy of the weights serves both modes.
+
+    body: the decoder without `logits_output_name` and without the nodes only it needed (the LM
+          head inside it, whatever form the exporter gave it);
+    head: `hidden_output_name` (..., H) -> `logits_output_name` (..., V): MatMul with
+          `head_weight` (V, H) [+ bias], a standalone graph.
+    Direct mode runs body + the fused action head; full mode runs body + head for the reasoning
+    tokens. Why not one graph and fewer requested outputs: ONNX Runtime computes every node of a
+    graph whatever outputs a run asks for (measured: a 151936 x 896 head costs the same with only
+    `hidden` requested), so the head must leave the graph to be skipped.
+    """
+    onnx = _onnx()
+    from onnx import helper, numpy_helper
+
+    outputs = {o.name: o for o in decoder.graph.output}
+    for name in (hidden_output_name, logits_output_name):
+        if name not in outputs:
+            raise EdgeVLAError(f"the decoder graph has no output {name!r} (outputs: {sorted(outputs)[:8]})",
+                               "export the decoder with its last hidden state and logits as outputs")
+    w = np.asarray(head_weight, dtype=np.float32)
+    hid_dims = outputs[hidden_output_name].type.tensor_type.shape.dim
+    if w.ndim != 2 or (hid_dims and hid_dims[-1].HasField("dim_value") and hid_dims[-1].dim_value != w.shape[1]):
+        raise EdgeVLAError(f"LM-head weight has shape {w.shape}, expected (vocab, hidden size of the decoder)",
+                           "pass the full output-embedding weight of the model")
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "lm_head/weight_t")]
+    nodes = [helper.make_node("MatMul", [hidden_output_name, "lm_head/weight_t"],
+                              ["lm_head/logits" if bias is not None else logits_output_name], name="lm_head/matmul")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "lm_head/bias"))
+        nodes.append(helper.make_node("Add", ["lm_head/logits", "lm_head/bias"], [logits_output_name],
+                                      name="lm_head/add_bias"))
+    head_graph = helper.make_graph(nodes, "lm_head", [outputs[hidden_output_name]], [outputs[logits_output_name]],
+                                   initializer=inits)
+    opset = next((o.version for o in decoder.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+    head = helper.make_model(head_graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
+    head.ir_version = decoder.ir_version
+
+    body = onnx.ModelProto()
+    body.CopyFrom(decoder)
+    kept = [o for o in body.graph.output if o.name != logits_output_name]
+    del body.graph.output[:]
+    body.graph.output.extend(kept)
+    _prune_dead_nodes(body.graph)
+    onnx.checker.check_model(head)
+    if body.ByteSize() < 1_900_000_000 and not _uses_external_data(body):
+        onnx.checker.check_model(body)
+    return body, head
+
+
 def _prune_dead_nodes(graph) -> None:
     """Remove nodes (and initializers) no graph output depends on. Subgraphs keep their nodes."""
     needed = {o.name for o in graph.output}
@@ -235,4 +287,4 @@ def decode_actions_onnx(hidden, weight, dim, values, low, high, bias=None) -> tu
         return bins.reshape(lead), actions.reshape(lead)
     return OnnxActionHead(weight, values, low, high, bias, batched=h.ndim == 3)(h, dim)
 
-__all__ = ["build_action_head_graph", "append_action_head", "OnnxActionHead", "decode_actions_onnx", "DEFAULT_OPSET"]
+__all__ = ["build_action_head_graph", "append_action_head", "split_lm_head", "OnnxActionHead", "decode_actions_onnx", "DEFAULT_OPSET"]
