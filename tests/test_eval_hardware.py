@@ -91,3 +91,40 @@ def test_robot_spec_errors():
         hw.make_robot("no_such_module_xyz:Robot")
     with pytest.raises(EdgeVLAError, match="success auto"):
         hw.judge(object(), "auto")
+
+
+def test_action_space_mismatch_holds_the_robot():
+    """A policy answering 6-D actions never reaches the robot: it is held and the episode aborted."""
+    from edge_vla.runtime.policy import ActionResult
+
+    class SixDof:
+        def reset(self):
+            pass
+
+        def act(self, obs):
+            return ActionResult(action=np.zeros(6, np.float32))
+
+    class Recorder:  # the robot interface, as a user's robot class implements it
+        instruction = "stack the blocks"
+
+        def __init__(self):
+            self.actions, self.holds = [], 0
+
+        def reset(self):
+            return {"images": {"agentview": np.zeros((8, 8, 3), np.uint8)}, "state": np.zeros(8, np.float32),
+                    "instruction": self.instruction}
+
+        def step(self, action):
+            self.actions.append(action)
+            return self.reset()
+
+        def hold(self):
+            self.holds += 1
+
+        def close(self):
+            pass
+
+    robot = Recorder()
+    ep = hw.run_episode(robot, SixDof(), max_steps=5)
+    assert robot.actions == [] and robot.holds == 1
+    assert "shape (6,)" in ep["error"] and ep["_recording"] is None

@@ -154,7 +154,7 @@ def summarize(kind: str, records: list[dict]) -> dict:
     done = [r for r in records if r.get("success") is not None]
     k = sum(bool(r["success"]) for r in done)
     lo, hi = wilson_interval(k, len(done))
-    lat = [x for r in done for x in (r.get("latency_ms") or [])]
+    lat = [float(x) for r in done for x in (r.get("latency_ms") or []) if x is not None and math.isfinite(float(x))]
     actions = sum(int(r.get("actions_executed") or 0) for r in done)
     calls = sum(len(r.get("latency_ms") or []) for r in done)
     tokens = sum(float(r.get("tokens_generated") or 0) for r in done)
