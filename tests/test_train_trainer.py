@@ -31,10 +31,10 @@ def losses(out):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_loss_falls_for_every_recipe(tmp_path, data, name):
     opts = {"n": 4} if name == "thinking-tokens" else {}
-    cfg = TrainConfig(recipe=name, recipe_options=opts, steps=12, **FAST)
+    cfg = TrainConfig(recipe=name, recipe_options=opts, steps=10, **FAST)
     final = train(cfg, data, tmp_path, show_progress=False)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses(tmp_path)) == 12
+    assert len(losses(tmp_path)) == 10
     # Per stage: ecot-lite-pretrain's second stage starts on a new target (actions only).
     for stage in dict.fromkeys(r["stage"] for r in records):
         ls = [r["train/loss"] for r in records if r.get("stage") == stage]
@@ -50,11 +50,11 @@ def _weights(path):
 
 
 def test_resume_after_kill_reaches_the_same_weights(tmp_path, data):
-    cfg = TrainConfig(recipe="ecot-lite-dropout", steps=6, grad_accum=2, augment_shift=4, **FAST)
+    cfg = TrainConfig(recipe="ecot-lite-dropout", steps=4, grad_accum=2, augment_shift=4, **{**FAST, "batch_size": 4})
     straight = train(cfg, data, tmp_path / "a", show_progress=False)
-    stopped = train(cfg, data, tmp_path / "b", stop_at_step=3, show_progress=False)
+    stopped = train(cfg, data, tmp_path / "b", stop_at_step=2, show_progress=False)
     assert stopped.name == "state" and not (tmp_path / "b" / "final").exists()
-    assert json.loads((stopped / "trainer.json").read_text())["step"] == 3
+    assert json.loads((stopped / "trainer.json").read_text())["step"] == 2
     with pytest.raises(EdgeVLAError, match="--resume"):
         train(cfg, data, tmp_path / "b", show_progress=False)
     resumed = train(cfg, data, tmp_path / "b", resume=True, show_progress=False)
@@ -63,7 +63,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, data):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # The metrics of the resumed run continue the first one's without duplicates.
-    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
 
 

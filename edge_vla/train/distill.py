@@ -359,9 +359,9 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.update(task, completed=step, info=f"kl {float(kl):.4f} loss {float(loss):.4f}")
+            progress.update(task, completed=step, info=f"kl {float(kl.detach()):.4f} loss {float(loss.detach()):.4f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write({"step": step, "train/kl": float(kl), "train/loss": float(loss),
+                log.write({"step": step, "train/kl": float(kl.detach()), "train/loss": float(loss.detach()),
                            "lr": scheduler.get_last_lr()[0]})
         wall = time.perf_counter() - t0
         if cfg.mode == "reasoning":
