@@ -25,6 +25,7 @@ from edge_vla.tokens.reasoning import Reasoning
 LOOKAHEAD = 5  # gripper pixels in the tag: now and the next 4 steps (ECoT)
 MOVE_WINDOW = 3  # steps of future end-effector motion a MOVE primitive describes
 MOVE_EPS = 0.004  # metres over the window below which an axis counts as still
+FINGER_EPS = 0.002  # metres of finger travel over the window that count as opening/closing
 # Robot-frame direction names, as ECoT words them: LIBERO's robot faces +x, +y is its left.
 AXIS_WORDS = (("forward", "backward"), ("left", "right"), ("up", "down"))
 
@@ -61,6 +62,7 @@ class Snapshot:
     boxes: list[tuple[str, list[int]]]
     object_pos: dict  # name -> (3,)
     gripper_cmd: float  # the action's gripper command at this step (-1 open / +1 close)
+    opening: float  # finger opening (m)
     held: bool
     goal_done: bool
     phase: str | None
@@ -110,7 +112,7 @@ class ReasoningAnnotator:
             gripper_px=(int(round(x)), int(round(y))),
             boxes=boxes,
             object_pos={n: o["pos"].copy() for n, o in pv["objects"].items()},
-            gripper_cmd=cmd, held=held, goal_done=self.env.success(), phase=phase,
+            gripper_cmd=cmd, opening=float(pv["gripper_opening"]), held=held, goal_done=self.env.success(), phase=phase,
         )
 
     def _table_z(self, pv) -> float:
@@ -128,6 +130,11 @@ class ReasoningAnnotator:
             # A gripper command change is the primitive of the step that issues it.
             prev_cmd = snaps[t - 1].gripper_cmd if t else -1.0
             move = move_primitive(later.eef - sn.eef, prev_cmd, sn.gripper_cmd)
+            # While the fingers are still closing (or opening) in place, that is the primitive.
+            fingers = later.opening - sn.opening
+            if move.startswith(("stop", "move")) and abs(fingers) > FINGER_EPS and \
+                    np.abs(later.eef - sn.eef).max() < 2 * MOVE_EPS:
+                move = "close gripper" if fingers < 0 else "open gripper"
             moves.append(move)
             track = [snaps[min(t + k, n - 1)].gripper_px for k in range(self.lookahead)]
             stage = stages[t]
@@ -199,6 +206,9 @@ class ReasoningAnnotator:
             return f"the {object_phrase(self.object or 'object')} is above the {object_phrase(self.target or 'goal')}, so open the gripper to release it"
         if self.object is None or stage == 2:
             return f"{move} to finish the task" if move != "stop" else "the task is done, so stop"
+        if stage == 1 and move.startswith("move") and "up" in move.split():
+            return (f"the {object_phrase(self.object)} is grasped, so lift it clear before carrying it to the "
+                    f"{object_phrase(self.target)}")
         goal_name = self.object if stage == 0 else self.target
         if goal_name not in sn.object_pos:  # a region site: use the object that owns it (basket_1_contain_region)
             goal_name = next((n for n in sn.object_pos if goal_name.startswith(n)), goal_name)
@@ -207,8 +217,9 @@ class ReasoningAnnotator:
             return f"{move} toward the goal"
         d = goal - sn.eef
         parts = [f"{abs(d[i]) * 100:.0f} cm {AXIS_WORDS[i][0 if d[i] > 0 else 1]}" for i in range(3) if abs(d[i]) > 0.01]
-        where = ", ".join(parts) if parts else "right at the gripper"
-        return f"the {object_phrase(goal_name)} is {where} of the gripper, so {move}"
+        if not parts:
+            return f"the {object_phrase(goal_name)} is right at the gripper, so {move}"
+        return f"the {object_phrase(goal_name)} is {', '.join(parts)} of the gripper, so {move}"
 
 
 __all__ = ["ReasoningAnnotator", "Snapshot", "move_primitive", "object_phrase", "LOOKAHEAD", "AXIS_WORDS"]

@@ -337,7 +337,7 @@ class LiberoEnv:
         """Simulator truth for the expert and the annotator (never for a policy).
 
         objects: name -> {"pos" (3,), "quat" (4, xyzw), "body_id", "points" (N, 3) geom box corners,
-        "lo"/"hi" (3,) world axis-aligned bounds}; fixtures: pose only;
+        "lo"/"hi" (3,) world axis-aligned bounds}; fixtures likewise;
         sites: region/site name -> pos; goal: BDDL goal predicates; eef_pos, eef_quat;
         gripper_opening (m, ~0.078 open, ~0.001 closed); cameras: name -> CameraModel (skipped with
         cameras=False, which the expert uses: it is called every step).
@@ -351,7 +351,8 @@ class LiberoEnv:
                     "body_id": int(body_id)}
 
         objects = {n: {**body(n, env.obj_body_id[n]), **self._bounds(env.obj_body_id[n])} for n in env.objects_dict}
-        fixtures = {n: body(n, env.obj_body_id[n]) for n in getattr(env, "fixtures_dict", {}) if n in env.obj_body_id}
+        fixtures = {n: {**body(n, env.obj_body_id[n]), **self._bounds(env.obj_body_id[n])}
+                    for n in getattr(env, "fixtures_dict", {}) if n in env.obj_body_id}
         sites = {}
         for name in getattr(env, "object_sites_dict", {}):
             sid = sim.model.site_name2id(name) if name in sim.model.site_names else None

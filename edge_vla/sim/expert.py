@@ -85,22 +85,43 @@ class ScriptedExpert:
         self._last_opening = None
         self._grasp_offset = None  # eef minus object position at grasp time (kept while carrying)
         self._yaw_target = None
+        self._rim = None
         self._carry_z = self._eef_above_bottom = None
         self.relation, self.object, self.target = parse_goal(self.env.privileged(cameras=False)["goal"])
 
     # --- geometry ----------------------------------------------------------------------------
     def _target_point(self, pv: dict) -> tuple[np.ndarray, float]:
-        """(x, y, z) to release above, and the target's top height."""
-        if self.target in pv["objects"]:
-            t = pv["objects"][self.target]
+        """(x, y, z) to put the object's bottom at, and the height to clear while carrying."""
+        bodies = {**pv["fixtures"], **pv["objects"]}
+        if self.target in bodies:
+            t = bodies[self.target]
             centre = (t["lo"] + t["hi"]) / 2
             return np.array([centre[0], centre[1], t["hi"][2]]), float(t["hi"][2])
         if self.target in pv["sites"]:
-            site = pv["sites"][self.target]
-            owner = next((n for n in pv["objects"] if self.target.startswith(n)), None)
-            top = float(pv["objects"][owner]["hi"][2]) if owner else float(site[2])
-            return np.array([site[0], site[1], site[2]]), top
-        raise EdgeVLAError(f"goal target `{self.target}` is neither an object nor a region site of this scene")
+            site = np.asarray(pv["sites"][self.target], dtype=np.float64)
+            owner = max((n for n in bodies if self.target.startswith(n + "_")), key=len, default=None)
+            clear = max(float(bodies[owner]["hi"][2]), float(site[2])) if owner else float(site[2])
+            return site.copy(), clear
+        raise EdgeVLAError(f"goal target `{self.target}` is neither an object, a fixture nor a region of this scene")
+
+    MAX_GRASP_WIDTH = 0.07  # the Panda opens to ~8 cm; wider objects are pinched at the rim
+
+    def _plan_grasp(self, o: dict) -> None:
+        """Choose the finger direction once the scene is at rest: across the narrow side, or radial at a rim."""
+        ext = o["hi"][:2] - o["lo"][:2]
+        self._rim = None
+        self._yaw_target = self._closing_yaw(o)
+        if self._narrow_width(o) > self.MAX_GRASP_WIDTH:
+            d = np.array([-1.0, 0.0])  # toward the robot's base (LIBERO's robot stands at -x)
+            self._rim = (d, float(min(ext)) / 2)
+            self._yaw_target = float(np.arctan2(d[1], d[0]))
+
+
+    def _narrow_width(self, o: dict) -> float:
+        yaw = self._yaw(o["quat"])
+        c, s = np.cos(-yaw), np.sin(-yaw)
+        local = (o["points"][:, :2] - o["pos"][:2]) @ np.array([[c, -s], [s, c]]).T
+        return float((local.max(0) - local.min(0)).min())
 
     def _grasp_height(self, o: dict) -> float:
         lo, hi = o["lo"][2], o["hi"][2]
@@ -144,13 +165,17 @@ class ScriptedExpert:
             still = self._last_positions is not None and np.abs(pos - self._last_positions).max() < 2e-4
             self._last_positions = pos
             if (still and self._t > 2) or self._t > 40:
-                self._yaw_target = self._closing_yaw(o)
+                self._plan_grasp(o)
                 self._next("approach")
             else:
                 return np.array([0, 0, 0, 0, 0, 0, OPEN], dtype=np.float32)
 
-        grasp = np.array([o["pos"][0], o["pos"][1], self._grasp_height(o)])
+        grasp = np.array([0.0, 0.0, self._grasp_height(o)])
         grasp[:2] = ((o["lo"] + o["hi"]) / 2)[:2]
+        if self._rim is not None:  # too wide for the fingers: pinch the rim wall nearest the robot
+            direction, radius = self._rim
+            grasp[:2] += direction * max(radius - 0.012, 0.0)
+            grasp[2] = o["hi"][2] - 0.025
         yaw_err = self._wrap(self._yaw_target - eef_yaw) if self._yaw_target is not None else 0.0
         # Either finger orientation works: turn the short way.
         if abs(yaw_err) > np.pi / 2:
@@ -206,7 +231,7 @@ class ScriptedExpert:
                 return self._move(eef, goal, CLOSE)
 
         if self.phase == "lower":
-            drop_z = (target[2] + 0.02 if self.relation == "in" else target_top + 0.01) + obj_bottom_to_eef
+            drop_z = target[2] + (0.02 if self.relation == "in" else 0.01) + obj_bottom_to_eef
             goal = np.array([target[0] + xy_offset[0], target[1] + xy_offset[1], drop_z])
             if eef[2] < drop_z + 0.01 or self._t > 40:
                 self._next("release")
