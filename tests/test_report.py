@@ -121,3 +121,16 @@ def test_bench_of_the_same_artifact_joins_its_rollouts(tmp_path):
     assert v.name == "bundle-direct" and len(v.sources) == 2
     assert v.row["projected_hz"] == {"agx-orin": 50.0} and v.row["peak_memory_mb"] == 99.0
     assert v.row["latency_p50_ms"] == 5.0  # the rollout's own latency wins over the bench's
+
+
+def test_scripted_expert_is_a_reference_not_a_variant(tmp_path):
+    from edge_vla.eval.results import write_results
+
+    ep = {"id": "libero_90/t/0", "suite": "libero_90", "task": "t", "success": True, "steps": 80,
+          "actions_executed": 80, "latency_ms": [0.4] * 80, "tokens_generated": 0}
+    write_results(tmp_path / "expert.json", "libero", {"policy": "expert", "variant": {
+        "name": "scripted-expert", "mode": "expert", "backend": "sim"}}, [ep], environment={"python": "3.11"})
+    variants = {v.name: v for v in collect([FIXTURES / "ecot_full.json", tmp_path / "expert.json"])}
+    add_ratios(list(variants.values()))
+    assert variants["scripted-expert"].row["speedup_vs_baseline"] is None
+    assert variants["scripted-expert"].row["success_rate"] == 1.0

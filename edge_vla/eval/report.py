@@ -35,6 +35,11 @@ class Variant:
     row: dict = field(default_factory=dict)
 
     @property
+    def is_reference(self) -> bool:
+        """The scripted expert: a ceiling check of the setup, not a deployable policy (no ratios, not plotted)."""
+        return str(self.info.get("mode", "")) == "expert"
+
+    @property
     def is_baseline(self) -> bool:
         return all(str(self.info.get(k, "")).lower() == v for k, v in BASELINE.items())
 
@@ -117,7 +122,7 @@ def add_ratios(variants: list[Variant]) -> Variant | None:
     for v in variants:
         r = v.row
         r["success_vs_baseline"] = r["speedup_vs_baseline"] = None
-        if base is None:
+        if base is None or v.is_reference:
             continue
         b = base.row
         if r["success_rate"] is not None and b["success_rate"]:
@@ -192,7 +197,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def pareto_png(variants: list[Variant]) -> bytes | None:
     pts = [(v.row["latency_p50_ms"], v.row["success_rate"], v) for v in variants
-           if v.row["latency_p50_ms"] and v.row["success_rate"] is not None]
+           if v.row["latency_p50_ms"] and v.row["success_rate"] is not None and not v.is_reference]
     if not pts:
         return None
     import matplotlib
