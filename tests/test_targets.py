@@ -50,11 +50,20 @@ def test_precision_check_refuses_fp8_on_orin():
 def test_export_defaults_per_target():
     nano, cpu = target_defaults("orin-nano-8"), target_defaults("cpu")
     assert nano["precision"] == "int4" and nano["runtime"] == "tensorrt" and nano["lint_tensorrt"]
-    assert nano["quant_format"] == "qdq-symmetric" and nano["export_precision"] == "fp16"
+    assert nano["quant_format"] == "qdq-symmetric" and nano["export_precision"] == "int4"
     assert cpu["runtime"] == "onnxruntime" and not cpu["lint_tensorrt"] and cpu["tensorrt"] is None
 
 
 def test_exporter_default_precision_per_target():
     assert export_precision_for("cpu") == "int8"  # ORT dynamic INT8: the fastest accurate CPU path
-    assert export_precision_for("orin-nx-16") == "fp16"  # the exporter's only TensorRT-ready path today
+    assert export_precision_for("orin-nx-16") == "fp16"  # the exporter's int8 paths are not TensorRT-ready
+    assert export_precision_for("orin-nano-8") == "int4"  # MatMulNBits, rewritten to TensorRT INT4 at build
     assert export_precision_for("cuda") == "int8"  # the exporter's own generic name, outside the registry
+
+
+def test_vision_precision_default_for_int4_exports():
+    from edge_vla.export.targets import default_vision_precision
+
+    assert default_vision_precision("cpu", "int4") == "int8"
+    assert default_vision_precision("orin-nano-8", "int4") == "fp16"  # ORT dynamic INT8 does not parse in TensorRT
+    assert default_vision_precision("orin-nano-8", "fp16") == "fp16"

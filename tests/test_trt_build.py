@@ -39,7 +39,8 @@ def _bundle(tmp_path, tiny_vla, contrib_decoder=False):
     _graph(staging / "embed.onnx", [f("input_ids", [1, 4])], [f("token_embeds", [1, 4])],
            [helper.make_node("Relu", ["input_ids"], ["token_embeds"])])
     w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
-    node = (helper.make_node("MatMulNBits", ["x", "w"], ["y"], domain="com.microsoft", K=8, N=8, bits=4, block_size=32)
+    # FusedMatMul: an ONNX Runtime contrib op that nothing rewrites for TensorRT.
+    node = (helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft", alpha=1.0)
             if contrib_decoder else helper.make_node("MatMul", ["x", "w"], ["y"]))
     _graph(staging / "decoder.onnx", [f("x", [1, 8])], [f("y", [1, 8])], [node], [w])
     tiny_vla.processor.tokenizer.save(staging / "tokenizer")
@@ -59,7 +60,7 @@ def test_tensorrt_absent_is_one_clear_line():
 
 def test_build_lints_before_it_needs_tensorrt(tmp_path, tiny_vla):
     bad = _bundle(tmp_path / "a", tiny_vla, contrib_decoder=True)
-    with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*MatMulNBits"):
+    with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*FusedMatMul"):
         build_engines(bad.path)
     good = _bundle(tmp_path / "b", tiny_vla)
     if not HAS_TENSORRT:
@@ -75,10 +76,11 @@ def test_engine_records_are_hashed_into_the_manifest_and_checked_at_load(tmp_pat
     records = {r: {"file": f"engines/{r}.plan", "graph": f"{r}.onnx", "precision": "fp16", "tensorrt_version": "10.3.0",
                    "gpu": gpu, "target": "orin-nano-8", "profiles": []} for r in ("prefix", "embed", "decoder")}
     # Stand-in plan bytes: this tests the bundle bookkeeping, not TensorRT.
-    record_engines(b.path, {r: f"plan-{r}".encode() for r in records}, records, timing_cache=b"cache")
+    record_engines(b.path, {r: f"plan-{r}".encode() for r in records}, records, timing_cache=b"cache",
+                   extra_files={"engines/decoder.trt.onnx": b"prepared graph"})
     again = load_bundle(b.path)  # verifies every sha256, engines and timing cache included
     assert set(again.manifest["engines"]) == {"prefix", "embed", "decoder"}
-    assert "engines/decoder.plan" in again.manifest["files"] and "engines/timing.cache" in again.manifest["files"]
+    assert {"engines/decoder.plan", "engines/timing.cache", "engines/decoder.trt.onnx"} <= set(again.manifest["files"])
     assert (b.path / "engines" / "embed.plan").read_bytes() == b"plan-embed"
     rec = again.manifest["engines"]["decoder"]
     check_engine_record(rec, "10.3.0", gpu)  # same machine: accepted
@@ -146,3 +148,45 @@ def test_engines_build_and_match_onnxruntime_on_a_gpu(tmp_path, tiny_vla):
     for s in make_samples(4):
         obs = {"images": s.images, "state": s.state, "instruction": s.instruction}
         assert np.allclose(ort.act(obs).action, trt.act(obs).action, atol=1e-2)
+
+
+def test_onnxruntime_int4_graph_is_rewritten_to_tensorrt_int4_with_identical_outputs(tmp_path):
+    """The exporter's INT4 (MatMulNBits + GatherBlockQuantized) -> DequantizeLinear(int4, block) + MatMul, float Gather."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from edge_vla.export.tensorrt_build import prepare_for_tensorrt
+    from edge_vla.export.trt_lint import lint_onnx
+
+    rng = np.random.default_rng(0)
+    v, h, n = 50, 64, 48
+    ids = helper.make_tensor_value_info("ids", TP.INT64, [1, 5])
+    y = helper.make_tensor_value_info("y", TP.FLOAT, [1, 5, n])
+    inits = [numpy_helper.from_array(rng.standard_normal((v, h)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((h, n)).astype(np.float32), "w")]
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], axis=0),
+                           helper.make_node("MatMul", ["e", "w"], ["y"])], "g", [ids], [y], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(m)  # the quantizer rewrites `m` in place
+    q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"),
+                             quant_axes=(("MatMul", 0), ("Gather", 1)))  # the exporter's INT4 settings
+    q.process()
+    ort_int4 = q.model.model
+    assert {nd.op_type for nd in ort_int4.graph.node} == {"MatMulNBits", "GatherBlockQuantized"}
+    assert not lint_onnx(ort_int4, "orin-nano-8").ok  # raw: contrib ops TensorRT cannot parse
+
+    trt_int4, notes = prepare_for_tensorrt(ort_int4)
+    assert {nd.op_type for nd in trt_int4.graph.node} == {"Gather", "DequantizeLinear", "MatMul"}
+    assert any(i.data_type == TP.INT4 for i in trt_int4.graph.initializer) and notes
+    assert lint_onnx(trt_int4, "orin-nano-8").ok
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no re-fusion: compare the math
+    feeds = {"ids": np.array([[0, 7, 49, 3, 7]], np.int64)}
+    a = ort.InferenceSession(ort_int4.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    b = ort.InferenceSession(trt_int4.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    same, none = prepare_for_tensorrt(float_model)
+    assert same is float_model and none == []  # nothing to rewrite: the graph is returned as is

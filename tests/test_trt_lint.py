@@ -247,7 +247,7 @@ def test_export_lint_hook_refuses_for_tensorrt_targets_only(tmp_path, tiny_vla):
 
 
 @pytest.mark.slow
-def test_export_for_a_jetson_writes_fp16_and_refuses_dynamic_int8(tmp_path, tiny_vla):
+def test_export_for_a_jetson_writes_fp16_and_int4_and_refuses_dynamic_int8(tmp_path, tiny_vla):
     from edge_vla.export import export_checkpoint
     from edge_vla.export.bundle import load_bundle
 
@@ -256,6 +256,8 @@ def test_export_for_a_jetson_writes_fp16_and_refuses_dynamic_int8(tmp_path, tiny
     out = export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16", target="orin-nano-8", report=quiet)
     m = load_bundle(out).manifest
     assert m["memory_fit"]["fits"] and all(r["ok"] for r in m["tensorrt_lint"].values())
+    int4 = export_checkpoint(ckpt, tmp_path / "int4", precision="int4", target="orin-nano-8", report=quiet)
+    assert all(r["ok"] for r in load_bundle(int4).manifest["tensorrt_lint"].values())  # lints the rewritten graphs
     with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*DynamicQuantizeLinear|MatMulInteger"):
         export_checkpoint(ckpt, tmp_path / "int8", precision="int8", target="orin-nano-8", report=quiet)
     assert not (tmp_path / "int8").exists()  # nothing written on refusal

@@ -15,7 +15,7 @@ import click
 def build_engine(bundle, target, max_free_tokens, workspace_gib, lint_only):
     """Build TensorRT engines for BUNDLE's graphs ON THE TARGET (Jetson or CUDA GPU).
 
-    The graphs are linted first; then each graph is parsed with TensorRT's ONNX parser and built
+    ONNX Runtime's INT4 ops are rewritten into TensorRT's INT4 form, then the graphs are linted; then each graph is parsed with TensorRT's ONNX parser and built
     with prefill and decode optimisation profiles, FP16/INT8 (QDQ)/INT4 (weight-only) as the
     graph's precision says, and a timing cache. Engines go to BUNDLE/engines/ and are recorded in
     the manifest with the TensorRT version and GPU; the runtime refuses them anywhere else.
@@ -24,13 +24,15 @@ def build_engine(bundle, target, max_free_tokens, workspace_gib, lint_only):
         from edge_vla.errors import EdgeVLAError
         from edge_vla.export.bundle import load_bundle
         from edge_vla.export.targets import get_target
-        from edge_vla.export.tensorrt_build import ROLES, engine_profiles
-        from edge_vla.export.trt_lint import lint_onnx
+        from edge_vla.export.tensorrt_build import lint_bundle
 
         b = load_bundle(bundle)
         t = get_target(target or b.manifest.get("target") or "cuda-gpu")
-        reports = [lint_onnx(b.graph_path(r), t, profiles=engine_profiles(b.graph_path(r), b.config, max_free_tokens))
-                   for r in ROLES]
+        reports = []
+        for role, (report, _, _, notes) in lint_bundle(b, t, max_free_tokens).items():
+            for note in notes:
+                click.echo(f"{role}: {note}")
+            reports.append(report)
         for r in reports:
             click.echo(r.summary())
         bad = [r for r in reports if not r.ok]

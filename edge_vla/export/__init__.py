@@ -89,7 +89,9 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
     from edge_vla.runtime.torch_backend import TorchBackend
 
     check_precision(precision)
-    vision_precision = check_precision(vision_precision or ("int8" if precision == "int4" else precision),
+    from edge_vla.export.targets import default_vision_precision
+
+    vision_precision = check_precision(vision_precision or default_vision_precision(target, precision),
                                        "vision precision")
     _check_target(target)
     vla = VLA.from_pretrained(ckpt_dir)

@@ -399,7 +399,9 @@ def check_export_fits(vla, precision: str, target: str, report=print) -> dict | 
         return None
     mode = (getattr(vla, "recipe_info", None) or {}).get("decode_mode") or "direct"
     mode = mode if mode in MODES else "full"
-    # The exporter's INT4 also quantizes the embedding Gather (MatMulNBits on Gather).
-    est = check_fit(vla.config, EXPORT_PRECISION[precision], mode, target, quantize_embedding=precision == "int4")
+    # The exporter's INT4 also quantizes the embedding Gather; TensorRT has no INT4 Gather, so on TensorRT
+    # targets build-engine dequantizes that table back to float.
+    int4_gather = precision == "int4" and not get_target(target).uses_tensorrt
+    est = check_fit(vla.config, EXPORT_PRECISION[precision], mode, target, quantize_embedding=int4_gather)
     report(f"memory fit: {est.summary()}")
     return est.to_dict()

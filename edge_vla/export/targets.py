@@ -194,9 +194,10 @@ def target_defaults(name: str) -> dict:
     return {
         "target": t.name,
         "precision": t.default_precision,
-        # In the exporter's vocabulary (edge_vla.export.quantize): its TensorRT-ready path today is fp16
-        # (its int8 is ORT-dynamic, its int8-static asymmetric and its int4 MatMulNBits: trt_lint refuses all three).
-        "export_precision": "fp16" if t.uses_tensorrt else "int8",
+        # In the exporter's vocabulary (edge_vla.export.quantize). For TensorRT: fp16, or int4 (its MatMulNBits
+        # graphs are rewritten to TensorRT's INT4 form by build-engine); its int8 is ORT-dynamic and its
+        # int8-static asymmetric, both refused by trt_lint.
+        "export_precision": ("int4" if t.default_precision == "int4" else "fp16") if t.uses_tensorrt else "int8",
         "float_dtype": t.float_dtype,
         "runtime": "tensorrt" if t.uses_tensorrt else "onnxruntime",
         "lint_tensorrt": t.uses_tensorrt,
@@ -209,3 +210,14 @@ def target_defaults(name: str) -> dict:
 def export_precision_for(target: str) -> str:
     """The exporter's default precision for `target` (names outside the registry get the CPU default)."""
     return target_defaults(target)["export_precision"] if target in TARGETS else "int8"
+
+
+def default_vision_precision(target: str, precision: str) -> str:
+    """The exporter's vision-graph precision when the user names none.
+
+    INT4 is an LLM-GEMM path, so an int4 export keeps the vision tower at int8, which on the CPU
+    is ONNX Runtime's dynamic INT8; TensorRT cannot parse that, so TensorRT targets get fp16.
+    """
+    if precision != "int4":
+        return precision
+    return "fp16" if target in TARGETS and get_target(target).uses_tensorrt else "int8"

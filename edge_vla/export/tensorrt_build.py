@@ -8,6 +8,8 @@ check at load) is plain Python and tested on CPU.
 
 Per graph (prefix, embed, decoder):
 - lint first (edge_vla.export.trt_lint): refuse before spending minutes in the builder;
+- ONNX Runtime's INT4 ops (MatMulNBits, GatherBlockQuantized) rewritten into TensorRT's INT4
+  form (`prepare_for_tensorrt`; the rewritten graph ships in engines/ for refits);
 - network from the ONNX parser (`parse_from_file`, so weights in side files are read in place);
 - optimisation profiles: prefill (prompt length, empty cache) and decode (1..8 new tokens on a
   cache up to the longest full-mode call), from `trt_lint.default_dim_ranges`;
@@ -105,8 +107,12 @@ def engine_profiles(onnx_path: Path, model_config, max_free_tokens: int = 512) -
     return out
 
 
-def record_engines(bundle_dir: str | Path, engines: dict, records: dict, timing_cache: bytes | None = None):
-    """Add engine files (`{role: bytes}`) and their records to a bundle, rewriting its manifest and hashes atomically."""
+def record_engines(bundle_dir: str | Path, engines: dict, records: dict, timing_cache: bytes | None = None,
+                   extra_files: dict | None = None):
+    """Add engine files (`{role: bytes}`) and their records to a bundle, rewriting its manifest and hashes atomically.
+
+    `extra_files` ({path relative to the bundle: bytes}) go in too, e.g. graphs rewritten for TensorRT.
+    """
     from edge_vla.export.bundle import MANIFEST, load_bundle, write_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -121,6 +127,9 @@ def record_engines(bundle_dir: str | Path, engines: dict, records: dict, timing_
             (edir / records[role]["file"].split("/", 1)[1]).write_bytes(data)
         if timing_cache is not None:
             (edir / TIMING_CACHE).write_bytes(timing_cache)
+        for rel, data in (extra_files or {}).items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
         manifest = {k: v for k, v in bundle.manifest.items() if k not in ("format", "schema_version", "files")}
         manifest["engines"] = {**(manifest.get("engines") or {}), **records}
         return write_bundle(src, staging, manifest)
@@ -177,13 +186,29 @@ def _build_one(trt, logger, onnx_path: Path, precision: str, profiles: list[dict
     return bytes(plan), bytes(cache.serialize())
 
 
+def lint_bundle(bundle, target: Target, max_free_tokens: int = 512) -> dict:
+    """{role: (LintReport, profiles, prepared ModelProto | None, notes)} for the graphs build-engine parses."""
+    import onnx
+
+    from edge_vla.export.trt_lint import lint_onnx
+
+    out = {}
+    for role in ROLES:
+        path = bundle.graph_path(role)
+        profiles = engine_profiles(path, bundle.config, max_free_tokens)
+        original = onnx.load(str(path))
+        model, notes = prepare_for_tensorrt(original)
+        model.graph.name = path.name
+        out[role] = (lint_onnx(model, target, profiles=profiles), profiles, None if model is original else model, notes)
+    return out
+
+
 def build_engines(bundle_dir: str | Path, target: str | Target | None = None, max_free_tokens: int = 512,
                   workspace_gib: float | None = None, report=print) -> dict:
     """Build one engine per bundle graph on this machine and record them in the bundle. Returns the records."""
     import dataclasses
 
     from edge_vla.export.bundle import load_bundle
-    from edge_vla.export.trt_lint import lint_onnx
 
     bundle = load_bundle(bundle_dir)
     t = get_target(target or bundle.manifest.get("target") or "cuda-gpu")
@@ -191,33 +216,43 @@ def build_engines(bundle_dir: str | Path, target: str | Target | None = None, ma
         raise EdgeVLAError(f"target {t.name} does not run TensorRT", "pass --target orin-agx-64|orin-nx-16|orin-nano-8|cuda-gpu")
     if workspace_gib:
         t = dataclasses.replace(t, tensorrt=dataclasses.replace(t.tensorrt, workspace_gib=workspace_gib))
-    config = bundle.config
     plans: dict[str, list] = {}
-    for role in ROLES:
-        path = bundle.graph_path(role)
-        profiles = engine_profiles(path, config, max_free_tokens)
-        lint_onnx(path, t, profiles=profiles).raise_on_error()
+    prepared: dict[str, bytes] = {}  # graphs rewritten for TensorRT (ONNX Runtime INT4 ops), kept in engines/
+    for role, (lint, profiles, model, notes) in lint_bundle(bundle, t, max_free_tokens).items():
+        for note in notes:
+            report(f"{role}: {note}")
+        lint.raise_on_error()
         plans[role] = profiles
+        if model is not None:
+            prepared[role] = model.SerializeToString()
     trt = import_tensorrt()  # after the lint: a graph TensorRT would refuse is reported even without it
     gpu = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)
     cache_file = bundle.path / ENGINE_DIR / TIMING_CACHE
     cache_blob = cache_file.read_bytes() if cache_file.is_file() else None
-    engines, records = {}, {}
+    engines, records, extra = {}, {}, {}
+    work = tempfile.TemporaryDirectory(prefix="edge-vla-trt-")
     for role in ROLES:
         g = bundle.graphs[role]
         precision = BUILDER_PRECISION.get(g.get("precision") or bundle.manifest.get("precision") or "fp16", "fp16")
         report(f"building {role} engine ({precision}) with TensorRT {trt.__version__} on {gpu['name']} ...")
         t0 = time.perf_counter()
-        plan, cache_blob = _build_one(trt, logger, bundle.graph_path(role), precision, plans[role], t, cache_blob)
+        graph_rel, onnx_path = g["file"], bundle.graph_path(role)
+        if role in prepared:  # the rewritten graph is parsed, shipped in engines/ and used for refits
+            graph_rel = f"{ENGINE_DIR}/{role}.trt.onnx"
+            onnx_path = Path(work.name) / f"{role}.trt.onnx"
+            onnx_path.write_bytes(prepared[role])
+            extra[graph_rel] = prepared[role]
+        plan, cache_blob = _build_one(trt, logger, onnx_path, precision, plans[role], t, cache_blob)
         engines[role] = plan
-        records[role] = {"file": f"{ENGINE_DIR}/{role}.plan", "graph": g["file"], "precision": precision,
+        records[role] = {"file": f"{ENGINE_DIR}/{role}.plan", "graph": graph_rel, "precision": precision,
                          "tensorrt_version": trt.__version__, "gpu": gpu, "target": t.name,
                          "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in plans[role]],
                          "weights_stripped": bool(t.tensorrt.external_weights and hasattr(trt.BuilderFlag, "STRIP_PLAN")),
                          "sha256": hashlib.sha256(plan).hexdigest(), "build_seconds": round(time.perf_counter() - t0, 1)}
         report(f"  {len(plan) / 1e6:.1f} MB in {records[role]['build_seconds']} s")
-    record_engines(bundle.path, engines, records, cache_blob)
+    record_engines(bundle.path, engines, records, cache_blob, extra)
+    work.cleanup()
     return records
 
 
@@ -228,3 +263,105 @@ def load_manifest_engines(bundle_dir: str | Path) -> dict:
     if not engines:
         raise EdgeVLAError(f"bundle {bundle_dir} has no TensorRT engines", "build them on the target: edge-vla build-engine BUNDLE")
     return json.loads(json.dumps(engines))
+
+
+# --- ONNX Runtime INT4 -> TensorRT INT4 --------------------------------------------------------
+
+
+def _attrs(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unpack_uint4(packed, count: int):
+    """Two 4-bit values per byte, low nibble first (ONNX Runtime's MatMulNBits layout)."""
+    import numpy as np
+
+    b = np.asarray(packed, dtype=np.uint8)
+    out = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+    return out[..., :count]
+
+
+def prepare_for_tensorrt(model):
+    """Rewrite ONNX Runtime's INT4 contrib ops into forms TensorRT's parser takes. Returns (model, notes).
+
+    - com.microsoft MatMulNBits (4-bit, symmetric, no g_idx) -> DequantizeLinear(int4 weights,
+      block_size, axis 0) + MatMul: TensorRT 10's weight-only INT4 GEMM path, same numbers;
+    - com.microsoft GatherBlockQuantized (the INT4 embedding) -> a float embedding dequantized
+      here + Gather: TensorRT has no INT4 Gather, so the table costs float16/32 bytes there.
+    The graph's default opset is raised to 21 (INT4 and blocked DequantizeLinear).
+    """
+    import copy
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    notes, new_nodes, drop = [], [], set()
+    for node in g.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            new_nodes.append(node)
+            continue
+        a = _attrs(node)
+        label = node.name or node.op_type
+        ins = list(node.input) + [""] * 6
+        if node.op_type == "MatMulNBits":
+            k, n, bits, block = a["K"], a["N"], a.get("bits", 4), a["block_size"]
+            if bits != 4 or ins[3] or ins[4] or ins[1] not in inits or ins[2] not in inits:
+                raise EdgeVLAError(f"{label}: only symmetric 4-bit MatMulNBits with constant weights converts to "
+                                   "TensorRT INT4", "export --fp16 for this target")
+            scales = numpy_helper.to_array(inits[ins[2]])
+            n_blocks = -(-k // block)
+            q = _unpack_uint4(numpy_helper.to_array(inits[ins[1]]).reshape(n, -1), n_blocks * block)[:, :k]
+            signed = q.astype(np.int8) - 8  # no zero_points input: ONNX Runtime's implicit zero point is 8
+            w_name, s_name = f"{label}/int4_weight", f"{label}/int4_scale"
+            g.initializer.append(helper.make_tensor(w_name, TensorProto.INT4, [k, n], signed.T.ravel().tolist()))
+            g.initializer.append(numpy_helper.from_array(scales.reshape(n, n_blocks).T.copy(), s_name))
+            wd = f"{label}/weight"
+            out = node.output[0] if not ins[5] else f"{label}/matmul"
+            new_nodes.append(helper.make_node("DequantizeLinear", [w_name, s_name], [wd], name=f"{label}/dq",
+                                              axis=0, block_size=block))
+            new_nodes.append(helper.make_node("MatMul", [ins[0], wd], [out], name=f"{label}/matmul"))
+            if ins[5]:
+                new_nodes.append(helper.make_node("Add", [out, ins[5]], [node.output[0]], name=f"{label}/bias"))
+            drop.update([ins[1], ins[2]])
+        else:
+            data, idx, sc = ins[0], ins[1], ins[2]
+            if ins[3] or data not in inits or sc not in inits or a.get("quantize_axis", 1) != 1 or a.get("gather_axis", 0) != 0:
+                raise EdgeVLAError(f"{label}: only a symmetric row-blocked GatherBlockQuantized converts",
+                                   "export --fp16 for this target")
+            block = a["block_size"]
+            d = inits[data]
+            if d.data_type == TensorProto.INT4:
+                q = numpy_helper.to_array(d).astype(np.float32)
+            else:  # packed uint8, implicit zero point 8
+                q = _unpack_uint4(numpy_helper.to_array(d), d.dims[-1] * 2).astype(np.float32) - 8
+            scales = numpy_helper.to_array(inits[sc])
+            table = (q * np.repeat(scales.astype(np.float32), block, axis=1)[:, : q.shape[1]]).astype(scales.dtype)
+            t_name = f"{label}/table"
+            g.initializer.append(numpy_helper.from_array(table, t_name))
+            new_nodes.append(helper.make_node("Gather", [t_name, idx], list(node.output), name=f"{label}/gather", axis=0))
+            drop.update([data, sc])
+            notes.append(f"{label}: INT4 embedding dequantized to {table.dtype} (TensorRT has no INT4 Gather)")
+    if not drop:
+        return model, notes
+    del g.node[:]
+    g.node.extend(new_nodes)
+    still_used = {i for nd in g.node for i in nd.input}
+    keep = [i for i in g.initializer if i.name not in drop or i.name in still_used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for op in m.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 21:
+            op.version = 21
+    if not any(nd.domain == "com.microsoft" for nd in g.node):
+        keep_ops = [op for op in m.opset_import if op.domain != "com.microsoft"]
+        del m.opset_import[:]
+        m.opset_import.extend(keep_ops)
+    m.ir_version = max(m.ir_version, 10)
+    onnx.checker.check_model(m)
+    return m, notes

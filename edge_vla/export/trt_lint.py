@@ -44,8 +44,9 @@ _QUANT_FIX = "ONNX Runtime's dynamic INT8 is CPU-only: export with --int8-static
 OP_FIXES = {
     "MatMulInteger": _QUANT_FIX, "ConvInteger": _QUANT_FIX, "DynamicQuantizeLinear": _QUANT_FIX,
     "QLinearMatMul": _QUANT_FIX, "QLinearConv": _QUANT_FIX,
-    "MatMulNBits": "TensorRT's INT4 path is weight-only DequantizeLinear(int4, block_size) before MatMul; "
-                   "MatMulNBits is ONNX Runtime only: export --int8-static or --fp16 for TensorRT targets",
+    "MatMulNBits": "TensorRT's INT4 path is weight-only DequantizeLinear(int4, block_size) before MatMul: "
+                   "export/build-engine rewrite it so (tensorrt_build.prepare_for_tensorrt); lint the prepared graph",
+    "GatherBlockQuantized": "TensorRT has no INT4 Gather: prepare_for_tensorrt dequantizes the table to float",
 }
 
 # onnx.TensorProto data types
@@ -461,8 +462,19 @@ def lint_for_target(graph_dir, graphs: dict, model_config, target: str, report=p
 
     if target not in TARGETS or not get_target(target).uses_tensorrt:
         return None
+    import onnx
+
+    from edge_vla.export.tensorrt_build import prepare_for_tensorrt
+
     ranges = default_dim_ranges(model_config)
-    reports = {role: lint_onnx(Path(graph_dir) / g["file"], target, dim_ranges=ranges) for role, g in graphs.items()}
+    reports = {}
+    for role, g in graphs.items():
+        # What build-engine will parse: ONNX Runtime's INT4 ops rewritten into TensorRT's INT4 form.
+        model, notes = prepare_for_tensorrt(onnx.load(str(Path(graph_dir) / g["file"])))
+        model.graph.name = g["file"]
+        reports[role] = lint_onnx(model, target, dim_ranges=ranges)
+        for note in notes[:1]:
+            report(f"TensorRT prep: {note}")
     for r in reports.values():
         report(f"TensorRT lint: {r.summary()}")
     for r in reports.values():

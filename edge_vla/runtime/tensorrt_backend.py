@@ -112,8 +112,10 @@ class TensorRTBackend:
         self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        # A weight-stripped plan is refit from the graph it was built from (the TensorRT-prepared one).
         self.engines = {role: _Engine(trt, runtime, logger, (bundle.path / engines[role]["file"]).read_bytes(),
-                                      bundle.graph_path(role), engines[role].get("weights_stripped", False), role)
+                                      bundle.path / engines[role].get("graph", bundle.graphs[role]["file"]),
+                                      engines[role].get("weights_stripped", False), role)
                         for role in ROLES}
         self.stream = cuda.Stream()
 
