@@ -9,7 +9,7 @@ from conftest import INSTRUCTIONS, make_samples
 N_SAMPLES = 8
 
 
-def train_tiny_checkpoint(path, steps: int = 80, decode_mode: str | None = None):
+def train_tiny_checkpoint(path, steps: int = 100, decode_mode: str | None = None):
     import torch
 
     from edge_vla.model.vla import VLA
@@ -29,7 +29,7 @@ def train_tiny_checkpoint(path, steps: int = 80, decode_mode: str | None = None)
     mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i, _ in rows])
     pv = torch.from_numpy(np.stack([vla.processor.images(x.images) for x in s]))
     st = torch.from_numpy(np.stack([x.state for x in s]))
-    opt = torch.optim.AdamW(vla.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(vla.parameters(), lr=1e-3)
     vla.train()
     for _ in range(steps):
         loss = vla(pv, ids, mask, labels, st).loss

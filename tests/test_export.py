@@ -50,9 +50,10 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
     b = load_bundle(int8_bundle)
     m = b.manifest
     assert m["parity"]["passed"] and m["parity"]["max_logit_diff"] < 1e-2 and m["parity"]["token_agreement"] == 1.0
-    assert {g["precision"] for g in m["graphs"].values()} == {"int8"}
+    assert {m["graphs"][r]["precision"] for r in ("prefix", "embed", "decoder")} == {"int8"}
     assert m["accuracy"]["direct"]["action_token_agreement"] >= 0.95  # trained model: INT8 keeps the argmax
-    assert set(m["files"]) >= {"decoder.onnx", "prefix.onnx", "embed.onnx", "tokenizer/tokenizer.json"}
+    assert set(m["files"]) >= {"decoder.onnx", "prefix.onnx", "embed.onnx", "action_head.onnx", "tokenizer/tokenizer.json"}
+    assert m["graphs"]["action_head"]["precision"] == "fp32"
     assert m["recipe"]["decode_mode"] == "direct" and m["action_stats"]["q01"]
 
 
@@ -85,6 +86,8 @@ def test_checkpoint_and_fp32_bundle_give_the_same_actions(trained, fp32_bundle):
     ckpt, samples = trained
     pt, ox = load_policy(ckpt), load_policy(fp32_bundle)
     assert pt.backend.name == "torch" and ox.backend.name == "onnxruntime"
+    # torch decodes with the LM head's logits, the bundle with the kernels' fused action-head graph.
+    assert ox.backend.has_fused_action_head and not hasattr(pt.backend, "has_fused_action_head")
     for s in samples[:4]:
         a, b = pt.act(sample_to_obs(s)), ox.act(sample_to_obs(s))
         assert a.info["action_token_ids"] == b.info["action_token_ids"]

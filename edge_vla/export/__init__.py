@@ -138,7 +138,8 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
         final_dir.mkdir()
         shutil.copytree(fp32_dir / TOKENIZER_DIR, final_dir / TOKENIZER_DIR)
         for role, g in graphs.items():
-            p = vision_precision if role == "prefix" else precision
+            # The action head is 256 x hidden weights: it stays fp32 (its argmax decides every action).
+            p = {"prefix": vision_precision, "action_head": "fp32"}.get(role, precision)
             report(f"quantizing {role} graph to {p} ...")
             quantize_graph(fp32_dir / g["file"], final_dir / g["file"], p, calibration and calibration[role])
             g["precision"] = p

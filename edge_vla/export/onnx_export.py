@@ -26,7 +26,7 @@ from torch import nn
 
 from edge_vla.errors import EdgeVLAError
 
-PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx"
+PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH, ACTION_HEAD_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx", "action_head.onnx"
 OPSET = 18
 
 
@@ -152,4 +152,23 @@ def export_graphs(vla, out_dir: str | Path) -> dict:
     _export(DecoderWithCache(vla), (emb, past), out / DECODER_GRAPH, in_names, out_names, dyn, "decoder")
     graphs["decoder"] = {"file": DECODER_GRAPH, "inputs": in_names, "outputs": out_names,
                          "n_layers": n_layers, "n_kv_heads": n_kv, "head_dim": hd, "hidden_size": hidden}
+    if vla.action_stats is not None:
+        graphs["action_head"] = export_action_head(vla, out / ACTION_HEAD_GRAPH)
     return graphs
+
+
+def export_action_head(vla, path: Path) -> dict:
+    """The fused restricted action decode of edge_vla.kernels (hidden (N, H), dim (N,) -> bins, env-unit
+    actions) built from the action-token rows of the LM head: 256 rows instead of the whole vocabulary."""
+    import onnx
+
+    from edge_vla.kernels.onnx_graph import build_action_head_graph
+    from edge_vla.kernels.reference import action_head_rows, action_value_table
+
+    tok = vla.processor.tokenizer
+    head = vla.lm.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
+    weight, bias = action_head_rows(head.weight.detach().float().numpy(), tok.first_action_id, tok.n_bins, bias)
+    values, low, high = action_value_table(vla.action_tokenizer)
+    onnx.save(build_action_head_graph(weight, values, low, high, bias), str(path))
+    return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", "actions"]}

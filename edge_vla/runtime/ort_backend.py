@@ -49,6 +49,11 @@ class OrtBackend:
             except Exception as e:
                 raise EdgeVLAError(f"onnxruntime cannot load the {role} graph of {bundle.path} "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", "re-export the bundle") from None
+        # The fused action head (edge_vla.kernels' graph), when the bundle ships one.
+        self._action_head = None
+        if "action_head" in bundle.graphs:
+            self._action_head = ort.InferenceSession(str(bundle.graph_path("action_head")), so,
+                                                     providers=["CPUExecutionProvider"])
         dec = bundle.graphs["decoder"]
         self._past_names = dec["inputs"][1:]
         self._kv_shape = (dec["n_kv_heads"], dec["head_dim"])
@@ -89,3 +94,13 @@ class OrtBackend:
 
     def action_logits(self, hidden, logits):
         return logits[self._lo:self._hi]
+
+    @property
+    def has_fused_action_head(self) -> bool:
+        return self._action_head is not None
+
+    def action_bin(self, hidden, dim: int) -> int:
+        """Bin of one action token from the fused head graph (reads only the 256 action rows)."""
+        bins, _ = self._action_head.run(None, {"hidden": np.asarray(hidden, np.float32)[None],
+                                               "dim": np.asarray([dim], np.int64)})
+        return int(bins[0])

@@ -164,19 +164,29 @@ class Policy:
         """Greedy restricted decode of n_action_tokens; the first comes from (hidden, logits)."""
         t0 = time.perf_counter()
         lo = self.tokenizer.first_action_id
+        # The fused action head (bins straight from the hidden state) serves every mode except
+        # adaptive, which needs the action logits for its entropy/margin.
+        fused = getattr(self.backend, "has_fused_action_head", False) and self.mode != "adaptive"
+        dim = self.action_tokenizer.dim
         ids, rows = [], []
         while True:
-            a = np.asarray(self.backend.action_logits(hidden, logits), dtype=np.float32)
-            if not np.isfinite(a).all():
-                raise EdgeVLAError("the model produced NaN/Inf action logits",
-                                   "the weights or the quantized graph are broken; re-export without quantization to compare")
-            rows.append(a)
-            ids.append(lo + int(a.argmax()))
+            if fused:
+                if not np.isfinite(hidden).all():
+                    raise EdgeVLAError("the model produced NaN/Inf hidden states",
+                                       "the weights or the quantized graph are broken; re-export without quantization to compare")
+                ids.append(lo + self.backend.action_bin(hidden, len(ids) % dim))
+            else:
+                a = np.asarray(self.backend.action_logits(hidden, logits), dtype=np.float32)
+                if not np.isfinite(a).all():
+                    raise EdgeVLAError("the model produced NaN/Inf action logits",
+                                       "the weights or the quantized graph are broken; re-export without quantization to compare")
+                rows.append(a)
+                ids.append(lo + int(a.argmax()))
             if len(ids) == self.n_action_tokens:
                 break
             hidden, logits, cache = self.backend.step([ids[-1]], cache)
         timings["_action_tokens_ms"] = _ms(t0)
-        return ids, np.stack(rows)
+        return ids, (np.stack(rows) if rows else None)
 
     def _decode_direct(self, prefix, prompt, timings) -> dict:
         t0 = time.perf_counter()
