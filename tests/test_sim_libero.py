@@ -198,3 +198,19 @@ def test_generate_inspect_resume_and_replay(tmp_path):
     assert b_again.shape == b_live.shape and np.abs(b_again - b_live).max() <= 1
     agree = np.mean([a == b for a, b in zip(again["features"]["move_primitive"], live["features"]["move_primitive"])])
     assert agree > 0.95
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    r = CliRunner().invoke(main, ["data", "generate", "--out", str(tmp_path / "x"), "--tasks",
+                                  "KITCHEN_SCENE3_turn_on_the_stove", "--no-progress"])
+    assert r.exit_code == 1 and "does not cover" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["data", "generate", "--out", str(tmp_path / "x"), "--suite", "libero_91"])
+    assert r.exit_code == 1 and "did you mean `libero_90`" in r.output
+    r = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "missing")])
+    assert r.exit_code == 1 and "dataset not found" in r.output
+    r = CliRunner().invoke(main, ["data", "generate", "--list-tasks"])
+    assert r.exit_code == 0 and BUTTER in r.output.split()

@@ -13,7 +13,7 @@ def data():
 
 
 @data.command()
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (resumes if it exists).")
+@click.option("--out", "out_dir", default=None, type=click.Path(), help="Output directory (resumes if it exists).")
 @click.option("--suite", default="libero_90", show_default=True, help="LIBERO suite.")
 @click.option("--tasks", default=None,
               help="Comma-separated task names or indices (default: every task the scripted expert covers).")
@@ -34,7 +34,10 @@ def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, i
             click.echo(t)
         return
     from edge_vla.data.generate import generate_dataset
+    from edge_vla.errors import EdgeVLAError
 
+    if not out_dir:
+        raise EdgeVLAError("no output directory given", "pass --out DIR (an existing one resumes)")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     out = generate_dataset(out_dir, suite=suite, tasks=task_list, demos_per_task=demos_per_task,
                            image_size=image_size, workers=workers, seed=seed, progress=not no_progress,
