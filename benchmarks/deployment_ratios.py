@@ -95,12 +95,12 @@ def main():
         sys.exit(hf.stderr[-2000:])
     hf = json.loads(hf.stdout.strip().splitlines()[-1])
 
-    # Per-token decode: full mode on random weights never reaches an action token, so every call
-    # decodes exactly max_free_tokens free tokens.
+    # Per-token decode and full mode: random weights would stop reasoning at a random point, so
+    # min_free_tokens makes every call decode exactly max_free_tokens reasoning tokens.
     tok = bench_artifacts([bundles["int8"], bundles["int4"], bundles["fp32"]], mode="full", calls=args.calls, warmup=1,
-                          opts={"max_free_tokens": 32})
+                          opts={"max_free_tokens": 32, "min_free_tokens": 32})
     per_mode = bench_artifacts([bundles["int8"]], mode="full", calls=args.calls, warmup=1,
-                               opts={"max_free_tokens": args.reasoning_tokens})
+                               opts={"max_free_tokens": args.reasoning_tokens, "min_free_tokens": args.reasoning_tokens})
     direct = bench_artifacts([bundles["int8"]], mode="direct", calls=args.calls, warmup=1)
     s8, s4, s32 = (r["summary"] for r in tok["rows"])
     full_ms = per_mode["rows"][0]["summary"]["per_action_ms"]["median"]

@@ -115,3 +115,9 @@ def test_bitsandbytes_int8_and_nf4_torch_backends_decode(tmp_path, tiny_vla, sam
         assert r.action.shape == (7,) and np.isfinite(r.action).all()
     with pytest.raises(EdgeVLAError, match="quantization"):
         load_policy(tmp_path / "ckpt", backend="torch", quantize="int3")
+
+
+def test_min_free_tokens_keeps_reasoning_going(backend, samples):
+    p = Policy(backend, mode="full", max_free_tokens=6, min_free_tokens=6)
+    r = p.act(sample_to_obs(samples[0]))
+    assert r.tokens["reasoning"] == 6 and r.tokens["action"] == 7

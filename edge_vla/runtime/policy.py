@@ -88,7 +88,7 @@ def _ms(t0: float) -> float:
 class Policy:
     def __init__(self, backend, mode: str | None = None, max_free_tokens: int | None = None,
                  entropy_threshold: float = 1.0, margin_threshold: float | None = None,
-                 inference_prefix: str | None = None):
+                 inference_prefix: str | None = None, min_free_tokens: int = 0):
         self.backend = backend
         recipe = dict(getattr(backend, "recipe", None) or {})
         self.recipe = recipe
@@ -96,6 +96,7 @@ class Policy:
         if self.mode not in MODES:
             raise EdgeVLAError(f"unknown decode mode `{self.mode}`", f"use one of {list(MODES)}")
         self.max_free_tokens = int(max_free_tokens or recipe.get("max_free_tokens") or DEFAULT_MAX_FREE_TOKENS)
+        self.min_free_tokens = int(min_free_tokens)
         self.entropy_threshold = entropy_threshold
         self.margin_threshold = margin_threshold
         self.processor = backend.processor
@@ -207,7 +208,12 @@ class Policy:
         per_token: list[float] = []
         ended_without_action = True
         for _ in range(self.max_free_tokens):
-            nxt = int(np.asarray(logits).argmax())
+            lg = np.asarray(logits)
+            if len(free) < self.min_free_tokens:  # like HF generate's min_new_tokens: no stop yet
+                lg = lg.copy()
+                lg[lo:hi] = -np.inf
+                lg[tok.eos_id] = -np.inf
+            nxt = int(lg.argmax())
             if lo <= nxt < hi:
                 ended_without_action = False
                 break
@@ -248,7 +254,8 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
     """A Policy from a checkpoint dir (torch backend) or a bundle dir (onnxruntime by default).
 
     `opts` go to the backend (e.g. threads=1, providers=[...], quantize="int8"|"nf4" for torch)
-    except the Policy's own: max_free_tokens, entropy_threshold, margin_threshold, inference_prefix.
+    except the Policy's own: max_free_tokens, min_free_tokens, entropy_threshold, margin_threshold,
+    inference_prefix.
     """
     p = Path(path)
     if not p.exists():
@@ -257,7 +264,7 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
         raise EdgeVLAError(f"{p} is a file; a checkpoint or bundle is a directory", "pass the directory")
     if backend == "auto":
         backend = "onnxruntime" if _is_bundle(p) else "torch"
-    policy_keys = ("max_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix")
+    policy_keys = ("max_free_tokens", "min_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix")
     policy_opts = {k: opts.pop(k) for k in policy_keys if k in opts}
     engine = backend_class(backend).load(p, **opts)
     return Policy(engine, mode=mode, **policy_opts)
