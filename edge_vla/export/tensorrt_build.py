@@ -26,7 +26,6 @@ capability, precision, profiles, sha256); `check_engine_record` refuses a mismat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -254,15 +253,6 @@ def build_engines(bundle_dir: str | Path, target: str | Target | None = None, ma
     record_engines(bundle.path, engines, records, cache_blob, extra)
     work.cleanup()
     return records
-
-
-def load_manifest_engines(bundle_dir: str | Path) -> dict:
-    from edge_vla.export.bundle import load_bundle
-
-    engines = load_bundle(bundle_dir).manifest.get("engines") or {}
-    if not engines:
-        raise EdgeVLAError(f"bundle {bundle_dir} has no TensorRT engines", "build them on the target: edge-vla build-engine BUNDLE")
-    return json.loads(json.dumps(engines))
 
 
 # --- ONNX Runtime INT4 -> TensorRT INT4 --------------------------------------------------------
