@@ -59,7 +59,7 @@ def import_tensorrt():
 def gpu_identity() -> dict:
     """{"name", "compute_capability"} of GPU 0, through pycuda (the runtime's CUDA binding) or torch."""
     try:
-        import pycuda.autoinit  # noqa: F401
+        import pycuda.autoprimaryctx  # noqa: F401  (the primary context torch and the kernels share)
         import pycuda.driver as cuda
 
         dev = cuda.Device(0)

@@ -14,9 +14,10 @@ first run on a board is easy to debug. What it does:
 - the KV cache lives in two device buffer sets (past, present) that swap after each step: the
   decoder reads one and writes the other, no cache bytes cross to the host. A cache handle from
   an older step is refused (it has been overwritten);
-- per step only `hidden` (H floats) and `logits` (V floats) come back to the host, for the
-  Policy's greedy decode; `decode_actions_fused` runs the fused action-decode CUDA kernel
-  (edge_vla.kernels.cuda_loader) on device-resident hidden states when torch is present.
+- per step only `hidden` (H floats) and `logits` (V floats) come back to the host; action tokens
+  are decoded by the fused action-decode CUDA kernel (edge_vla.kernels.cuda_loader, through the
+  Policy's `has_fused_action_head`/`action_bin` hook) from the bundle's action-head tables when
+  torch is present, else greedily from the action logits.
 """
 
 from __future__ import annotations
@@ -32,12 +33,24 @@ from edge_vla.export.tensorrt_build import ROLES, check_engine_record, gpu_ident
 
 def _import_pycuda():
     try:
-        import pycuda.autoinit  # noqa: F401  (creates the context on GPU 0)
+        import pycuda.autoprimaryctx  # noqa: F401  (GPU 0's primary context, shared with torch and the kernels)
         import pycuda.driver as cuda
     except ImportError:
         raise MissingDependencyError("pycuda", "the TensorRT backend",
                                      "pip install pycuda on the target (it builds against the CUDA toolkit)") from None
     return cuda
+
+
+def action_head_tables(path) -> dict:
+    """weight (n_bins, H), values (n_bins, D), low, high (D,), bias | None: the fused kernel's inputs,
+    read from the bundle's action-head graph (edge_vla.kernels.onnx_graph names them)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    d = int(inits["action_head/action_dim"])
+    return {"weight": inits["action_head/weight_t"].T, "values": inits["action_head/values_flat"].reshape(-1, d),
+            "low": inits["action_head/low"], "high": inits["action_head/high"], "bias": inits.get("action_head/bias")}
 
 
 @dataclass
@@ -153,6 +166,7 @@ class TensorRTBackend:
         self._ids = cuda.mem_alloc(self.max_total * 8)
         self._pixels = self._state = None
         self._prefix_inputs = bundle.graphs["prefix"]["inputs"]
+        self._fused = self._load_fused_head(bundle)
 
     @classmethod
     def load(cls, path: str | Path, **opts):
@@ -228,9 +242,37 @@ class TensorRTBackend:
     def action_logits(self, hidden, logits):
         return logits[self._lo:self._hi]
 
-    # --- fused action decode on the device ------------------------------------------------------
-    def decode_actions_fused(self, hidden_rows, dims, head_rows, values, low, high):
-        """Bins and env-unit actions of `hidden_rows` (torch CUDA tensor (N, H)) with the CUDA kernel."""
+    # --- fused action decode on the device (Policy's has_fused_action_head / action_bin hook) -----
+    def _load_fused_head(self, bundle):
+        """The action-head tables of the bundle's action_head graph as CUDA tensors, or None.
+
+        The CUDA kernel (edge_vla.kernels.cuda_loader) takes torch CUDA tensors; without torch (or
+        the graph) the Policy falls back to the action logits the decoder returns.
+        """
+        if "action_head" not in bundle.graphs:
+            return None
+        try:
+            import torch
+        except ImportError:
+            return None
+        if not torch.cuda.is_available():
+            return None
+        tables = action_head_tables(bundle.graph_path("action_head"))
+        return {k: None if v is None else torch.as_tensor(np.ascontiguousarray(v), device="cuda")
+                for k, v in tables.items()}
+
+    @property
+    def has_fused_action_head(self) -> bool:
+        return self._fused is not None
+
+    def action_bin(self, hidden, dim: int) -> int:
+        """Bin of one action token from the fused CUDA kernel (reads only the action rows of the head)."""
+        import torch
+
         from edge_vla.kernels.cuda_loader import decode_actions_cuda
 
-        return decode_actions_cuda(hidden_rows, head_rows, dims, values, low, high, loader="pycuda")
+        f = self._fused
+        h = torch.as_tensor(np.asarray(hidden, np.float32), device="cuda")[None]
+        bins, _ = decode_actions_cuda(h, f["weight"], torch.tensor([dim], device="cuda"), f["values"], f["low"],
+                                      f["high"], f["bias"], loader="pycuda")
+        return int(bins[0])
