@@ -86,6 +86,7 @@ class ScriptedExpert:
         self._grasp_offset = None  # eef minus object position at grasp time (kept while carrying)
         self._yaw_target = None
         self._rim = None
+        self._open_at_grasp = 0.08
         self._carry_z = self._eef_above_bottom = None
         self.relation, self.object, self.target = parse_goal(self.env.privileged(cameras=False)["goal"])
 
@@ -104,7 +105,9 @@ class ScriptedExpert:
             return site.copy(), clear
         raise EdgeVLAError(f"goal target `{self.target}` is neither an object, a fixture nor a region of this scene")
 
-    MAX_GRASP_WIDTH = 0.07  # the Panda opens to ~8 cm; wider objects are pinched at the rim
+    # The Panda opens to ~8 cm: wider objects (bowls, mugs) are pinched at the rim. 8.2 cm soup cans
+    # still close fine across the middle; the white bowl (8.8 cm) does not.
+    MAX_GRASP_WIDTH = 0.085
 
     def _plan_grasp(self, o: dict) -> None:
         """Choose the finger direction once the scene is at rest: across the narrow side, or radial at a rim."""
@@ -197,9 +200,13 @@ class ScriptedExpert:
 
         if self.phase == "grasp":
             opening = pv["gripper_opening"]
+            if self._t == 1:
+                self._open_at_grasp = opening
             stopped = self._last_opening is not None and abs(opening - self._last_opening) < 5e-4
             self._last_opening = opening
-            if (stopped and self._t > 5) or self._t > 15:
+            # The command ramps up over a few steps: "stopped" only counts once the fingers have moved.
+            closed_some = opening < self._open_at_grasp - 0.004
+            if (stopped and closed_some and self._t > 3) or self._t > 20:
                 # Fixed at grasp time: the object's bounds tilt and grow once it hangs in the fingers.
                 _, target_top = self._target_point(pv)
                 height = float(o["hi"][2] - o["lo"][2])
@@ -222,6 +229,12 @@ class ScriptedExpert:
 
         # Where the eef must be for the object's centre to sit above the target.
         obj_centre = (o["lo"] + o["hi"]) / 2
+        if self.phase in ("carry", "lower") and np.linalg.norm(eef[:2] - obj_centre[:2]) > 0.1:
+            # The object slipped out: go back and grasp it again (up to the step limit).
+            self._last_opening = None
+            self._plan_grasp(o)
+            self._next("approach")
+            return self._move(eef, eef + [0, 0, 0.05], OPEN)
         xy_offset = eef[:2] - obj_centre[:2]
         if self.phase == "carry":
             goal = np.array([target[0] + xy_offset[0], target[1] + xy_offset[1], carry_z])
