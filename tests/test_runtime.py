@@ -121,3 +121,17 @@ def test_min_free_tokens_keeps_reasoning_going(backend, samples):
     p = Policy(backend, mode="full", max_free_tokens=6, min_free_tokens=6)
     r = p.act(sample_to_obs(samples[0]))
     assert r.tokens["reasoning"] == 6 and r.tokens["action"] == 7
+
+
+def test_accuracy_report_counts_action_and_reasoning_agreement(backend, samples):
+    from edge_vla.export.accuracy import accuracy_report, format_report
+
+    obs = [sample_to_obs(s) for s in samples[:2]]
+    ref = Policy(backend, max_free_tokens=4, min_free_tokens=4)
+    same = accuracy_report(ref, Policy(backend, max_free_tokens=4, min_free_tokens=4), obs, modes=("direct", "full"))
+    assert same["direct"]["action_token_agreement"] == 1.0 and same["direct"]["action_l1"] == 0.0
+    assert same["full"]["reasoning_token_agreement"] == 1.0 and len(same["full"]["per_dim_l1"]) == 7
+    # A policy that reasons less agrees on fewer reasoning positions.
+    short = accuracy_report(ref, Policy(backend, max_free_tokens=2, min_free_tokens=2), obs, modes=("full",))
+    assert short["full"]["reasoning_token_agreement"] <= 0.5 + 1e-9
+    assert "reasoning-token agreement" in format_report(short)
