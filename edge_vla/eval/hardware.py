@@ -223,14 +223,19 @@ def run_hardware(cfg: HardwareConfig, robot=None, policy=None, ask=None) -> dict
         robot = make_robot(cfg.robot, image_size=pconf.image_size if pconf else 64,
                            cameras=tuple(pconf.cameras) if pconf else tuple(getattr(policy, "cameras", ("agentview", "wrist"))),
                            max_steps=cfg.max_steps)
-    name = cfg.name or (Path(cfg.policy).name if not cfg.policy.startswith("ws") else "remote")
+    meta = getattr(policy, "metadata", None) or {}
+    remote = bool(meta.get("server"))
+    # A server announces what it serves (`edge-vla serve` puts the bundle path in its metadata).
+    source = meta.get("policy") if remote else cfg.policy
+    name = cfg.name or (f"{Path(source).name}-{meta.get('mode')}-server" if remote and source else
+                        "remote" if remote else Path(cfg.policy).name)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     out = Path(cfg.out) / f"{slug}.hardware.json"
     record_dir = Path(cfg.record_dir or Path(cfg.out) / "episodes" / slug)
-    meta = getattr(policy, "metadata", None) or {}
     variant = {"name": name, "mode": getattr(policy, "mode", None) or meta.get("mode"),
                "recipe": (getattr(policy, "recipe", None) or {}).get("name") if hasattr(policy, "recipe") else meta.get("recipe"),
-               "backend": getattr(getattr(policy, "backend", None), "name", None) or ("server" if meta else None),
+               "backend": getattr(getattr(policy, "backend", None), "name", None) or (
+                   f"server:{meta.get('backend')}" if remote else None),
                "target": "robot"}
     config = {**asdict(cfg), "api_key": bool(cfg.api_key), "variant": variant, "instruction": robot.instruction}
     records = list(load_results(out)["records"]) if out.exists() else []

@@ -159,6 +159,8 @@ class PolicyServer:
         meta.update({
             "server": "edge-vla", "protocol": "openpi-websocket",
             "mode": getattr(self.policy, "mode", None),
+            "recipe": (getattr(self.policy, "recipe", None) or {}).get("name"),
+            "backend": getattr(getattr(self.policy, "backend", None), "name", None),
             "cameras": self.cameras,
             "observation_keys": [*OPENPI_IMAGE_KEYS[: len(self.cameras)], "observation/state", "prompt"],
             "action_dim": self.safety.action_dim,
