@@ -131,6 +131,9 @@ def test_thinking_tokens_filler_before_action_matches_inference_prefix(parts):
     assert row["input_ids"] == prompt + prefix + act.encode(s.action).tolist() + [tok.eos_id]
     assert row["labels"][: len(prompt) + 8] == [IGNORE] * (len(prompt) + 8)
     assert "reasoning" not in str(row)
+    # The runtime re-encodes recipe.json's prefix text: it must give back the same ids.
+    info = r.info(tok)
+    assert tok.encode(info["inference_prefix"]) == prefix == info["inference_prefix_ids"]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

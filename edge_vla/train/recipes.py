@@ -25,7 +25,7 @@ from edge_vla.config import unknown_name_error
 from edge_vla.data.sample import Sample
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer
-from edge_vla.tokens.sequence import IGNORE, action_prefix_ids, build_sequence, reasoning_ids
+from edge_vla.tokens.sequence import ACTION_PREFIX, IGNORE, action_prefix_ids, build_sequence, reasoning_ids
 
 # Full ECoT writes ~250 reasoning tokens per action with a large tokenizer; the tiny tokenizer
 # splits digits (boxes, gripper points) one by one, so leave generous room.
@@ -229,7 +229,11 @@ class ScaffoldRecipe(Recipe):
         return reasoning_ids(tokenizer, sample.reasoning), False
 
 
-FILLER_TEXT = "."
+# Filler candidates, in order of preference. The runtime re-encodes recipe.json's
+# `inference_prefix` text, so the filler must be one token that does not merge with itself
+# when repeated ("...." is one token in many BPE vocabularies; " . . ." stays split).
+FILLER_CANDIDATES = (".", " .", " -", " _")
+FILLER_TEXT = FILLER_CANDIDATES[0]
 
 
 class ThinkingTokensRecipe(Recipe):
@@ -247,10 +251,13 @@ class ThinkingTokensRecipe(Recipe):
 
     @staticmethod
     def filler_id(tokenizer) -> int:
-        ids = tokenizer.encode(FILLER_TEXT)
-        if len(ids) != 1:
-            raise EdgeVLAError(f"the tokenizer does not encode {FILLER_TEXT!r} as one token", "use a byte-level tokenizer")
-        return ids[0]
+        prefix = action_prefix_ids(tokenizer)
+        for text in FILLER_CANDIDATES:
+            ids = tokenizer.encode(text)
+            if len(ids) == 1 and tokenizer.encode(text * 4 + ACTION_PREFIX) == ids * 4 + prefix:
+                return ids[0]
+        raise EdgeVLAError("no filler token of this tokenizer survives repetition unmerged "
+                           f"(tried {list(FILLER_CANDIDATES)})", "use another recipe or tokenizer")
 
     def middle(self, sample, tokenizer, rng, stage):
         return [self.filler_id(tokenizer)] * self.options["n"], False
