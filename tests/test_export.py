@@ -104,7 +104,7 @@ def test_full_mode_on_bundle_matches_torch(trained, fp32_bundle):
     from edge_vla.runtime.policy import load_policy
 
     ckpt, samples = trained
-    kw = dict(mode="full", max_free_tokens=6, inference_prefix="")
+    kw = dict(mode="full", max_free_tokens=6, force_action_prefix=False)
     pt, ox = load_policy(ckpt, **kw), load_policy(fp32_bundle, **kw)
     a, b = pt.act(sample_to_obs(samples[0])), ox.act(sample_to_obs(samples[0]))
     assert a.info["free_token_ids"] == b.info["free_token_ids"]

@@ -34,7 +34,7 @@ def test_direct_mode_equals_vla_generate_with_forced_action_prefix(tiny_vla, bac
 
 def test_full_mode_equals_vla_generate_and_returns_the_reasoning(tiny_vla, backend, samples):
     s = samples[0]
-    p = Policy(backend, mode="full", max_free_tokens=5, inference_prefix="")
+    p = Policy(backend, mode="full", max_free_tokens=5, force_action_prefix=False)
     r = p.act(sample_to_obs(s))
     pv, ids, st = tiny_vla.model_inputs(s.images, s.instruction, s.state)
     free, act = tiny_vla.generate(pv, ids, st, max_free_tokens=5)
@@ -74,6 +74,17 @@ def test_mode_defaults_from_recipe_and_bad_names_are_explained(tiny_vla, backend
     finally:
         tiny_vla.recipe_info = {}
     assert Policy(backend).mode == "direct"
+    tok = tiny_vla.processor.tokenizer
+    # recipe.json's exact prefix ids are used as they are; a full recipe's empty prefix still acts directly.
+    tiny_vla.recipe_info = {"name": "thinking-tokens", "decode_mode": "direct", "inference_prefix": "...",
+                            "inference_prefix_ids": [7, 7, 7]}
+    try:
+        assert Policy(TorchBackend(tiny_vla)).inference_prefix_ids == [7, 7, 7]
+        tiny_vla.recipe_info = {"name": "ecot", "decode_mode": "full", "inference_prefix": "", "inference_prefix_ids": []}
+        p = Policy(TorchBackend(tiny_vla), mode="adaptive")
+        assert p.inference_prefix_ids == action_prefix_ids(tok) == p.forced_action_ids
+    finally:
+        tiny_vla.recipe_info = {}
     with pytest.raises(EdgeVLAError, match="decode mode"):
         Policy(backend, mode="fast")
     with pytest.raises(EdgeVLAError, match="onnxruntime"):

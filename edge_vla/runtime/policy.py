@@ -88,7 +88,7 @@ def _ms(t0: float) -> float:
 class Policy:
     def __init__(self, backend, mode: str | None = None, max_free_tokens: int | None = None,
                  entropy_threshold: float = 1.0, margin_threshold: float | None = None,
-                 inference_prefix: str | None = None, min_free_tokens: int = 0):
+                 inference_prefix: str | None = None, min_free_tokens: int = 0, force_action_prefix: bool = True):
         self.backend = backend
         recipe = dict(getattr(backend, "recipe", None) or {})
         self.recipe = recipe
@@ -104,9 +104,17 @@ class Policy:
         self.tokenizer = tok
         self.action_tokenizer = ActionTokenizer(backend.action_stats, tok.first_action_id, tok.n_bins)
         self.n_action_tokens = int(backend.n_action_tokens)
-        # direct mode forces the recipe's inference prefix (thinking recipes put their filler here).
-        prefix = inference_prefix if inference_prefix is not None else recipe.get("inference_prefix", ACTION_PREFIX)
-        self.inference_prefix_ids = tok.encode(prefix) if prefix else []
+        # direct mode forces the recipe's inference prefix (thinking recipes put their filler here);
+        # recipe.json's exact ids win over re-encoding its text. A full-mode recipe records an empty
+        # prefix: its direct (or adaptive) decoding still needs " ACTION:".
+        if inference_prefix is not None:
+            ids = tok.encode(inference_prefix) if inference_prefix else []
+        else:
+            ids = list(recipe.get("inference_prefix_ids") or []) or (
+                tok.encode(recipe["inference_prefix"]) if recipe.get("inference_prefix") else [])
+        self.inference_prefix_ids = ids if (ids or inference_prefix is not None) else tok.encode(ACTION_PREFIX)
+        # full mode: when the reasoning ends (budget or eos) before an action token, force " ACTION:".
+        self.forced_action_ids = tok.encode(ACTION_PREFIX) if force_action_prefix else []
         self.calls = 0
 
     def reset(self) -> None:
@@ -223,10 +231,10 @@ class Policy:
             t0 = time.perf_counter()
             hidden, logits, cache = self.backend.step([nxt], cache)
             per_token.append(_ms(t0))
-        if ended_without_action and self.inference_prefix_ids:
+        if ended_without_action and self.forced_action_ids:
             # The reasoning ran out (budget or eos) without reaching ACTION: force the action prefix.
             t0 = time.perf_counter()
-            hidden, logits, cache = self.backend.step(list(self.inference_prefix_ids), cache)
+            hidden, logits, cache = self.backend.step(list(self.forced_action_ids), cache)
             per_token.append(_ms(t0))
         timings["decode_tokens"] = per_token
         ids, rows = self._action_tokens(hidden, logits, cache, timings)
@@ -264,7 +272,8 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
         raise EdgeVLAError(f"{p} is a file; a checkpoint or bundle is a directory", "pass the directory")
     if backend == "auto":
         backend = "onnxruntime" if _is_bundle(p) else "torch"
-    policy_keys = ("max_free_tokens", "min_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix")
+    policy_keys = ("max_free_tokens", "min_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix",
+                   "force_action_prefix")
     policy_opts = {k: opts.pop(k) for k in policy_keys if k in opts}
     engine = backend_class(backend).load(p, **opts)
     return Policy(engine, mode=mode, **policy_opts)
