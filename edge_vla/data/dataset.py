@@ -132,7 +132,7 @@ class LiberoDataset(_TorchDataset):
         self.instructions = sorted(set(instructions))
         self._file_instruction = instructions
         self.has_reasoning = any(a is not None and a.episode(k, e.demo.split("_")[1]) is not None
-                                 for e in episodes[:1] for a, k in [ann_keys[e.file]])
+                                 for e in episodes for a, k in [ann_keys[e.file]])
         # Episode split: a seeded permutation, the first n_val episodes are validation.
         order = np.random.default_rng(seed).permutation(len(episodes))
         n_val = int(round(val_fraction * len(episodes))) if len(episodes) > 1 else 0

@@ -200,28 +200,30 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
                        TextColumn("{task.description}"))
         bar.start()
         tid = bar.add_task("", total=len(jobs))
+    pool = None
     try:
         if workers == 1:
             it = map(_make_demo, jobs)
         else:
             # spawn: forked MuJoCo/EGL state is not safe to share; each worker builds its own envs.
-            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=None)
+            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)))
             it = pool.imap_unordered(_make_demo, jobs, chunksize=1)
         for r in it:
             results.append(r)
             if bar is not None:
                 ok = sum(x["ok"] for x in results)
                 bar.update(tid, advance=1, description=f"{ok} kept, {time.time() - t0:.0f}s")
-        if workers != 1:
+        if pool is not None:
             pool.close()
             pool.join()
     finally:
+        if pool is not None:
+            pool.terminate()  # interrupted: finished parts are on disk already, the rest resumes
         if bar is not None:
             bar.stop()
-        if workers == 1:
-            for env in _ENV_CACHE.values():
-                env.close()
-            _ENV_CACHE.clear()
+        for env in _ENV_CACHE.values():
+            env.close()
+        _ENV_CACHE.clear()
     return results
 
 
