@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.eval.libero_rollout import preload_triton
+from edge_vla.sim.env import preload_triton
 from edge_vla.eval.results import load_results, summarize, write_results
 
 preload_triton()  # before any simulator: see its docstring

@@ -30,16 +30,7 @@ import numpy as np
 from edge_vla.errors import EdgeVLAError
 from edge_vla.eval.results import load_results, summarize, write_results
 
-def preload_triton() -> None:
-    """Load triton before MuJoCo: triton's native library segfaults when it is loaded after MuJoCo's
-    (with EGL rendering) in the same process, and transformers/torch load triton lazily, e.g. when
-    a policy is built after an env. Loading it first is harmless; afterwards it is too late."""
-    if "triton" not in sys.modules and "mujoco" not in sys.modules and importlib.util.find_spec("triton"):
-        try:
-            import triton  # noqa: F401
-        except Exception:  # a broken triton is the GPU backends' problem, not the rollouts'
-            pass
-
+from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator: see its docstring)
 
 preload_triton()
 

@@ -1,4 +1,4 @@
-"""The VLA: a vision tower, an MLP projector and a Hugging Face causal LM, in one readable file.
+r"""The VLA: a vision tower, an MLP projector and a Hugging Face causal LM, in one readable file.
 
 Sequence the LM sees (one row):
 
