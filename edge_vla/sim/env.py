@@ -38,8 +38,23 @@ CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 GRIPPER_OPEN_WIDTH = 0.078  # qpos[0] - qpos[1] with the fingers fully open (FACTS.md)
 
 
+def preload_triton() -> None:
+    """Load triton before MuJoCo: triton's native library segfaults when it is loaded after MuJoCo's
+    (with EGL rendering) in the same process, and transformers/torch load triton lazily, e.g. when
+    a policy is built after an env. Loading it first is harmless; afterwards it is too late."""
+    import importlib.util
+    import sys
+
+    if "triton" not in sys.modules and "mujoco" not in sys.modules and importlib.util.find_spec("triton"):
+        try:
+            import triton  # noqa: F401
+        except Exception:  # a broken triton is the GPU backends' problem, not the simulator's
+            pass
+
+
 def _setup_gl() -> None:
     """Headless rendering: EGL unless the user chose a backend; PyOpenGL must agree with MuJoCo."""
+    preload_triton()
     os.environ.setdefault("MUJOCO_GL", "egl")
     if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
