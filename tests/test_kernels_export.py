@@ -16,11 +16,13 @@ from conftest import make_samples
 @pytest.fixture(scope="module")
 def exported(tiny_vla, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from edge_vla.export.onnx_export import DECODER_GRAPH, export_graphs
+    from edge_vla.export.onnx_export import export_full_decoder, kv_shape
 
-    out = tmp_path_factory.mktemp("kernels_export")
-    graphs = export_graphs(tiny_vla, out)
-    return out / DECODER_GRAPH, graphs["decoder"]
+    out = tmp_path_factory.mktemp("kernels_export") / "decoder_with_head.onnx"
+    inputs, outputs = export_full_decoder(tiny_vla, out)  # the unsplit decoder (bundles ship it split)
+    n_layers, n_kv, hd = kv_shape(tiny_vla.lm.config)
+    return out, {"inputs": inputs, "outputs": outputs, "n_kv_heads": n_kv, "head_dim": hd,
+                 "hidden_size": tiny_vla.lm.config.hidden_size}
 
 
 def _session(model):

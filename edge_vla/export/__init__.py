@@ -71,7 +71,7 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
 
     Steps: load the checkpoint; export fp32 graphs; check parity against PyTorch on
     `parity_samples` (Samples or obs dicts; synthetic observations when None) and refuse on
-    failure; quantize (decoder/embed at `precision`, vision at `vision_precision`, default the
+    failure; quantize (decoder/embed/lm_head at `precision`, action_head fp32, vision at `vision_precision`, default the
     same); measure the accuracy of the quantized bundle against the fp32 graphs on
     `calibration_data` (held-out samples) or the parity samples; write the bundle atomically.
     """
@@ -127,7 +127,9 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
 
         calibration = None
         if "int8-static" in (precision, vision_precision):
-            calibration = {"prefix": [], "embed": [], "decoder": []}
+            calibration = {"prefix": [], "embed": [], "decoder": [], "lm_head": []}
+            # head="full": action tokens go through lm_head too, so it sees the decoder's real hidden states.
+            fp32_backend = OrtBackend(fp32_bundle, head="full")
             for role in calibration:
                 fp32_backend.sessions[role] = _RecordingSession(fp32_backend.sessions[role], calibration[role])
             rec_policy = Policy(fp32_backend, mode="direct")
@@ -139,9 +141,10 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
         shutil.copytree(fp32_dir / TOKENIZER_DIR, final_dir / TOKENIZER_DIR)
         for role, g in graphs.items():
             # The action head is 256 x hidden weights: it stays fp32 (its argmax decides every action).
+            # lm_head (vocab x hidden, a large share of a real model's weights) takes the decoder's precision.
             p = {"prefix": vision_precision, "action_head": "fp32"}.get(role, precision)
             report(f"quantizing {role} graph to {p} ...")
-            quantize_graph(fp32_dir / g["file"], final_dir / g["file"], p, calibration and calibration[role])
+            quantize_graph(fp32_dir / g["file"], final_dir / g["file"], p, calibration and calibration.get(role))
             g["precision"] = p
         manifest["graphs"] = graphs
         manifest["precision"] = precision

@@ -25,34 +25,57 @@ def synthetic_observations(config, n: int = 4, seed: int = 0) -> list[dict]:
              "instruction": "pick up the object and put it in the basket"} for _ in range(n)]
 
 
+def _full_logits(backend, hidden, logits):
+    """The full-vocabulary logits: returned by the step, or from the backend's separate LM head."""
+    return logits if logits is not None else backend.lm_logits(hidden)
+
+
 def parity(ref, test, observations, n_tokens: int = 16, atol: float = 1e-3, rtol: float = 1e-3,
            min_agreement: float = 1.0) -> dict:
     """Compare backends `test` against `ref` (teacher-forced greedy decode of `n_tokens` tokens).
 
-    Returns {max_logit_diff, logit_scale, token_agreement, n_tokens, passed}.
+    Every step compares the full logits (decoder body + LM head) and, when `test` has a fused
+    restricted action head, that head's action logits and greedy bin against the reference's
+    action-token logits: both heads a bundle decodes with are checked.
+    Returns {max_logit_diff, logit_scale, token_agreement, n_tokens, passed}
+    (+ max_action_logit_diff, action_bin_agreement with a restricted head).
     """
     from edge_vla.runtime.policy import Policy
 
     proc = Policy(ref, mode="direct")  # only for input checks and processing
+    lo, n_bins = proc.tokenizer.first_action_id, proc.tokenizer.n_bins
+    restricted = bool(getattr(test, "has_fused_action_head", False))
     worst, scale, agree, total = 0.0, 0.0, 0, 0
+    act_worst, act_agree = 0.0, 0
     for obs in observations:
         pv, state, prompt = proc._inputs(obs)
         pa, pb = ref.encode_prefix(pv, state), test.encode_prefix(pv, state)
-        (_, la, ca), (_, lb, cb) = ref.prefill(pa, prompt), test.prefill(pb, prompt)
+        (ha, la, ca), (hb, lb, cb) = ref.prefill(pa, prompt), test.prefill(pb, prompt)
         for i in range(n_tokens + 1):
-            la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
+            la = np.asarray(_full_logits(ref, ha, la), np.float64)
+            lb = np.asarray(_full_logits(test, hb, lb), np.float64)
             worst = max(worst, float(np.abs(la - lb).max()))
             scale = max(scale, float(np.abs(la).max()))
             agree += int(la.argmax() == lb.argmax())
+            if restricted:
+                ra = la[lo:lo + n_bins]
+                rb = np.asarray(test.action_logits(hb, None), np.float64)
+                act_worst = max(act_worst, float(np.abs(ra - rb).max()))
+                act_agree += int(ra.argmax() == rb.argmax())
             total += 1
             if i == n_tokens:
                 break
             nxt = int(la.argmax())
-            (_, la, ca), (_, lb, cb) = ref.step([nxt], ca), test.step([nxt], cb)
+            (ha, la, ca), (hb, lb, cb) = ref.step([nxt], ca), test.step([nxt], cb)
     agreement = agree / max(total, 1)
     passed = worst <= atol + rtol * scale and agreement >= min_agreement
-    return {"max_logit_diff": worst, "logit_scale": scale, "token_agreement": agreement,
-            "n_tokens": total, "n_observations": len(observations), "passed": bool(passed)}
+    out = {"max_logit_diff": worst, "logit_scale": scale, "token_agreement": agreement,
+           "n_tokens": total, "n_observations": len(observations)}
+    if restricted:
+        out["max_action_logit_diff"] = act_worst
+        out["action_bin_agreement"] = act_agree / max(total, 1)
+        passed = passed and act_worst <= atol + rtol * scale and out["action_bin_agreement"] >= min_agreement
+    return {**out, "passed": bool(passed)}
 
 
 def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:

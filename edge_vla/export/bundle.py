@@ -3,7 +3,9 @@
     manifest.json   format, schema_version, model_config, graphs (file, inputs, outputs,
                     precision), action_stats, recipe, target, parity, accuracy, files (sha256)
     tokenizer/      tokenizer.json + edge_vla_tokens.json (TextTokenizer.save)
-    *.onnx          prefix (vision + projector + proprio), embed, decoder (KV cache as tensors)
+    *.onnx          prefix (vision + projector + proprio), embed, decoder (the body: KV cache as
+                    tensors, hidden state out, no LM head), lm_head (hidden -> full logits, free
+                    tokens only), action_head (the fused restricted head: every action token)
     engines/        optional, e.g. TensorRT engines built on the target
 
 `write_bundle` writes atomically; `load_bundle` checks the schema and the sha256 of every
@@ -24,9 +26,11 @@ from edge_vla.tokens.action import ActionStats
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "edge-vla-bundle"
-BUNDLE_SCHEMA_VERSION = 1
+# 2: the LM head left the decoder graph (lm_head.onnx) and action_head.onnx is required. Version 1
+# bundles (decoder.onnx with logits inside) are refused with a re-export hint.
+BUNDLE_SCHEMA_VERSION = 2
 TOKENIZER_DIR = "tokenizer"
-GRAPH_ROLES = ("prefix", "embed", "decoder")
+GRAPH_ROLES = ("prefix", "embed", "decoder", "lm_head", "action_head")
 
 
 @dataclass
@@ -76,7 +80,8 @@ def write_bundle(path: str | Path, staging: str | Path, manifest: dict) -> Bundl
     for role in GRAPH_ROLES:
         g = manifest.get("graphs", {}).get(role)
         if g is None or not (staging / g["file"]).is_file():
-            raise EdgeVLAError(f"cannot write the bundle: the {role} graph is missing", "export all three graphs first")
+            raise EdgeVLAError(f"cannot write the bundle: the {role} graph is missing",
+                               f"export all of {list(GRAPH_ROLES)} first")
     if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
         raise EdgeVLAError("cannot write the bundle: tokenizer/ is missing")
     with atomic_directory(path) as tmp:
@@ -103,6 +108,10 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise EdgeVLAError(f"{mf} is not valid JSON ({e.msg}, line {e.lineno})", "re-export the bundle") from None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise EdgeVLAError(f"{mf} lacks format={BUNDLE_FORMAT!r}: not an edge-vla bundle", "re-export the bundle")
+    if m.get("schema_version") == 1:
+        raise EdgeVLAError(f"bundle {p} has schema version 1 (its decoder.onnx computes the full-vocabulary logits; "
+                           f"this edge-vla reads version {BUNDLE_SCHEMA_VERSION}: decoder body + lm_head.onnx + "
+                           "action_head.onnx)", "re-export it from its checkpoint: edge-vla export CKPT -o BUNDLE")
     if m.get("schema_version") != BUNDLE_SCHEMA_VERSION:
         raise EdgeVLAError(f"bundle {p} has schema version {m.get('schema_version')!r}, this edge-vla reads "
                            f"{BUNDLE_SCHEMA_VERSION}", "re-export it with this version of edge-vla")

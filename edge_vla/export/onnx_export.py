@@ -1,17 +1,23 @@
-"""Export a VLA to three ONNX graphs that a runtime chains together without torch.
+"""Export a VLA to the ONNX graphs that a runtime chains together without torch.
 
-    prefix.onnx   pixel_values (B, C, 3, S, S) [+ state (B, 8)]  -> prefix_embeds (B, P, H)
-                  (vision tower + projector + camera embedding + proprio token)
-    embed.onnx    input_ids (B, T)                                -> token_embeds (B, T, H)
-    decoder.onnx  inputs_embeds (B, T, H), past_key_i / past_value_i (B, kv, L, d) per layer
-                  -> hidden (B, H) and logits (B, V) of the last position,
-                     present_key_i / present_value_i (B, kv, L+T, d)
+    prefix.onnx       pixel_values (B, C, 3, S, S) [+ state (B, 8)]  -> prefix_embeds (B, P, H)
+                      (vision tower + projector + camera embedding + proprio token)
+    embed.onnx        input_ids (B, T)                                -> token_embeds (B, T, H)
+    decoder.onnx      the decoder BODY: inputs_embeds (B, T, H), past_key_i / past_value_i
+                      (B, kv, L, d) per layer -> hidden (B, H) of the last position,
+                      present_key_i / present_value_i (B, kv, L+T, d). No LM head.
+    lm_head.onnx      hidden (B, H) -> logits (B, V): the full-vocabulary head, run only for free
+                      (reasoning) tokens and for parity
+    action_head.onnx  hidden (N, H), dim (N,) -> bins, actions (env units), action_logits (N, 256):
+                      the fused restricted head of edge_vla.kernels (the 256 action-token rows)
 
 One decoder graph serves prefill (past length 0) and decode (T = 1): the KV cache travels as
 plain tensors and is rebuilt inside the wrapper as a transformers DynamicCache, the form
-torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). The decoder returns the last
-hidden state as well as the logits so a restricted action head (the action-token rows of the
-LM head, or the fused kernel graph of edge_vla.kernels) can be applied to it.
+torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). The LM head leaves the decoder
+graph (edge_vla.kernels.onnx_graph.split_lm_head) because ONNX Runtime runs every node of a
+graph whatever outputs are requested: inside the decoder, a direct-mode action token would pay
+for the whole vocabulary head. Split, the bundle holds one copy of the head and direct mode
+never reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from torch import nn
 from edge_vla.errors import EdgeVLAError
 
 PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH, ACTION_HEAD_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx", "action_head.onnx"
+LM_HEAD_GRAPH = "lm_head.onnx"
+ACTION_LOGITS = "action_logits"  # extra output of the bundle's action-head graph (adaptive mode's entropy/margin)
 OPSET = 18
 
 
@@ -117,7 +125,8 @@ def _needs_external(module) -> bool:
 
 
 def export_graphs(vla, out_dir: str | Path) -> dict:
-    """Write prefix/embed/decoder graphs of `vla` (fp32) into `out_dir`; return their I/O names."""
+    """Write the prefix/embed/decoder/lm_head[/action_head] graphs of `vla` (fp32) into `out_dir`;
+    return their I/O names (the manifest's `graphs`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vla = vla.float().eval()
@@ -125,7 +134,6 @@ def export_graphs(vla, out_dir: str | Path) -> dict:
     n_cams, s = len(cfg.cameras), cfg.image_size
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=1, max=8192)
-    past_len = torch.export.Dim("past", min=0, max=8192)
 
     pv = torch.zeros(2, n_cams, 3, s, s)
     graphs: dict[str, dict] = {}
@@ -144,17 +152,52 @@ def export_graphs(vla, out_dir: str | Path) -> dict:
 
     n_layers, n_kv, hd = kv_shape(vla.lm.config)
     hidden = vla.lm.config.hidden_size
-    past = tuple(torch.zeros(2, n_kv, 3, hd) for _ in range(2 * n_layers))
-    emb = torch.zeros(2, 4, hidden)
-    in_names = ["inputs_embeds", *kv_names(n_layers, "past")]
-    out_names = ["hidden", "logits", *kv_names(n_layers, "present")]
-    dyn = {"inputs_embeds": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
-    _export(DecoderWithCache(vla), (emb, past), out / DECODER_GRAPH, in_names, out_names, dyn, "decoder")
-    graphs["decoder"] = {"file": DECODER_GRAPH, "inputs": in_names, "outputs": out_names,
-                         "n_layers": n_layers, "n_kv_heads": n_kv, "head_dim": hd, "hidden_size": hidden}
+    full = out / ".decoder_with_head.onnx"
+    in_names, _ = export_full_decoder(vla, full)
+    graphs.update(split_decoder(vla, full, out))
+    for f in out.glob(full.name + "*"):  # the graph and any external-data side file
+        f.unlink()
+    graphs["decoder"].update({"inputs": in_names, "n_layers": n_layers, "n_kv_heads": n_kv, "head_dim": hd,
+                              "hidden_size": hidden})
     if vla.action_stats is not None:
         graphs["action_head"] = export_action_head(vla, out / ACTION_HEAD_GRAPH)
     return graphs
+
+
+def export_full_decoder(vla, path: Path) -> tuple[list[str], list[str]]:
+    """The decoder WITH its LM head (outputs hidden, logits, present_*), as torch exports it.
+    export_graphs splits it; tests and benchmarks use it as the unsplit reference."""
+    vla = vla.float().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("seq", min=1, max=8192)
+    past_len = torch.export.Dim("past", min=0, max=8192)
+    n_layers, n_kv, hd = kv_shape(vla.lm.config)
+    past = tuple(torch.zeros(2, n_kv, 3, hd) for _ in range(2 * n_layers))
+    emb = torch.zeros(2, 4, vla.lm.config.hidden_size)
+    in_names = ["inputs_embeds", *kv_names(n_layers, "past")]
+    out_names = ["hidden", "logits", *kv_names(n_layers, "present")]
+    dyn = {"inputs_embeds": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
+    _export(DecoderWithCache(vla), (emb, past), Path(path), in_names, out_names, dyn, "decoder")
+    return in_names, out_names
+
+
+def split_decoder(vla, full_path: Path, out_dir: Path) -> dict:
+    """decoder.onnx (body: hidden + present_*) and lm_head.onnx (hidden -> logits) from the full decoder."""
+    import onnx
+
+    from edge_vla.kernels.onnx_graph import split_lm_head
+
+    head = vla.lm.get_output_embeddings()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
+    body, lm_head = split_lm_head(onnx.load(str(full_path)), head.weight.detach().float().numpy(), bias)
+    external = body.ByteSize() > 1_800_000_000  # protobuf's 2 GB cap, as in _export
+    onnx.save(body, str(out_dir / DECODER_GRAPH), save_as_external_data=external,
+              location=DECODER_GRAPH + ".data" if external else None)
+    external = lm_head.ByteSize() > 1_800_000_000
+    onnx.save(lm_head, str(out_dir / LM_HEAD_GRAPH), save_as_external_data=external,
+              location=LM_HEAD_GRAPH + ".data" if external else None)
+    return {"decoder": {"file": DECODER_GRAPH, "outputs": [o.name for o in body.graph.output]},
+            "lm_head": {"file": LM_HEAD_GRAPH, "inputs": ["hidden"], "outputs": ["logits"]}}
 
 
 def export_action_head(vla, path: Path) -> dict:
@@ -170,5 +213,13 @@ def export_action_head(vla, path: Path) -> dict:
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
     weight, bias = action_head_rows(head.weight.detach().float().numpy(), tok.first_action_id, tok.n_bins, bias)
     values, low, high = action_value_table(vla.action_tokenizer)
-    onnx.save(build_action_head_graph(weight, values, low, high, bias), str(path))
-    return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", "actions"]}
+    model = build_action_head_graph(weight, values, low, high, bias)
+    # Expose the 256 action logits too (adaptive mode's entropy/margin, the parity check): the graph
+    # computes them anyway, so the restricted head serves every mode.
+    logits = "action_head/logits_b" if bias is not None else "action_head/logits"
+    model.graph.node.append(onnx.helper.make_node("Identity", [logits], [ACTION_LOGITS], name="action_head/logits_out"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(ACTION_LOGITS, onnx.TensorProto.FLOAT,
+                                                                 ["rows", tok.n_bins]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", "actions", ACTION_LOGITS]}

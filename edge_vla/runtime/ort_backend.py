@@ -1,7 +1,11 @@
 """ONNX Runtime backend: runs a bundle with onnxruntime + numpy + tokenizers only (no torch).
 
 The KV cache is a list of numpy arrays fed back as `past_*` inputs; prefill and decode use the
-same decoder graph (past length 0 at prefill).
+same decoder graph (past length 0 at prefill). The decoder graph is the body only (hidden state
+out): `prefill`/`step` return logits=None and the Policy asks for what it needs from the hidden
+state, the full-vocabulary logits (`lm_logits`, lm_head.onnx: free tokens) or the action token
+(`action_bin`/`action_logits`, action_head.onnx: 256 rows). `head="full"` makes action tokens go
+through the full head too (the comparison `edge-vla bench --compare-head` measures).
 """
 
 from __future__ import annotations
@@ -16,13 +20,20 @@ from edge_vla.errors import EdgeVLAError, MissingDependencyError
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle, threads: int | None = 1, providers: list[str] | None = None):
+    HEADS = ("restricted", "full")
+
+    def __init__(self, bundle, threads: int | None = 1, providers: list[str] | None = None, head: str = "restricted"):
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime", "the ONNX Runtime backend") from None
         from edge_vla.model.processor import VLAProcessor
 
+        if head not in self.HEADS:
+            from edge_vla.config import unknown_name_error
+
+            raise unknown_name_error("action head", head, list(self.HEADS))
+        self.head = head
         self.bundle = bundle
         config = bundle.config
         self.processor = VLAProcessor(config, bundle.tokenizer())
@@ -43,23 +54,19 @@ class OrtBackend:
         if missing:
             raise EdgeVLAError(f"onnxruntime here lacks provider(s) {missing}", f"available: {available}")
         self.sessions = {}
-        for role in ("prefix", "embed", "decoder"):
+        for role in ("prefix", "embed", "decoder", "lm_head", "action_head"):
             try:
                 self.sessions[role] = ort.InferenceSession(str(bundle.graph_path(role)), so, providers=providers)
             except Exception as e:
                 raise EdgeVLAError(f"onnxruntime cannot load the {role} graph of {bundle.path} "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", "re-export the bundle") from None
-        # The fused action head (edge_vla.kernels' graph), when the bundle ships one.
-        self._action_head = None
-        if "action_head" in bundle.graphs:
-            self._action_head = ort.InferenceSession(str(bundle.graph_path("action_head")), so,
-                                                     providers=["CPUExecutionProvider"])
         dec = bundle.graphs["decoder"]
         self._past_names = dec["inputs"][1:]
         self._kv_shape = (dec["n_kv_heads"], dec["head_dim"])
         self._prefix_inputs = bundle.graphs["prefix"]["inputs"]
         self._kv_dtype = np.float16 if "float16" in self.sessions["decoder"].get_inputs()[1].type else np.float32
         self._embed_dtype = np.float16 if "float16" in self.sessions["decoder"].get_inputs()[0].type else np.float32
+        self._lm_dtype = np.float16 if "float16" in self.sessions["lm_head"].get_inputs()[0].type else np.float32
 
     @classmethod
     def load(cls, path: str | Path, **opts):
@@ -81,8 +88,8 @@ class OrtBackend:
     def _run(self, embeds, cache):
         feeds = {"inputs_embeds": embeds.astype(self._embed_dtype, copy=False)}
         feeds.update(zip(self._past_names, cache))
-        hidden, logits, *present = self.sessions["decoder"].run(None, feeds)
-        return hidden[0].astype(np.float32), logits[0].astype(np.float32), present
+        hidden, *present = self.sessions["decoder"].run(None, feeds)
+        return hidden[0].astype(np.float32), None, present
 
     def prefill(self, prefix, input_ids):
         embeds = np.concatenate([prefix.astype(np.float32), self._embed(input_ids).astype(np.float32)], axis=1)
@@ -92,15 +99,26 @@ class OrtBackend:
     def step(self, token_ids, cache):
         return self._run(self._embed(token_ids), cache)
 
+    def lm_logits(self, hidden) -> np.ndarray:
+        """(V,) full-vocabulary logits of one hidden state (lm_head.onnx)."""
+        feed = {"hidden": np.asarray(hidden, np.float32)[None].astype(self._lm_dtype, copy=False)}
+        return self.sessions["lm_head"].run(None, feed)[0][0].astype(np.float32)
+
     def action_logits(self, hidden, logits):
-        return logits[self._lo:self._hi]
+        """(n_bins,) logits of the action tokens: from the restricted head, or sliced from the full one."""
+        if logits is not None:
+            return np.asarray(logits)[self._lo:self._hi]
+        if self.head == "full":
+            return self.lm_logits(hidden)[self._lo:self._hi]
+        return self.sessions["action_head"].run(["action_logits"], self._action_feed(hidden, 0))[0][0]
 
     @property
     def has_fused_action_head(self) -> bool:
-        return self._action_head is not None
+        return self.head == "restricted"
+
+    def _action_feed(self, hidden, dim: int) -> dict:
+        return {"hidden": np.asarray(hidden, np.float32)[None], "dim": np.asarray([dim], np.int64)}
 
     def action_bin(self, hidden, dim: int) -> int:
         """Bin of one action token from the fused head graph (reads only the 256 action rows)."""
-        bins, _ = self._action_head.run(None, {"hidden": np.asarray(hidden, np.float32)[None],
-                                               "dim": np.asarray([dim], np.int64)})
-        return int(bins[0])
+        return int(self.sessions["action_head"].run(["bins"], self._action_feed(hidden, dim))[0][0])

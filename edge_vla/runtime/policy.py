@@ -37,7 +37,9 @@ DEFAULT_MAX_FREE_TOKENS = 512
 class ActionResult:
     action: np.ndarray  # (D,) or (K, D) in env units
     reasoning_text: str | None = None
-    timings: dict[str, Any] = field(default_factory=dict)  # ms: vision, prefill, decode_tokens [..], action_decode, total
+    # ms: vision, prefill, decode_tokens [..], action_decode, total; body [..] (each decoder step) and
+    # head [..] (each head evaluation: full logits for free tokens, the action head for action tokens)
+    timings: dict[str, Any] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)  # prompt, reasoning, action counts
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -51,9 +53,14 @@ class Backend(Protocol):
     recipe                     dict from recipe.json ({} when there is none)
     n_action_tokens            action tokens per call (action_chunk * action_dim)
     encode_prefix(pixel_values (1, C, 3, S, S) float32, state (1, 8) float32 | None) -> prefix handle
-    prefill(prefix, input_ids list[int]) -> (hidden (H,), logits (V,), cache)
-    step(token_ids list[int], cache) -> (hidden (H,), logits (V,), cache)  # appends tokens to the cache
-    action_logits(hidden (H,), logits (V,)) -> (n_bins,) logits of the action tokens only
+    prefill(prefix, input_ids list[int]) -> (hidden (H,), logits (V,) | None, cache)
+    step(token_ids list[int], cache) -> (hidden (H,), logits (V,) | None, cache)  # appends tokens to the cache
+    action_logits(hidden (H,), logits (V,) | None) -> (n_bins,) logits of the action tokens only
+    optional:
+    lm_logits(hidden (H,)) -> (V,)   required when prefill/step return logits=None: a backend whose
+                                     decoder graph has no LM head (bundles) computes the full logits
+                                     only when the Policy needs them (free tokens)
+    has_fused_action_head, action_bin(hidden (H,), dim int) -> bin   the restricted fused head
     """
 
     name: str
@@ -139,7 +146,7 @@ class Policy:
                     self.margin_threshold is not None and margin < self.margin_threshold)
                 info["adaptive"] = {"entropy": ent, "margin": margin, "reasoned": bool(uncertain)}
                 if uncertain:
-                    direct_t = dict(timings)
+                    direct_t = {k: list(v) if isinstance(v, list) else v for k, v in timings.items()}
                     res = self._decode_full(prefix, prompt, timings)
                     info["adaptive"]["direct_timings"] = direct_t
         t0 = time.perf_counter()
@@ -177,8 +184,10 @@ class Policy:
         # adaptive, which needs the action logits for its entropy/margin.
         fused = getattr(self.backend, "has_fused_action_head", False) and self.mode != "adaptive"
         dim = self.action_tokenizer.dim
+        body, head = timings.setdefault("body", []), timings.setdefault("head", [])
         ids, rows = [], []
         while True:
+            th = time.perf_counter()
             if fused:
                 if not np.isfinite(hidden).all():
                     raise EdgeVLAError("the model produced NaN/Inf hidden states",
@@ -191,11 +200,23 @@ class Policy:
                                        "the weights or the quantized graph are broken; re-export without quantization to compare")
                 rows.append(a)
                 ids.append(lo + int(a.argmax()))
+            head.append(_ms(th))
             if len(ids) == self.n_action_tokens:
                 break
+            tb = time.perf_counter()
             hidden, logits, cache = self.backend.step([ids[-1]], cache)
+            body.append(_ms(tb))
         timings["_action_tokens_ms"] = _ms(t0)
         return ids, (np.stack(rows) if rows else None)
+
+    def _full_logits(self, hidden, logits, timings) -> np.ndarray:
+        """Full-vocabulary logits (free tokens): the backend's, or its separate LM head's."""
+        if logits is not None:
+            return np.asarray(logits)
+        t0 = time.perf_counter()
+        out = np.asarray(self.backend.lm_logits(hidden))
+        timings.setdefault("head", []).append(_ms(t0))
+        return out
 
     def _decode_direct(self, prefix, prompt, timings) -> dict:
         t0 = time.perf_counter()
@@ -214,9 +235,14 @@ class Policy:
         timings["prefill"] = _ms(t0)
         free: list[int] = []
         per_token: list[float] = []
+        body = timings.setdefault("body", [])
+        head = timings.setdefault("head", [])
         ended_without_action = True
         for _ in range(self.max_free_tokens):
-            lg = np.asarray(logits)
+            n_head = len(head)
+            logits = self._full_logits(hidden, logits, timings)
+            head_ms = sum(head[n_head:])
+            lg = logits
             if len(free) < self.min_free_tokens:  # like HF generate's min_new_tokens: no stop yet
                 lg = lg.copy()
                 lg[lo:hi] = -np.inf
@@ -230,12 +256,14 @@ class Policy:
             free.append(nxt)
             t0 = time.perf_counter()
             hidden, logits, cache = self.backend.step([nxt], cache)
-            per_token.append(_ms(t0))
+            body.append(_ms(t0))
+            per_token.append(body[-1] + head_ms)  # one decoded token: its head + the step that feeds it
         if ended_without_action and self.forced_action_ids:
             # The reasoning ran out (budget or eos) without reaching ACTION: force the action prefix.
             t0 = time.perf_counter()
             hidden, logits, cache = self.backend.step(list(self.forced_action_ids), cache)
-            per_token.append(_ms(t0))
+            body.append(_ms(t0))
+            per_token.append(body[-1])
         timings["decode_tokens"] = per_token
         ids, rows = self._action_tokens(hidden, logits, cache, timings)
         text = tok.decode(free)
