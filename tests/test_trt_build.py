@@ -43,8 +43,13 @@ def _bundle(tmp_path, tiny_vla, contrib_decoder=False):
     node = (helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft", alpha=1.0)
             if contrib_decoder else helper.make_node("MatMul", ["x", "w"], ["y"]))
     _graph(staging / "decoder.onnx", [f("x", [1, 8])], [f("y", [1, 8])], [node], [w])
+    _graph(staging / "lm_head.onnx", [f("hidden", [1, 8])], [f("logits", [1, 8])],
+           [helper.make_node("MatMul", ["hidden", "w"], ["logits"])], [w])
+    _graph(staging / "action_head.onnx", [f("hidden", [1, 8])], [f("bins", [1, 8])],
+           [helper.make_node("Relu", ["hidden"], ["bins"])])
     tiny_vla.processor.tokenizer.save(staging / "tokenizer")
-    graphs = {r: {"file": f"{r}.onnx", "inputs": [], "outputs": [], "precision": "fp16"} for r in ("prefix", "embed", "decoder")}
+    graphs = {r: {"file": f"{r}.onnx", "inputs": [], "outputs": [], "precision": "fp16"}
+              for r in ("prefix", "embed", "decoder", "lm_head", "action_head")}
     manifest = {"model_config": tiny_vla.config.to_dict(), "action_stats": tiny_vla.action_stats.to_dict(),
                 "graphs": graphs, "target": "orin-nano-8", "precision": "fp16"}
     return write_bundle(tmp_path / "bundle", staging, manifest)
@@ -74,12 +79,12 @@ def test_engine_records_are_hashed_into_the_manifest_and_checked_at_load(tmp_pat
     b = _bundle(tmp_path, tiny_vla)
     gpu = {"name": "Orin", "compute_capability": "8.7"}
     records = {r: {"file": f"engines/{r}.plan", "graph": f"{r}.onnx", "precision": "fp16", "tensorrt_version": "10.3.0",
-                   "gpu": gpu, "target": "orin-nano-8", "profiles": []} for r in ("prefix", "embed", "decoder")}
+                   "gpu": gpu, "target": "orin-nano-8", "profiles": []} for r in ("prefix", "embed", "decoder", "lm_head")}
     # Stand-in plan bytes: this tests the bundle bookkeeping, not TensorRT.
     record_engines(b.path, {r: f"plan-{r}".encode() for r in records}, records, timing_cache=b"cache",
                    extra_files={"engines/decoder.trt.onnx": b"prepared graph"})
     again = load_bundle(b.path)  # verifies every sha256, engines and timing cache included
-    assert set(again.manifest["engines"]) == {"prefix", "embed", "decoder"}
+    assert set(again.manifest["engines"]) == {"prefix", "embed", "decoder", "lm_head"}
     assert {"engines/decoder.plan", "engines/timing.cache", "engines/decoder.trt.onnx"} <= set(again.manifest["files"])
     assert (b.path / "engines" / "embed.plan").read_bytes() == b"plan-embed"
     rec = again.manifest["engines"]["decoder"]

@@ -37,7 +37,9 @@ from edge_vla.export.targets import Target, get_target
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
-ROLES = ("prefix", "embed", "decoder")
+# One engine per graph the backend runs through TensorRT. The action head is not among them: the
+# fused CUDA kernel (edge_vla.kernels) decodes action tokens from its tables.
+ROLES = ("prefix", "embed", "decoder", "lm_head")
 # The exporter's precision names -> what the TensorRT builder must enable.
 BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "int8-static": "int8",
                      "int4": "int4"}

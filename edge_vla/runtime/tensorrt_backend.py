@@ -14,10 +14,12 @@ first run on a board is easy to debug. What it does:
 - the KV cache lives in two device buffer sets (past, present) that swap after each step: the
   decoder reads one and writes the other, no cache bytes cross to the host. A cache handle from
   an older step is refused (it has been overwritten);
-- per step only `hidden` (H floats) and `logits` (V floats) come back to the host; action tokens
-  are decoded by the fused action-decode CUDA kernel (edge_vla.kernels.cuda_loader, through the
-  Policy's `has_fused_action_head`/`action_bin` hook) from the bundle's action-head tables when
-  torch is present, else greedily from the action logits.
+- the decoder engine is the bundle's decoder body (no LM head): per step only `hidden` (H floats)
+  comes back to the host. The full-vocabulary logits come from the separate lm_head engine, run
+  only when the Policy asks (`lm_logits`: free reasoning tokens). Action tokens are decoded by
+  the fused action-decode CUDA kernel (edge_vla.kernels.cuda_loader, through the Policy's
+  `has_fused_action_head`/`action_bin` hook) from the bundle's action_head.onnx tables when
+  torch is present, else greedily from the action rows of the lm_head engine's logits.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class TensorRTBackend:
 
         dec_graph = bundle.graphs["decoder"]
         self._past = dec_graph["inputs"][1:]
-        self._present = dec_graph["outputs"][2:]
+        self._present = [n for n in dec_graph["outputs"] if n.startswith("present_")]
         self._n_kv, self._head_dim, self._hidden = dec_graph["n_kv_heads"], dec_graph["head_dim"], dec_graph["hidden_size"]
         profiles = engines["decoder"]["profiles"]
         # The longest cache the engine accepts: max of `past` over the profiles, plus one step.
@@ -160,8 +162,11 @@ class TensorRTBackend:
         self._row_bytes = row_bytes
         vocab = int(self.processor.tokenizer.vocab_size)
         self._host_hidden = cuda.pagelocked_empty(self._hidden, dec.dtypes["hidden"])
-        self._host_logits = cuda.pagelocked_empty(vocab, dec.dtypes["logits"])
         self._dev_hidden = cuda.mem_alloc(self._host_hidden.nbytes)
+        head = self.engines["lm_head"]
+        self._head_in = cuda.pagelocked_empty(self._hidden, head.dtypes["hidden"])
+        self._dev_head_in = cuda.mem_alloc(self._head_in.nbytes)
+        self._host_logits = cuda.pagelocked_empty(vocab, head.dtypes["logits"])
         self._dev_logits = cuda.mem_alloc(self._host_logits.nbytes)
         self._ids = cuda.mem_alloc(self.max_total * 8)
         self._pixels = self._state = None
@@ -211,18 +216,17 @@ class TensorRTBackend:
         eng.use_profile(profile, self.stream)
         past_shape = (1, self._n_kv, self._length, self._head_dim)
         shapes = {"inputs_embeds": (1, n_new, self._hidden), **{n: past_shape for n in self._past}}
-        addresses = {"inputs_embeds": self._embeds, "hidden": self._dev_hidden, "logits": self._dev_logits}
+        addresses = {"inputs_embeds": self._embeds, "hidden": self._dev_hidden}
         nxt = 1 - self._cur
         addresses.update(zip(self._past, self._kv[self._cur]))
         addresses.update(zip(self._present, self._kv[nxt]))
         eng.run(shapes, addresses, self.stream)
         cuda.memcpy_dtoh_async(self._host_hidden, self._dev_hidden, self.stream)
-        cuda.memcpy_dtoh_async(self._host_logits, self._dev_logits, self.stream)
         self.stream.synchronize()
         self._cur, self._length = nxt, self._length + n_new
         self._generation += 1
-        return (self._host_hidden.astype(np.float32), self._host_logits.astype(np.float32),
-                DeviceCache(self._length, self._generation))
+        # No logits: the head is a separate engine, run only when the Policy needs them (lm_logits).
+        return self._host_hidden.astype(np.float32), None, DeviceCache(self._length, self._generation)
 
     def prefill(self, prefix, input_ids):
         if prefix != self._prefix_tokens:
@@ -239,15 +243,26 @@ class TensorRTBackend:
         self._embed_into(token_ids, 0, profile=1)
         return self._decode(len(token_ids), profile=1)
 
+    def lm_logits(self, hidden) -> np.ndarray:
+        """(V,) full-vocabulary logits of one hidden state through the lm_head engine."""
+        cuda, eng = self._cuda, self.engines["lm_head"]
+        self._head_in[:] = np.asarray(hidden, dtype=np.float32)
+        cuda.memcpy_htod_async(self._dev_head_in, self._head_in, self.stream)
+        eng.use_profile(0, self.stream)
+        eng.run({"hidden": (1, self._hidden)}, {"hidden": self._dev_head_in, "logits": self._dev_logits}, self.stream)
+        cuda.memcpy_dtoh_async(self._host_logits, self._dev_logits, self.stream)
+        self.stream.synchronize()
+        return self._host_logits.astype(np.float32)
+
     def action_logits(self, hidden, logits):
-        return logits[self._lo:self._hi]
+        return (logits if logits is not None else self.lm_logits(hidden))[self._lo:self._hi]
 
     # --- fused action decode on the device (Policy's has_fused_action_head / action_bin hook) -----
     def _load_fused_head(self, bundle):
         """The action-head tables of the bundle's action_head graph as CUDA tensors, or None.
 
-        The CUDA kernel (edge_vla.kernels.cuda_loader) takes torch CUDA tensors; without torch (or
-        the graph) the Policy falls back to the action logits the decoder returns.
+        The CUDA kernel (edge_vla.kernels.cuda_loader) takes torch CUDA tensors; without torch the
+        Policy falls back to the action rows of the lm_head engine's logits.
         """
         if "action_head" not in bundle.graphs:
             return None
