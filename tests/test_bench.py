@@ -26,7 +26,9 @@ def test_bench_two_artifacts_writes_results_with_ratios(tmp_path, tiny_vla):
     s = doc["summary"]
     assert doc["kind"] == "bench" and len(doc["records"]) == 2 and doc["environment"]["python"]
     assert doc["config"]["variant"]["backend"] == "torch" and doc["config"]["threads"] == 1
-    assert set(s["components_ms"]) == {"vision", "prefill", "decode_token", "action_decode", "total"}
+    assert set(s["components_ms"]) == {"vision", "prefill", "decode_token", "decode_body", "decode_head",
+                                       "action_decode", "total"}
+    assert s["decode_body_ms"] > 0 and s["decode_head_ms"] is not None  # torch: the head runs inside the step
     assert s["ratios_vs_first"]["speedup_per_action"] == 1.0 and s["ratios_vs_first"]["size"] == 1.0
     assert 0 < s["roofline_fraction"] and s["decoder_bytes"] > 0 and s["bundle_bytes"] > s["decoder_bytes"]
     assert s["peak_memory_mb"] > 0 and s["actions_per_s"] > 0 and s["tokens_per_action"] == 7
@@ -44,3 +46,28 @@ def test_bench_refuses_missing_artifacts_and_bad_counts(tmp_path):
         bench_artifacts([tmp_path], calls=0)
     with pytest.raises(EdgeVLAError, match="failed: .*lacks config.json"):
         bench_artifacts([tmp_path], calls=1)  # an empty directory is neither: the worker's error comes back
+
+
+def test_bench_compare_head_splits_body_and_head_on_one_bundle(tmp_path, tiny_vla):
+    """--compare-head: the same bundle's direct decode with the full LM head and with the restricted
+    action head, both timed in one worker; the full head reads the vocabulary-sized lm_head graph."""
+    from edge_vla.cli import main
+    from edge_vla.export import export_checkpoint
+
+    ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
+    bundle = export_checkpoint(ckpt, tmp_path / "bundle", precision="fp32", report=lambda *_: None)
+    res = CliRunner().invoke(main, ["bench", str(bundle), str(ckpt), "--calls", "2", "--warmup", "1", "--compare-head",
+                                    "--mode", "direct", "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["rows"]
+    s = rows[0]["summary"]
+    assert rows[0]["backend"] == "onnxruntime" and s["decode_body_ms"] > 0 and s["decode_head_ms"] > 0
+    hc = s["head_compare"]
+    for h in ("restricted", "full"):
+        assert hc[h]["body_ms"] > 0 and hc[h]["head_ms"] > 0 and hc[h]["step_ms"] == hc[h]["body_ms"] + hc[h]["head_ms"]
+    assert hc["speedup_decode_step"] > 0 and hc["speedup_head"] > 0
+    assert hc["full"]["decoder_bytes"] > hc["restricted"]["decoder_bytes"] == s["decoder_bytes"]
+    assert "no separate LM head" in rows[1]["summary"]["head_compare_note"]  # a torch checkpoint
+    table = CliRunner().invoke(main, ["bench", str(bundle), "--calls", "1", "--warmup", "0", "--compare-head",
+                                      "-o", str(tmp_path / "out2")])
+    assert table.exit_code == 0 and "faster per step" in table.output, table.output

@@ -17,13 +17,17 @@ import click
               help="Also project actions/s on this target (repeatable; see `edge-vla targets`).")
 @click.option("-o", "--out", "out_dir", default="results/bench", show_default=True, type=click.Path(path_type=str),
               help="Directory for the results files (one per artefact).")
+@click.option("--compare-head", is_flag=True,
+              help="Also time each bundle's direct-mode decode step with the full LM head vs the restricted "
+                   "action head (same process, interleaved) and print the ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out_dir, as_json):
+def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out_dir, compare_head, as_json):
     """Benchmark ARTIFACTS (checkpoints or bundles) in one run, ratios against the first.
 
     Each artefact runs in a fresh process with one intra-op thread. Reports latency median/p95
-    per component and per action, actions/s, peak memory, model bytes, and the fraction of this
-    machine's measured memory-bandwidth roofline each decoder reaches.
+    per component and per action (the decode step split into body and head), actions/s, peak memory,
+    model bytes, and the fraction of this machine's measured memory-bandwidth roofline each decoder
+    reaches. --compare-head: full LM head vs restricted action head on the same bundle, one run.
     """
     import json
 
@@ -39,7 +43,8 @@ def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out
             prog.update(task, completed=i, description=f"bench {name}")
 
         result = bench_artifacts(list(artifacts), mode=mode, backend=backend, calls=calls, warmup=warmup,
-                                 out_dir=out_dir, targets=tuple(targets), opts=opts, progress=progress)
+                                 out_dir=out_dir, targets=tuple(targets), opts=opts, progress=progress,
+                                 compare_head=compare_head)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
         return

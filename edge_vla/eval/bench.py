@@ -8,6 +8,13 @@ actions/s, peak memory, model bytes, and the fraction of this machine's memory-b
 roofline its decoder reaches (decode is bandwidth-bound at batch 1: a decode step reads every
 decoder weight once, so time/token >= decoder bytes / bandwidth).
 
+The decode step is split into body (the decoder graph/step) and head (the head evaluation that
+picks the token: the full LM head for free tokens, the fused restricted action head for action
+tokens in a bundle; torch computes its head inside the step, so its head column is ~0).
+`compare_head=True` (`edge-vla bench --compare-head`) also runs, in the same worker process and
+interleaved call by call, the direct-mode decode of each bundle with the full LM head
+(OrtBackend head="full") against the restricted head, and reports the ratio per decode step.
+
 Results: one results file per artefact (edge_vla.eval.results, kind "bench"), the side-by-side
 comparison in each summary, and the table printed.
 """
@@ -24,15 +31,19 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 
-COMPONENTS = ("vision", "prefill", "decode_token", "action_decode", "total")
+COMPONENTS = ("vision", "prefill", "decode_token", "decode_body", "decode_head", "action_decode", "total")
 
 
 # --- worker (runs inside a fresh process) -------------------------------------------------------
 def _decoder_bytes(policy, path: Path) -> int:
-    """Bytes a decode step reads: the decoder graph (bundle) or the LM decoder + head weights (torch)."""
+    """Bytes a decode step reads: the decoder body + the head it runs (bundle: the restricted action
+    head in direct mode, the full lm_head when reasoning or with head="full"), or the LM decoder +
+    head weights (torch)."""
     be = policy.backend
     if getattr(be, "bundle", None) is not None:
-        return be.bundle.graph_path("decoder").stat().st_size
+        restricted = policy.mode == "direct" and getattr(be, "has_fused_action_head", False)
+        head = "action_head" if restricted else "lm_head"
+        return sum(be.bundle.graph_path(r).stat().st_size for r in ("decoder", head))
     if hasattr(be, "vla"):
         lm = be.vla.lm
         params = {id(p): p for m in (lm.get_decoder(), lm.get_output_embeddings()) for p in m.parameters()}
@@ -64,7 +75,40 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts: dict) -> dict:
+def _record(r) -> dict:
+    """One call's timings as a bench record (ms)."""
+    t = r.timings
+    n_act = r.tokens["action"]
+    free_steps = t.get("decode_tokens") or []
+    # Decode steps of this call: free tokens (full) + the action tokens after the first.
+    steps = len(free_steps) + max(n_act - 1, 0)
+    decode_ms = sum(free_steps) + t["action_decode"]
+    body, head = t.get("body") or [], t.get("head") or []
+    return {"vision": t["vision"], "prefill": t["prefill"], "action_decode": t["action_decode"],
+            "decode_token": decode_ms / steps if steps else None,
+            "decode_body": float(np.mean(body)) if body else None, "decode_head": float(np.mean(head)) if head else None,
+            "total": t["total"], "latency_ms": t["total"], "tokens": r.tokens["reasoning"] + n_act,
+            "reasoning_tokens": r.tokens["reasoning"], "prompt_tokens": r.tokens["prompt"], "decode_steps": steps}
+
+
+def _compare_heads(p: Path, backend: str, calls: int, warmup: int, opts: dict, obs: list) -> dict:
+    """Direct-mode decode of one bundle with the restricted head vs the full LM head, interleaved
+    call by call in this process (same load for both)."""
+    from edge_vla.runtime.policy import load_policy
+
+    policies = {h: load_policy(p, backend=backend, mode="direct", threads=1, head=h, **opts)
+                for h in ("restricted", "full")}
+    recs: dict[str, list] = {h: [] for h in policies}
+    for i in range(warmup + calls):
+        for h, pol in policies.items():
+            r = pol.act(obs[i % len(obs)])
+            if i >= warmup:
+                recs[h].append(_record(r))
+    return {h: {"records": v, "decoder_bytes": _decoder_bytes(policies[h], p)} for h, v in recs.items()}
+
+
+def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts: dict,
+               compare_head: bool = False) -> dict:
     import time
 
     from edge_vla.export.accuracy import synthetic_observations
@@ -78,31 +122,42 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
     obs = synthetic_observations(policy.processor.config, n=4, seed=1)
     for i in range(warmup):
         policy.act(obs[i % len(obs)])
-    records = []
-    for i in range(calls):
-        r = policy.act(obs[i % len(obs)])
-        t = r.timings
-        n_act = r.tokens["action"]
-        free_steps = t.get("decode_tokens") or []
-        # Decode steps of this call: free tokens (full) + the action tokens after the first.
-        steps = len(free_steps) + max(n_act - 1, 0)
-        decode_ms = sum(free_steps) + t["action_decode"]
-        records.append({"vision": t["vision"], "prefill": t["prefill"], "action_decode": t["action_decode"],
-                        "decode_token": decode_ms / steps if steps else None, "total": t["total"],
-                        "latency_ms": t["total"], "tokens": r.tokens["reasoning"] + n_act,
-                        "reasoning_tokens": r.tokens["reasoning"], "prompt_tokens": r.tokens["prompt"],
-                        "decode_steps": steps})
+    records = [_record(policy.act(obs[i % len(obs)])) for i in range(calls)]
     rss = peak_rss_mb()
     cfg = policy.processor.config
     prec = None
     be = policy.backend
     if getattr(be, "bundle", None) is not None:
         prec = be.bundle.manifest.get("precision")
-    return {"records": records, "backend": be.name, "mode": policy.mode, "load_s": load_s,
-            "peak_rss_mb": rss, "load_rss_mb": rss - rss0,
-            "model_bytes": _model_bytes(p), "decoder_bytes": _decoder_bytes(policy, p),
-            "precision": prec or opts.get("quantize") or "fp32", "recipe": policy.recipe.get("name"),
-            "actions_per_call": cfg.action_chunk}
+    out = {"records": records, "backend": be.name, "mode": policy.mode, "load_s": load_s,
+           "peak_rss_mb": rss, "load_rss_mb": rss - rss0,
+           "model_bytes": _model_bytes(p), "decoder_bytes": _decoder_bytes(policy, p),
+           "precision": prec or opts.get("quantize") or "fp32", "recipe": policy.recipe.get("name"),
+           "actions_per_call": cfg.action_chunk}
+    if compare_head:
+        # Only a backend with a separate LM head can skip it; torch computes it inside every step.
+        if "full" in getattr(type(be), "HEADS", ()):
+            out["head_compare"] = _compare_heads(p, backend, calls, warmup, opts, obs)
+        else:
+            out["head_compare_note"] = f"the {be.name} backend has no separate LM head to compare (export a bundle)"
+    return out
+
+
+def summarize_head_compare(hc: dict) -> dict:
+    """Per head: median body/head/step ms; ratios full / restricted (> 1: the restricted head is faster)."""
+    out = {}
+    for h, v in hc.items():
+        rec = v["records"]
+        body = _stats(r["decode_body"] for r in rec)["median"]
+        head = _stats(r["decode_head"] for r in rec)["median"]
+        out[h] = {"body_ms": body, "head_ms": head, "step_ms": body + head if body is not None and head is not None
+                  else None, "action_decode_ms": _stats(r["action_decode"] for r in rec)["median"],
+                  "decoder_bytes": v["decoder_bytes"]}
+    r, f = out["restricted"], out["full"]
+    out["speedup_decode_step"] = _ratio(f["step_ms"], r["step_ms"])
+    out["speedup_head"] = _ratio(f["head_ms"], r["head_ms"])
+    out["speedup_action_decode"] = _ratio(f["action_decode_ms"], r["action_decode_ms"])
+    return out
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -128,23 +183,29 @@ def summarize_artifact(w: dict, bandwidth_gbs: float) -> dict:
         "tokens_per_action": float(np.mean([r["tokens"] for r in rec])) / w["actions_per_call"],
         "reasoning_tokens_per_call": float(np.mean([r["reasoning_tokens"] for r in rec])),
         "decode_ms_per_token": tok_ms,
+        "decode_body_ms": comp["decode_body"]["median"], "decode_head_ms": comp["decode_head"]["median"],
         "peak_memory_mb": w["peak_rss_mb"], "load_memory_mb": w["load_rss_mb"],
         "bundle_bytes": w["model_bytes"], "decoder_bytes": w["decoder_bytes"],
         "roofline_ms_per_token": roof_ms,
         "roofline_fraction": roof_ms / tok_ms if roof_ms and tok_ms else None,
+        **({"head_compare": summarize_head_compare(w["head_compare"])} if w.get("head_compare") else {}),
+        **({"head_compare_note": w["head_compare_note"]} if w.get("head_compare_note") else {}),
     }
 
 
-def _worker_cmd(path, backend, mode, calls, warmup, opts) -> list[str]:
+def _worker_cmd(path, backend, mode, calls, warmup, opts, compare_head=False) -> list[str]:
     spec = json.dumps({"path": str(path), "backend": backend, "mode": mode, "calls": calls, "warmup": warmup,
-                       "opts": opts})
+                       "opts": opts, "compare_head": compare_head})
     return [sys.executable, "-m", "edge_vla.eval.bench", spec]
 
 
 def bench_artifacts(paths: list[str | Path], mode: str | None = None, backend: str = "auto", calls: int = 20,
                     warmup: int = 3, out_dir: str | Path | None = None, targets: tuple[str, ...] = (),
-                    opts: dict | None = None, progress=None) -> dict:
-    """Benchmark every artefact in a fresh 1-thread process; ratios against the first. Returns the comparison."""
+                    opts: dict | None = None, progress=None, compare_head: bool = False) -> dict:
+    """Benchmark every artefact in a fresh 1-thread process; ratios against the first. Returns the comparison.
+
+    compare_head: also time each bundle's direct-mode decode with the full LM head vs the restricted
+    action head (same process, interleaved); summary["head_compare"] holds the split and the ratios."""
     from edge_vla.export.roofline import measure_memory_bandwidth
 
     if not paths:
@@ -160,8 +221,8 @@ def bench_artifacts(paths: list[str | Path], mode: str | None = None, backend: s
     for i, p in enumerate(paths):
         if progress:
             progress(i, len(paths), str(p))
-        out = subprocess.run(_worker_cmd(p, backend, mode, calls, warmup, opts or {}), capture_output=True, text=True,
-                             env=env)
+        out = subprocess.run(_worker_cmd(p, backend, mode, calls, warmup, opts or {}, compare_head), capture_output=True,
+                             text=True, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode != 0 or not lines:
             err = [ln for ln in (out.stderr or "").splitlines() if ln.strip()]
@@ -226,6 +287,7 @@ def format_table(result: dict) -> str:
     lines = [f"memory bandwidth (measured, 1 thread copy): {result['bandwidth_gbs']:.1f} GB/s;"
              f" {result['calls']} calls per artefact, 1 intra-op thread, fresh process each"]
     hdr = (f"{'artefact':28s} {'backend':11s} {'mode':8s} {'prec':6s} {'vision':>7s} {'prefill':>8s} {'ms/tok':>7s} "
+           f"{'body':>6s} {'head':>6s} "
            f"{'act p50':>8s} {'p95':>8s} {'act/s':>7s} {'MB':>8s} {'peakMB':>7s} {'roof%':>6s} {'x speed':>7s} {'x size':>7s}")
     lines.append(hdr)
     for r in result["rows"]:
@@ -235,19 +297,34 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{Path(r['artifact']).name[:28]:28s} {r['backend']:11s} {r['mode']:8s} {r['precision']:6s} "
             f"{f(c['vision']['median']):>7s} {f(c['prefill']['median']):>8s} {f(s['decode_ms_per_token']):>7s} "
+            f"{f(s['decode_body_ms'], '{:.3f}'):>6s} {f(s['decode_head_ms'], '{:.3f}'):>6s} "
             f"{f(s['per_action_ms']['median']):>8s} {f(s['per_action_ms']['p95']):>8s} {f(s['actions_per_s'], '{:.1f}'):>7s} "
             f"{s['bundle_bytes'] / 1e6:8.2f} {s['peak_memory_mb']:7.0f} "
             f"{f(100 * s['roofline_fraction'] if s['roofline_fraction'] else None, '{:.0f}'):>6s} "
             f"{f(s['ratios_vs_first']['speedup_per_action']):>7s} {f(s['ratios_vs_first']['size'], '{:.3f}'):>7s}")
+        if s.get("head_compare"):
+            lines.append(format_head_compare(s["head_compare"]))
+        elif s.get("head_compare_note"):
+            lines.append(f"    head comparison: {s['head_compare_note']}")
         if s.get("projected_hz"):
             lines.append("    projected actions/s: " + ", ".join(f"{t} {hz:.1f}" for t, hz in s["projected_hz"].items()))
     return "\n".join(lines)
 
 
+def format_head_compare(hc: dict) -> str:
+    f = lambda x, fmt="{:.3f}": fmt.format(x) if x is not None else "-"  # noqa: E731
+    r, u = hc["restricted"], hc["full"]
+    return (f"    direct decode step, body + head (ms): restricted head {f(r['body_ms'])} + {f(r['head_ms'])} = "
+            f"{f(r['step_ms'])}; full LM head {f(u['body_ms'])} + {f(u['head_ms'])} = {f(u['step_ms'])}; "
+            f"restricted is {f(hc['speedup_decode_step'], '{:.2f}')}x faster per step "
+            f"(head {f(hc['speedup_head'], '{:.1f}')}x, action decode {f(hc['speedup_action_decode'], '{:.2f}')}x)")
+
+
 def _main(argv) -> None:
     spec = json.loads(argv[0])
     try:
-        res = run_worker(spec["path"], spec["backend"], spec["mode"], spec["calls"], spec["warmup"], spec["opts"])
+        res = run_worker(spec["path"], spec["backend"], spec["mode"], spec["calls"], spec["warmup"], spec["opts"],
+                         spec.get("compare_head", False))
     except EdgeVLAError as e:
         res = {"error": str(e)}
     print(json.dumps(res))
