@@ -50,9 +50,11 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
     b = load_bundle(int8_bundle)
     m = b.manifest
     assert m["parity"]["passed"] and m["parity"]["max_logit_diff"] < 1e-2 and m["parity"]["token_agreement"] == 1.0
-    assert {m["graphs"][r]["precision"] for r in ("prefix", "embed", "decoder")} == {"int8"}
+    assert {m["graphs"][r]["precision"] for r in ("prefix", "embed", "decoder", "lm_head")} == {"int8"}
+    assert m["schema_version"] == 2 and m["parity"]["action_bin_agreement"] == 1.0  # the restricted head is checked too
     assert m["accuracy"]["direct"]["action_token_agreement"] >= 0.95  # trained model: INT8 keeps the argmax
-    assert set(m["files"]) >= {"decoder.onnx", "prefix.onnx", "embed.onnx", "action_head.onnx", "tokenizer/tokenizer.json"}
+    assert set(m["files"]) >= {"decoder.onnx", "lm_head.onnx", "prefix.onnx", "embed.onnx", "action_head.onnx",
+                               "tokenizer/tokenizer.json"}
     assert m["graphs"]["action_head"]["precision"] == "fp32"
     assert m["recipe"]["decode_mode"] == "direct" and m["action_stats"]["q01"]
 
@@ -70,6 +72,9 @@ def test_int4_export_is_smaller_and_reports_accuracy(trained, int8_bundle, tmp_p
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(b.graph_path("decoder"))).graph.node}
+    # The vocabulary head is a graph of its own and is 4-bit too (a large share of a real model's weights).
+    assert b.graphs["lm_head"]["precision"] == "int4"
+    assert {n.op_type for n in onnx.load(str(b.graph_path("lm_head"))).graph.node} == {"MatMulNBits"}
     assert "MatMulNBits" in ops and "GatherBlockQuantized" in {n.op_type for n in onnx.load(str(b.graph_path("embed"))).graph.node}
     dec4 = b.graph_path("decoder").stat().st_size
     dec8 = (int8_bundle / "decoder.onnx").stat().st_size
@@ -111,6 +116,39 @@ def test_full_mode_on_bundle_matches_torch(trained, fp32_bundle):
     assert a.info["action_token_ids"] == b.info["action_token_ids"]
     assert a.reasoning_text == b.reasoning_text and isinstance(b.reasoning_text, str)
     assert len(b.timings["decode_tokens"]) == b.tokens["reasoning"]
+    # Free tokens go through lm_head, action tokens through the restricted head: one head per token
+    # (+1 for the lm_head call that finds the first action token, unless the budget ran out first).
+    n_free, n_act = b.tokens["reasoning"], b.tokens["action"]
+    assert len(b.timings["head"]) in (n_free + n_act, n_free + 1 + n_act)
+
+
+def test_direct_mode_on_bundle_never_runs_the_full_lm_head(trained, fp32_bundle):
+    """One copy of the head weights: decoder.onnx holds no vocabulary-sized weight, and direct
+    decoding (restricted head) never calls lm_head; head="full" picks the same tokens through it."""
+    import onnx
+
+    from edge_vla.runtime.policy import load_policy
+
+    ckpt, samples = trained
+    from edge_vla.export.bundle import load_bundle
+
+    b = load_bundle(fp32_bundle)
+    vocab = b.config.lm["vocab_size"]
+    hidden = b.graphs["decoder"]["hidden_size"]
+    biggest = max(int(np.prod(i.dims)) for i in onnx.load(str(b.graph_path("decoder"))).graph.initializer)
+    assert biggest < vocab * hidden
+    restricted, full = load_policy(fp32_bundle), load_policy(fp32_bundle, head="full")
+    calls = []
+    lm = restricted.backend.lm_logits
+    restricted.backend.lm_logits = lambda h: calls.append(1) or lm(h)
+    for s in samples[:3]:
+        a, f = restricted.act(sample_to_obs(s)), full.act(sample_to_obs(s))
+        assert a.info["action_token_ids"] == f.info["action_token_ids"]
+        assert len(a.timings["head"]) == 7 and len(a.timings["body"]) == 6
+    assert not calls
+    assert restricted.backend.has_fused_action_head and not full.backend.has_fused_action_head
+    with pytest.raises(EdgeVLAError, match="unknown action head"):
+        load_policy(fp32_bundle, head="partial")
 
 
 def test_ort_runtime_does_not_import_torch(int8_bundle, trained):
@@ -160,6 +198,10 @@ def test_tampered_bundles_are_refused_with_the_reason(int8_bundle, tmp_path):
     m["schema_version"] = 99
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EdgeVLAError, match="schema version 99"):
+        load_bundle(b)
+    m["schema_version"] = 1  # a bundle from before the LM head left the decoder graph
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EdgeVLAError, match="schema version 1 .*full-vocabulary logits.*re-export"):
         load_bundle(b)
 
     (b / "manifest.json").write_text("{not json")
