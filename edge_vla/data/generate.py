@@ -173,7 +173,8 @@ def generate_dataset(
 
 def _light_environment() -> dict:
     """Versions without importing anything: edge_vla.environment_report() imports torch and the GPU
-    backends, which segfaulted in a process that had rendered with MuJoCo/EGL."""
+    backends (triton loaded after MuJoCo/EGL segfaults: see sim.env.preload_triton), and a data
+    manifest only needs to say which simulator made it."""
     import importlib.metadata
     import platform
 
