@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "targets": "edge_vla.cli.targets:targets",
     "train": "edge_vla.cli.train:train",
     "distill": "edge_vla.cli.distill:distill",
+    "demo": "edge_vla.cli.demo:demo",
 }
 
 

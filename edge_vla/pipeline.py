@@ -1,0 +1,245 @@
+"""The main job (`edge-vla demo`, `make demo`): the whole toolkit end to end on one CPU.
+
+    LIBERO demos with reasoning  ->  train vla / ecot / ecot-lite-dropout (same budget)
+    -> export fp32 / int8 / int4 bundles  ->  bench side by side  ->  LIBERO rollouts on
+    held-out init states  ->  trade-off report (Markdown + HTML + Pareto plot)
+
+Every stage writes its output atomically and is skipped when a previous run finished it, so an
+interrupted demo resumes where it stopped. This module only orchestrates: each stage is the
+same public function the matching CLI command calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_vla.errors import EdgeVLAError
+from edge_vla.io import atomic_write_text
+
+# The tasks of the demo: LIBERO-90 basket tasks the scripted expert solves reliably.
+DEMO_TASKS = (
+    "LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket",
+    "LIVING_ROOM_SCENE2_pick_up_the_milk_and_put_it_in_the_basket",
+)
+BASELINE_RECIPE = "ecot"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    suite: str = "libero_90"
+    tasks: tuple[str, ...] = DEMO_TASKS
+    demos_per_task: int = 40
+    image_size: int = 64
+    workers: int = 2
+    recipes: tuple[str, ...] = ("vla", "ecot", "ecot-lite-dropout")
+    train_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    action_chunk: int = 8
+    execute_k: int = 4
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    rollout_precision: str = "int8"
+    trials: int = 5
+    first_trial: int = 40  # benchmark init states 40.. are never used to make training demos
+    max_steps: int | None = 300
+    bench_calls: int = 20
+    val_samples: int = 32  # validation samples decoded at the end of training (full mode decodes reasoning)
+    max_reasoning_tokens: int = 256
+    pretrained: str | None = None  # directory of shipped checkpoints (<recipe>/) used for the comparison
+    data: str | None = None  # an existing dataset (edge-vla data generate) instead of generating one
+    model: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoConfig":
+        base = dict(tasks=DEMO_TASKS[:1], demos_per_task=3, train_steps=30, trials=2, bench_calls=5, val_samples=4,
+                    max_steps=120, precisions=("fp32", "int8", "int4"))
+        base.update(kw)
+        return cls(**base)
+
+
+class Stage:
+    """A named step whose completion is recorded in `<out>/stages.json` (so reruns skip it)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.file = root / "stages.json"
+        self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def finished(self, name: str) -> bool:
+        return name in self.done
+
+    def record(self, name: str, info: dict) -> None:
+        self.done[name] = {**info, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(self.file, json.dumps(self.done, indent=2))
+
+
+def run_demo(cfg: DemoConfig, console=None) -> dict:
+    from rich.console import Console
+
+    console = console or Console()
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "demo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    stages = Stage(root)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t = time.time()
+        out = fn()
+        timings[name] = timings.get(name, 0.0) + time.time() - t
+        return out
+
+    console.rule("[bold]1/6 demonstrations with reasoning (LIBERO, scripted expert + annotator)")
+    data = timed("data", lambda: stage_data(cfg, root, stages))
+    console.rule("[bold]2/6 training " + ", ".join(cfg.recipes))
+    ckpts = timed("train", lambda: stage_train(cfg, root, data, stages))
+    console.rule("[bold]3/6 export " + ", ".join(cfg.precisions))
+    bundles = timed("export", lambda: stage_export(cfg, root, ckpts, data, stages))
+    console.rule("[bold]4/6 benchmark side by side")
+    bench = timed("bench", lambda: stage_bench(cfg, root, bundles, stages))
+    console.rule("[bold]5/6 LIBERO rollouts on held-out init states")
+    rollouts = timed("rollouts", lambda: stage_rollouts(cfg, root, bundles, stages))
+    console.rule("[bold]6/6 report")
+    report = timed("report", lambda: stage_report(cfg, root, [*rollouts, *bench]))
+    summary = {"report": report, "bundles": {k: str(v) for k, v in bundles.items()}, "seconds": time.time() - t0,
+               "stage_seconds": timings, "checkpoints": {k: str(v) for k, v in ckpts.items()}}
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, default=str))
+    print_summary(console, root, rollouts, report, summary)
+    return summary
+
+
+# --- stages ------------------------------------------------------------------------------------------
+def stage_data(cfg: DemoConfig, root: Path, stages: Stage) -> Path:
+    from edge_vla.data.generate import generate_dataset
+
+    if cfg.data:
+        from edge_vla.data.dataset import open_dataset
+
+        open_dataset(cfg.data, split="all")  # fail now, with the dataset's own error, not mid-training
+        return Path(cfg.data)
+    out = root / "data"
+    key = f"data:{len(cfg.tasks)}x{cfg.demos_per_task}@{cfg.image_size}"
+    if not stages.finished(key):
+        generate_dataset(out, suite=cfg.suite, tasks=list(cfg.tasks), demos_per_task=cfg.demos_per_task,
+                         image_size=cfg.image_size, workers=cfg.workers)
+        stages.record(key, {"path": str(out)})
+    return out
+
+
+def train_config_for(cfg: DemoConfig, recipe: str):
+    from edge_vla.train.config import TrainConfig
+
+    return TrainConfig(recipe=recipe, preset="tiny", steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup_steps=max(1, cfg.train_steps // 20), action_chunk=cfg.action_chunk,
+                       model=dict(cfg.model), eval_every=0, save_every=max(50, cfg.train_steps // 4),
+                       val_max_samples=cfg.val_samples)
+
+
+def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> dict[str, Path]:
+    """Train every recipe live with the same budget. With `pretrained`, the comparison uses the
+    shipped checkpoints and the live runs only prove the stage (the report says which is which)."""
+    from edge_vla.train.trainer import train
+
+    ckpts: dict[str, Path] = {}
+    for recipe in cfg.recipes:
+        out = root / "train" / recipe
+        key = f"train:{recipe}:{cfg.train_steps}"
+        if not stages.finished(key):
+            resume = (out / "train_config.json").exists()
+            final = train(train_config_for(cfg, recipe), str(data), out, resume=resume)
+            stages.record(key, {"checkpoint": str(final)})
+        ckpts[recipe] = Path(stages.done[key]["checkpoint"])
+    if cfg.pretrained:
+        shipped = Path(cfg.pretrained)
+        for recipe in cfg.recipes:
+            p = shipped / recipe
+            if not (p / "config.json").exists():
+                raise EdgeVLAError(f"no shipped checkpoint for recipe `{recipe}` in {shipped}",
+                                   "train it with the command in its README, or drop --pretrained")
+            ckpts[recipe] = p
+    return ckpts
+
+
+def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path, stages: Stage) -> dict[str, Path]:
+    from edge_vla.export import export_checkpoint
+
+    held_out = None
+    bundles: dict[str, Path] = {}
+    for recipe, ckpt in ckpts.items():
+        for precision in cfg.precisions:
+            name = f"{recipe}-{precision}"
+            out = root / "bundles" / name
+            key = f"export:{name}:{ckpt}"
+            if not stages.finished(key):
+                if held_out is None:
+                    held_out = _held_out_samples(data, cfg)
+                export_checkpoint(ckpt, out, precision=precision, calibration_data=held_out, parity_samples=held_out[:4])
+                stages.record(key, {"bundle": str(out)})
+            bundles[name] = out
+    return bundles
+
+
+def _held_out_samples(data: Path, cfg: DemoConfig, n: int = 24) -> list:
+    from edge_vla.data.dataset import open_dataset
+
+    ds = open_dataset(data, split="val", action_chunk=cfg.action_chunk)
+    step = max(1, len(ds) // n)
+    return [ds[i] for i in range(0, len(ds), step)][:n]
+
+
+def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages: Stage) -> list[Path]:
+    """Every bundle in its recipe's default mode, each in a fresh one-thread process, in one run."""
+    from edge_vla.eval.bench import bench_artifacts, format_table
+
+    key = "bench:" + ",".join(sorted(bundles))
+    if not stages.finished(key):
+        # The full-CoT baseline first: every ratio printed is against it.
+        order = sorted(bundles, key=lambda n: (not n.startswith(BASELINE_RECIPE + "-"), n))
+        result = bench_artifacts([str(bundles[n]) for n in order], calls=cfg.bench_calls, out_dir=root / "bench",
+                                 targets=("orin-agx-64", "orin-nano-8"))
+        print(format_table(result))
+        stages.record(key, {"files": result["files"]})
+    return [Path(f) for f in stages.done[key]["files"]]
+
+
+def stage_rollouts(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages: Stage) -> list[Path]:
+    from edge_vla.eval.libero_rollout import RolloutConfig, run_libero
+
+    paths = []
+    for recipe in cfg.recipes:
+        name = f"{recipe}-{cfg.rollout_precision}"
+        rc = RolloutConfig(policy=str(bundles[name]), suite=cfg.suite, tasks=list(cfg.tasks), trials=cfg.trials,
+                           first_trial=cfg.first_trial, out=str(root / "runs"), name=name, workers=cfg.workers,
+                           execute_k=cfg.execute_k, max_steps=cfg.max_steps)
+        res = run_libero(rc)  # resumes on its own: finished episodes are skipped
+        paths.append(Path(res["path"]))
+    return paths
+
+
+def stage_report(cfg: DemoConfig, root: Path, results: list[Path]) -> dict:
+    from edge_vla.eval.report import build_report
+
+    return build_report([str(p) for p in results], root / "report")
+
+
+def print_summary(console, root: Path, rollouts: list[Path], report: dict, summary: dict) -> None:
+    from rich.table import Table
+
+    from edge_vla.eval.results import load_results
+
+    table = Table("variant", "success", "95% CI", "latency p50 (ms)", title="edge-vla demo")
+    for p in rollouts:
+        r = load_results(p)
+        s = r["summary"]
+        ci = s.get("success_ci95") or (None, None)
+        table.add_row(r["config"].get("name", p.stem), f"{s.get('success_rate', 0):.0%} ({s.get('successes', 0)}/{s.get('episodes', 0)})",
+                      f"{ci[0]:.0%}-{ci[1]:.0%}" if ci[0] is not None else "-",
+                      f"{s.get('latency_p50_ms') or 0:.1f}")
+    console.print(table)
+    console.print(f"report: [bold]{report.get('html', root / 'report')}[/]  ({summary['seconds'] / 60:.1f} min)")
