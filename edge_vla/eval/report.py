@@ -33,6 +33,7 @@ class Variant:
     bench: dict = field(default_factory=dict)  # summary of a latency bench of this variant
     sources: list = field(default_factory=list)
     row: dict = field(default_factory=dict)
+    baseline: bool = False  # the one full-CoT variant every ratio is against (chosen in collect)
 
     @property
     def is_reference(self) -> bool:
@@ -40,16 +41,22 @@ class Variant:
         return str(self.info.get("mode", "")) == "expert"
 
     @property
-    def is_baseline(self) -> bool:
+    def is_full_cot(self) -> bool:
         return all(str(self.info.get(k, "")).lower() == v for k, v in BASELINE.items())
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.baseline
 
 
 def variant_name(config: dict, path: Path) -> str:
     v = config.get("variant") or {}
     if v.get("name"):
         return str(v["name"])
+    if config.get("policy"):  # the artefact's own name (a bundle or checkpoint directory)
+        return Path(str(config["policy"])).name
     parts = [str(v[k]) for k in VARIANT_FIELDS if v.get(k)]
-    return "/".join(parts) if parts else (str(config.get("policy")) if config.get("policy") else path.stem)
+    return "/".join(parts) if parts else path.stem
 
 
 def _artifact_key(config: dict) -> tuple | None:
@@ -89,6 +96,10 @@ def collect(paths: list[str | Path]) -> list[Variant]:
             continue
         for i, r in enumerate(doc["records"]):
             var.episodes.setdefault(str(r.get("id", f"{path}:{i}")), r)
+    # One baseline: the full-CoT variant with rollouts (success to compare), else the first by name.
+    full_cot = sorted((v for v in variants.values() if v.is_full_cot), key=lambda v: (not v.episodes, v.name))
+    if full_cot:
+        full_cot[0].baseline = True
     for var in variants.values():
         var.row = _row(var)
     return sorted(variants.values(), key=lambda v: (not v.is_baseline, v.name))
