@@ -146,6 +146,13 @@ def test_direct_mode_on_bundle_never_runs_the_full_lm_head(trained, fp32_bundle)
         assert a.info["action_token_ids"] == f.info["action_token_ids"]
         assert len(a.timings["head"]) == 7 and len(a.timings["body"]) == 6
     assert not calls
+    # Adaptive mode's direct pass reads its entropy/margin from the restricted head's 256 logits.
+    adaptive = load_policy(fp32_bundle, mode="adaptive", entropy_threshold=1e9)
+    adaptive.backend.lm_logits = restricted.backend.lm_logits
+    r, pt = adaptive.act(sample_to_obs(samples[0])), load_policy(ckpt, mode="adaptive", entropy_threshold=1e9)
+    ref = pt.act(sample_to_obs(samples[0]))
+    assert r.info["action_token_ids"] == ref.info["action_token_ids"] and not calls
+    assert r.info["adaptive"]["entropy"] == pytest.approx(ref.info["adaptive"]["entropy"], abs=1e-4)
     assert restricted.backend.has_fused_action_head and not full.backend.has_fused_action_head
     with pytest.raises(EdgeVLAError, match="unknown action head"):
         load_policy(fp32_bundle, head="partial")
