@@ -194,7 +194,8 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def _parse_value(raw: str) -> Any:
+def parse_override_value(raw: str) -> Any:
+    """An override value: JSON when it parses (numbers, lists, true/false/null), else the string."""
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
@@ -226,5 +227,5 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         # New keys are allowed only inside free-form Hugging Face config dicts (vision, lm).
         if leaf not in node and parts[0] not in ("vision", "lm"):
             raise unknown_name_error("config key", key, [".".join(parts[:-1] + [k]) for k in node])
-        node[leaf] = _parse_value(raw.strip())
+        node[leaf] = parse_override_value(raw.strip())
     return out

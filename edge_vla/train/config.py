@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_vla.config import _parse_value, apply_overrides, load_config_file, unknown_name_error
+from edge_vla.config import apply_overrides, parse_override_value, load_config_file, unknown_name_error
 from edge_vla.errors import EdgeVLAError
 
 
@@ -125,7 +125,7 @@ def merge_overrides(d: dict, overrides, free_sections=()) -> dict:
         for section in free_sections:
             if key.startswith(section + "."):
                 d[section] = dict(d.get(section) or {})
-                d[section][key[len(section) + 1:]] = _parse_value(raw.strip())
+                d[section][key[len(section) + 1:]] = parse_override_value(raw.strip())
                 break
         else:
             plain.append(item)
