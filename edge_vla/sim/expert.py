@@ -10,11 +10,11 @@ height that depends on the object's size, close until the fingers stop, lift, ca
 target, lower, release, retreat. It lifts as soon as the fingers stop (not after a fixed wait):
 a long "stay still" hold teaches a policy to stall after grasping (FACTS.md).
 
-Coverage is measured, not assumed: `COVERED_TASKS` lists the 22 LIBERO-90 tasks on which this
-expert succeeded in >= 90% of the benchmark init states it was run on (0-9; 50 per task did not
-fit this machine's time). Every other task (drawers, stove knobs, microwave, stacking, relative
-placements, mugs, pans, shelves, most caddy compartments, KITCHEN_SCENE5's bowl, the tomato sauce
-into the tray at 80%) is NOT covered: `covers()` says so and the constructor refuses it.
+Coverage is measured, not assumed: `COVERED_TASKS` lists the 19 LIBERO-90 tasks on which this
+expert succeeded in >= 90% of all 50 benchmark init states (the README's Data section has the
+count per task). Every other task (drawers, stove knobs, microwave, stacking, relative placements,
+mugs, pans, shelves, most caddy compartments, KITCHEN_SCENE5's bowl, the tomato sauce into the
+tray, the two ketchup tasks at 86%, the book into the back compartment at 88%) is NOT covered: `covers()` says so and the constructor refuses it.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 
-# Measured >= 90% success on benchmark init states 0-9 (benchmarks/expert_success.py, no rendering,
+# Measured >= 90% success over the 50 benchmark init states (benchmarks/expert_success.py, no rendering,
 # mujoco 2.3.7); per-task numbers in the README's Data section. Families: objects into the
 # basket/tray, bowls onto plates (rim grasp), a book into a caddy compartment.
 COVERED_TASKS: dict[str, tuple[str, ...]] = {
     "libero_90": (
         "LIVING_ROOM_SCENE1_pick_up_the_alphabet_soup_and_put_it_in_the_basket",
         "LIVING_ROOM_SCENE1_pick_up_the_cream_cheese_box_and_put_it_in_the_basket",
-        "LIVING_ROOM_SCENE1_pick_up_the_ketchup_and_put_it_in_the_basket",
         "LIVING_ROOM_SCENE1_pick_up_the_tomato_sauce_and_put_it_in_the_basket",
         "LIVING_ROOM_SCENE2_pick_up_the_alphabet_soup_and_put_it_in_the_basket",
         "LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket",
@@ -46,9 +45,7 @@ COVERED_TASKS: dict[str, tuple[str, ...]] = {
         "KITCHEN_SCENE2_put_the_black_bowl_at_the_front_on_the_plate",
         "KITCHEN_SCENE2_put_the_middle_black_bowl_on_the_plate",
         "KITCHEN_SCENE7_put_the_white_bowl_on_the_plate",
-        "LIVING_ROOM_SCENE3_pick_up_the_ketchup_and_put_it_in_the_tray",
         "LIVING_ROOM_SCENE4_pick_up_the_salad_dressing_and_put_it_in_the_tray",
-        "STUDY_SCENE2_pick_up_the_book_and_place_it_in_the_back_compartment_of_the_caddy",
         "STUDY_SCENE2_pick_up_the_book_and_place_it_in_the_right_compartment_of_the_caddy",
     ),
 }
