@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
+from edge_vla.runtime.policy import bind_bundle
 
 
 class OrtBackend:
@@ -27,21 +28,13 @@ class OrtBackend:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime", "the ONNX Runtime backend") from None
-        from edge_vla.model.processor import VLAProcessor
 
         if head not in self.HEADS:
             from edge_vla.config import unknown_name_error
 
             raise unknown_name_error("action head", head, list(self.HEADS))
         self.head = head
-        self.bundle = bundle
-        config = bundle.config
-        self.processor = VLAProcessor(config, bundle.tokenizer())
-        self.action_stats = bundle.action_stats
-        self.recipe = bundle.recipe
-        self.n_action_tokens = config.n_action_tokens
-        tok = self.processor.tokenizer
-        self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        bind_bundle(self, bundle)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)

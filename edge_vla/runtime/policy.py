@@ -88,6 +88,20 @@ def backend_class(name: str):
         raise
 
 
+def bind_bundle(backend, bundle) -> None:
+    """What every bundle-backed backend decodes with: the processor, action statistics, recipe and
+    the action-token id range. One place, so ORT and TensorRT cannot drift apart."""
+    from edge_vla.model.processor import VLAProcessor
+
+    backend.bundle = bundle
+    backend.processor = VLAProcessor(bundle.config, bundle.tokenizer())
+    backend.action_stats = bundle.action_stats
+    backend.recipe = bundle.recipe
+    backend.n_action_tokens = bundle.config.n_action_tokens
+    tok = backend.processor.tokenizer
+    backend._lo, backend._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 

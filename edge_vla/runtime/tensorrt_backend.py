@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
+from edge_vla.runtime.policy import bind_bundle
 from edge_vla.export.tensorrt_build import ROLES, check_engine_record, gpu_identity, import_tensorrt
 
 
@@ -104,7 +105,6 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle, max_total_tokens: int | None = None):
-        from edge_vla.model.processor import VLAProcessor
 
         trt = import_tensorrt()
         cuda = _import_pycuda()
@@ -117,14 +117,7 @@ class TensorRTBackend:
         gpu = gpu_identity()
         for role in ROLES:
             check_engine_record(engines[role], trt.__version__, gpu)
-        self.bundle = bundle
-        config = bundle.config
-        self.processor = VLAProcessor(config, bundle.tokenizer())
-        self.action_stats = bundle.action_stats
-        self.recipe = bundle.recipe
-        self.n_action_tokens = config.n_action_tokens
-        tok = self.processor.tokenizer
-        self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+        bind_bundle(self, bundle)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         # A weight-stripped plan is refit from the graph it was built from (the TensorRT-prepared one).
