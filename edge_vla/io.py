@@ -65,3 +65,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, fix: str):
+    """Parse a JSON file; a malformed one is a one-line EdgeVLAError naming the file and `fix`."""
+    import json
+
+    from edge_vla.errors import EdgeVLAError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeVLAError(f"{p} is not valid JSON ({e.msg}, line {e.lineno})", fix) from None
+    except UnicodeDecodeError:
+        raise EdgeVLAError(f"{p} is not valid JSON (not UTF-8 text)", fix) from None

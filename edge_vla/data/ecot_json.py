@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
 from edge_vla.tokens.reasoning import Reasoning
@@ -44,10 +45,7 @@ class EcotAnnotations:
         p = Path(path)
         if not p.is_file():
             raise EdgeVLAError(f"ECoT annotation file not found: {p}", "pass an existing *.json file")
-        try:
-            data = json.loads(p.read_text())
-        except ValueError as e:
-            raise EdgeVLAError(f"{p} is not valid JSON ({e})", "pass the ECoT reasoning JSON file") from e
+        data = read_json(p, "pass the ECoT reasoning JSON file")
         return cls(data, source=str(p))
 
     def save(self, path: str | Path) -> Path:

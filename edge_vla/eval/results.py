@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
 
@@ -103,10 +104,7 @@ def load_results(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise EdgeVLAError(f"results file not found: {p}", "pass a JSON written by `edge-vla eval` or `edge-vla bench`")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeVLAError(f"{p} is not valid JSON ({e})", "re-run the evaluation that wrote it") from None
+    doc = read_json(p, "re-run the evaluation that wrote it")
     if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
         raise EdgeVLAError(f"{p} is not an edge-vla results file (no format={RESULTS_FORMAT!r})",
                            "pass a JSON written by `edge-vla eval` or `edge-vla bench`")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vla.config import VLAConfig
+from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_directory, sha256_file
 from edge_vla.tokens.action import ActionStats
@@ -102,10 +103,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     mf = p / MANIFEST
     if not mf.is_file():
         raise EdgeVLAError(f"{p} is not an edge-vla bundle (no {MANIFEST})", "pass a directory written by `edge-vla export`")
-    try:
-        m = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeVLAError(f"{mf} is not valid JSON ({e.msg}, line {e.lineno})", "re-export the bundle") from None
+    m = read_json(mf, "re-export the bundle")
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise EdgeVLAError(f"{mf} lacks format={BUNDLE_FORMAT!r}: not an edge-vla bundle", "re-export the bundle")
     if m.get("schema_version") == 1:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_vla.config import VLAConfig, unknown_name_error
+from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.export.targets import PRECISIONS, TARGETS, Target, get_target
 
@@ -224,10 +225,7 @@ def model_shape(source) -> ModelShape:
     for name in ("manifest.json", "config.json"):
         f = p / name
         if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise EdgeVLAError(f"{f} is not valid JSON ({e.msg})", "re-export the bundle") from None
+            d = read_json(f, "re-export the bundle")
             return shape_from_config(_config_from_dict(d, str(f)))
     raise EdgeVLAError(f"cannot read a model config from {source}",
                        "pass a checkpoint or bundle directory, a preset name, or a VLAConfig")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_vla.config import VLAConfig, preset as make_preset
+from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.model.processor import TextTokenizer, VLAProcessor
 from edge_vla.tokens.action import ActionStats, ActionTokenizer
@@ -293,10 +294,7 @@ class VLA(nn.Module):
 
         p = Path(path)
         cfg_file = check_checkpoint_dir(p)
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise EdgeVLAError(f"{cfg_file} is not valid JSON ({e.msg}, line {e.lineno})", "re-save the checkpoint") from None
+        meta = read_json(cfg_file, "re-save the checkpoint")
         if not isinstance(meta, dict) or meta.pop("format", None) != CHECKPOINT_FORMAT:
             raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
                                "pass a directory written by VLA.save_pretrained / edge-vla train")

@@ -98,10 +98,9 @@ class ActionStats:
         p = Path(path)
         if not p.is_file():
             raise EdgeVLAError(f"action statistics not found at {p}", "compute them from the dataset (edge-vla data inspect)")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise EdgeVLAError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})", "recompute the statistics") from None
+        from edge_vla.io import read_json
+
+        d = read_json(p, "recompute the statistics")
         return cls.from_dict(d, source=str(p))
 
 
