@@ -154,3 +154,21 @@ def test_direct_recipes_train_on_what_they_decode(parts, name):
 def test_same_seed_same_sequence(parts):
     r = get_recipe("ecot-lite-dropout", per_tag=True)
     assert encode(r, parts, seed=3) == encode(r, parts, seed=3)
+
+
+def test_per_batch_dropout_shares_one_draw_per_micro_batch(tiny_vla):
+    """per_batch: every row of a micro-batch keeps the reasoning or none does (no padding to the
+    longest row), while the batches still mix both kinds at rate p."""
+    from edge_vla.train.data import MicroBatches, RecipeDataset
+
+    samples = make_samples(12, with_reasoning=True)
+    kinds = {}
+    for per_batch in (True, False):
+        r = get_recipe("ecot-lite-dropout", p=0.5, per_batch=per_batch)
+        ds = RecipeDataset(samples, r, tiny_vla.processor, tiny_vla.action_tokenizer, seed=3)
+        batches = [[len(ds[k]["input_ids"]) > 80 for k in keys] for keys in MicroBatches(12, 6, 0, 40, seed=3)]
+        kinds[per_batch] = [len(set(b)) == 1 for b in batches], [b[0] for b in batches]
+    uniform, first = kinds[True]
+    assert all(uniform)
+    assert 8 < sum(first) < 32  # both kinds of batch occur
+    assert not all(kinds[False][0])  # per-sample draws mix lengths inside a batch

@@ -178,8 +178,10 @@ class RecipeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch, stage, micro = key if isinstance(key, tuple) else (key, 0, None, 0)
-        # One generator per (sample, epoch): the same sample gets a fresh dropout draw each epoch.
-        rng = np.random.default_rng([self.seed, epoch, index])
+        # One generator per (sample, epoch): the same sample gets a fresh dropout draw each epoch;
+        # or one per micro-batch when the recipe draws once for the whole batch.
+        per_batch = getattr(self.recipe, "draws_per_batch", False)
+        rng = np.random.default_rng([self.seed, epoch, micro, 1] if per_batch else [self.seed, epoch, index])
         row = self.row(self.samples[index], rng, stage)
         row["micro"] = micro
         return row

@@ -143,17 +143,25 @@ class ReasoningDropoutRecipe(Recipe):
 
     One model learns both paths: it acts directly at test time (fast), and can still reason
     on demand (decode in `full` mode). With `per_tag=True` each ECoT tag is dropped on its own
-    with probability p instead (a sample can keep e.g. the plan but lose the boxes).
+    with probability p instead (a sample can keep e.g. the plan but lose the boxes). With
+    `per_batch=True` the draw is shared by a whole micro-batch: a batch is then all-short or
+    all-long, where per-sample draws pad nearly every batch to the reasoning length (about 1.5x
+    less compute for the same expected mix).
     """
 
     name = "ecot-lite-dropout"
     needs_reasoning = True
     decode_mode = "direct"
 
-    def __init__(self, p: float = 0.5, per_tag: bool = False, max_reasoning_tokens: int = DEFAULT_MAX_REASONING_TOKENS):
+    def __init__(self, p: float = 0.5, per_tag: bool = False, per_batch: bool = False,
+                 max_reasoning_tokens: int = DEFAULT_MAX_REASONING_TOKENS):
         super().__init__()
-        self.options = {"p": _probability("p", p, self.name), "per_tag": bool(per_tag),
+        self.options = {"p": _probability("p", p, self.name), "per_tag": bool(per_tag), "per_batch": bool(per_batch),
                         "max_reasoning_tokens": int(max_reasoning_tokens)}
+
+    @property
+    def draws_per_batch(self) -> bool:
+        return self.options["per_batch"]
 
     def middle(self, sample, tokenizer, rng, stage):
         p = self.options["p"]
