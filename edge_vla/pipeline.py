@@ -98,7 +98,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     console.rule("[bold]1/6 demonstrations with reasoning (LIBERO, scripted expert + annotator)")
     data = timed("data", lambda: stage_data(cfg, root, stages))
     console.rule("[bold]2/6 training " + ", ".join(cfg.recipes))
-    ckpts = timed("train", lambda: stage_train(cfg, root, data, stages))
+    ckpts, models = timed("train", lambda: stage_train(cfg, root, data, stages))
     console.rule("[bold]3/6 export " + ", ".join(cfg.precisions))
     bundles = timed("export", lambda: stage_export(cfg, root, ckpts, data, stages))
     console.rule("[bold]4/6 benchmark side by side")
@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     console.rule("[bold]5/6 LIBERO rollouts on held-out init states")
     rollouts = timed("rollouts", lambda: stage_rollouts(cfg, root, bundles, stages))
     console.rule("[bold]6/6 report")
-    report = timed("report", lambda: stage_report(cfg, root, [*rollouts, *bench]))
+    report = timed("report", lambda: stage_report(cfg, root, [*rollouts, *bench], models))
     summary = {"report": report, "bundles": {k: str(v) for k, v in bundles.items()}, "seconds": time.time() - t0,
                "stage_seconds": timings, "checkpoints": {k: str(v) for k, v in ckpts.items()}}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -141,12 +141,20 @@ def train_config_for(cfg: DemoConfig, recipe: str):
                        val_max_samples=cfg.val_samples)
 
 
-def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> dict[str, Path]:
+def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> tuple[dict[str, Path], list[dict]]:
     """Train every recipe live with the same budget. With `pretrained`, the comparison uses the
-    shipped checkpoints and the live runs only prove the stage (the report says which is which)."""
+    shipped checkpoints and the live runs only prove the stage (the report says which is which).
+    Returns the compared checkpoints and where every model came from."""
     from edge_vla.train.trainer import train
 
+    shipped = Path(cfg.pretrained) if cfg.pretrained else None
+    if shipped:  # before hours of training, not after
+        for recipe in cfg.recipes:
+            if not (shipped / recipe / "config.json").exists():
+                raise EdgeVLAError(f"no shipped checkpoint for recipe `{recipe}` in {shipped}",
+                                   f"train it with the command in {shipped / 'README.md'}, or drop --pretrained")
     ckpts: dict[str, Path] = {}
+    models: list[dict] = []
     for recipe in cfg.recipes:
         out = root / "train" / recipe
         key = f"train:{recipe}:{cfg.train_steps}"
@@ -155,15 +163,25 @@ def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> dict[
             final = train(train_config_for(cfg, recipe), str(data), out, resume=resume)
             stages.record(key, {"checkpoint": str(final)})
         ckpts[recipe] = Path(stages.done[key]["checkpoint"])
-    if cfg.pretrained:
-        shipped = Path(cfg.pretrained)
+        models.append(model_provenance(recipe, ckpts[recipe], "live", compared=shipped is None))
+    if shipped:
         for recipe in cfg.recipes:
-            p = shipped / recipe
-            if not (p / "config.json").exists():
-                raise EdgeVLAError(f"no shipped checkpoint for recipe `{recipe}` in {shipped}",
-                                   "train it with the command in its README, or drop --pretrained")
-            ckpts[recipe] = p
-    return ckpts
+            ckpts[recipe] = shipped / recipe
+            models.append(model_provenance(recipe, ckpts[recipe], "shipped", compared=True))
+    return ckpts, models
+
+
+def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool) -> dict:
+    """What the report says about a model: its training summary (a live run keeps it beside
+    `final/`, a shipped checkpoint carries it as `train_summary.json`)."""
+    info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
+    for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
+        if f.exists():
+            summary = json.loads(f.read_text())
+            info.update(steps=summary.get("steps"), final_val=summary.get("final_val") or {},
+                        command=summary.get("command"))
+            break
+    return info
 
 
 def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path, stages: Stage) -> dict[str, Path]:
@@ -222,10 +240,10 @@ def stage_rollouts(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages
     return paths
 
 
-def stage_report(cfg: DemoConfig, root: Path, results: list[Path]) -> dict:
+def stage_report(cfg: DemoConfig, root: Path, results: list[Path], models: list[dict] | None = None) -> dict:
     from edge_vla.eval.report import build_report
 
-    return build_report([str(p) for p in results], root / "report")
+    return build_report([str(p) for p in results], root / "report", models=models)
 
 
 def print_summary(console, root: Path, rollouts: list[Path], report: dict, summary: dict) -> None:

@@ -134,3 +134,25 @@ def test_scripted_expert_is_a_reference_not_a_variant(tmp_path):
     add_ratios(list(variants.values()))
     assert variants["scripted-expert"].row["speedup_vs_baseline"] is None
     assert variants["scripted-expert"].row["success_rate"] == 1.0
+
+
+def test_report_says_which_models_are_shipped_and_which_live(tmp_path):
+    from edge_vla.pipeline import model_provenance
+
+    live = tmp_path / "train" / "ecot" / "final"
+    live.mkdir(parents=True)
+    (live.parent / "summary.json").write_text(json.dumps({"steps": 300, "final_val": {"action_token_acc": 0.61}}))
+    shipped = tmp_path / "pretrained" / "ecot"
+    shipped.mkdir(parents=True)
+    (shipped / "train_summary.json").write_text(json.dumps(
+        {"steps": 6000, "final_val": {"action_token_acc": 0.93, "reasoning_loss": 0.05}, "command": "edge-vla train ..."}))
+    models = [model_provenance("ecot", live, "live", compared=False),
+              model_provenance("ecot", shipped, "shipped", compared=True)]
+    assert models[0]["steps"] == 300 and models[1]["final_val"]["action_token_acc"] == 0.93
+    info = build_report([FIXTURES], tmp_path / "rep", models=models)
+    assert [m["source"] for m in info["models"]] == ["live", "shipped"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Models" in md and "| ecot | shipped | 6000 | 0.930 | 0.050 |" in md
+    assert "compare the **shipped** checkpoints of `ecot`" in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h2>Models</h2>" in page and "<td>shipped</td>" in page

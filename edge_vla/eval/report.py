@@ -270,10 +270,40 @@ def _notes(variants, base) -> list[str]:
     return notes
 
 
-def render_markdown(variants, base, has_plot: bool) -> str:
+MODEL_HEADER = ["recipe", "source", "steps", "val action-token acc", "val reasoning loss", "checkpoint"]
+
+
+def model_rows(models: list[dict]) -> list[list[str]]:
+    """Where each compared model came from: `shipped` (a pretrained checkpoint, trained by the
+    recorded command) or `live` (trained by this run)."""
+    rows = []
+    for m in models:
+        val = m.get("final_val") or {}
+        rows.append([m.get("recipe", "?"), m.get("source", "?"), str(m.get("steps", "–")),
+                     _f(val.get("action_token_acc"), "{:.3f}"), _f(val.get("reasoning_loss"), "{:.3f}"),
+                     str(m.get("checkpoint", "–"))])
+    return rows
+
+
+def _model_notes(models: list[dict]) -> list[str]:
+    shipped = sorted({m["recipe"] for m in models if m.get("source") == "shipped" and m.get("compared")})
+    live = sorted({m["recipe"] for m in models if m.get("source") == "live"})
+    notes = []
+    if shipped:
+        notes.append("Rollouts and benchmarks compare the **shipped** checkpoints of " + ", ".join(f"`{r}`" for r in shipped)
+                     + " (trained by `edge-vla train` with the command recorded beside them); the **live** runs of "
+                     + (", ".join(f"`{r}`" for r in live) or "no recipe") + " prove the training stage on this machine.")
+    return notes
+
+
+def render_markdown(variants, base, has_plot: bool, models: list[dict] | None = None) -> str:
     header, rows, _ = table_rows(variants)
     th, tr = _task_rows(variants)
-    parts = ["# edge-vla evaluation report", "", *_notes(variants, base), "", "## Variants", "", _md_table(header, rows), ""]
+    models = models or []
+    parts = ["# edge-vla evaluation report", "", *_notes(variants, base), *_model_notes(models), "", "## Variants", "",
+             _md_table(header, rows), ""]
+    if models:
+        parts += ["## Models", "", _md_table(MODEL_HEADER, model_rows(models)), ""]
     if has_plot:
         parts += ["## Success vs latency", "", "![Pareto plot: success vs latency](pareto.png)", ""]
     if tr:
@@ -296,16 +326,20 @@ def _html_table(header, rows, baseline_rows=()) -> str:
     return "\n".join(out + ["</tbody></table>"])
 
 
-def render_html(variants, base, png: bytes | None) -> str:
+def render_html(variants, base, png: bytes | None, models: list[dict] | None = None) -> str:
     """One file, no external resources: CSS inline, the plot as a base64 data URI."""
     header, rows, _ = table_rows(variants)
     th, tr = _task_rows(variants)
+    models = models or []
     def md_inline(s):  # the notes' Markdown (**bold**, `code`) as HTML
         s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s))
         return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
 
-    body = ["<h1>edge-vla evaluation report</h1>", *[f"<p>{md_inline(n)}</p>" for n in _notes(variants, base)],
+    notes = [*_notes(variants, base), *_model_notes(models)]
+    body = ["<h1>edge-vla evaluation report</h1>", *[f"<p>{md_inline(n)}</p>" for n in notes],
             "<h2>Variants</h2>", _html_table(header, rows, {i for i, v in enumerate(variants) if v.is_baseline})]
+    if models:
+        body += ["<h2>Models</h2>", _html_table(MODEL_HEADER, model_rows(models))]
     if png:
         body += ["<h2>Success vs latency</h2>",
                  f'<img alt="Pareto plot: success vs latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
@@ -318,8 +352,9 @@ def render_html(variants, base, png: bytes | None) -> str:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path) -> dict:
-    """Write report.md, report.html (self-contained) and pareto.png into `out_dir`."""
+def build_report(paths: list[str | Path], out_dir: str | Path, models: list[dict] | None = None) -> dict:
+    """Write report.md, report.html (self-contained) and pareto.png into `out_dir`. `models`:
+    where each compared model came from (see `model_rows`), shown as its own table."""
     variants = collect(paths)
     base = add_ratios(variants)
     png = pareto_png(variants)
@@ -329,9 +364,10 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> dict:
     # Each file is written atomically; the directory itself is never replaced (it may hold other things).
     if png:
         atomic_write_bytes(out / "pareto.png", png)
-    atomic_write_text(out / "report.md", render_markdown(variants, base, png is not None))
-    atomic_write_text(out / "report.html", render_html(variants, base, png))
-    return {"out": str(out_dir), "variants": [v.row for v in variants], "baseline": base.name if base else None}
+    atomic_write_text(out / "report.md", render_markdown(variants, base, png is not None, models))
+    atomic_write_text(out / "report.html", render_html(variants, base, png, models))
+    return {"out": str(out_dir), "variants": [v.row for v in variants], "baseline": base.name if base else None,
+            "models": list(models or [])}
 
 
 __all__ = ["build_report", "collect", "add_ratios", "pareto_front", "wilson_interval"]
