@@ -13,7 +13,9 @@
 
 One decoder graph serves prefill (past length 0) and decode (T = 1): the KV cache travels as
 plain tensors and is rebuilt inside the wrapper as a transformers DynamicCache, the form
-torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). The LM head leaves the decoder
+torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). For ONNX Runtime targets the
+decoder is instead built from the weights with ORT's fused ops (edge_vla.export.fused_decoder:
+GroupQueryAttention, fused QKV and gate/up MatMuls), same inputs and outputs, ~2x faster steps. The LM head leaves the decoder
 graph (edge_vla.kernels.onnx_graph.split_lm_head) because ONNX Runtime runs every node of a
 graph whatever outputs are requested: inside the decoder, a direct-mode action token would pay
 for the whole vocabulary head. Split, the bundle holds one copy of the head and direct mode
@@ -124,9 +126,14 @@ def _needs_external(module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > 1_800_000_000
 
 
-def export_graphs(vla, out_dir: str | Path) -> dict:
+def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict:
     """Write the prefix/embed/decoder/lm_head[/action_head] graphs of `vla` (fp32) into `out_dir`;
-    return their I/O names (the manifest's `graphs`)."""
+    return their I/O names (the manifest's `graphs`).
+
+    `fused_decoder`: build the decoder from the weights with ONNX Runtime's fused ops
+    (edge_vla.export.fused_decoder: ~2x faster decode steps on CPU) when the LM's architecture
+    allows it; otherwise, and by default, the torch-exported graph of standard ops, which
+    TensorRT also parses. The manifest records which (`graphs.decoder.form`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vla = vla.float().eval()
@@ -152,13 +159,26 @@ def export_graphs(vla, out_dir: str | Path) -> dict:
 
     n_layers, n_kv, hd = kv_shape(vla.lm.config)
     hidden = vla.lm.config.hidden_size
-    full = out / ".decoder_with_head.onnx"
-    in_names, _ = export_full_decoder(vla, full)
-    graphs.update(split_decoder(vla, full, out))
-    for f in out.glob(full.name + "*"):  # the graph and any external-data side file
-        f.unlink()
+    from edge_vla.export.fused_decoder import build_fused_decoder, fused_decoder_unsupported
+
+    in_names = ["inputs_embeds", *kv_names(n_layers, "past")]
+    why_not = fused_decoder_unsupported(vla.lm) if fused_decoder else "not asked for"
+    if why_not is None:
+        head = vla.lm.get_output_embeddings()
+        bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
+        graphs.update(split_decoder(vla, build_fused_decoder(vla.lm, head.weight.detach().float().numpy(), bias), out))
+        form = "onnxruntime-fused"
+    else:
+        full = out / ".decoder_with_head.onnx"
+        in_names, _ = export_full_decoder(vla, full)
+        graphs.update(split_decoder(vla, full, out))
+        for f in out.glob(full.name + "*"):  # the graph and any external-data side file
+            f.unlink()
+        form = "torch-export"
     graphs["decoder"].update({"inputs": in_names, "n_layers": n_layers, "n_kv_heads": n_kv, "head_dim": hd,
-                              "hidden_size": hidden})
+                              "hidden_size": hidden, "form": form})
+    if fused_decoder and why_not is not None:
+        graphs["decoder"]["form_note"] = f"fused decoder not used: {why_not}"
     if vla.action_stats is not None:
         graphs["action_head"] = export_action_head(vla, out / ACTION_HEAD_GRAPH)
     return graphs
@@ -181,15 +201,17 @@ def export_full_decoder(vla, path: Path) -> tuple[list[str], list[str]]:
     return in_names, out_names
 
 
-def split_decoder(vla, full_path: Path, out_dir: Path) -> dict:
-    """decoder.onnx (body: hidden + present_*) and lm_head.onnx (hidden -> logits) from the full decoder."""
+def split_decoder(vla, full, out_dir: Path) -> dict:
+    """decoder.onnx (body: hidden + present_*) and lm_head.onnx (hidden -> logits) from the full decoder
+    (a path or an onnx.ModelProto)."""
     import onnx
 
     from edge_vla.kernels.onnx_graph import split_lm_head
 
     head = vla.lm.get_output_embeddings()
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
-    body, lm_head = split_lm_head(onnx.load(str(full_path)), head.weight.detach().float().numpy(), bias)
+    full = full if isinstance(full, onnx.ModelProto) else onnx.load(str(full))
+    body, lm_head = split_lm_head(full, head.weight.detach().float().numpy(), bias)
     external = body.ByteSize() > 1_800_000_000  # protobuf's 2 GB cap, as in _export
     onnx.save(body, str(out_dir / DECODER_GRAPH), save_as_external_data=external,
               location=DECODER_GRAPH + ".data" if external else None)
