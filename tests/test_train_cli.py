@@ -55,6 +55,9 @@ def test_train_then_distill_from_the_command_line(tmp_path, dataset):
     assert res.exit_code == 0, res.output
     info = json.loads((out / "final" / "recipe.json").read_text())
     assert info["name"] == "ecot-lite-dropout" and info["options"]["p"] == 0.3 and info["decode_mode"] == "direct"
+    summary = json.loads((out / "summary.json").read_text())  # how to reproduce the checkpoint
+    assert summary["command"].startswith("edge-vla train --recipe ecot-lite-dropout --data ")
+    assert "--set recipe_options.p=0.3" in summary["command"] and summary["config"]["recipe_options"] == {"p": 0.3}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/action_token_acc" in r for r in records)
 

@@ -30,5 +30,20 @@ def train(recipe, preset, data, out, config_file, overrides, resume, no_progress
 
     cli = [f"{k}={v}" for k, v in (("recipe", recipe), ("preset", preset)) if v is not None]
     cfg = load_train_config(config_file, cli + list(overrides))
-    final = run(cfg, data, out, resume=resume, show_progress=not no_progress)
+    final = run(cfg, data, out, resume=resume, show_progress=not no_progress,
+                command=command_line(recipe, preset, data, out, config_file, overrides))
     click.echo(f"checkpoint: {final}")
+
+
+def command_line(recipe, preset, data, out, config_file, overrides) -> str:
+    """The `edge-vla train` command that reproduces this run (recorded in its summary.json)."""
+    import shlex
+
+    args = ["edge-vla", "train"]
+    for flag, value in (("--recipe", recipe), ("--preset", preset), ("--data", data), ("--out", out),
+                        ("--config", config_file)):
+        if value is not None:
+            args += [flag, str(value)]
+    for o in overrides:
+        args += ["--set", o]
+    return shlex.join(args)

@@ -214,12 +214,14 @@ def _save_state(accelerator, out: Path, step: int, cfg: TrainConfig, stats, toke
 
 
 def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=None, stop_at_step: int | None = None,
-          show_progress: bool = True) -> Path:
+          show_progress: bool = True, command: str | None = None) -> Path:
     """Train a VLA with `config.recipe` on `data` (a dataset path, a torch Dataset of Samples or a
     list of Samples); returns the final checkpoint directory.
 
     `val_data` overrides the validation split; `stop_at_step` ends the run after that step with
-    its state saved, as a pre-emption would (tests use it to prove resume is exact).
+    its state saved, as a pre-emption would (tests use it to prove resume is exact). `command`:
+    the command line that started the run, recorded in summary.json so a shipped checkpoint says
+    how to reproduce it.
     """
     cfg = config
     cfg.validate()
@@ -358,7 +360,8 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
         summary = {"recipe": recipe.info(tokenizer), "steps": step, "final_val": metrics,
                    "train_samples_per_s": samples_seen * accelerator.num_processes / max(wall, 1e-9),
                    "wall_s": wall, "processes": accelerator.num_processes, "n_train": len(train_ds),
-                   "n_val": len(val_ds), "environment": environment_report()}
+                   "n_val": len(val_ds), "command": command, "config": cfg.to_dict(),
+                   "environment": environment_report()}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()
     log.close()
