@@ -45,7 +45,8 @@ def annotate_file(path: str | Path, out: str | Path, suite: str | None = None, t
         demos = list(h.demos)
         for d in demos:
             h.states(d)  # fail before the slow part if a demo has no states
-        env = LiberoEnv(suite, task, image_size=size, cameras=(), settle_steps=0)
+        # No camera observations (replay needs none), but an offscreen renderer for segmentation boxes.
+        env = LiberoEnv(suite, task, image_size=size, cameras=(), settle_steps=0, offscreen=True)
         try:
             env.reset(options={"init_state": 0})
             ann = EcotAnnotations({})
@@ -57,7 +58,7 @@ def annotate_file(path: str | Path, out: str | Path, suite: str | None = None, t
                 it = track(demos, description=f"annotating {path.name}")
             for d in it:
                 steps, gripper_px, moves = annotator.replay(h.states(d), h.actions(d))
-                ann.set_episode(file_key or path.name, d.split("_")[1], steps, gripper_px, moves)
+                ann.set_episode(file_key or path.name, d.split("_")[1], steps, gripper_px, moves, meta=annotator.meta)
         finally:
             env.close()
     return ann.save(out)

@@ -86,24 +86,31 @@ class EcotAnnotations:
 
     # --- building -----------------------------------------------------------------------------
     def set_episode(self, demo_file: str | Path, episode: int | str, steps: list[Reasoning],
-                    gripper_positions: list, move_primitives: list[str] | None = None) -> None:
+                    gripper_positions: list, move_primitives: list[str] | None = None,
+                    meta: dict | None = None) -> None:
         self.data.setdefault(str(demo_file), {})[str(episode)] = episode_record(steps, gripper_positions,
-                                                                                 move_primitives)
+                                                                                 move_primitives, meta)
         self._by_name[Path(str(demo_file)).name] = str(demo_file)
 
     def n_episodes(self) -> int:
         return sum(len(v) for v in self.data.values())
 
 
-def episode_record(steps: list[Reasoning], gripper_positions: list, move_primitives: list[str] | None = None) -> dict:
-    """One episode in the released layout, from per-step Reasoning and per-step gripper pixels."""
+def episode_record(steps: list[Reasoning], gripper_positions: list, move_primitives: list[str] | None = None,
+                   meta: dict | None = None) -> dict:
+    """One episode in the released layout, from per-step Reasoning and per-step gripper pixels.
+
+    `meta` (optional, e.g. {"bboxes": "segmentation"}) is stored under the episode's "meta" key,
+    which readers of the released layout ignore."""
     if len(gripper_positions) != len(steps):
         raise EdgeVLAError(f"{len(steps)} reasoning steps but {len(gripper_positions)} gripper positions",
                            "give one gripper position per step")
     reasoning = {}
     for t, r in enumerate(steps):
         reasoning[str(t)] = {k: getattr(r, k) for k in _TEXT_FIELDS if getattr(r, k) is not None}
+    extra = {"meta": dict(meta)} if meta else {}
     return {
+        **extra,
         "reasoning": reasoning,
         "features": {
             "gripper_position": [[int(x), int(y)] for x, y in gripper_positions],

@@ -62,7 +62,7 @@ def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: in
     return {
         "actions": np.stack(actions), "states": np.stack(states), "proprio": np.stack(proprio),
         "images": {c: np.stack(v) for c, v in frames.items()},
-        "ecot": episode_record(steps, gripper_px, moves),
+        "ecot": episode_record(steps, gripper_px, moves, meta=annotator.meta),
     }
 
 

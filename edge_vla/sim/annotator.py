@@ -9,8 +9,13 @@ gripper's real future pixels and the MOVE primitive describe the motion that rea
 the state itself (is the object held? is the goal satisfied?).
 
 Coordinates: (x = column, y = row) pixels of the agentview image in the canonical upright frame
-at the stored image size. Boxes are the projected extents of each object's geoms (not
-occlusion-aware: an object hidden behind another keeps its box, clipped to the image).
+at the stored image size. Boxes are occlusion-aware where the env can render: a segmentation
+render (geom id per pixel, same camera and size as the stored images) drops objects with no
+visible pixel and tightens each box to the pixels that show the object. Without an offscreen
+renderer (an env built with cameras=() and offscreen=False) boxes fall back to the projected
+extents of each object's geoms, clipped to the image (an object hidden behind another keeps its
+box there). `annotator.box_source` ("segmentation" | "projection") says which one was used; the
+generated and replayed ECoT JSON carry it per episode under "meta".
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ MOVE_EPS = 0.004  # metres over the window below which an axis counts as still
 FINGER_EPS = 0.002  # metres of finger travel over the window that count as opening/closing
 # Robot-frame direction names, as ECoT words them: LIBERO's robot faces +x, +y is its left.
 AXIS_WORDS = (("forward", "backward"), ("left", "right"), ("up", "down"))
+BOX_SOURCES = ("auto", "segmentation", "projection")
 
 
 def object_phrase(name: str) -> str:
@@ -66,11 +72,23 @@ class Snapshot:
     held: bool
     goal_done: bool
     phase: str | None
+    box_source: str = "projection"  # "segmentation" (visible pixels) or "projection" (geom extents)
 
 
 class ReasoningAnnotator:
-    def __init__(self, env, camera: str = "agentview", image_size: int | None = None, lookahead: int = LOOKAHEAD):
+    def __init__(self, env, camera: str = "agentview", image_size: int | None = None, lookahead: int = LOOKAHEAD,
+                 boxes: str = "auto"):
+        from edge_vla.errors import EdgeVLAError
         from edge_vla.sim.expert import parse_goal
+
+        if boxes not in BOX_SOURCES:
+            raise EdgeVLAError(f"unknown box source `{boxes}`", f"use one of {', '.join(BOX_SOURCES)}")
+        can_segment = bool(getattr(env, "offscreen", False))
+        if boxes == "segmentation" and not can_segment:
+            raise EdgeVLAError("segmentation boxes need an env with an offscreen renderer",
+                               "build LiberoEnv with cameras=(...) or offscreen=True, or use boxes='projection'")
+        # Which box path this annotator uses, for the annotation metadata.
+        self.box_source = "segmentation" if boxes != "projection" and can_segment else "projection"
 
         self.env = env
         self.camera_name = camera
@@ -90,17 +108,10 @@ class ReasoningAnnotator:
         cam = self.env.camera(self.camera_name, self.image_size)
         s = self.image_size
         x, y = cam.project(pv["eef_pos"])[0]
-        boxes = []
-        for name, o in pv["objects"].items():
-            pts = o["points"]
-            if (cam.depth(pts) <= 0).any():
-                continue
-            px = cam.project(pts)
-            lo, hi = px.min(0), px.max(0)
-            if hi[0] < 0 or hi[1] < 0 or lo[0] > s - 1 or lo[1] > s - 1:
-                continue  # outside the view
-            box = [int(np.clip(round(v), 0, s - 1)) for v in (lo[0], lo[1], hi[0], hi[1])]
-            boxes.append((object_phrase(name), box))
+        if self.box_source == "segmentation":
+            boxes = self.segmentation_boxes(pv)
+        else:
+            boxes = self.projected_boxes(pv, cam)
         held = False
         if self.object is not None and self.object in pv["objects"]:
             o = pv["objects"][self.object]
@@ -113,7 +124,51 @@ class ReasoningAnnotator:
             boxes=boxes,
             object_pos={n: o["pos"].copy() for n, o in pv["objects"].items()},
             gripper_cmd=cmd, opening=float(pv["gripper_opening"]), held=held, goal_done=self.env.success(), phase=phase,
+            box_source=self.box_source,
         )
+
+    @property
+    def meta(self) -> dict:
+        """What an episode's annotation was made with (stored per episode in the ECoT JSON)."""
+        return {"bboxes": self.box_source, "camera": self.camera_name, "image_size": self.image_size}
+
+    def projected_boxes(self, pv: dict, cam=None) -> list[tuple[str, list[int]]]:
+        """Each in-view object's projected geom extents, clipped to the image (not occlusion-aware)."""
+        cam = cam or self.env.camera(self.camera_name, self.image_size)
+        s = self.image_size
+        boxes = []
+        for name, o in pv["objects"].items():
+            pts = o["points"]
+            if (cam.depth(pts) <= 0).any():
+                continue
+            px = cam.project(pts)
+            lo, hi = px.min(0), px.max(0)
+            if hi[0] < 0 or hi[1] < 0 or lo[0] > s - 1 or lo[1] > s - 1:
+                continue  # outside the view
+            box = [int(np.clip(round(v), 0, s - 1)) for v in (lo[0], lo[1], hi[0], hi[1])]
+            boxes.append((object_phrase(name), box))
+        return boxes
+
+    def segmentation_boxes(self, pv: dict, geom: np.ndarray | None = None) -> list[tuple[str, list[int]]]:
+        """Each object's box over its visible pixels in a segmentation render; objects with none are dropped."""
+        s = self.image_size
+        if geom is None:
+            geom = self.env.segmentation(self.camera_name, s)
+        names = list(pv["objects"])
+        owner = self.env.geom_owner({n: pv["objects"][n]["body_id"] for n in names})
+        labels = owner[geom].ravel()  # object index per pixel, -1 for the robot, the table, the walls
+        pix = np.flatnonzero(labels >= 0)
+        idx = labels[pix]
+        rows, cols = np.divmod(pix, s)
+        n = len(names)
+        x1, y1 = np.full(n, s), np.full(n, s)
+        x2, y2 = np.full(n, -1), np.full(n, -1)
+        np.minimum.at(x1, idx, cols)
+        np.minimum.at(y1, idx, rows)
+        np.maximum.at(x2, idx, cols)
+        np.maximum.at(y2, idx, rows)
+        return [(object_phrase(names[k]), [int(x1[k]), int(y1[k]), int(x2[k]), int(y2[k])])
+                for k in range(n) if x2[k] >= 0]
 
     def _table_z(self, pv) -> float:
         # The lowest object bottom approximates the table top.

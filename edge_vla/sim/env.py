@@ -168,6 +168,7 @@ class LiberoEnv:
         settle_steps: int = 10,
         seed: int = 7,
         hard_reset: bool = False,
+        offscreen: bool | None = None,
     ):
         self.suite = suite
         self.task_id = resolve_task(suite, task)
@@ -188,12 +189,15 @@ class LiberoEnv:
         _, get_libero_path, ControlEnv = _libero()
         bddl = os.path.join(get_libero_path("bddl_files"), self.task.problem_folder, self.task.bddl_file)
         render = bool(self.cameras)
+        # An offscreen GL context without camera observations: what replay annotation needs for
+        # segmentation renders (occlusion-aware boxes) without paying for RGB frames every step.
+        self.offscreen = render if offscreen is None else bool(offscreen) or render
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 self._env = ControlEnv(
                     bddl_file_name=bddl,
                     use_camera_obs=render,
-                    has_offscreen_renderer=render,
+                    has_offscreen_renderer=self.offscreen,
                     camera_names=[CAMERAS[c] for c in self.cameras] or ["agentview"],
                     camera_heights=self.image_size,
                     camera_widths=self.image_size,
@@ -318,6 +322,32 @@ class LiberoEnv:
             raise unknown_name_error("camera", name, CAMERAS)
         s = int(size or self.image_size)
         return CameraModel(name, get_camera_transform_matrix(self.sim, CAMERAS[name], s, s), s)
+
+    def segmentation(self, name: str = "agentview", size: int | None = None) -> np.ndarray | None:
+        """(S, S) int32 id of the geom seen at each pixel (-1: none) in the canonical upright frame,
+        or None when this env has no offscreen renderer (built with cameras=() and offscreen=False)."""
+        if not self.offscreen:
+            return None
+        if name not in CAMERAS:
+            raise unknown_name_error("camera", name, CAMERAS)
+        s = int(size or self.image_size)
+        seg = self.sim.render(camera_name=CAMERAS[name], height=s, width=s, segmentation=True)
+        geom = np.where(seg[..., 0] == 5, seg[..., 1], -1)  # objtype 5 = mjOBJ_GEOM
+        return np.ascontiguousarray(geom[::-1, ::-1], dtype=np.int32)  # rendered upside down, like the images
+
+    def geom_owner(self, bodies: dict) -> np.ndarray:
+        """geom id -> index into `bodies` (name -> body id) of the body whose subtree holds it, else -1.
+
+        Cached per MjModel and body set: segmentation pixels map to objects with one lookup."""
+        m = self.sim.model
+        key = tuple(bodies.items())
+        cache = getattr(self, "_owner_cache", None)
+        if cache is None or cache[0] is not m or cache[1] != key:
+            owner = np.full(int(m.ngeom) + 1, -1, dtype=np.int32)  # last slot: the -1 "no geom" pixels
+            for k, body_id in enumerate(bodies.values()):
+                owner[self._geom_corners(int(body_id))[0]] = k
+            cache = self._owner_cache = (m, key, owner)
+        return cache[2]
 
     def _bounds(self, body_id: int) -> dict:
         """World-space corner points of every geom under a body, and their axis-aligned box."""
