@@ -108,7 +108,7 @@ def test_annotations_match_the_render(render_env):
         x1, y1, x2, y2 = boxes[label]
         cx, cy = cam.project(o["pos"])[0]
         assert x1 - 1 <= cx <= x2 + 1 and y1 - 1 <= cy <= y2 + 1, f"{label}: centre outside its box"
-        # The object's rendered pixels lie inside its box (boxes are not occlusion-aware: may be larger).
+        # The object's rendered pixels lie inside its box (projected boxes are not occlusion-aware: may be larger).
         assert cols.min() >= x1 - 1 and cols.max() <= x2 + 1 and rows.min() >= y1 - 1 and rows.max() <= y2 + 1, label
         checked += 1
     assert checked >= 5
