@@ -10,7 +10,26 @@
 
 Every timing runs in a fresh process with one intra-op thread.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/deployment_ratios.py [--work DIR] [--layers 12]
+What is compared (also written into the JSON under "compared"):
+  - HF generate: `lm.generate(inputs_embeds=prefix+prompt, do_sample=False)`, PyTorch eager fp32,
+    transformers' DynamicCache, the full LM head on every token; ms/token = (33 tokens - 1 token) / 32.
+  - ORT: `edge-vla bench` of the bundle in full mode forced to 32 reasoning tokens: every step runs
+    the token embedding graph, the decoder body and the full lm_head (free tokens), the same context
+    lengths (prefix + prompt + up to 32); ms/token = decode time of a call / its decode steps (the 7
+    action tokens use the restricted action head).
+  - Levers (`--levers`): the decoder body graph alone, one step (T=1) at `--lever-context` tokens of
+    past, variants interleaved call by call in one process: the torch-exported graph vs the fused one
+    (edge_vla.export.fused_decoder), each at fp32, INT8 as ORT's dynamic MatMulInteger per-channel
+    (the old default) and INT8 as 8-bit MatMulNBits blocks with int8 compute (the new default), INT4
+    with float compute (accuracy_level 0, the old default) and int8 compute (accuracy_level 4).
+Roofline fraction = (bytes of the decoder graphs a step reads / measured copy bandwidth) / ms per step.
+
+The decoder shape (default hidden 1024, 12 layers, 16 heads / 4 KV heads, MLP 2816: 136M
+parameters) is a MiniVLA-like Qwen2 decoder scaled under Qwen2.5-0.5B (hidden 896, 24 layers,
+MLP 4864, 494M with its 151k vocabulary); the vocabulary is the tiny preset's locally trained
+tokenizer (~750 tokens), so the LM head is small here and the timings are the decoder layers'.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/deployment_ratios.py [--work DIR] [--layers 12] [--levers]
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ obs = synthetic_observations(vla.config, 1)[0]
 pv, ids, st = vla.model_inputs(obs["images"], obs["instruction"], obs["state"])
 with torch.no_grad():
     embeds = torch.cat([vla.encode_prefix(pv, st), lm.get_input_embeddings()(ids)], 1)
+    context = embeds.shape[1]
     def run(n):
         t = time.perf_counter()
         lm.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -43,7 +63,8 @@ with torch.no_grad():
         return time.perf_counter() - t
     run(4)
     short = min(run(1) for _ in range(2)); long = min(run(33) for _ in range(2))
-print(json.dumps({"ms_per_token": (long - short) / 32 * 1e3, "params_decoder": sum(p.numel() for p in lm.parameters())}))
+print(json.dumps({"ms_per_token": (long - short) / 32 * 1e3, "params_decoder": sum(p.numel() for p in lm.parameters()),
+                  "context_tokens": context, "attn_implementation": lm.config._attn_implementation}))
 """
 
 
@@ -63,6 +84,71 @@ def build_checkpoint(path: Path, layers: int, hidden: int) -> Path:
     return vla.save_pretrained(path)
 
 
+LEVER_TIMER = r"""
+import json, sys, time, numpy as np, onnxruntime as ort
+spec = json.loads(sys.argv[1])
+so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1; so.log_severity_level = 3
+rng = np.random.default_rng(0)
+sessions, feeds = {}, {}
+for name, path in spec["graphs"].items():
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    ins = s.get_inputs()
+    f = {ins[0].name: rng.standard_normal((1, 1, ins[0].shape[-1])).astype(np.float32)}
+    for x in ins[1:]:
+        f[x.name] = rng.standard_normal((1, spec["kv_heads"], spec["context"], spec["head_dim"])).astype(np.float32)
+    sessions[name], feeds[name] = s, f
+times = {k: [] for k in sessions}
+for i in range(spec["warmup"] + spec["reps"]):
+    for k, s in sessions.items():
+        t = time.perf_counter(); s.run(None, feeds[k]); dt = time.perf_counter() - t
+        if i >= spec["warmup"]:
+            times[k].append(dt * 1e3)
+print(json.dumps({k: float(np.median(v)) for k, v in times.items()}))
+"""
+
+
+def decoder_levers(ckpt: Path, work: Path, context: int, reps: int, bandwidth_gbs: float) -> dict:
+    """Decoder-body step time of each graph form x quantization, interleaved in one fresh process."""
+    import edge_vla.export.quantize as quant
+    from edge_vla.export.onnx_export import export_graphs, kv_shape
+    from edge_vla.model.vla import VLA
+
+    vla = VLA.from_pretrained(ckpt)
+    _, n_kv, head_dim = kv_shape(vla.lm.config)
+    graphs = {}
+    for form, fused in (("torch-export", False), ("fused", True)):
+        d = work / "levers" / form
+        if not (d / "decoder.onnx").exists():
+            export_graphs(vla, d, fused_decoder=fused)
+        fp32 = d / "decoder.onnx"
+        variants = {"fp32": None, "int8-matmulinteger": quant._int8_dynamic, "int8-nbits": quant._int8_blocks,
+                    "int4-float-compute": "int4-0", "int4-int8-compute": "int4-4"}
+        for name, fn in variants.items():
+            out = fp32 if fn is None else d / f"decoder-{name}.onnx"
+            if not out.exists():
+                if isinstance(fn, str):  # INT4 at an accuracy level
+                    level, quant.INT_COMPUTE = quant.INT_COMPUTE, int(fn[-1])
+                    try:
+                        quant._int4(fp32, out, None)
+                    finally:
+                        quant.INT_COMPUTE = level
+                else:
+                    fn(fp32, out, None)
+            graphs[f"{form}/{name}"] = str(out)
+    spec = {"graphs": graphs, "kv_heads": n_kv, "head_dim": head_dim, "context": context, "reps": reps, "warmup": 3}
+    run = subprocess.run([sys.executable, "-c", LEVER_TIMER, json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if run.returncode:
+        sys.exit(run.stderr[-2000:])
+    ms = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = {}
+    for k, path in graphs.items():
+        size = Path(path).stat().st_size
+        rows[k] = {"ms_per_step": ms[k], "bytes": size,
+                   "roofline_fraction": size / (bandwidth_gbs * 1e9) * 1e3 / ms[k]}
+    return {"context_tokens": context, "reps": reps, "rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/edge_vla_deploy_bench")
@@ -71,6 +157,9 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--reasoning-tokens", type=int, default=250)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--levers", action="store_true", help="also time the decoder body per graph form x quantization")
+    ap.add_argument("--lever-context", type=int, default=64)
+    ap.add_argument("--lever-reps", type=int, default=30)
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     work = Path(args.work)
@@ -107,7 +196,22 @@ def main():
     direct_ms = direct["rows"][0]["summary"]["per_action_ms"]["median"]
     size = {p: sum((b / f).stat().st_size for f in json.loads((b / "manifest.json").read_text())["files"])
             for p, b in bundles.items()}
+    from edge_vla.model.vla import VLA
+
+    lm_cfg = VLA.from_pretrained(ckpt).config.lm
+    shape = {k: lm_cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                     "intermediate_size", "vocab_size")}
+    forms = {p: json.loads((b / "manifest.json").read_text())["graphs"]["decoder"].get("form", "torch-export")
+             for p, b in bundles.items()}
     res = {
+        "compared": {
+            "hf_generate": f"PyTorch eager fp32 lm.generate (attn {hf['attn_implementation']}, DynamicCache, full LM head "
+                           f"every token), context {hf['context_tokens']}..{hf['context_tokens'] + 33} tokens",
+            "ort": "edge-vla bench full mode, 32 forced reasoning tokens: embed graph + decoder body + full lm_head per "
+                   "free token, same observation and prompt; ms/token = decode ms / decode steps of a call",
+            "decoder_form": forms,
+        },
+        "decoder_shape": shape,
         "decoder_params": hf["params_decoder"],
         "hf_generate_fp32_ms_per_token": hf["ms_per_token"],
         "ort_fp32_ms_per_token": s32["decode_ms_per_token"],
@@ -123,7 +227,9 @@ def main():
         "int8_roofline_fraction": s8["roofline_fraction"], "int4_roofline_fraction": s4["roofline_fraction"],
         "fp32_roofline_fraction": s32["roofline_fraction"],
     }
-    print(f"decoder parameters: {res['decoder_params'] / 1e6:.0f}M; memory bandwidth {res['bandwidth_gbs']:.1f} GB/s")
+    if args.levers:
+        res["levers"] = decoder_levers(ckpt, work, args.lever_context, args.lever_reps, tok["bandwidth_gbs"])
+    print(f"decoder parameters: {res['decoder_params'] / 1e6:.0f}M {shape}; memory bandwidth {res['bandwidth_gbs']:.1f} GB/s")
     print(f"ms/token: HF generate fp32 {res['hf_generate_fp32_ms_per_token']:.2f} | ORT fp32 {res['ort_fp32_ms_per_token']:.2f}"
           f" | ORT int8 {res['ort_int8_ms_per_token']:.2f} | ORT int4 {res['ort_int4_ms_per_token']:.2f}")
     print(f"ORT INT8 vs HF generate fp32: {res['int8_speedup_vs_hf_generate']:.2f}x faster per token (bar >= 4x)")
@@ -132,8 +238,17 @@ def main():
           f" = {res['direct_speedup_vs_full']:.1f}x (bar >= 10x)")
     print(f"roofline fraction of decode: int8 {100 * res['int8_roofline_fraction']:.0f}% (bar >= 50%), "
           f"int4 {100 * res['int4_roofline_fraction']:.0f}%, fp32 {100 * res['fp32_roofline_fraction']:.0f}%")
+    if args.levers:
+        lv = res["levers"]
+        print(f"decoder body, one step at {lv['context_tokens']} tokens of context (interleaved, one process):")
+        base = lv["rows"]["torch-export/int8-matmulinteger"]["ms_per_step"]
+        for k, r in lv["rows"].items():
+            print(f"  {k:38s} {r['ms_per_step']:7.2f} ms  {r['bytes'] / 1e6:7.1f} MB  roofline {100 * r['roofline_fraction']:3.0f}%"
+                  f"  vs old int8 {base / r['ms_per_step']:.2f}x")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        from edge_vla.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

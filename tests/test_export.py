@@ -57,6 +57,15 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
                                "tokenizer/tokenizer.json"}
     assert m["graphs"]["action_head"]["precision"] == "fp32"
     assert m["recipe"]["decode_mode"] == "direct" and m["action_stats"]["q01"]
+    # A CPU export ships the fused decoder, its MatMuls as 8-bit blocks with int8 compute.
+    import onnx
+
+    assert m["graphs"]["decoder"]["form"] == "onnxruntime-fused"
+    nodes = onnx.load(str(b.graph_path("decoder"))).graph.node
+    assert "GroupQueryAttention" in {n.op_type for n in nodes}
+    nbits = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits and all(a["bits"] == 8 and a["accuracy_level"] == 4 for a in nbits)
+    assert not any(n.op_type == "MatMul" and n.input[1].endswith("_w") for n in nodes)  # every weight quantized
 
 
 def test_int4_export_is_smaller_and_reports_accuracy(trained, int8_bundle, tmp_path):
