@@ -88,3 +88,18 @@ def test_entropy_and_margin_separate_confident_from_uncertain():
     e1, m1 = entropy_and_margin(confident)
     e2, m2 = entropy_and_margin(flat)
     assert e1 < 0.01 < e2 and e2 == pytest.approx(np.log(4)) and m1 > 0.99 and m2 == pytest.approx(0)
+
+
+def test_a_constant_dimension_decodes_to_its_constant_from_every_bin():
+    """An expert that never rotates gives q01 == q99 == 0 for the rotation dims: every token there
+    must decode to exactly 0 (not to a spread of bin centres up to +1), and round-trip exactly."""
+    acts = np.random.default_rng(0).uniform(-1, 1, (200, 7))
+    acts[:, 3] = 0.0
+    acts[:, 4] = 0.25
+    tok = ActionTokenizer(ActionStats.from_actions(acts), first_token_id=100, n_bins=256)
+    every_bin = np.tile(np.arange(256)[:, None], (1, 7))
+    decoded = tok.from_bins(every_bin)
+    assert (decoded[:, 3] == 0.0).all() and (decoded[:, 4] == 0.25).all()
+    assert np.ptp(decoded[:, 0]) > 1.5  # the moving dims still span their range
+    assert (tok.decode(tok.encode(acts))[:, 3:5] == acts[:, 3:5]).all()
+    assert (tok.centers_env()[:, 3] == 0.0).all()

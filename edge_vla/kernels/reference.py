@@ -38,8 +38,8 @@ def action_value_table(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the way `from_bins` snaps it, and the clip bounds are the range the bins cover.
     """
     values = np.array(tokenizer.centers_env(), dtype=np.float64)
-    low = np.asarray(tokenizer.low, dtype=np.float64)
-    high = low + np.asarray(tokenizer.span, dtype=np.float64)
+    low = np.asarray(tokenizer.low, dtype=np.float64).copy()
+    high = np.asarray(tokenizer.high, dtype=np.float64).copy()
     g = tokenizer.stats.gripper_dim
     if tokenizer.binarize_gripper and g is not None:
         mid = 0.5 * (tokenizer.low[g] + tokenizer.high[g])

@@ -120,9 +120,12 @@ class ActionTokenizer:
         self.binarize_gripper = binarize_gripper
         self.low = np.asarray(stats.q01, dtype=np.float64)
         self.high = np.asarray(stats.q99, dtype=np.float64)
-        # A constant dimension has q01 == q99; give it a unit span so it round-trips exactly.
+        # A constant dimension (q01 == q99, e.g. a rotation the expert never uses) gets a unit span
+        # so normalising does not divide by zero, and every bin decodes to the constant: a spread
+        # of bin centres there would let a wrong token command a motion the data never had.
         span = self.high - self.low
-        self.span = np.where(span > 1e-8, span, 1.0)
+        self.constant = span <= 1e-8
+        self.span = np.where(self.constant, 1.0, span)
         self.bin_centers = (-1.0 + (np.arange(self.n_bins) + 0.5) * (2.0 / self.n_bins)).astype(np.float64)
 
     @property
@@ -150,7 +153,7 @@ class ActionTokenizer:
 
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         n = np.asarray(normalized, dtype=np.float64)
-        return (n + 1.0) * 0.5 * self.span + self.low
+        return np.where(self.constant, self.low, (n + 1.0) * 0.5 * self.span + self.low)
 
     def to_bins(self, actions: np.ndarray) -> np.ndarray:
         n = self.normalize(actions)
