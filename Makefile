@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# The shipped tiny checkpoints (trained by `edge-vla train`, commands in their README.md) are
+# what the demo compares; the demo still trains every recipe live for a short run.
+PRETRAINED ?= pretrained/tiny-libero-butter
+
 demo: $(STAMP)
-	$(VENV)/bin/edge-vla demo
+	$(VENV)/bin/edge-vla demo $(if $(wildcard $(PRETRAINED)/pretrained.json),--pretrained $(PRETRAINED))
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/edge-vla demo --quick

@@ -38,13 +38,14 @@ class DemoConfig:
     workers: int = 2
     recipes: tuple[str, ...] = ("vla", "ecot", "ecot-lite-dropout")
     train_steps: int = 300
+    proof_steps: int = 100  # live steps per recipe when shipped checkpoints are what is compared
     batch_size: int = 16
     lr: float = 1e-3
     action_chunk: int = 4
     execute_k: int = 4
     precisions: tuple[str, ...] = ("fp32", "int8", "int4")
     rollout_precision: str = "int8"
-    trials: int = 5
+    trials: int = 10
     first_trial: int = 40  # benchmark init states 40.. are never used to make training demos
     max_steps: int | None = 300
     bench_calls: int = 20
@@ -56,7 +57,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
-        base = dict(tasks=DEMO_TASKS[:1], demos_per_task=3, train_steps=30, trials=2, bench_calls=5, val_samples=4,
+        base = dict(tasks=DEMO_TASKS[:1], demos_per_task=3, train_steps=30, proof_steps=30, trials=2, bench_calls=5, val_samples=4,
                     max_steps=120, precisions=("fp32", "int8", "int4"))
         base.update(kw)
         return cls(**base)
@@ -132,12 +133,17 @@ def stage_data(cfg: DemoConfig, root: Path, stages: Stage) -> Path:
     return out
 
 
+def live_steps(cfg: DemoConfig) -> int:
+    return cfg.proof_steps if cfg.pretrained else cfg.train_steps
+
+
 def train_config_for(cfg: DemoConfig, recipe: str):
     from edge_vla.train.config import TrainConfig
 
-    return TrainConfig(recipe=recipe, preset="tiny", steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup_steps=max(1, cfg.train_steps // 20), action_chunk=cfg.action_chunk,
-                       model=dict(cfg.model), eval_every=0, save_every=max(50, cfg.train_steps // 4),
+    steps = live_steps(cfg)
+    return TrainConfig(recipe=recipe, preset="tiny", steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup_steps=max(1, steps // 20), action_chunk=cfg.action_chunk,
+                       model=dict(cfg.model), eval_every=0, save_every=max(50, steps // 4),
                        val_max_samples=cfg.val_samples)
 
 
@@ -154,7 +160,7 @@ def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> tuple
     models: list[dict] = []
     for recipe in cfg.recipes:
         out = root / "train" / recipe
-        key = f"train:{recipe}:{cfg.train_steps}"
+        key = f"train:{recipe}:{live_steps(cfg)}"
         if not stages.finished(key):
             resume = (out / "train_config.json").exists()
             final = train(train_config_for(cfg, recipe), str(data), out, resume=resume)

@@ -37,3 +37,12 @@ def test_shipped_checkpoints_that_do_not_match_are_refused_before_training(tmp_p
     d = shipped_dir(tmp_path, recipes, None if case == "no info" else info)
     with pytest.raises(EdgeVLAError, match=message):
         check_pretrained(d, cfg)
+
+
+def test_with_shipped_checkpoints_the_live_runs_are_short_proofs():
+    from edge_vla.pipeline import live_steps, train_config_for
+
+    assert live_steps(DemoConfig()) == 300
+    cfg = DemoConfig(pretrained="pretrained/x")
+    assert live_steps(cfg) == 100 and train_config_for(cfg, "ecot").steps == 100
+    assert train_config_for(DemoConfig.quick(pretrained="p"), "vla").steps == 30

@@ -8,7 +8,8 @@ import click
 @click.option("--pretrained", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory of shipped checkpoints (<recipe>/) to compare instead of the live short runs.")
 @click.option("--trials", type=int, default=None, help="Rollouts per task (held-out benchmark init states).")
-@click.option("--train-steps", type=int, default=None, help="Optimizer steps per recipe.")
+@click.option("--train-steps", type=int, default=None,
+              help="Optimizer steps per recipe (with --pretrained: the live proof runs' steps, default 100).")
 @click.option("--demos-per-task", type=int, default=None, help="Expert demonstrations per task.")
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Use this dataset (from `edge-vla data generate`) instead of generating one.")
@@ -19,8 +20,9 @@ def demo(quick, out, workers, pretrained, trials, train_steps, demos_per_task, d
     ecot-lite-dropout -> export fp32/int8/int4 -> bench -> LIBERO rollouts -> trade-off report."""
     from edge_vla.pipeline import DemoConfig, run_demo
 
+    steps = {"proof_steps" if pretrained else "train_steps": train_steps}
     kw = {k: v for k, v in dict(out=out, workers=workers, pretrained=pretrained, trials=trials,
-                                 train_steps=train_steps, demos_per_task=demos_per_task, data=data,
+                                 **steps, demos_per_task=demos_per_task, data=data,
                                  tasks=tuple(tasks) or None).items()
           if v is not None}
     cfg = DemoConfig.quick(**kw) if quick else DemoConfig(**kw)
