@@ -2,7 +2,7 @@
 
     fp32         unchanged
     fp16         float16 weights and compute, float32 graph inputs/outputs kept
-    int8         dynamic INT8: MatMul weights in symmetric 8-bit blocks of 128 along K (MatMulNBits,
+    int8         dynamic INT8: MatMul weights in symmetric 8-bit blocks of 256 along K (MatMulNBits,
                  accuracy_level 4: activations quantized to int8 on the fly, int8 dot products);
                  Gemm/Conv/Gather dynamic INT8 per-channel. The CPU default.
     int8-static  static QDQ INT8 with activation ranges calibrated on real inputs (accelerators)
@@ -26,7 +26,7 @@ from edge_vla.errors import EdgeVLAError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
 INT4_BLOCK = 32
-INT8_BLOCK = 128
+INT8_BLOCK = 256
 # MatMulNBits accuracy_level 4: int8 activations and int8 dot products (VNNI/AVX2 kernels); 0 would
 # dequantize the weights to float32 and run float MatMuls.
 INT_COMPUTE = 4
@@ -75,23 +75,43 @@ def _int8_dynamic(src, dst, _, op_types=("MatMul", "Gemm", "Conv", "Gather")):
                      op_types_to_quantize=list(op_types), extra_options={"MatMulConstBOnly": True})
 
 
+def _matmul_blocks(model, block: int) -> dict[str, int]:
+    """Block size per constant-weight MatMul: `block`, or the largest power of two <= K (>= 16) where K is
+    smaller (ORT's quantizer leaves a MatMul whose K is below the block size in float)."""
+    inits = {i.name: i.dims for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]]) == 2:
+            k = int(inits[n.input[1]][0])
+            out[n.name] = block if k >= block else max(16, 1 << (k.bit_length() - 1))
+    return out
+
+
 def _nbits(model, bits: int, block: int, op_types=("MatMul",), nodes_to_exclude=None):
     """MatMulNBits (and GatherBlockQuantized for "Gather") of every constant-weight op of `op_types`."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    for i, n in enumerate(model.graph.node):  # the quantizer selects nodes by name
+        n.name = n.name or f"node_{n.op_type}_{i}"
+    blocks = _matmul_blocks(model, block)
+    exclude = set(nodes_to_exclude or [])
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
     log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
     try:
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=INT_COMPUTE,
-                                 op_types_to_quantize=tuple(op_types), nodes_to_exclude=nodes_to_exclude or [],
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
-        q.process()
+        # One pass per block size: the requested one first (with Gather), then any smaller-K MatMuls.
+        for b in sorted(set(blocks.values()) | {block}, reverse=True):
+            skip = exclude | {name for name, nb in blocks.items() if nb != b}
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=b, is_symmetric=True, accuracy_level=INT_COMPUTE,
+                                     op_types_to_quantize=tuple(op_types) if b == block else ("MatMul",),
+                                     nodes_to_exclude=sorted(skip), quant_axes=(("MatMul", 0), ("Gather", 1)))
+            q.process()
+            model = q.model.model
     finally:
         log.setLevel(level)
-    return q.model.model
+    return model
 
 
 def _int8_blocks(src, dst, _):
