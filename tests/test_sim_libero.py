@@ -201,6 +201,24 @@ def test_expert_succeeds_and_moves_match_motion(task, init_state):
         env.close()
 
 
+# Init states the previous expert failed: the palm pushed the slim ketchup bottle over while
+# descending to 4.5 cm above its bottom (now held no deeper than the fingers reach below its top);
+# the tomato sauce can, held 6.3 cm wide, was "released" at 6 cm and flung out of the tray.
+@pytest.mark.parametrize("task,init_state", [
+    ("LIVING_ROOM_SCENE1_pick_up_the_ketchup_and_put_it_in_the_basket", 19),
+    ("LIVING_ROOM_SCENE3_pick_up_the_tomato_sauce_and_put_it_in_the_tray", 4),
+])
+def test_expert_fixed_failures(task, init_state):
+    from edge_vla.sim.expert import run_episode
+
+    env = LiberoEnv("libero_90", task, cameras=())
+    try:
+        r = run_episode(env, init_state=init_state)
+        assert r["success"], r
+    finally:
+        env.close()
+
+
 def test_generate_inspect_resume_and_replay(tmp_path):
     from click.testing import CliRunner
 

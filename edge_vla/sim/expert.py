@@ -94,6 +94,7 @@ class ScriptedExpert:
         self._yaw_target = None
         self._rim = None
         self._open_at_grasp = 0.08
+        self._open_at_release = 0.0
         self._carry_z = self._eef_above_bottom = None
         self.relation, self.object, self.target = parse_goal(self.env.privileged(cameras=False)["goal"])
 
@@ -133,11 +134,19 @@ class ScriptedExpert:
         local = (o["points"][:, :2] - o["pos"][:2]) @ np.array([[c, -s], [s, c]]).T
         return float((local.max(0) - local.min(0)).min())
 
+    # The Panda's palm (hand collision geom) starts ~2.5 cm above the grip site between the
+    # fingertips, and a descent over a 15 cm bottle stalled ~4.5 cm below its top: deeper, the palm
+    # pushes on the top and a slim bottle (ketchup, 4.5 cm across) topples. So a grasp goes no
+    # deeper than this below the object's top.
+    FINGER_REACH = 0.045
+
     def _grasp_height(self, o: dict) -> float:
         lo, hi = o["lo"][2], o["hi"][2]
         h = hi - lo
-        # Tall objects (milk, ketchup) are grasped lower than their top, flat ones at mid-height.
-        return float(lo + min(0.5 * h, 0.045) if h > 0.03 else lo + 0.5 * h)
+        # Flat objects at mid-height; taller ones 4.5 cm up, but no deeper below the top than the
+        # fingers reach (bottles and cartons of ~15 cm are held near the top, not pushed over).
+        z = lo + min(0.5 * h, 0.045) if h > 0.03 else lo + 0.5 * h
+        return float(max(z, hi - self.FINGER_REACH))
 
     @staticmethod
     def _yaw(quat_xyzw: np.ndarray) -> float:
@@ -254,12 +263,15 @@ class ScriptedExpert:
             drop_z = target[2] + (0.02 if self.relation == "in" else 0.01) + obj_bottom_to_eef
             goal = np.array([target[0] + xy_offset[0], target[1] + xy_offset[1], drop_z])
             if eef[2] < drop_z + 0.01 or self._t > 40:
+                self._open_at_release = pv["gripper_opening"]
                 self._next("release")
             else:
                 return self._move(eef, goal, CLOSE, max_step=0.6)
 
         if self.phase == "release":
-            if pv["gripper_opening"] > 0.06 or self._t > 12:
+            # Open until the fingers have let go: a can held 6.3 cm wide is not released at 6 cm, and
+            # retreating with the fingers still on it flings it out of the tray.
+            if pv["gripper_opening"] > max(0.06, self._open_at_release + 0.01) or self._t > 12:
                 self._next("retreat")
             else:
                 return np.array([0, 0, 0, 0, 0, 0, OPEN], dtype=np.float32)
