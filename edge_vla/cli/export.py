@@ -9,7 +9,9 @@ import click
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Bundle directory to write.")
 @click.option("--int8", "precision", flag_value="int8",
-              help="Dynamic INT8, per-channel weights (ONNX Runtime; the CPU default). Default: the target's.")
+              help="Dynamic INT8 (ONNX Runtime; the CPU default): MatMul weights in symmetric 8-bit blocks "
+                   "of 256 with int8 compute, other weights per-channel; activations quantized on the fly. "
+                   "TensorRT targets get per-channel MatMulInteger. Default: the target's.")
 @click.option("--int8-static", "precision", flag_value="int8-static",
               help="Static QDQ INT8 calibrated on --data (for accelerator targets).")
 @click.option("--int4", "precision", flag_value="int4", help="Weight-only 4-bit blocks (MatMulNBits), embedding too.")
