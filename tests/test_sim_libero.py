@@ -43,6 +43,14 @@ def test_names_and_errors():
     assert not ScriptedExpert.covers("libero_90", "KITCHEN_SCENE3_turn_on_the_stove")
 
 
+def test_object_phrases():
+    from edge_vla.sim.annotator import object_phrase
+
+    assert object_phrase("akita_black_bowl_1") == "akita black bowl"
+    assert object_phrase("basket_1_contain_region") == "basket"
+    assert object_phrase("wooden_cabinet_1_top_side") == "wooden cabinet"  # "on top of the cabinet" tasks
+
+
 def test_env_contract(render_env):
     env = render_env
     assert env.instruction == "pick up the butter and put it in the basket" and env.max_steps == 400

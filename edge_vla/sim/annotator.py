@@ -37,8 +37,9 @@ BOX_SOURCES = ("auto", "segmentation", "projection")
 
 
 def object_phrase(name: str) -> str:
-    """`black_bowl_1` -> `black bowl`, `basket_1_contain_region` -> `basket`."""
+    """`black_bowl_1` -> `black bowl`, `basket_1_contain_region` -> `basket`, `wooden_cabinet_1_top_side` -> `wooden cabinet`."""
     name = re.sub(r"_(contain|top|bottom|middle|front|back|left|right)?_?region$", "", name)
+    name = re.sub(r"_(top|bottom)_side$", "", name)  # wooden_cabinet_1_top_side -> the cabinet itself
     name = re.sub(r"_\d+$", "", name)
     name = re.sub(r"_\d+_", "_", name)
     return name.replace("_", " ").strip()
