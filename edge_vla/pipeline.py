@@ -198,12 +198,16 @@ def check_pretrained(shipped: Path, cfg: DemoConfig) -> None:
 def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool) -> dict:
     """What the report says about a model: its training summary (a live run keeps it beside
     `final/`, a shipped checkpoint carries it as `train_summary.json`)."""
+    from edge_vla.train.recipes import get_recipe
+
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
     for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
         if f.exists():
             summary = json.loads(f.read_text())
-            info.update(steps=summary.get("steps"), final_val=summary.get("final_val") or {},
-                        command=summary.get("command"))
+            val = dict(summary.get("final_val") or {})
+            if not get_recipe(recipe).needs_reasoning:
+                val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
+            info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"))
             break
     return info
 

@@ -148,6 +148,11 @@ def test_report_says_which_models_are_shipped_and_which_live(tmp_path):
         {"steps": 6000, "final_val": {"action_token_acc": 0.93, "reasoning_loss": 0.05}, "command": "edge-vla train ..."}))
     models = [model_provenance("ecot", live, "live", compared=False),
               model_provenance("ecot", shipped, "shipped", compared=True)]
+    (shipped.parent / "vla").mkdir()
+    (shipped.parent / "vla" / "train_summary.json").write_text(json.dumps(
+        {"steps": 6000, "final_val": {"action_token_acc": 0.9, "reasoning_loss": 12.9}}))
+    vla = model_provenance("vla", shipped.parent / "vla", "shipped", compared=True)
+    assert "reasoning_loss" not in vla["final_val"]  # a recipe that never learns reasoning is not scored on it
     assert models[0]["steps"] == 300 and models[1]["final_val"]["action_token_acc"] == 0.93
     info = build_report([FIXTURES], tmp_path / "rep", models=models)
     assert [m["source"] for m in info["models"]] == ["live", "shipped"]
