@@ -296,3 +296,24 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 1 and "dataset not found" in r.output
     r = CliRunner().invoke(main, ["data", "generate", "--list-tasks"])
     assert r.exit_code == 0 and BUTTER in r.output.split()
+
+
+def test_dart_noise_perturbs_the_execution_but_not_the_labels():
+    """With action_noise the robot is pushed off the expert's path (other states) and the closed-
+    loop expert still finishes; the stored labels are the expert's clean actions (at the first
+    step, with the same observation, the clean and noisy runs store the same action)."""
+    from edge_vla.data.generate import generate_dataset, record_demo
+
+    env = LiberoEnv("libero_90", BUTTER, image_size=32, cameras=("agentview",), settle_steps=2)
+    try:
+        clean = record_demo(env, ScriptedExpert, ReasoningAnnotator, 0, seed=3)
+        noisy = record_demo(env, ScriptedExpert, ReasoningAnnotator, 0, seed=3, action_noise=0.3)
+    finally:
+        env.close()
+    assert clean is not None and noisy is not None  # the expert recovers from the pushes
+    np.testing.assert_array_equal(noisy["actions"][0], clean["actions"][0])
+    n = min(len(clean["states"]), len(noisy["states"]), 20)
+    assert np.abs(noisy["states"][1:n] - clean["states"][1:n]).max() > 1e-3  # pushed off the clean path
+    assert np.abs(noisy["actions"][:, :3]).max() <= 1.0  # labels stay in the expert's range
+    with pytest.raises(EdgeVLAError, match="action_noise must be a std in"):
+        generate_dataset("/tmp/unused", tasks=[BUTTER], action_noise=2.0, progress=False)

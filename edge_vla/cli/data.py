@@ -23,9 +23,13 @@ def data():
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--init-states", type=click.Choice(["random", "benchmark"]), default="random", show_default=True,
               help="Random layouts, or the benchmark's fixed init states (those evaluation uses).")
+@click.option("--action-noise", type=float, default=0.0, show_default=True,
+              help="DART: add Gaussian noise of this std to the executed x/y/z moves (labels stay the expert's), "
+                   "so demos show recoveries from off-path states.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-tasks", is_flag=True, help="Print the tasks the scripted expert covers and exit.")
-def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, init_states, no_progress, list_tasks):
+def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, init_states, action_noise, no_progress,
+             list_tasks):
     """Roll out the scripted expert in LIBERO, keep successful demos, annotate them (hdf5 + ECoT JSON)."""
     from edge_vla.sim.expert import covered_tasks
 
@@ -41,7 +45,7 @@ def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, i
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     out = generate_dataset(out_dir, suite=suite, tasks=task_list, demos_per_task=demos_per_task,
                            image_size=image_size, workers=workers, seed=seed, progress=not no_progress,
-                           init_states=init_states)
+                           init_states=init_states, action_noise=action_noise)
     m = json.loads((out / "manifest.json").read_text())
     run = m["runs"][-1]
     demos = sum(t["demos"] for t in m["tasks"].values())

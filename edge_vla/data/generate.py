@@ -37,9 +37,17 @@ def _demo_seed(seed: int, task_id: int, k: int, attempt: int) -> int:
     return (seed * 1_000_003 + task_id * 10_007 + k * 101 + attempt * 7_919) % (2**31 - 1)
 
 
-def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: int) -> dict | None:
-    """One expert episode with images, states and annotation; None if the task was not solved."""
+def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: int,
+                action_noise: float = 0.0) -> dict | None:
+    """One expert episode with images, states and annotation; None if the task was not solved.
+
+    `action_noise` (DART): the executed move is the expert's plus Gaussian noise of this std on
+    x/y/z, while the stored action stays the expert's clean one. The closed-loop expert corrects
+    the drift, so the demos show a policy how to come back from states a clean expert never
+    visits (stored actions then no longer replay the stored states; the states do).
+    """
     obs, _ = env.reset(seed=seed, options={"init_state": init_state} if init_state is not None else None)
+    rng = np.random.default_rng([seed, 17])
     expert = expert_cls(env, strict=False)
     annotator = annotator_cls(env)
     frames = {c: [] for c in env.cameras}
@@ -53,7 +61,11 @@ def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: in
         actions.append(action)
         states.append(env.sim_state())
         snaps.append(annotator.snapshot(action, expert.phase))
-        obs, _, success, truncated, _ = env.step(action)
+        executed = action
+        if action_noise > 0:
+            executed = np.array(action, dtype=np.float64)
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, action_noise, 3), -1.0, 1.0)
+        obs, _, success, truncated, _ = env.step(executed)
         if success or truncated:
             break
     if not success:
@@ -96,12 +108,13 @@ def _make_demo(job: dict) -> dict:
         if job["init_states"] == "benchmark":
             init = (job["k"] + attempt * job["n_slots"]) % len(env.benchmark_init_states())
         demo = record_demo(env, ScriptedExpert, ReasoningAnnotator, init,
-                           _demo_seed(job["seed"], env.task_id, job["k"], attempt))
+                           _demo_seed(job["seed"], env.task_id, job["k"], attempt), job.get("action_noise", 0.0))
         if demo is None:
             continue
         ecot = demo.pop("ecot")
         write_libero_hdf5(part.with_suffix(".hdf5"), [demo], env.instruction,
-                          attrs={"suite": job["suite"], "task_name": env.task_name, "init_state": -1 if init is None else init})
+                          attrs={"suite": job["suite"], "task_name": env.task_name, "init_state": -1 if init is None else init,
+                                 "action_noise": float(job.get("action_noise", 0.0))})
         atomic_write_text(part.with_suffix(".json"), json.dumps(ecot))
         return {"task": job["task"], "k": job["k"], "ok": True, "steps": len(demo["actions"]),
                 "attempts": attempt + 1, "seconds": time.time() - t0}
@@ -122,6 +135,7 @@ def generate_dataset(
     cameras=("agentview", "wrist"),
     init_states: str = "random",
     max_attempts: int = 3,
+    action_noise: float = 0.0,
 ) -> Path:
     """Generate (or resume) a dataset; returns the output directory. See the module docstring."""
     from edge_vla.sim.env import list_tasks, resolve_task
@@ -132,6 +146,9 @@ def generate_dataset(
         raise EdgeVLAError(f"init_states must be `random` or `benchmark`, got `{init_states}`")
     if demos_per_task < 1 or workers < 1:
         raise EdgeVLAError("demos_per_task and workers must be >= 1")
+    if not 0.0 <= action_noise <= 1.0:
+        raise EdgeVLAError(f"action_noise must be a std in [0, 1] (actions span [-1, 1]), got {action_noise}",
+                           "try 0.1-0.3")
     tasks = list(tasks) if tasks else covered_tasks(suite)
     names = list_tasks(suite)
     task_names = [names[resolve_task(suite, t)] for t in tasks]
@@ -147,7 +164,8 @@ def generate_dataset(
                 continue  # finished before an interruption
             jobs.append({"suite": suite, "task": t, "k": k, "part": str(part), "image_size": int(image_size),
                          "cameras": tuple(cameras), "seed": int(seed), "init_states": init_states,
-                         "max_attempts": int(max_attempts), "n_slots": demos_per_task})
+                         "max_attempts": int(max_attempts), "n_slots": demos_per_task,
+                         "action_noise": float(action_noise)})
     t_run = time.time()
     results = _run_jobs(jobs, workers, progress)
     t_run = time.time() - t_run
@@ -165,7 +183,7 @@ def generate_dataset(
     manifest["runs"] = runs  # one record per invocation: resumed runs add theirs
     manifest["request"] = {"suite": suite, "tasks": task_names, "demos_per_task": demos_per_task,
                            "image_size": image_size, "cameras": list(cameras), "seed": seed,
-                           "init_states": init_states}
+                           "init_states": init_states, "action_noise": action_noise}
     manifest["environment"] = _light_environment()
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
     return out
