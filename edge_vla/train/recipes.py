@@ -145,8 +145,7 @@ class ReasoningDropoutRecipe(Recipe):
     on demand (decode in `full` mode). With `per_tag=True` each ECoT tag is dropped on its own
     with probability p instead (a sample can keep e.g. the plan but lose the boxes). With
     `per_batch=True` the draw is shared by a whole micro-batch: a batch is then all-short or
-    all-long, where per-sample draws pad nearly every batch to the reasoning length (about 1.5x
-    less compute for the same expected mix).
+    all-long, where per-sample draws pad nearly every batch to the reasoning length.
     """
 
     name = "ecot-lite-dropout"
