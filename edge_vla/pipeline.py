@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import atomic_write_text, read_json
 
 # The task of the demo: a LIBERO-90 basket task the scripted expert solves reliably. One task:
 # on a 2-core CPU the training budget of one task is what a policy can learn (README, "demo").
@@ -50,7 +50,6 @@ class DemoConfig:
     max_steps: int | None = 300
     bench_calls: int = 20
     val_samples: int = 32  # validation samples decoded at the end of training (full mode decodes reasoning)
-    max_reasoning_tokens: int = 256
     pretrained: str | None = None  # directory of shipped checkpoints (<recipe>/) used for the comparison
     data: str | None = None  # an existing dataset (edge-vla data generate) instead of generating one
     model: dict = field(default_factory=dict)
@@ -69,7 +68,7 @@ class Stage:
     def __init__(self, root: Path):
         self.root = root
         self.file = root / "stages.json"
-        self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.done = read_json(self.file, f"delete {self.file} to rerun every stage") if self.file.exists() else {}
 
     def finished(self, name: str) -> bool:
         return name in self.done
@@ -177,9 +176,7 @@ def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> tuple
 def check_pretrained(shipped: Path, cfg: DemoConfig) -> None:
     """Shipped checkpoints must exist for every recipe, be trained on the demo's tasks and chunk
     actions the way the demo executes them."""
-    from edge_vla.io import read_json
-
-    how = f"train them with the commands in {shipped / 'README.md'}, or drop --pretrained"
+    how = f"build them with `make pretrained` (see {shipped / 'README.md'}), or drop --pretrained"
     for recipe in cfg.recipes:
         if not (shipped / recipe / "config.json").exists():
             raise EdgeVLAError(f"no shipped checkpoint for recipe `{recipe}` in {shipped}", how)
@@ -203,7 +200,7 @@ def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool)
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
     for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
         if f.exists():
-            summary = json.loads(f.read_text())
+            summary = read_json(f, "re-run the training that wrote it")
             val = dict(summary.get("final_val") or {})
             if not get_recipe(recipe).needs_reasoning:
                 val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
@@ -288,4 +285,4 @@ def print_summary(console, root: Path, rollouts: list[Path], report: dict, summa
                       f"{ci[0]:.0%}-{ci[1]:.0%}" if ci[0] is not None else "-",
                       f"{s.get('latency_p50_ms') or 0:.1f}")
     console.print(table)
-    console.print(f"report: [bold]{report.get('html', root / 'report')}[/]  ({summary['seconds'] / 60:.1f} min)")
+    console.print(f"report: [bold]{Path(report['out']) / 'report.html'}[/]  ({summary['seconds'] / 60:.1f} min)")

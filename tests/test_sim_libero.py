@@ -298,7 +298,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 0 and BUTTER in r.output.split()
 
 
-def test_dart_noise_perturbs_the_execution_but_not_the_labels():
+def test_dart_noise_perturbs_the_execution_but_not_the_labels(tmp_path):
     """With action_noise the robot is pushed off the expert's path (other states) and the closed-
     loop expert still finishes; the stored labels are the expert's clean actions (at the first
     step, with the same observation, the clean and noisy runs store the same action)."""
@@ -316,4 +316,4 @@ def test_dart_noise_perturbs_the_execution_but_not_the_labels():
     assert np.abs(noisy["states"][1:n] - clean["states"][1:n]).max() > 1e-3  # pushed off the clean path
     assert np.abs(noisy["actions"][:, :3]).max() <= 1.0  # labels stay in the expert's range
     with pytest.raises(EdgeVLAError, match="action_noise must be a std in"):
-        generate_dataset("/tmp/unused", tasks=[BUTTER], action_noise=2.0, progress=False)
+        generate_dataset(tmp_path / "never", tasks=[BUTTER], action_noise=2.0, progress=False)

@@ -108,13 +108,13 @@ def _make_demo(job: dict) -> dict:
         if job["init_states"] == "benchmark":
             init = (job["k"] + attempt * job["n_slots"]) % len(env.benchmark_init_states())
         demo = record_demo(env, ScriptedExpert, ReasoningAnnotator, init,
-                           _demo_seed(job["seed"], env.task_id, job["k"], attempt), job.get("action_noise", 0.0))
+                           _demo_seed(job["seed"], env.task_id, job["k"], attempt), job["action_noise"])
         if demo is None:
             continue
         ecot = demo.pop("ecot")
         write_libero_hdf5(part.with_suffix(".hdf5"), [demo], env.instruction,
                           attrs={"suite": job["suite"], "task_name": env.task_name, "init_state": -1 if init is None else init,
-                                 "action_noise": float(job.get("action_noise", 0.0))})
+                                 "action_noise": float(job["action_noise"])})
         atomic_write_text(part.with_suffix(".json"), json.dumps(ecot))
         return {"task": job["task"], "k": job["k"], "ok": True, "steps": len(demo["actions"]),
                 "attempts": attempt + 1, "seconds": time.time() - t0}
