@@ -15,7 +15,7 @@ One decoder graph serves prefill (past length 0) and decode (T = 1): the KV cach
 plain tensors and is rebuilt inside the wrapper as a transformers DynamicCache, the form
 torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). For ONNX Runtime targets the
 decoder is instead built from the weights with ORT's fused ops (edge_vla.export.fused_decoder:
-GroupQueryAttention, fused QKV and gate/up MatMuls), same inputs and outputs, ~2x faster steps. The LM head leaves the decoder
+GroupQueryAttention, fused QKV and gate/up MatMuls), same inputs and outputs, ~1.25x faster INT8 steps. The LM head leaves the decoder
 graph (edge_vla.kernels.onnx_graph.split_lm_head) because ONNX Runtime runs every node of a
 graph whatever outputs are requested: inside the decoder, a direct-mode action token would pay
 for the whole vocabulary head. Split, the bundle holds one copy of the head and direct mode
@@ -131,7 +131,7 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
     return their I/O names (the manifest's `graphs`).
 
     `fused_decoder`: build the decoder from the weights with ONNX Runtime's fused ops
-    (edge_vla.export.fused_decoder: ~2x faster decode steps on CPU) when the LM's architecture
+    (edge_vla.export.fused_decoder: ~1.25x faster INT8 decode steps on CPU, deployment_ratios --levers) when the LM's architecture
     allows it; otherwise, and by default, the torch-exported graph of standard ops, which
     TensorRT also parses. The manifest records which (`graphs.decoder.form`)."""
     out = Path(out_dir)
