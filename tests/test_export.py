@@ -53,6 +53,7 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
     assert {m["graphs"][r]["precision"] for r in ("prefix", "embed", "decoder", "lm_head")} == {"int8"}
     assert m["schema_version"] == 2 and m["parity"]["action_bin_agreement"] == 1.0  # the restricted head is checked too
     assert m["accuracy"]["direct"]["action_token_agreement"] >= 0.95  # trained model: INT8 keeps the argmax
+    assert m["accuracy"]["direct"]["action_token_agreement_tf"] >= 0.95  # and per token, fed the fp32 tokens
     assert set(m["files"]) >= {"decoder.onnx", "lm_head.onnx", "prefix.onnx", "embed.onnx", "action_head.onnx",
                                "tokenizer/tokenizer.json"}
     assert m["graphs"]["action_head"]["precision"] == "fp32"

@@ -161,3 +161,23 @@ def test_report_says_which_models_are_shipped_and_which_live(tmp_path):
     assert "compare the **shipped** checkpoints of `ecot`" in md
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "<h2>Models</h2>" in page and "<td>shipped</td>" in page
+
+
+def test_quantized_agreement_comes_from_the_export_report_in_the_mode_benched(tmp_path):
+    from edge_vla.eval.bench import quantized_agreement
+    from edge_vla.eval.report import table_rows
+    from edge_vla.eval.results import write_results
+
+    manifest = {"accuracy": {"direct": {"action_token_agreement": 0.981, "action_token_agreement_tf": 0.996},
+                             "full": {"action_token_agreement": 0.97, "action_token_agreement_tf": 0.993}}}
+    assert quantized_agreement(manifest, "full") == {"free_running": 0.97, "teacher_forced": 0.993}
+    assert quantized_agreement(manifest, "adaptive") == quantized_agreement(manifest, "direct")
+    assert quantized_agreement({"accuracy": None}, "direct") is None  # an fp32 bundle has no report
+    write_results(tmp_path / "bench.json", "bench", {"artifact": str(tmp_path / "b"), "variant": {
+        "recipe": "vla", "mode": "direct", "precision": "int8", "backend": "onnxruntime"}}, [{"latency_ms": 4.0}],
+        summary={"latency_p50_ms": 4.0, "agreement_vs_fp32": quantized_agreement(manifest, "direct")},
+        environment={"python": "3.11"})
+    variants = collect([tmp_path / "bench.json"])
+    add_ratios(variants)
+    header, rows, _ = table_rows(variants)
+    assert rows[0][header.index("vs fp32 tokens")] == "98.1% / 99.6%"

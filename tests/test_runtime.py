@@ -146,3 +146,36 @@ def test_accuracy_report_counts_action_and_reasoning_agreement(backend, samples)
     short = accuracy_report(ref, Policy(backend, max_free_tokens=2, min_free_tokens=2), obs, modes=("full",))
     assert short["full"]["reasoning_token_agreement"] <= 0.5 + 1e-9
     assert "reasoning-token agreement" in format_report(short)
+
+
+def test_teacher_forced_agreement_is_the_per_position_argmax_under_the_reference_tokens(tiny_vla, backend, samples):
+    """A perturbed copy is scored position by position against one parallel forward pass of the
+    perturbed model over the reference's tokens, the independent definition of teacher forcing."""
+    import copy
+
+    from edge_vla.export.accuracy import accuracy_report, teacher_forced
+
+    noisy = copy.deepcopy(tiny_vla)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in noisy.lm.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std().clamp_min(1e-3))
+    ref, test = Policy(backend, mode="direct"), Policy(TorchBackend(noisy), mode="direct")
+    tok = tiny_vla.processor.tokenizer
+    lo = tok.first_action_id
+    obs = [sample_to_obs(s) for s in samples[:4]]
+    agree = total = 0
+    for s, o in zip(samples[:4], obs):
+        a = ref.act(o)
+        _, pred = teacher_forced(test, o, a)
+        ids = a.info["action_token_ids"]
+        pv, inp, st = noisy.model_inputs(s.images, s.instruction, s.state, ref.inference_prefix_ids + ids[:-1])
+        with torch.no_grad():
+            logits = noisy(pv, inp, state=st).logits[0, -len(ids):, lo:lo + tok.n_bins]
+        assert pred == (lo + logits.argmax(-1)).tolist()
+        agree += sum(int(x == y) for x, y in zip(pred, ids))
+        total += len(ids)
+    rep = accuracy_report(ref, test, obs)["direct"]
+    assert rep["action_token_agreement_tf"] == pytest.approx(agree / total)
+    assert rep["action_token_agreement_tf"] < 1.0  # the perturbation is large enough to flip some bins
+    assert accuracy_report(ref, Policy(backend, mode="direct"), obs)["direct"]["action_token_agreement_tf"] == 1.0

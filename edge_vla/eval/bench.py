@@ -125,15 +125,16 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
     records = [_record(policy.act(obs[i % len(obs)])) for i in range(calls)]
     rss = peak_rss_mb()
     cfg = policy.processor.config
-    prec = None
+    prec, agreement = None, None
     be = policy.backend
     if getattr(be, "bundle", None) is not None:
         prec = be.bundle.manifest.get("precision")
+        agreement = quantized_agreement(be.bundle.manifest, policy.mode)
     out = {"records": records, "backend": be.name, "mode": policy.mode, "load_s": load_s,
            "peak_rss_mb": rss, "load_rss_mb": rss - rss0,
            "model_bytes": _model_bytes(p), "decoder_bytes": _decoder_bytes(policy, p),
            "precision": prec or opts.get("quantize") or "fp32", "recipe": policy.recipe.get("name"),
-           "actions_per_call": cfg.action_chunk}
+           "actions_per_call": cfg.action_chunk, "agreement_vs_fp32": agreement}
     if compare_head:
         # Only a backend with a separate LM head can skip it; torch computes it inside every step.
         if "full" in getattr(type(be), "HEADS", ()):
@@ -141,6 +142,14 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
         else:
             out["head_compare_note"] = f"the {be.name} backend has no separate LM head to compare (export a bundle)"
     return out
+
+
+def quantized_agreement(manifest: dict, mode: str) -> dict | None:
+    """The export's action-token agreement with fp32 in `mode` (adaptive acts like direct), or None."""
+    acc = (manifest.get("accuracy") or {}).get("full" if mode == "full" else "direct")
+    if not acc:
+        return None
+    return {"free_running": acc.get("action_token_agreement"), "teacher_forced": acc.get("action_token_agreement_tf")}
 
 
 def summarize_head_compare(hc: dict) -> dict:
@@ -188,6 +197,7 @@ def summarize_artifact(w: dict, bandwidth_gbs: float) -> dict:
         "bundle_bytes": w["model_bytes"], "decoder_bytes": w["decoder_bytes"],
         "roofline_ms_per_token": roof_ms,
         "roofline_fraction": roof_ms / tok_ms if roof_ms and tok_ms else None,
+        "agreement_vs_fp32": w.get("agreement_vs_fp32"),
         **({"head_compare": summarize_head_compare(w["head_compare"])} if w.get("head_compare") else {}),
         **({"head_compare_note": w["head_compare_note"]} if w.get("head_compare_note") else {}),
     }

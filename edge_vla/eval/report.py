@@ -118,6 +118,7 @@ def _row(var: Variant) -> dict:
         "actions_per_s": s.get("actions_per_s") or b.get("actions_per_s"),
         "tokens_per_action": s.get("tokens_per_action") or b.get("tokens_per_action"),
         "bundle_bytes": info.get("bundle_bytes") or b.get("bundle_bytes"),
+        "agreement_vs_fp32": b.get("agreement_vs_fp32"),
         "peak_memory_mb": info.get("peak_memory_mb") or b.get("peak_memory_mb"),
         "projected_hz": dict(info.get("projected_hz") or b.get("projected_hz") or {}),
         "baseline": var.is_baseline,
@@ -177,10 +178,18 @@ def _size(b) -> str:
     return "–" if not b else (f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB")
 
 
+def _agreement(a) -> str:
+    """Action-token agreement with the fp32 bundle: free-running / teacher-forced."""
+    if not a or a.get("free_running") is None:
+        return "–"
+    tf = a.get("teacher_forced")
+    return f"{100 * a['free_running']:.1f}%" + (f" / {100 * tf:.1f}%" if tf is not None else "")
+
+
 def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], list[str]]:
     targets = sorted({t for v in variants for t in v.row["projected_hz"]})
     header = ["variant", "recipe", "mode", "precision", "backend", "target", "success (95% CI)", "vs baseline",
-              "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "peak MiB",
+              "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "vs fp32 tokens", "peak MiB",
               *[f"Hz @ {t}" for t in targets]]
     rows = []
     for v in variants:
@@ -189,7 +198,7 @@ def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], lis
             v.name + (" (baseline)" if r["baseline"] else ""), *[str(r[k] or "–") for k in VARIANT_FIELDS],
             _success(r), _f(r["success_vs_baseline"], "{:.2f}×"), _f(r["latency_p50_ms"]), _f(r["latency_p95_ms"]),
             _f(r["speedup_vs_baseline"], "{:.1f}×"), _f(r["actions_per_s"]), _f(r["tokens_per_action"]),
-            _size(r["bundle_bytes"]), _f(r["peak_memory_mb"], "{:.0f}"),
+            _size(r["bundle_bytes"]), _agreement(r["agreement_vs_fp32"]), _f(r["peak_memory_mb"], "{:.0f}"),
             *[_f(r["projected_hz"].get(t), "{:.2f}") for t in targets],
         ])
     return header, rows, targets
@@ -267,6 +276,10 @@ def _notes(variants, base) -> list[str]:
                      "(success ratio; speed-up = baseline p50 / variant p50).")
     notes.append("Success intervals are Wilson 95% score intervals. Latency is per policy call, measured in the "
                  "loop that wrote each file (see each file's environment).")
+    if any(v.row.get("agreement_vs_fp32") for v in variants):
+        notes.append("`vs fp32 tokens`: a quantized bundle's action-token agreement with its fp32 export on held-out "
+                     "samples, free-running / teacher-forced (fed the fp32 tokens, so one flipped bin cannot change "
+                     "the rest of the chunk), from the export's accuracy report.")
     return notes
 
 

@@ -78,18 +78,63 @@ def parity(ref, test, observations, n_tokens: int = 16, atol: float = 1e-3, rtol
     return {**out, "passed": bool(passed)}
 
 
+def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
+    """What `test_policy` predicts at every position of `ref_result`'s decode, fed the reference's tokens.
+
+    Returns (reasoning-token predictions, action-token predictions), aligned with the reference's
+    free and action token ids. Unlike free decoding, one flipped token cannot change what follows:
+    this is the per-token effect of quantization, the agreement a speculative decoder would see.
+    """
+    pol, be = test_policy, test_policy.backend
+    free, actions = list(ref_result.info["free_token_ids"]), list(ref_result.info["action_token_ids"])
+    pv, state, prompt = pol._inputs(obs)
+    prefix = be.encode_prefix(pv, state)
+    timings: dict = {}
+    free_pred: list[int] = []
+    if ref_result.reasoning_text is not None:  # it reasoned (full mode, or adaptive when uncertain)
+        hidden, logits, cache = be.prefill(prefix, prompt)
+        tok_ = pol.tokenizer
+        for tok in free:
+            lg = np.array(pol._full_logits(hidden, logits, timings), dtype=np.float64)
+            if len(free_pred) < pol.min_free_tokens:  # the same mask free decoding applies
+                lg[tok_.first_action_id:tok_.first_action_id + tok_.n_bins] = -np.inf
+                lg[tok_.eos_id] = -np.inf
+            free_pred.append(int(lg.argmax()))
+            hidden, logits, cache = be.step([tok], cache)
+        if ref_result.info.get("forced_action_prefix"):
+            hidden, logits, cache = be.step(list(pol.forced_action_ids), cache)
+    else:
+        hidden, logits, cache = be.prefill(prefix, prompt + pol.inference_prefix_ids)
+    lo, dim = pol.tokenizer.first_action_id, pol.action_tokenizer.dim
+    fused = getattr(be, "has_fused_action_head", False)
+    act_pred: list[int] = []
+    for i, tok in enumerate(actions):
+        if fused:
+            act_pred.append(lo + int(be.action_bin(hidden, i % dim)))
+        else:
+            act_pred.append(lo + int(np.asarray(be.action_logits(hidden, logits)).argmax()))
+        if i + 1 < len(actions):
+            hidden, logits, cache = be.step([tok], cache)
+    return free_pred, act_pred
+
+
 def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:
-    """Action-token agreement, action L1 (env units), per-dim error; reasoning-token agreement in full mode."""
+    """Action-token agreement (free-running and teacher-forced), action L1 (env units), per-dim error;
+    reasoning-token agreement in full mode."""
     report: dict = {"n_observations": len(observations)}
     for mode in modes:
         ref_policy.mode = test_policy.mode = mode
-        act_eq = act_n = reason_eq = reason_n = 0
+        act_eq = act_n = reason_eq = reason_n = tf_eq = tf_reason_eq = tf_reason_n = 0
         errs = []
         for obs in observations:
             a, b = ref_policy.act(obs), test_policy.act(obs)
             ia, ib = np.array(a.info["action_token_ids"]), np.array(b.info["action_token_ids"])
             act_eq += int((ia == ib).sum())
             act_n += ia.size
+            free_pred, act_pred = teacher_forced(test_policy, obs, a)
+            tf_eq += int((np.array(act_pred) == ia).sum())
+            tf_reason_eq += sum(int(x == y) for x, y in zip(free_pred, a.info["free_token_ids"]))
+            tf_reason_n += len(free_pred)
             errs.append(np.abs(np.asarray(a.action, np.float64) - np.asarray(b.action, np.float64)).reshape(-1, a.action.shape[-1]))
             fa, fb = a.info["free_token_ids"], b.info["free_token_ids"]
             if mode == "full":
@@ -97,11 +142,13 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
                 reason_eq += sum(int(x == y) for x, y in zip(fa, fb))
                 reason_n += n
         e = np.concatenate(errs) if errs else np.zeros((0, 1))
-        r = {"action_token_agreement": act_eq / max(act_n, 1), "action_l1": float(e.mean()) if e.size else 0.0,
+        r = {"action_token_agreement": act_eq / max(act_n, 1), "action_token_agreement_tf": tf_eq / max(act_n, 1),
+             "action_l1": float(e.mean()) if e.size else 0.0,
              "per_dim_l1": e.mean(0).tolist() if e.size else [], "per_dim_max": e.max(0).tolist() if e.size else [],
              "n_action_tokens": act_n}
         if mode == "full":
             r["reasoning_token_agreement"] = reason_eq / reason_n if reason_n else 1.0
+            r["reasoning_token_agreement_tf"] = tf_reason_eq / tf_reason_n if tf_reason_n else 1.0
         report[mode] = r
     return report
 
@@ -111,11 +158,15 @@ def format_report(report: dict) -> str:
     for mode, r in report.items():
         if not isinstance(r, dict):
             continue
-        line = (f"  {mode:8s} action-token agreement {100 * r['action_token_agreement']:.2f}%  "
-                f"action L1 {r['action_l1']:.5f} (env units)  per-dim L1 "
+        tf = r.get("action_token_agreement_tf")
+        line = (f"  {mode:8s} action-token agreement {100 * r['action_token_agreement']:.2f}% free-running"
+                + (f", {100 * tf:.2f}% teacher-forced" if tf is not None else "")
+                + f"  action L1 {r['action_l1']:.5f} (env units)  per-dim L1 "
                 + " ".join(f"{x:.4f}" for x in r["per_dim_l1"]))
         if "reasoning_token_agreement" in r:
             line += f"  reasoning-token agreement {100 * r['reasoning_token_agreement']:.2f}%"
+            if "reasoning_token_agreement_tf" in r:
+                line += f" ({100 * r['reasoning_token_agreement_tf']:.2f}% teacher-forced)"
         lines.append(line)
     return "\n".join(lines)
 

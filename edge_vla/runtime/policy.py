@@ -173,7 +173,8 @@ class Policy:
         text = res.get("text")
         return ActionResult(action=action.astype(np.float32), reasoning_text=text, timings=timings, tokens=tokens,
                             info=info | {"action_token_ids": list(map(int, res["action_ids"])),
-                                         "free_token_ids": list(map(int, res["free_ids"]))})
+                                         "free_token_ids": list(map(int, res["free_ids"])),
+                                         "forced_action_prefix": bool(res.get("forced_action_prefix"))})
 
     def _inputs(self, obs):
         if not isinstance(obs, dict):
