@@ -47,6 +47,9 @@ class VLAConfig:
     action_dim: int = 7
     action_chunk: int = 1
     n_action_bins: int = 256
+    # Parallel action decoding (OpenVLA-OFT): the action tokens' inputs are placeholders, so one
+    # decoder pass yields the whole chunk instead of one pass per token (edge_vla.tokens.sequence).
+    parallel_actions: bool = False
     schema_version: int = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -103,6 +103,9 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
     vla = VLA.from_pretrained(ckpt_dir)
     if vla.action_stats is None:
         raise EdgeVLAError(f"checkpoint {ckpt_dir} has no action_stats.json", "train it on a dataset first")
+    if vla.config.parallel_actions and _uses_tensorrt(target):
+        raise EdgeVLAError(f"checkpoint {ckpt_dir} decodes actions in parallel, which the TensorRT engines of target "
+                           f"`{target}` do not run yet", "export for an ONNX Runtime target (cpu, cuda)")
     from edge_vla.export.memory_fit import check_export_fits
     from edge_vla.export.trt_lint import lint_for_target
 
@@ -129,9 +132,16 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
         par = acc.parity(TorchBackend(vla), fp32_backend, parity_obs, atol=parity_atol, rtol=parity_atol)
         report(f"parity vs PyTorch: max logit diff {par['max_logit_diff']:.2e} (logit scale {par['logit_scale']:.1f}), "
                f"greedy-token agreement {100 * par['token_agreement']:.1f}% over {par['n_tokens']} tokens")
+        if vla.config.parallel_actions:  # the one-pass chunk (hidden_all) must decode what PyTorch decodes
+            ref_p, test_p = Policy(TorchBackend(vla), mode="direct"), Policy(fp32_backend, mode="direct")
+            same = [ref_p.act(o).info["action_token_ids"] == test_p.act(o).info["action_token_ids"] for o in parity_obs]
+            par["parallel_chunk_agreement"] = sum(same) / len(same)
+            par["passed"] = par["passed"] and all(same)
         if not par["passed"]:
             raise EdgeVLAError(f"the exported graphs disagree with PyTorch (max logit diff {par['max_logit_diff']:.2e}, "
-                               f"token agreement {100 * par['token_agreement']:.1f}%); no bundle written",
+                               f"token agreement {100 * par['token_agreement']:.1f}%"
+                               + (f", parallel chunks equal {100 * par['parallel_chunk_agreement']:.0f}%"
+                                  if "parallel_chunk_agreement" in par else "") + "); no bundle written",
                                "report the model config; the graphs are not trustworthy")
 
         calibration = None

@@ -30,6 +30,8 @@ BUNDLE_FORMAT = "edge-vla-bundle"
 # 2: the LM head left the decoder graph (lm_head.onnx) and action_head.onnx is required. Version 1
 # bundles (decoder.onnx with logits inside) are refused with a re-export hint.
 BUNDLE_SCHEMA_VERSION = 2
+# Decoder output of parallel-decoding bundles: every new position's hidden state (B, T, H).
+HIDDEN_ALL = "hidden_all"
 TOKENIZER_DIR = "tokenizer"
 GRAPH_ROLES = ("prefix", "embed", "decoder", "lm_head", "action_head")
 

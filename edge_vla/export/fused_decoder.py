@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.errors import MissingDependencyError
+from edge_vla.export.bundle import HIDDEN_ALL
 
 MS = "com.microsoft"
 LLAMA_FAMILY = ("qwen2", "llama", "mistral")
@@ -61,8 +62,9 @@ def _rope_tables(config, head_dim: int, max_positions: int) -> tuple[np.ndarray,
 
 
 def build_fused_decoder(lm, head_weight: np.ndarray, head_bias: np.ndarray | None = None, opset: int = 18,
-                        max_positions: int | None = None):
-    """onnx.ModelProto of `lm`'s decoder + LM head (the form export_full_decoder writes)."""
+                        max_positions: int | None = None, all_hidden: bool = False):
+    """onnx.ModelProto of `lm`'s decoder + LM head (the form export_full_decoder writes); `all_hidden`
+    adds every new position's hidden state as output `hidden_all` (parallel action decoding)."""
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -151,14 +153,20 @@ def build_fused_decoder(lm, head_weight: np.ndarray, head_bias: np.ndarray | Non
         node("Mul", [p + "silu", p + "up"], [p + "act"])
         prev_out = node("MatMul", [p + "act", const(p + "down_w", w(mlp.down_proj.weight).T)], [p + "down"])[0]
 
-    # The last position only, then the final norm (with the last residual add).
+    # The last position only, then the final norm (with the last residual add); every position's
+    # final norm too when all_hidden.
     last = const("c/last", np.array([-1], np.int64))
     big = const("c/end", np.array([np.iinfo(np.int64).max], np.int64))
     ax1 = const("c/ax1", np.array([1], np.int64))
-    node("Slice", [prev_out, last, big, ax1], ["last/out"])
-    node("Slice", [residual, last, big, ax1], ["last/res"])
-    node("SkipSimplifiedLayerNormalization", ["last/out", "last/res", const("final_norm", w(dec.norm.weight))],
-         ["last/normed"], domain=MS, epsilon=eps)
+    final_norm = const("final_norm", w(dec.norm.weight))
+    if all_hidden:
+        node("SkipSimplifiedLayerNormalization", [prev_out, residual, final_norm], [HIDDEN_ALL], domain=MS, epsilon=eps)
+        node("Slice", [HIDDEN_ALL, last, big, ax1], ["last/normed"])
+    else:
+        node("Slice", [prev_out, last, big, ax1], ["last/out"])
+        node("Slice", [residual, last, big, ax1], ["last/res"])
+        node("SkipSimplifiedLayerNormalization", ["last/out", "last/res", final_norm], ["last/normed"], domain=MS,
+             epsilon=eps)
     node("Squeeze", ["last/normed", ax1], ["hidden"])
     # A 2-D MatMul (not Gemm): ORT's INT4 MatMulNBits quantizer only rewrites MatMul.
     head = node("MatMul", ["hidden", const("lm_head/w", np.asarray(head_weight, np.float32).T)],
@@ -174,6 +182,8 @@ def build_fused_decoder(lm, head_weight: np.ndarray, head_bias: np.ndarray | Non
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, ["batch", n_kv, "past", head_dim]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f, ["batch", n_kv, "total", head_dim]))
+    if all_hidden:
+        outputs.append(helper.make_tensor_value_info(HIDDEN_ALL, f, ["batch", "seq", hidden]))
     # onnx's shape inference knows no com.microsoft op: declare their float outputs, or ORT's
     # quantizers (which read the inferred types) refuse the MatMuls that consume them.
     declared = {v.name for v in inputs + outputs}

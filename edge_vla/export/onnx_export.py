@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from edge_vla.errors import EdgeVLAError
+from edge_vla.export.bundle import HIDDEN_ALL
 
 PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH, ACTION_HEAD_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx", "action_head.onnx"
 LM_HEAD_GRAPH = "lm_head.onnx"
@@ -81,6 +82,7 @@ class DecoderWithCache(nn.Module):
         self.decoder = vla.lm.get_decoder()
         self.head = vla.lm.get_output_embeddings()
         self.lm_config = vla.lm.config
+        self.parallel = bool(vla.config.parallel_actions)
 
     def forward(self, inputs_embeds, past):
         from transformers import DynamicCache
@@ -96,6 +98,8 @@ class DecoderWithCache(nn.Module):
         present = []
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
+        if self.parallel:  # every new position's hidden state: the chunk a parallel model decodes at once
+            return (hidden, logits, *present, out.last_hidden_state)
         return (hidden, logits, *present)
 
 
@@ -166,7 +170,8 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
     if why_not is None:
         head = vla.lm.get_output_embeddings()
         bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
-        graphs.update(split_decoder(vla, build_fused_decoder(vla.lm, head.weight.detach().float().numpy(), bias), out))
+        graphs.update(split_decoder(vla, build_fused_decoder(vla.lm, head.weight.detach().float().numpy(), bias,
+                                                             all_hidden=cfg.parallel_actions), out))
         form = "onnxruntime-fused"
     else:
         full = out / ".decoder_with_head.onnx"
@@ -195,7 +200,7 @@ def export_full_decoder(vla, path: Path) -> tuple[list[str], list[str]]:
     past = tuple(torch.zeros(2, n_kv, 3, hd) for _ in range(2 * n_layers))
     emb = torch.zeros(2, 4, vla.lm.config.hidden_size)
     in_names = ["inputs_embeds", *kv_names(n_layers, "past")]
-    out_names = ["hidden", "logits", *kv_names(n_layers, "present")]
+    out_names = ["hidden", "logits", *kv_names(n_layers, "present")] + ([HIDDEN_ALL] if vla.config.parallel_actions else [])
     dyn = {"inputs_embeds": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
     _export(DecoderWithCache(vla), (emb, past), Path(path), in_names, out_names, dyn, "decoder")
     return in_names, out_names

@@ -27,6 +27,7 @@ from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
 from edge_vla.model.processor import TextTokenizer, VLAProcessor
 from edge_vla.tokens.action import ActionStats, ActionTokenizer
+from edge_vla.tokens.sequence import placeholder_id
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +84,10 @@ def _load_pretrained(kind: str, path: str):
             f"could not load the {kind} from `{path}` ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
             "pass a local directory saved with save_pretrained, or a hub id reachable from this machine",
         ) from None
+
+
+def _last(hidden: torch.Tensor, n_last: int | None) -> torch.Tensor:
+    return hidden[:, -1] if n_last is None else hidden[:, -n_last:]
 
 
 class VLA(nn.Module):
@@ -192,22 +197,24 @@ class VLA(nn.Module):
 
     # --- incremental decoding (KV cache; prefill once, then one token at a time) -------------------
     @torch.no_grad()
-    def prefill(self, pixel_values, input_ids, state=None):
-        """Run prefix + prompt once. Returns (last hidden state (B, H), cache)."""
+    def prefill(self, pixel_values, input_ids, state=None, n_last: int | None = None):
+        """Run prefix + prompt once. Returns (last hidden state (B, H), cache); with `n_last`, the
+        hidden states of the last n_last positions (B, n_last, H)."""
         from transformers import DynamicCache
 
         prefix = self.encode_prefix(pixel_values, state)
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
         cache = DynamicCache(config=self.lm.config)
         out = self._decoder()(inputs_embeds=embeds, cache=cache, use_cache=True)
-        return out.last_hidden_state[:, -1], out.cache
+        return _last(out.last_hidden_state, n_last), out.cache
 
     @torch.no_grad()
-    def step(self, token_ids: torch.Tensor, cache):
-        """Feed (B,) or (B, n) tokens after the cached sequence. Returns (last hidden (B, H), cache)."""
+    def step(self, token_ids: torch.Tensor, cache, n_last: int | None = None):
+        """Feed (B,) or (B, n) tokens after the cached sequence. Returns (last hidden (B, H), cache);
+        with `n_last`, the hidden states of the last n_last positions (B, n_last, H)."""
         ids = token_ids.view(token_ids.shape[0], -1)
         out = self._decoder()(inputs_embeds=self.lm.get_input_embeddings()(ids), cache=cache, use_cache=True)
-        return out.last_hidden_state[:, -1], out.cache
+        return _last(out.last_hidden_state, n_last), out.cache
 
     @torch.no_grad()
     def generate(self, pixel_values, prompt_ids: torch.Tensor, state=None, max_free_tokens: int = 0,
@@ -227,15 +234,21 @@ class VLA(nn.Module):
         for _ in range(max_free_tokens):
             nxt = self.head(hidden).argmax(-1)
             if ((nxt >= lo) & (nxt < hi)).all():
-                actions.append(nxt)
-                hidden, cache = self.step(nxt, cache)
-                break
+                break  # `hidden` predicts the first action token (the restricted argmax below equals nxt)
             if (nxt == tok.eos_id).all():
                 break
             free.append(nxt)
             hidden, cache = self.step(nxt, cache)
+        w = self.lm.get_output_embeddings().weight[lo:hi]
+        if self.config.parallel_actions:
+            # One pass: n-1 placeholders behind the position that predicts the first action token.
+            hs = hidden[:, None]
+            if n_act > 1:
+                ph = torch.full((prompt_ids.shape[0], n_act - 1), placeholder_id(tok), device=prompt_ids.device)
+                rest, cache = self.step(ph, cache, n_last=n_act - 1)
+                hs = torch.cat([hs, rest], 1)
+            actions = list(((hs @ w.T).argmax(-1) + lo).unbind(1))
         while len(actions) < n_act:
-            w = self.lm.get_output_embeddings().weight[lo:hi]
             nxt = (hidden @ w.T).argmax(-1) + lo
             actions.append(nxt)
             if len(actions) < n_act:

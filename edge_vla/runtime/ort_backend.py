@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
+from edge_vla.export.bundle import HIDDEN_ALL
 from edge_vla.runtime.policy import bind_bundle
 
 
@@ -55,6 +56,11 @@ class OrtBackend:
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", "re-export the bundle") from None
         dec = bundle.graphs["decoder"]
         self._past_names = dec["inputs"][1:]
+        outs = [o.name for o in self.sessions["decoder"].get_outputs()]
+        self._present_names = [o for o in outs if o.startswith("present")]
+        if self.parallel_actions and HIDDEN_ALL not in outs:
+            raise EdgeVLAError(f"bundle {bundle.path} decodes actions in parallel but its decoder graph has no "
+                               f"`{HIDDEN_ALL}` output", "re-export the checkpoint with this edge-vla")
         self._kv_shape = (dec["n_kv_heads"], dec["head_dim"])
         self._prefix_inputs = bundle.graphs["prefix"]["inputs"]
         self._kv_dtype = np.float16 if "float16" in self.sessions["decoder"].get_inputs()[1].type else np.float32
@@ -78,19 +84,23 @@ class OrtBackend:
     def _embed(self, ids):
         return self.sessions["embed"].run(None, {"input_ids": np.asarray([list(ids)], dtype=np.int64)})[0]
 
-    def _run(self, embeds, cache):
+    def _run(self, embeds, cache, n_last=None):
         feeds = {"inputs_embeds": embeds.astype(self._embed_dtype, copy=False)}
         feeds.update(zip(self._past_names, cache))
-        hidden, *present = self.sessions["decoder"].run(None, feeds)
-        return hidden[0].astype(np.float32), None, present
+        first = "hidden" if n_last is None else HIDDEN_ALL
+        hidden, *present = self.sessions["decoder"].run([first, *self._present_names], feeds)
+        hidden = hidden[0] if n_last is None else hidden[0, -n_last:]
+        return hidden.astype(np.float32), None, present
 
-    def prefill(self, prefix, input_ids):
+    def prefill(self, prefix, input_ids, n_last: int | None = None):
+        """(hidden (H,), None, cache) of the last position; with `n_last` (a parallel-decoding bundle),
+        the hidden states of the last n_last positions (n_last, H)."""
         embeds = np.concatenate([prefix.astype(np.float32), self._embed(input_ids).astype(np.float32)], axis=1)
         empty = np.zeros((1, *self._kv_shape[:1], 0, self._kv_shape[1]), dtype=self._kv_dtype)
-        return self._run(embeds, [empty] * len(self._past_names))
+        return self._run(embeds, [empty] * len(self._past_names), n_last)
 
-    def step(self, token_ids, cache):
-        return self._run(self._embed(token_ids), cache)
+    def step(self, token_ids, cache, n_last: int | None = None):
+        return self._run(self._embed(token_ids), cache, n_last)
 
     def lm_logits(self, hidden) -> np.ndarray:
         """(V,) full-vocabulary logits of one hidden state (lm_head.onnx)."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer, entropy_and_margin
-from edge_vla.tokens.sequence import ACTION_PREFIX
+from edge_vla.tokens.sequence import ACTION_PREFIX, placeholder_id
 
 MODES = ("full", "direct", "adaptive")
 DEFAULT_MAX_FREE_TOKENS = 512
@@ -61,6 +61,9 @@ class Backend(Protocol):
                                      decoder graph has no LM head (bundles) computes the full logits
                                      only when the Policy needs them (free tokens)
     has_fused_action_head, action_bin(hidden (H,), dim int) -> bin   the restricted fused head
+    parallel_actions, and prefill/step(..., n_last=n) -> (hidden (n, H), logits (n, V) | None, cache)
+                                     a model trained with placeholder action inputs: the whole chunk
+                                     from one decoder pass
     """
 
     name: str
@@ -98,6 +101,7 @@ def bind_bundle(backend, bundle) -> None:
     backend.action_stats = bundle.action_stats
     backend.recipe = bundle.recipe
     backend.n_action_tokens = bundle.config.n_action_tokens
+    backend.parallel_actions = bool(bundle.config.parallel_actions)
     tok = backend.processor.tokenizer
     backend._lo, backend._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
 
@@ -136,6 +140,9 @@ class Policy:
         self.inference_prefix_ids = ids if (ids or inference_prefix is not None) else tok.encode(ACTION_PREFIX)
         # full mode: when the reasoning ends (budget or eos) before an action token, force " ACTION:".
         self.forced_action_ids = tok.encode(ACTION_PREFIX) if force_action_prefix else []
+        # Parallel action decoding (VLAConfig.parallel_actions): placeholders in, the whole chunk out.
+        self.parallel = bool(getattr(backend, "parallel_actions", False))
+        self.placeholder_id = placeholder_id(tok)
         self.calls = 0
 
     def reset(self) -> None:
@@ -201,6 +208,8 @@ class Policy:
         dim = self.action_tokenizer.dim
         body, head = timings.setdefault("body", []), timings.setdefault("head", [])
         ids, rows = [], []
+        if self.parallel:
+            return self._parallel_action_tokens(hidden, logits, cache, timings, fused, t0)
         while True:
             th = time.perf_counter()
             if fused:
@@ -224,6 +233,36 @@ class Policy:
         timings["_action_tokens_ms"] = _ms(t0)
         return ids, (np.stack(rows) if rows else None)
 
+    def _parallel_action_tokens(self, hidden, logits, cache, timings, fused, t0):
+        """Every action token from one pass: `hidden` (, `logits`) predict the first one, or, as
+        returned by a prefill that already held the placeholders, all of them (n, H)."""
+        n, dim, lo = self.n_action_tokens, self.action_tokenizer.dim, self.tokenizer.first_action_id
+        hidden = np.asarray(hidden)
+        if hidden.ndim == 1:
+            tb = time.perf_counter()
+            rest, rest_logits, _ = self.backend.step([self.placeholder_id] * (n - 1), cache, n_last=n - 1) \
+                if n > 1 else (np.zeros((0, hidden.shape[0]), np.float32), None, cache)
+            timings["body"].append(_ms(tb))
+            hidden = np.concatenate([hidden[None], np.asarray(rest).reshape(-1, hidden.shape[0])])
+            # Backends without an LM head in the decoder return logits=None: the action head reads hidden.
+            logits = [logits] + (list(np.asarray(rest_logits).reshape(n - 1, -1)) if rest_logits is not None
+                                 else [None] * (n - 1))
+        if not np.isfinite(hidden).all():
+            raise EdgeVLAError("the model produced NaN/Inf hidden states",
+                               "the weights or the quantized graph are broken; re-export without quantization to compare")
+        th = time.perf_counter()
+        ids, rows = [], []
+        for i in range(n):
+            if fused:
+                ids.append(lo + self.backend.action_bin(hidden[i], i % dim))
+            else:
+                a = np.asarray(self.backend.action_logits(hidden[i], None if logits is None else logits[i]), np.float32)
+                rows.append(a)
+                ids.append(lo + int(a.argmax()))
+        timings["head"].append(_ms(th))
+        timings["_action_tokens_ms"] = _ms(t0)
+        return ids, (np.stack(rows) if rows else None)
+
     def _full_logits(self, hidden, logits, timings) -> np.ndarray:
         """Full-vocabulary logits (free tokens): the backend's, or its separate LM head's."""
         if logits is not None:
@@ -235,7 +274,12 @@ class Policy:
 
     def _decode_direct(self, prefix, prompt, timings) -> dict:
         t0 = time.perf_counter()
-        hidden, logits, cache = self.backend.prefill(prefix, prompt + self.inference_prefix_ids)
+        if self.parallel:  # the placeholders ride along in the prefill: one decoder pass in all
+            n = self.n_action_tokens
+            hidden, logits, cache = self.backend.prefill(
+                prefix, prompt + self.inference_prefix_ids + [self.placeholder_id] * (n - 1), n_last=n)
+        else:
+            hidden, logits, cache = self.backend.prefill(prefix, prompt + self.inference_prefix_ids)
         timings["prefill"] = _ms(t0)
         timings["decode_tokens"] = []
         ids, rows = self._action_tokens(hidden, logits, cache, timings)

@@ -105,7 +105,9 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle, max_total_tokens: int | None = None):
-
+        if bundle.config.parallel_actions:
+            raise EdgeVLAError(f"bundle {bundle.path} decodes actions in parallel, which the TensorRT backend does "
+                               "not run yet", "use the onnxruntime backend (CUDA or CPU) for this bundle")
         trt = import_tensorrt()
         cuda = _import_pycuda()
         self._cuda = cuda

@@ -30,6 +30,7 @@ class TorchBackend:
         self.action_stats = vla.action_stats
         self.recipe = dict(vla.recipe_info or {})
         self.n_action_tokens = vla.config.n_action_tokens
+        self.parallel_actions = bool(vla.config.parallel_actions)
         tok = vla.processor.tokenizer
         self._lo, self._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
         self._embed = vla.lm.get_input_embeddings()
@@ -51,24 +52,25 @@ class TorchBackend:
         st = None if state is None else torch.from_numpy(np.ascontiguousarray(state)).to(self.vla.device)
         return self.vla.encode_prefix(pv, st)
 
-    def _run(self, embeds, cache):
+    def _run(self, embeds, cache, n_last=None):
         out = self._decoder(inputs_embeds=embeds, cache=cache, use_cache=True)
-        hidden = out.last_hidden_state[0, -1]
+        hidden = out.last_hidden_state[0, -1] if n_last is None else out.last_hidden_state[0, -n_last:]
         logits = self._head(hidden)
         return hidden.float().cpu().numpy(), logits.float().cpu().numpy(), out.cache
 
     @torch.no_grad()
-    def prefill(self, prefix, input_ids):
+    def prefill(self, prefix, input_ids, n_last: int | None = None):
+        """(hidden (H,), logits (V,), cache) of the last position; with `n_last`, (n_last, H) and (n_last, V)."""
         from transformers import DynamicCache
 
         ids = torch.tensor([list(input_ids)], device=self.vla.device)
         embeds = torch.cat([prefix, self._embed(ids)], dim=1)
-        return self._run(embeds, DynamicCache(config=self.vla.lm.config))
+        return self._run(embeds, DynamicCache(config=self.vla.lm.config), n_last)
 
     @torch.no_grad()
-    def step(self, token_ids, cache):
+    def step(self, token_ids, cache, n_last: int | None = None):
         ids = torch.tensor([list(token_ids)], device=self.vla.device)
-        return self._run(self._embed(ids), cache)
+        return self._run(self._embed(ids), cache, n_last)
 
     def action_logits(self, hidden, logits):
         return logits[self._lo:self._hi]

@@ -8,6 +8,11 @@
 
 At test time `direct` mode forces prompt + action prefix and decodes only action tokens;
 `full` mode decodes reasoning freely from the prompt until the first action token.
+
+Parallel action decoding (a model with `parallel_actions`, as OpenVLA-OFT): the inputs at the action
+tokens' positions are a placeholder (the pad token) instead of the previous action token, with the
+same labels. Position " ACTION:" still predicts the first action token and placeholder i the
+(i+1)-th, so the runtime feeds n-1 placeholders in one pass and reads every action token at once.
 """
 
 from __future__ import annotations
@@ -41,3 +46,18 @@ def build_sequence(prompt_ids: list[int], middle_ids: list[int], action_ids: lis
     labels += list(middle_ids) if loss_on_middle else [IGNORE] * len(middle_ids)
     labels += list(action_ids) + [eos_id]
     return input_ids, labels
+
+
+def placeholder_id(tokenizer) -> int:
+    """The input token at action positions of a parallel-decoding model."""
+    return tokenizer.pad_id
+
+
+def parallel_action_inputs(input_ids: list[int], n_action_tokens: int, placeholder: int) -> list[int]:
+    """`input_ids` of a build_sequence row (ending action tokens + eos) with the action tokens' inputs
+    replaced by `placeholder`; the labels stay as they are."""
+    if len(input_ids) < n_action_tokens + 1:
+        raise ValueError(f"row of {len(input_ids)} tokens cannot hold {n_action_tokens} action tokens and eos")
+    ids = list(input_ids)
+    ids[-(n_action_tokens + 1):-1] = [placeholder] * n_action_tokens
+    return ids

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionStats
-from edge_vla.tokens.sequence import IGNORE
+from edge_vla.tokens.sequence import IGNORE, parallel_action_inputs, placeholder_id
 
 
 # --- opening and splitting -----------------------------------------------------------------------
@@ -172,6 +172,10 @@ class RecipeDataset(torch.utils.data.Dataset):
     def row(self, sample, rng: np.random.Generator, stage: str | None) -> dict:
         row = self.recipe.encode(sample, self.processor.tokenizer, self.action_tokenizer,
                                  self.prompt_ids(sample.instruction), rng, stage)
+        cfg = self.processor.config
+        if cfg.parallel_actions:
+            row["input_ids"] = parallel_action_inputs(row["input_ids"], cfg.n_action_tokens,
+                                                      placeholder_id(self.processor.tokenizer))
         row["pixel_values"] = self.processor.images(sample.images)
         row["state"] = self.processor.state(sample.state)
         return row

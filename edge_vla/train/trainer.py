@@ -48,6 +48,16 @@ def build_model(cfg: TrainConfig, texts: list[str], stats):
     if cfg.init_from:
         model = VLA.from_pretrained(cfg.init_from)
         model.action_stats = stats
+        # Only how actions are decoded can change under pretrained weights, not the architecture.
+        other = sorted(set(cfg.model) - {"parallel_actions"})
+        if other:
+            raise EdgeVLAError(f"model override(s) {other} cannot change the pretrained checkpoint {cfg.init_from}",
+                               "drop them, or train from a preset (no init_from)")
+        if "parallel_actions" in cfg.model:
+            value = cfg.model["parallel_actions"]
+            if not isinstance(value, bool):
+                raise EdgeVLAError(f"model.parallel_actions must be true or false, got {value!r}")
+            model.config.parallel_actions = value
         return model
     overrides = cfg.model_overrides() + [f"action_chunk={cfg.action_chunk}"]
     return VLA.from_preset(cfg.preset, overrides, texts=texts, action_stats=stats, seed=cfg.seed)
