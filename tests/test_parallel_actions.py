@@ -124,6 +124,15 @@ def test_bundle_decodes_the_same_chunk_without_torch(trained, tmp_path):
             b = Policy(ort, mode=mode, max_free_tokens=8).act(sample_to_obs(x))
             assert a.info["action_token_ids"] == b.info["action_token_ids"]
             np.testing.assert_allclose(a.action, b.action, atol=1e-6)
+    # No action token is fed back, so teacher forcing changes nothing in direct mode.
+    from edge_vla.export.accuracy import accuracy_report
+
+    noisy = VLA.from_pretrained(final)
+    with torch.no_grad():
+        for p in noisy.lm.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5 * p.std().clamp_min(1e-3))
+    rep = accuracy_report(Policy(ort), Policy(TorchBackend(noisy)), [sample_to_obs(x) for x in data])["direct"]
+    assert rep["action_token_agreement_tf"] == rep["action_token_agreement"] < 1.0
 
 
 def test_parallel_models_are_refused_where_they_cannot_run(trained, tmp_path):

@@ -103,8 +103,12 @@ def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
             hidden, logits, cache = be.step([tok], cache)
         if ref_result.info.get("forced_action_prefix"):
             hidden, logits, cache = be.step(list(pol.forced_action_ids), cache)
+    elif pol.parallel:
+        return free_pred, pol._decode_direct(prefix, prompt, timings)["action_ids"]
     else:
         hidden, logits, cache = be.prefill(prefix, prompt + pol.inference_prefix_ids)
+    if pol.parallel:  # no action token is fed back: the chunk depends only on the context
+        return free_pred, pol._action_tokens(hidden, logits, cache, timings)[0]
     lo, dim = pol.tokenizer.first_action_id, pol.action_tokenizer.dim
     fused = getattr(be, "has_fused_action_head", False)
     act_pred: list[int] = []
