@@ -71,3 +71,23 @@ def test_bench_compare_head_splits_body_and_head_on_one_bundle(tmp_path, tiny_vl
     table = CliRunner().invoke(main, ["bench", str(bundle), "--calls", "1", "--warmup", "0", "--compare-head",
                                       "-o", str(tmp_path / "out2")])
     assert table.exit_code == 0 and "faster per step" in table.output, table.output
+
+
+def test_one_run_times_the_same_artifact_in_two_modes(tmp_path, tiny_vla):
+    from edge_vla.cli import main
+    from edge_vla.eval.bench import split_mode
+    from edge_vla.eval.results import load_results
+
+    a = tiny_vla.save_pretrained(tmp_path / "a")
+    assert split_mode(f"{a}@full") == (a, "full") and split_mode(a, "direct") == (a, "direct")
+    weird = tmp_path / "x@full"  # a directory really named like that stays a path
+    weird.mkdir()
+    assert split_mode(weird) == (weird, None)
+    res = CliRunner().invoke(main, ["bench", f"{a}@direct", f"{a}@full", "--calls", "2", "--warmup", "0",
+                                    "--max-free-tokens", "3", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    files = sorted((tmp_path / "out").glob("bench-*.json"))
+    assert [f.name for f in files] == ["bench-a-direct.json", "bench-a-full.json"]
+    assert [load_results(f)["config"]["variant"]["mode"] for f in files] == ["direct", "full"]
+    bad = CliRunner().invoke(main, ["bench", str(a), "--data", str(tmp_path / "nope"), "--calls", "1"])
+    assert bad.exit_code != 0 and "no dataset at" in bad.output

@@ -20,9 +20,14 @@ import click
 @click.option("--compare-head", is_flag=True,
               help="Also time each bundle's direct-mode decode step with the full LM head vs the restricted "
                    "action head (same process, interleaved) and print the ratio.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Decode held-out observations of this dataset (default: synthetic ones; full-mode reasoning "
+                   "lengths are only realistic on real observations).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out_dir, compare_head, as_json):
+def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out_dir, compare_head, as_json, data):
     """Benchmark ARTIFACTS (checkpoints or bundles) in one run, ratios against the first.
+
+    DIR@MODE runs DIR in that mode (e.g. `bundle@full bundle@direct`: the same bundle both ways).
 
     Each artefact runs in a fresh process with one intra-op thread. Reports latency median/p95
     per component and per action (the decode step split into body and head), actions/s, peak memory,
@@ -44,7 +49,7 @@ def bench(artifacts, mode, backend, calls, warmup, max_free_tokens, targets, out
 
         result = bench_artifacts(list(artifacts), mode=mode, backend=backend, calls=calls, warmup=warmup,
                                  out_dir=out_dir, targets=tuple(targets), opts=opts, progress=progress,
-                                 compare_head=compare_head)
+                                 compare_head=compare_head, data=data)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
         return

@@ -31,6 +31,8 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 
+MODES = ("direct", "full", "adaptive")
+N_BENCH_OBS = 4  # observations cycled through the timed calls
 COMPONENTS = ("vision", "prefill", "decode_token", "decode_body", "decode_head", "action_decode", "total")
 
 
@@ -108,7 +110,7 @@ def _compare_heads(p: Path, backend: str, calls: int, warmup: int, opts: dict, o
 
 
 def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts: dict,
-               compare_head: bool = False) -> dict:
+               compare_head: bool = False, data: str | None = None) -> dict:
     import time
 
     from edge_vla.export.accuracy import synthetic_observations
@@ -119,7 +121,12 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
     t0 = time.perf_counter()
     policy = load_policy(p, backend=backend, mode=mode, threads=1, **opts)
     load_s = time.perf_counter() - t0
-    obs = synthetic_observations(policy.processor.config, n=4, seed=1)
+    if data:  # real held-out observations: what a full-mode model reasons about is what it would see
+        from edge_vla.export import load_observations
+
+        obs = load_observations(data, policy.processor.config, limit=N_BENCH_OBS)
+    else:
+        obs = synthetic_observations(policy.processor.config, n=N_BENCH_OBS, seed=1)
     for i in range(warmup):
         policy.act(obs[i % len(obs)])
     records = [_record(policy.act(obs[i % len(obs)])) for i in range(calls)]
@@ -203,36 +210,52 @@ def summarize_artifact(w: dict, bandwidth_gbs: float) -> dict:
     }
 
 
-def _worker_cmd(path, backend, mode, calls, warmup, opts, compare_head=False) -> list[str]:
+def _worker_cmd(path, backend, mode, calls, warmup, opts, compare_head=False, data=None) -> list[str]:
     spec = json.dumps({"path": str(path), "backend": backend, "mode": mode, "calls": calls, "warmup": warmup,
-                       "opts": opts, "compare_head": compare_head})
+                       "opts": opts, "compare_head": compare_head, "data": None if data is None else str(data)})
     return [sys.executable, "-m", "edge_vla.eval.bench", spec]
+
+
+def split_mode(artifact: str | Path, default: str | None = None) -> tuple[Path, str | None]:
+    """`DIR@MODE` -> (DIR, MODE): one run may time the same bundle in several modes."""
+    text = str(artifact)
+    head, sep, tail = text.rpartition("@")
+    if sep and tail in MODES and not Path(text).exists():
+        return Path(head), tail
+    return Path(text), default
 
 
 def bench_artifacts(paths: list[str | Path], mode: str | None = None, backend: str = "auto", calls: int = 20,
                     warmup: int = 3, out_dir: str | Path | None = None, targets: tuple[str, ...] = (),
-                    opts: dict | None = None, progress=None, compare_head: bool = False) -> dict:
+                    opts: dict | None = None, progress=None, compare_head: bool = False,
+                    data: str | Path | None = None) -> dict:
     """Benchmark every artefact in a fresh 1-thread process; ratios against the first. Returns the comparison.
 
+    An artefact `DIR@MODE` (direct, full, adaptive) runs DIR in that mode, whatever `mode` says.
     compare_head: also time each bundle's direct-mode decode with the full LM head vs the restricted
-    action head (same process, interleaved); summary["head_compare"] holds the split and the ratios."""
+    action head (same process, interleaved); summary["head_compare"] holds the split and the ratios.
+    data: a dataset whose held-out observations every artefact decodes (default: synthetic ones)."""
     from edge_vla.export.roofline import measure_memory_bandwidth
 
     if not paths:
         raise EdgeVLAError("no artefact given", "pass one or more checkpoint or bundle directories")
-    for p in map(Path, paths):
+    specs = [split_mode(p, mode) for p in paths]
+    for p, _ in specs:
         if not p.is_dir():
-            raise EdgeVLAError(f"no checkpoint or bundle at {p}", "pass directories written by `edge-vla train`/`export`")
+            raise EdgeVLAError(f"no checkpoint or bundle at {p}",
+                               "pass directories written by `edge-vla train`/`export` (optionally DIR@direct|full|adaptive)")
+    if data is not None and not Path(data).exists():
+        raise EdgeVLAError(f"no dataset at {data}", "pass a dataset written by `edge-vla data generate`, or leave --data out")
     if calls < 1:
         raise EdgeVLAError(f"--calls must be >= 1, got {calls}")
     bandwidth = measure_memory_bandwidth()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
-    for i, p in enumerate(paths):
+    for i, (p, p_mode) in enumerate(specs):
         if progress:
             progress(i, len(paths), str(p))
-        out = subprocess.run(_worker_cmd(p, backend, mode, calls, warmup, opts or {}, compare_head), capture_output=True,
-                             text=True, env=env)
+        out = subprocess.run(_worker_cmd(p, backend, p_mode, calls, warmup, opts or {}, compare_head, data),
+                             capture_output=True, text=True, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode != 0 or not lines:
             err = [ln for ln in (out.stderr or "").splitlines() if ln.strip()]
@@ -334,7 +357,7 @@ def _main(argv) -> None:
     spec = json.loads(argv[0])
     try:
         res = run_worker(spec["path"], spec["backend"], spec["mode"], spec["calls"], spec["warmup"], spec["opts"],
-                         spec.get("compare_head", False))
+                         spec.get("compare_head", False), spec.get("data"))
     except EdgeVLAError as e:
         res = {"error": str(e)}
     print(json.dumps(res))
