@@ -179,3 +179,24 @@ def test_teacher_forced_agreement_is_the_per_position_argmax_under_the_reference
     assert rep["action_token_agreement_tf"] == pytest.approx(agree / total)
     assert rep["action_token_agreement_tf"] < 1.0  # the perturbation is large enough to flip some bins
     assert accuracy_report(ref, Policy(backend, mode="direct"), obs)["direct"]["action_token_agreement_tf"] == 1.0
+
+
+def test_full_mode_starts_the_reasoning_of_a_model_that_learned_to_write_it(tiny_vla, samples):
+    """A reasoning-dropout model left free may take the short path; full mode forces " TASK:"."""
+    import copy
+
+    from edge_vla.train.recipes import get_recipe
+
+    tok = tiny_vla.processor.tokenizer
+    forced = tok.encode(" TASK:")
+    assert get_recipe("ecot-lite-dropout").info(tok)["reasoning_prefix_ids"] == forced
+    assert get_recipe("vla").info(tok)["reasoning_prefix_ids"] == []
+    dropout = copy.copy(tiny_vla)
+    dropout.recipe_info = {"name": "ecot-lite-dropout"}  # recipe.json from before the field: by name
+    be = TorchBackend(dropout)
+    obs = sample_to_obs(samples[0])
+    r = Policy(be, mode="full", max_free_tokens=4).act(obs)
+    assert r.info["free_token_ids"][:len(forced)] == forced and r.reasoning_text.startswith("TASK:")
+    assert Policy(be, mode="direct").reasoning_prefix_ids == forced  # kept for adaptive's fallback
+    plain = Policy(be, mode="full", max_free_tokens=4, reasoning_prefix="").act(obs)
+    assert plain.info["free_token_ids"][:len(forced)] != forced or not plain.info["free_token_ids"]

@@ -82,7 +82,7 @@ def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
     """What `test_policy` predicts at every position of `ref_result`'s decode, fed the reference's tokens.
 
     Returns (reasoning-token predictions, action-token predictions), aligned with the reference's
-    free and action token ids. Unlike free decoding, one flipped token cannot change what follows:
+    free token ids after the forced reasoning prefix, and with its action token ids. Unlike free decoding, one flipped token cannot change what follows:
     this is the per-token effect of quantization, the agreement a speculative decoder would see.
     """
     pol, be = test_policy, test_policy.backend
@@ -92,9 +92,10 @@ def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
     timings: dict = {}
     free_pred: list[int] = []
     if ref_result.reasoning_text is not None:  # it reasoned (full mode, or adaptive when uncertain)
-        hidden, logits, cache = be.prefill(prefix, prompt)
+        forced = list(pol.reasoning_prefix_ids)  # both policies force these: not scored
+        hidden, logits, cache = be.prefill(prefix, prompt + forced)
         tok_ = pol.tokenizer
-        for tok in free:
+        for tok in free[len(forced):]:
             lg = np.array(pol._full_logits(hidden, logits, timings), dtype=np.float64)
             if len(free_pred) < pol.min_free_tokens:  # the same mask free decoding applies
                 lg[tok_.first_action_id:tok_.first_action_id + tok_.n_bins] = -np.inf
@@ -137,7 +138,8 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
             act_n += ia.size
             free_pred, act_pred = teacher_forced(test_policy, obs, a)
             tf_eq += int((np.array(act_pred) == ia).sum())
-            tf_reason_eq += sum(int(x == y) for x, y in zip(free_pred, a.info["free_token_ids"]))
+            decoded = a.info["free_token_ids"][len(ref_policy.reasoning_prefix_ids):] if free_pred else []
+            tf_reason_eq += sum(int(x == y) for x, y in zip(free_pred, decoded))
             tf_reason_n += len(free_pred)
             errs.append(np.abs(np.asarray(a.action, np.float64) - np.asarray(b.action, np.float64)).reshape(-1, a.action.shape[-1]))
             fa, fb = a.info["free_token_ids"], b.info["free_token_ids"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer, entropy_and_margin
-from edge_vla.tokens.sequence import ACTION_PREFIX, placeholder_id
+from edge_vla.tokens.sequence import ACTION_PREFIX, WRITES_REASONING, placeholder_id, reasoning_prefix_ids
 
 MODES = ("full", "direct", "adaptive")
 DEFAULT_MAX_FREE_TOKENS = 512
@@ -113,7 +113,8 @@ def _ms(t0: float) -> float:
 class Policy:
     def __init__(self, backend, mode: str | None = None, max_free_tokens: int | None = None,
                  entropy_threshold: float = 1.0, margin_threshold: float | None = None,
-                 inference_prefix: str | None = None, min_free_tokens: int = 0, force_action_prefix: bool = True):
+                 inference_prefix: str | None = None, min_free_tokens: int = 0, force_action_prefix: bool = True,
+                 reasoning_prefix: str | None = None):
         self.backend = backend
         recipe = dict(getattr(backend, "recipe", None) or {})
         self.recipe = recipe
@@ -140,6 +141,14 @@ class Policy:
         self.inference_prefix_ids = ids if (ids or inference_prefix is not None) else tok.encode(ACTION_PREFIX)
         # full mode: when the reasoning ends (budget or eos) before an action token, force " ACTION:".
         self.forced_action_ids = tok.encode(ACTION_PREFIX) if force_action_prefix else []
+        # full mode starts the reasoning for a model that learned to write it (a dropout model left
+        # free may take the short path); recipe.json from before the field: by recipe name.
+        if reasoning_prefix is not None:
+            self.reasoning_prefix_ids = tok.encode(reasoning_prefix) if reasoning_prefix else []
+        elif "reasoning_prefix_ids" in recipe:
+            self.reasoning_prefix_ids = list(recipe["reasoning_prefix_ids"])
+        else:
+            self.reasoning_prefix_ids = reasoning_prefix_ids(tok) if recipe.get("name") in WRITES_REASONING else []
         # Parallel action decoding (VLAConfig.parallel_actions): placeholders in, the whole chunk out.
         self.parallel = bool(getattr(backend, "parallel_actions", False))
         self.placeholder_id = placeholder_id(tok)
@@ -290,9 +299,9 @@ class Policy:
         tok = self.tokenizer
         lo, hi = tok.first_action_id, tok.first_action_id + tok.n_bins
         t0 = time.perf_counter()
-        hidden, logits, cache = self.backend.prefill(prefix, prompt)
+        hidden, logits, cache = self.backend.prefill(prefix, prompt + self.reasoning_prefix_ids)
         timings["prefill"] = _ms(t0)
-        free: list[int] = []
+        free: list[int] = list(self.reasoning_prefix_ids)
         per_token: list[float] = []
         body = timings.setdefault("body", [])
         head = timings.setdefault("head", [])
@@ -350,7 +359,7 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
 
     `opts` go to the backend (e.g. threads=1, providers=[...], quantize="int8"|"nf4" for torch)
     except the Policy's own: max_free_tokens, min_free_tokens, entropy_threshold, margin_threshold,
-    inference_prefix.
+    inference_prefix, force_action_prefix, reasoning_prefix.
     """
     p = Path(path)
     if not p.exists():
@@ -360,7 +369,7 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
     if backend == "auto":
         backend = "onnxruntime" if _is_bundle(p) else "torch"
     policy_keys = ("max_free_tokens", "min_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix",
-                   "force_action_prefix")
+                   "force_action_prefix", "reasoning_prefix")
     policy_opts = {k: opts.pop(k) for k in policy_keys if k in opts}
     engine = backend_class(backend).load(p, **opts)
     return Policy(engine, mode=mode, **policy_opts)

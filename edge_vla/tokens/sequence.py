@@ -17,9 +17,14 @@ same labels. Position " ACTION:" still predicts the first action token and place
 
 from __future__ import annotations
 
-from edge_vla.tokens.reasoning import ACTION_TAG, Reasoning
+from edge_vla.tokens.reasoning import ACTION_TAG, TAGS, Reasoning
 
 ACTION_PREFIX = " " + ACTION_TAG
+# What full-mode decoding forces after the prompt for a model that learned to write reasoning:
+# a reasoning-dropout model, left free, takes the short path (" ACTION:") about as often as not.
+REASONING_PREFIX = " " + TAGS[0][1]
+# recipe.json written before `reasoning_prefix_ids` existed: the recipes that learn to write reasoning.
+WRITES_REASONING = ("ecot", "ecot-lite-dropout", "ecot-lite-pretrain")
 IGNORE = -100
 
 
@@ -31,6 +36,10 @@ def reasoning_ids(tokenizer, reasoning: Reasoning | None) -> list[int]:
 
 def action_prefix_ids(tokenizer) -> list[int]:
     return tokenizer.encode(ACTION_PREFIX)
+
+
+def reasoning_prefix_ids(tokenizer) -> list[int]:
+    return tokenizer.encode(REASONING_PREFIX)
 
 
 def build_sequence(prompt_ids: list[int], middle_ids: list[int], action_ids: list[int], eos_id: int,

@@ -25,7 +25,8 @@ from edge_vla.config import unknown_name_error
 from edge_vla.data.sample import Sample
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer
-from edge_vla.tokens.sequence import ACTION_PREFIX, IGNORE, action_prefix_ids, build_sequence, reasoning_ids
+from edge_vla.tokens.sequence import (ACTION_PREFIX, IGNORE, action_prefix_ids, build_sequence, reasoning_ids,
+                                      reasoning_prefix_ids)
 
 # Full ECoT writes ~250 reasoning tokens per action with a large tokenizer; the tiny tokenizer
 # splits digits (boxes, gripper points) one by one, so leave generous room.
@@ -37,6 +38,7 @@ class Recipe:
 
     name = "vla"
     needs_reasoning = False  # the data must carry Reasoning
+    writes_reasoning = False  # the model learns to write the reasoning (full mode can force it to)
     decode_mode = "direct"  # "direct": force the inference prefix, decode actions; "full": decode freely first
     stages: tuple[str, ...] = ("main",)
 
@@ -100,6 +102,8 @@ class Recipe:
             "inference_prefix": tokenizer.tokenizer.decode(ids, skip_special_tokens=False) if ids else "",
             # Exact ids too: re-encoding repeated filler text can merge tokens differently.
             "inference_prefix_ids": list(ids),
+            # Forced at the start of full-mode decoding (the reasoning's first tag), or nothing.
+            "reasoning_prefix_ids": reasoning_prefix_ids(tokenizer) if self.writes_reasoning else [],
         }
 
 
@@ -124,6 +128,7 @@ class ECoTRecipe(Recipe):
 
     name = "ecot"
     needs_reasoning = True
+    writes_reasoning = True
     decode_mode = "full"
 
     def __init__(self, max_reasoning_tokens: int = DEFAULT_MAX_REASONING_TOKENS):
@@ -150,6 +155,7 @@ class ReasoningDropoutRecipe(Recipe):
 
     name = "ecot-lite-dropout"
     needs_reasoning = True
+    writes_reasoning = True
     decode_mode = "direct"
 
     def __init__(self, p: float = 0.5, per_tag: bool = False, per_batch: bool = False,
@@ -184,6 +190,7 @@ class ReasoningPretrainRecipe(Recipe):
 
     name = "ecot-lite-pretrain"
     needs_reasoning = True
+    writes_reasoning = True
     decode_mode = "direct"
     stages = ("reasoning", "actions")
 
