@@ -37,6 +37,11 @@ class DemoConfig:
     image_size: int = 64
     workers: int = 2
     recipes: tuple[str, ...] = ("vla", "ecot", "ecot-lite-dropout")
+    # The fast policies decode their action chunk in one pass (VLAConfig.parallel_actions); `ecot`,
+    # the baseline, decodes as published: reasoning, then one action token at a time.
+    parallel_recipes: tuple[str, ...] = ("vla", "ecot-lite-dropout")
+    # per_batch: a micro-batch is all-short or all-long, not padded to the reasoning length throughout.
+    recipe_options: dict = field(default_factory=lambda: {"ecot-lite-dropout": {"per_batch": True}})
     train_steps: int = 300
     proof_steps: int = 100  # live steps per recipe when shipped checkpoints are what is compared
     batch_size: int = 16
@@ -140,9 +145,10 @@ def train_config_for(cfg: DemoConfig, recipe: str):
     from edge_vla.train.config import TrainConfig
 
     steps = live_steps(cfg)
-    return TrainConfig(recipe=recipe, preset="tiny", steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       warmup_steps=max(1, steps // 20), action_chunk=cfg.action_chunk,
-                       model=dict(cfg.model), eval_every=0, save_every=max(50, steps // 4),
+    model = {**cfg.model, **({"parallel_actions": True} if recipe in cfg.parallel_recipes else {})}
+    return TrainConfig(recipe=recipe, recipe_options=dict(cfg.recipe_options.get(recipe, {})), preset="tiny",
+                       steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, steps // 20),
+                       action_chunk=cfg.action_chunk, model=model, eval_every=0, save_every=max(50, steps // 4),
                        val_max_samples=cfg.val_samples)
 
 
@@ -159,7 +165,7 @@ def stage_train(cfg: DemoConfig, root: Path, data: Path, stages: Stage) -> tuple
     models: list[dict] = []
     for recipe in cfg.recipes:
         out = root / "train" / recipe
-        key = f"train:{recipe}:{live_steps(cfg)}"
+        key = f"train:{recipe}:{live_steps(cfg)}" + (":parallel" if recipe in cfg.parallel_recipes else "")
         if not stages.finished(key):
             resume = (out / "train_config.json").exists()
             final = train(train_config_for(cfg, recipe), str(data), out, resume=resume)
@@ -198,13 +204,20 @@ def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool)
     from edge_vla.train.recipes import get_recipe
 
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
+    if (checkpoint / "config.json").exists():
+        parallel = read_json(checkpoint / "config.json", "re-save the checkpoint").get("parallel_actions", False)
+        info["action_decoding"] = "parallel" if parallel else "sequential"
     for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
         if f.exists():
             summary = read_json(f, "re-run the training that wrote it")
             val = dict(summary.get("final_val") or {})
             if not get_recipe(recipe).needs_reasoning:
                 val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
-            info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"))
+            info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"),
+                        init_from=(summary.get("config") or {}).get("init_from"))
+            base = checkpoint / "base_train_summary.json"  # a shipped fine-tune: the run it started from
+            if info["init_from"] and base.exists():
+                info["base_steps"] = read_json(base, "re-run `make pretrained`").get("steps")
             break
     return info
 

@@ -47,6 +47,10 @@ def test_with_shipped_checkpoints_the_live_runs_are_short_proofs():
     cfg = DemoConfig(pretrained="pretrained/x")
     assert live_steps(cfg) == 100 and train_config_for(cfg, "ecot").steps == 100
     assert train_config_for(DemoConfig.quick(pretrained="p"), "vla").steps == 30
+    # the fast policies decode their chunk in one pass; the ecot baseline as published
+    assert train_config_for(cfg, "ecot-lite-dropout").model == {"parallel_actions": True}
+    assert train_config_for(cfg, "ecot-lite-dropout").recipe_options == {"per_batch": True}
+    assert train_config_for(cfg, "ecot").model == {} and train_config_for(cfg, "vla").model["parallel_actions"]
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-libero-butter"

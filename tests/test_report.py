@@ -157,10 +157,25 @@ def test_report_says_which_models_are_shipped_and_which_live(tmp_path):
     info = build_report([FIXTURES], tmp_path / "rep", models=models)
     assert [m["source"] for m in info["models"]] == ["live", "shipped"]
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Models" in md and "| ecot | shipped | 6000 | 0.930 | 0.050 |" in md
+    assert "## Models" in md and "| ecot | shipped | 6000 | – | 0.930 | 0.050 |" in md
     assert "compare the **shipped** checkpoints of `ecot`" in md
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "<h2>Models</h2>" in page and "<td>shipped</td>" in page
+
+
+def test_a_shipped_fine_tune_reports_its_decoding_and_both_runs_steps(tmp_path, tiny_vla):
+    from edge_vla.eval.report import model_rows
+    from edge_vla.pipeline import model_provenance
+
+    ckpt = tiny_vla.save_pretrained(tmp_path / "ecot-lite-dropout")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "parallel_actions": True}))
+    (ckpt / "train_summary.json").write_text(json.dumps(
+        {"steps": 600, "final_val": {"action_token_acc": 0.74}, "config": {"init_from": "runs/x/final"}}))
+    (ckpt / "base_train_summary.json").write_text(json.dumps({"steps": 1500}))
+    m = model_provenance("ecot-lite-dropout", ckpt, "shipped", compared=True)
+    assert m["action_decoding"] == "parallel" and m["base_steps"] == 1500
+    assert model_rows([m])[0][2:4] == ["1500 + 600 fine-tuning", "parallel"]
 
 
 def test_quantized_agreement_comes_from_the_export_report_in_the_mode_benched(tmp_path):

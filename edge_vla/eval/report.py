@@ -283,7 +283,8 @@ def _notes(variants, base) -> list[str]:
     return notes
 
 
-MODEL_HEADER = ["recipe", "source", "steps", "val action-token acc", "val reasoning loss", "checkpoint"]
+MODEL_HEADER = ["recipe", "source", "steps", "action decoding", "val action-token acc", "val reasoning loss",
+                "checkpoint"]
 
 
 def model_rows(models: list[dict]) -> list[list[str]]:
@@ -292,7 +293,10 @@ def model_rows(models: list[dict]) -> list[list[str]]:
     rows = []
     for m in models:
         val = m.get("final_val") or {}
-        rows.append([m.get("recipe", "?"), m.get("source", "?"), str(m.get("steps", "–")),
+        steps = str(m.get("steps", "–"))
+        if m.get("init_from"):
+            steps = f"{m['base_steps']} + {steps} fine-tuning" if m.get("base_steps") else f"{steps} fine-tuning"
+        rows.append([m.get("recipe", "?"), m.get("source", "?"), steps, m.get("action_decoding", "–"),
                      _f(val.get("action_token_acc"), "{:.3f}"), _f(val.get("reasoning_loss"), "{:.3f}"),
                      str(m.get("checkpoint", "–"))])
     return rows
