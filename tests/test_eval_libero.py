@@ -122,3 +122,15 @@ def test_parallel_workers(tmp_path, tiny_ckpt):
     r = lr.run_libero(cfg, progress=False)
     assert r["ran"] == 2
     assert sorted(x["trial"] for x in load_results(r["path"])["records"]) == [0, 1]
+
+
+def test_temporal_ensembling_queries_every_step_and_is_recorded(tmp_path, tiny_ckpt):
+    cfg = lr.RolloutConfig(policy=str(tiny_ckpt), suite=SUITE, tasks=[TASK], trials=1, out=str(tmp_path),
+                           max_steps=4, mode="direct", temporal_ensemble=0.01)
+    r = lr.run_libero(cfg, progress=False)
+    doc = load_results(r["path"])
+    (rec,) = doc["records"]
+    assert rec["steps"] == 4 and len(rec["latency_ms"]) == 4
+    assert doc["config"]["temporal_ensemble"] == 0.01
+    with pytest.raises(EdgeVLAError, match="exclude each other"):
+        lr.run_libero(lr.RolloutConfig(**{**cfg.__dict__, "execute_k": 2, "out": str(tmp_path / "b")}), progress=False)

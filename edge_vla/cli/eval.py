@@ -1,5 +1,11 @@
 import click
 
+# ACT's temporal ensembling (edge_vla.eval.chunking), the same option for simulated and real rollouts.
+temporal_ensemble_option = click.option(
+    "--temporal-ensemble", default=None, type=float, metavar="M",
+    help="ACT temporal ensembling: query every step, act on the exp(-M*i)-weighted mean of every chunk's "
+         "prediction for it (ACT uses M=0.01).")
+
 
 @click.group("eval")
 def eval_group():
@@ -21,13 +27,14 @@ def eval_group():
 @click.option("--reason-every", default=1, show_default=True, type=int,
               help="Full mode: reason every k-th call, reuse the last reasoning in between.")
 @click.option("--execute-k", default=None, type=int, help="Actions of a chunk executed before re-planning (default: all).")
+@temporal_ensemble_option
 @click.option("--backend", default="auto", show_default=True)
 @click.option("--mode", default=None, help="full | direct | adaptive (default: the recipe's).")
 @click.option("--max-steps", default=None, type=int, help="Override the suite's step limit.")
 @click.option("--name", default=None, help="Variant name in the results (one policy only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def libero(policies, suite, tasks, trials, first_trial, workers, shard, out, video_dir, reason_every, execute_k,
-           backend, mode, max_steps, name, no_progress):
+           temporal_ensemble, backend, mode, max_steps, name, no_progress):
     """Roll POLICIES (checkpoints, bundles, or `expert` for the scripted ceiling check) out in LIBERO
     with the field's protocol (seed 7, 10 settle steps, per-suite step limits, benchmark init states)."""
     from edge_vla.errors import EdgeVLAError
@@ -39,7 +46,8 @@ def libero(policies, suite, tasks, trials, first_trial, workers, shard, out, vid
     for policy in policies:
         cfg = RolloutConfig(policy=policy, suite=suite, tasks=task_list, trials=trials, first_trial=first_trial,
                             out=out, name=name, backend=backend, mode=mode, workers=workers, shard=parse_shard(shard),
-                            execute_k=execute_k, reason_every=reason_every, max_steps=max_steps, video_dir=video_dir)
+                            execute_k=execute_k, temporal_ensemble=temporal_ensemble, reason_every=reason_every,
+                            max_steps=max_steps, video_dir=video_dir)
         r = run_libero(cfg, progress=not no_progress)
         s = r["summary"]
         rate = "–" if s["success_rate"] is None else f"{100 * s['success_rate']:.1f}%"
@@ -54,6 +62,7 @@ def libero(policies, suite, tasks, trials, first_trial, workers, shard, out, vid
 @click.option("--episodes", default=1, show_default=True, type=int)
 @click.option("--max-steps", default=400, show_default=True, type=int)
 @click.option("--execute-k", default=None, type=int, help="Actions of a chunk executed before re-planning.")
+@temporal_ensemble_option
 @click.option("--success", type=click.Choice(["ask", "yes", "no", "auto"]), default="ask", show_default=True,
               help="ask the operator after each episode, a fixed answer, or auto (the simulator judges).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False))
@@ -64,14 +73,14 @@ def libero(policies, suite, tasks, trials, first_trial, workers, shard, out, vid
 @click.option("--backend", default="auto", show_default=True, help="In-process policy backend.")
 @click.option("--mode", default=None, help="In-process decode mode.")
 @click.option("--name", default=None, help="Variant name in the results.")
-def hardware(policy, robot, episodes, max_steps, execute_k, success, out, record_dir, api_key, timeout, control_hz,
-             backend, mode, name):
+def hardware(policy, robot, episodes, max_steps, execute_k, temporal_ensemble, success, out, record_dir, api_key, timeout,
+             control_hz, backend, mode, name):
     """Robot-side rollouts: POLICY is a server (ws://HOST:PORT, from `edge-vla serve`) or a local
     checkpoint/bundle. Records every episode to hdf5 and writes a results file."""
     from edge_vla.eval.hardware import HardwareConfig, run_hardware
 
     cfg = HardwareConfig(policy=policy, robot=robot, episodes=episodes, max_steps=max_steps, execute_k=execute_k,
-                         success=success, out=out, record_dir=record_dir, name=name, api_key=api_key, backend=backend,
+                         temporal_ensemble=temporal_ensemble, success=success, out=out, record_dir=record_dir, name=name, api_key=api_key, backend=backend,
                          mode=mode, timeout_s=timeout, control_hz=control_hz)
     r = run_hardware(cfg)
     s = r["summary"]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
+from edge_vla.eval.chunking import ChunkExecutor
 from edge_vla.sim.env import preload_triton
 from edge_vla.eval.results import load_results, summarize, write_results
 
@@ -124,6 +125,7 @@ class HardwareConfig:
     episodes: int = 1
     max_steps: int = 400
     execute_k: int | None = None
+    temporal_ensemble: float | None = None  # ACT's weight m (edge_vla.eval.chunking)
     success: str = "ask"  # ask the operator | yes | no | auto (the robot judges: simulation)
     out: str = "runs"
     record_dir: str | None = None  # hdf5 per episode; None: <out>/episodes
@@ -135,19 +137,20 @@ class HardwareConfig:
     control_hz: float | None = None  # pace the loop (a real robot's control rate); None: as fast as it goes
 
 
-def run_episode(robot, policy, max_steps: int, execute_k: int | None = None, period_s: float | None = None) -> dict:
+def run_episode(robot, policy, max_steps: int, execute_k: int | None = None, period_s: float | None = None,
+                temporal_ensemble: float | None = None) -> dict:
     """One episode; returns the record plus the recorded arrays under "_recording" (None if aborted)."""
     from edge_vla.runtime.client import ServerLost
 
     obs = robot.reset()
     policy.reset()
-    pending: list[np.ndarray] = []
+    chunks = ChunkExecutor(execute_k, temporal_ensemble)
     rec = {"images": {}, "proprio": [], "actions": [], "states": []}
     latency, tokens, reasoning_log, holds = [], 0, [], 0
     error, steps, t_next = None, 0, 0.0
     try:
         while steps < max_steps:
-            if not pending:
+            if chunks.needs_query():
                 t0 = time.perf_counter()
                 res = policy.act(obs)
                 latency.append(round((time.perf_counter() - t0) * 1e3, 3))
@@ -158,13 +161,14 @@ def run_episode(robot, policy, max_steps: int, execute_k: int | None = None, per
                                        f"({ACTION_DIM},) or (K, {ACTION_DIM})")
                 if res.info.get("error"):  # the server sent a hold action (NaN, timeout...): execute only that
                     holds += 1
+                    chunks.reset()
                     a = a[:1]
-                pending = list(a[: execute_k or len(a)])
+                chunks.add(a)
                 tok = res.tokens or {}
                 tokens += int(tok.get("reasoning", 0)) + int(tok.get("action", 0))
                 if res.reasoning_text:
                     reasoning_log.append({"step": steps, "text": res.reasoning_text})
-            action = pending.pop(0)
+            action = chunks.next()
             for cam, img in obs["images"].items():
                 rec["images"].setdefault(cam, []).append(np.asarray(img, np.uint8))
             rec["proprio"].append(np.asarray(obs.get("state", np.zeros(8)), np.float32))
@@ -212,6 +216,7 @@ def run_hardware(cfg: HardwareConfig, robot=None, policy=None, ask=None) -> dict
     """Run `cfg.episodes` episodes; returns {"path", "summary", "episodes": [hdf5 paths]}."""
     if cfg.success not in SUCCESS_MODES:
         raise EdgeVLAError(f"--success {cfg.success!r} is not one of {', '.join(SUCCESS_MODES)}")
+    ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before the robot moves
     if cfg.episodes < 1 or cfg.max_steps < 1:
         raise EdgeVLAError("--episodes and --max-steps must be at least 1")
     from edge_vla.data.libero_hdf5 import write_libero_hdf5
@@ -245,7 +250,8 @@ def run_hardware(cfg: HardwareConfig, robot=None, policy=None, ask=None) -> dict
         for _ in range(cfg.episodes):
             index = len(records)
             t0 = time.perf_counter()
-            ep = run_episode(robot, policy, cfg.max_steps, cfg.execute_k, 1.0 / cfg.control_hz if cfg.control_hz else None)
+            ep = run_episode(robot, policy, cfg.max_steps, cfg.execute_k, 1.0 / cfg.control_hz if cfg.control_hz else None,
+                             cfg.temporal_ensemble)
             recording = ep.pop("_recording")
             reasoning = ep.pop("reasoning")
             rec = {"id": f"hardware/{slug}/{index}", "suite": "hardware", "task": getattr(robot, "task", robot.instruction),

@@ -9,7 +9,9 @@ processor), N trials per task.
 - `shard=(i, N)`: a deterministic 1/N of the episode list (index % N == i), so a SLURM array or a
   Ray job spreads a suite over machines and `edge-vla report` merges the shard files;
 - `workers`: parallel processes on this machine (spawned: MuJoCo/EGL and torch do not fork well);
-- action chunks: a (K, 7) answer executes its first `execute_k` actions before re-planning;
+- action chunks: a (K, 7) answer executes its first `execute_k` actions before re-planning, or, with
+  `temporal_ensemble=m`, the policy is asked every step and the chunks' predictions are averaged
+  (ACT's temporal ensembling; edge_vla.eval.chunking);
 - `reason_every=k` (full mode): reason on every k-th call and reuse the last reasoning in between;
 - `policy="expert"`: the scripted expert (privileged state), a ceiling check for the setup.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
+from edge_vla.eval.chunking import ChunkExecutor
 from edge_vla.eval.results import load_results, summarize, write_results
 
 from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator: see its docstring)
@@ -53,6 +56,7 @@ class RolloutConfig:
     workers: int = 1
     shard: tuple[int, int] = (0, 1)
     execute_k: int | None = None  # actions executed per chunk before re-planning (None: the whole chunk)
+    temporal_ensemble: float | None = None  # ACT's weight m: query every step, average the chunks (eval.chunking)
     reason_every: int = 1
     max_steps: int | None = None  # None: the suite's limit
     seed: int = 7
@@ -216,18 +220,19 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
 
 
 # --- one episode -----------------------------------------------------------------------------------
-def run_episode(env, policy, trial: int, execute_k: int | None = None, video_path: Path | None = None) -> dict:
+def run_episode(env, policy, trial: int, execute_k: int | None = None, video_path: Path | None = None,
+                temporal_ensemble: float | None = None) -> dict:
     """Roll one episode from benchmark init state `trial`; returns its results record."""
     obs, _ = env.reset(options={"init_state": trial})
     if isinstance(policy, ExpertPolicy):
         policy.bind(env)
     policy.reset()
-    pending: list[np.ndarray] = []
+    chunks = ChunkExecutor(execute_k, temporal_ensemble)
     latency, generated, samples, frames = [], 0, [], []
     reasoning, steps, success, executed = None, 0, False, 0
     t_episode = time.perf_counter()
     while True:
-        if not pending:
+        if chunks.needs_query():
             t0 = time.perf_counter()
             res = policy.act(obs)
             latency.append(round((time.perf_counter() - t0) * 1e3, 3))
@@ -237,14 +242,14 @@ def run_episode(env, policy, trial: int, execute_k: int | None = None, video_pat
             if a.ndim != 2 or a.shape[1] != ACTION_DIM:
                 raise EdgeVLAError(f"policy returned actions of shape {np.shape(res.action)}, LIBERO takes "
                                    f"({ACTION_DIM},) or (K, {ACTION_DIM})", "evaluate a policy trained on LIBERO data")
-            pending = list(a[: execute_k or len(a)])
+            chunks.add(a)
             tok = res.tokens or {}
             generated += int(tok.get("reasoning", 0)) + int(tok.get("action", 0))
             if res.reasoning_text:
                 reasoning = res.reasoning_text
                 if len(samples) < REASONING_SAMPLES and not res.info.get("reused_reasoning"):
                     samples.append({"step": steps, "text": res.reasoning_text})
-        action = pending.pop(0)
+        action = chunks.next()
         if video_path is not None:
             from edge_vla.eval.video import compose_frame
 
@@ -291,7 +296,8 @@ def run_episodes(cfg: RolloutConfig, episodes: list[tuple[str, int]], emit, poli
         env = _env_for(cfg, policy, task)
         try:
             for trial in trials:
-                rec = run_episode(env, policy, trial, cfg.execute_k, _video_path(cfg, variant, task, trial))
+                rec = run_episode(env, policy, trial, cfg.execute_k, _video_path(cfg, variant, task, trial),
+                                  cfg.temporal_ensemble)
                 emit({"id": episode_id(cfg.suite, task, trial), "suite": cfg.suite, "task": task, "trial": trial,
                       "init_state": trial, "instruction": env.instruction, **rec})
         finally:
@@ -335,7 +341,8 @@ def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
 
 
 def _check_resumable(prev: dict, config: dict, path: Path) -> None:
-    keys = ("policy", "suite", "mode", "backend", "execute_k", "reason_every", "seed", "settle_steps", "max_steps")
+    keys = ("policy", "suite", "mode", "backend", "execute_k", "temporal_ensemble", "reason_every", "seed",
+            "settle_steps", "max_steps")
     diff = [k for k in keys if prev["config"].get(k) != config.get(k)]
     if diff:
         raise EdgeVLAError(f"{path} holds a run with other settings ({', '.join(diff)} differ)",
@@ -346,8 +353,7 @@ def run_libero(cfg: RolloutConfig, progress: bool = True) -> dict:
     """Run (or resume) an evaluation; returns {"path", "summary", "ran", "skipped"}."""
     if cfg.trials < 1:
         raise EdgeVLAError(f"--trials {cfg.trials} must be at least 1")
-    if cfg.execute_k is not None and cfg.execute_k < 1:
-        raise EdgeVLAError(f"--execute-k {cfg.execute_k} must be at least 1")
+    ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before any episode
     if cfg.reason_every < 1:
         raise EdgeVLAError(f"--reason-every {cfg.reason_every} must be at least 1")
     all_eps = episode_list(cfg.suite, cfg.tasks, cfg.trials, cfg.first_trial)
