@@ -24,7 +24,8 @@ import click
 @click.option("--data", default=None, type=click.Path(path_type=str),
               help="Held-out samples for the accuracy report, calibration and parity.")
 @click.option("--min-agreement", type=float, default=None,
-              help="Refuse the bundle when its action-token agreement with fp32 is below this fraction (e.g. 0.99).")
+              help="Refuse the bundle when its action-token agreement with fp32 (free-running, in the recipe's own "
+                   "decode mode) is below this fraction (e.g. 0.99).")
 def export(checkpoint, output, precision, vision_precision, target, data, min_agreement):
     """Export CHECKPOINT to an ONNX bundle that runs without PyTorch.
 
