@@ -125,3 +125,8 @@ class OrtBackend:
     def action_bin(self, hidden, dim: int) -> int:
         """Bin of one action token from the fused head graph (reads only the 256 action rows)."""
         return int(self.sessions["action_head"].run(["bins"], self._action_feed(hidden, dim))[0][0])
+
+    def action_bins(self, hidden, dims) -> np.ndarray:
+        """Bins of n action tokens (hidden (n, H), dims (n,)) in one run of the fused head graph."""
+        feed = {"hidden": np.asarray(hidden, np.float32), "dim": np.asarray(dims, np.int64)}
+        return self.sessions["action_head"].run(["bins"], feed)[0].astype(np.int64)

@@ -61,6 +61,7 @@ class Backend(Protocol):
                                      decoder graph has no LM head (bundles) computes the full logits
                                      only when the Policy needs them (free tokens)
     has_fused_action_head, action_bin(hidden (H,), dim int) -> bin   the restricted fused head
+    action_bins(hidden (n, H), dims (n,)) -> bins (n,)               the same for a whole chunk
     parallel_actions, and prefill/step(..., n_last=n) -> (hidden (n, H), logits (n, V) | None, cache)
                                      a model trained with placeholder action inputs: the whole chunk
                                      from one decoder pass
@@ -261,7 +262,9 @@ class Policy:
                                "the weights or the quantized graph are broken; re-export without quantization to compare")
         th = time.perf_counter()
         ids, rows = [], []
-        for i in range(n):
+        if fused and hasattr(self.backend, "action_bins"):  # the whole chunk in one head call
+            ids = [lo + int(b) for b in self.backend.action_bins(hidden, np.arange(n) % dim)]
+        for i in range(0 if ids else n):
             if fused:
                 ids.append(lo + self.backend.action_bin(hidden[i], i % dim))
             else:
