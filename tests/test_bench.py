@@ -91,3 +91,16 @@ def test_one_run_times_the_same_artifact_in_two_modes(tmp_path, tiny_vla):
     assert [load_results(f)["config"]["variant"]["mode"] for f in files] == ["direct", "full"]
     bad = CliRunner().invoke(main, ["bench", str(a), "--data", str(tmp_path / "nope"), "--calls", "1"])
     assert bad.exit_code != 0 and "no dataset at" in bad.output
+
+
+def test_a_call_without_decode_steps_has_no_per_token_time():
+    """A parallel model in direct mode decodes its chunk inside the prefill: no decode step to time."""
+    from edge_vla.eval.bench import _record
+    from edge_vla.runtime.policy import ActionResult
+
+    t = {"vision": 1.0, "prefill": 2.0, "action_decode": 0.1, "total": 3.2, "decode_tokens": [], "body": [], "head": [0.1]}
+    rec = _record(ActionResult(action=None, timings=t, tokens={"action": 28, "reasoning": 0, "prompt": 20}))
+    assert rec["decode_steps"] == 0 and rec["decode_token"] is None and rec["tokens"] == 28
+    seq = _record(ActionResult(action=None, timings={**t, "body": [0.2] * 27}, tokens={"action": 28, "reasoning": 0,
+                                                                                      "prompt": 20}))
+    assert seq["decode_steps"] == 27 and seq["decode_token"] == pytest.approx(0.1 / 27)

@@ -82,10 +82,12 @@ def _record(r) -> dict:
     t = r.timings
     n_act = r.tokens["action"]
     free_steps = t.get("decode_tokens") or []
-    # Decode steps of this call: free tokens (full) + the action tokens after the first.
-    steps = len(free_steps) + max(n_act - 1, 0)
-    decode_ms = sum(free_steps) + t["action_decode"]
     body, head = t.get("body") or [], t.get("head") or []
+    # Decode steps of this call, one per decoder pass after the prefill: free tokens (full mode), then
+    # the action tokens after the first, or one pass for a parallel chunk (none in direct mode, where
+    # the placeholders ride in the prefill: no per-token decode time, no roofline fraction).
+    steps = len(body)
+    decode_ms = sum(free_steps) + t["action_decode"]
     return {"vision": t["vision"], "prefill": t["prefill"], "action_decode": t["action_decode"],
             "decode_token": decode_ms / steps if steps else None,
             "decode_body": float(np.mean(body)) if body else None, "decode_head": float(np.mean(head)) if head else None,
