@@ -226,12 +226,16 @@ def pareto_png(variants: list[Variant]) -> bytes | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for lat, sr, v in pts:
+    placed: list[tuple[float, float]] = []
+    for lat, sr, v in sorted(pts, key=lambda p: p[0]):
         lo, hi = v.row["success_ci95"]
         ax.errorbar([lat], [100 * sr], yerr=[[100 * (sr - lo)], [100 * (hi - sr)]], fmt="*" if v.is_baseline else "o",
                     markersize=13 if v.is_baseline else 7, capsize=3, color="tab:red" if v.is_baseline else "tab:blue")
+        # Variants of nearly the same latency and success would print their names on top of each other.
+        near = sum(1 for x, y in placed if abs(math.log(lat / x)) < 0.15 and abs(100 * sr - y) < 6)
+        placed.append((lat, 100 * sr))
         ax.annotate(v.name + (" (full CoT)" if v.is_baseline else ""), (lat, 100 * sr), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
+                    xytext=(6, 6 + 11 * near), fontsize=8)
     front = pareto_front([(p[0], p[1]) for p in pts])
     ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1, label="Pareto front")
     ax.set_xscale("log")
