@@ -82,45 +82,28 @@ def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
     """What `test_policy` predicts at every position of `ref_result`'s decode, fed the reference's tokens.
 
     Returns (reasoning-token predictions, action-token predictions), aligned with the reference's
-    free token ids after the forced reasoning prefix, and with its action token ids. Unlike free decoding, one flipped token cannot change what follows:
-    this is the per-token effect of quantization, the agreement a speculative decoder would see.
+    free token ids after the forced reasoning prefix, and with its action token ids. Unlike free
+    decoding, one flipped token cannot change what follows: this is the per-token effect of
+    quantization, the agreement a speculative decoder would see. The policy's own decoding runs,
+    with the reference's tokens fed back.
     """
     pol, be = test_policy, test_policy.backend
     free, actions = list(ref_result.info["free_token_ids"]), list(ref_result.info["action_token_ids"])
     pv, state, prompt = pol._inputs(obs)
     prefix = be.encode_prefix(pv, state)
     timings: dict = {}
+    if ref_result.reasoning_text is None:  # it acted directly
+        return [], pol._decode_direct(prefix, prompt, timings, feed=actions)["action_ids"]
+    # It reasoned (full mode, or adaptive when uncertain). Both policies force the reasoning prefix: not scored.
+    forced = list(pol.reasoning_prefix_ids)
+    hidden, logits, cache = be.prefill(prefix, prompt + forced)
     free_pred: list[int] = []
-    if ref_result.reasoning_text is not None:  # it reasoned (full mode, or adaptive when uncertain)
-        forced = list(pol.reasoning_prefix_ids)  # both policies force these: not scored
-        hidden, logits, cache = be.prefill(prefix, prompt + forced)
-        tok_ = pol.tokenizer
-        for tok in free[len(forced):]:
-            lg = np.array(pol._full_logits(hidden, logits, timings), dtype=np.float64)
-            if len(free_pred) < pol.min_free_tokens:  # the same mask free decoding applies
-                lg[tok_.first_action_id:tok_.first_action_id + tok_.n_bins] = -np.inf
-                lg[tok_.eos_id] = -np.inf
-            free_pred.append(int(lg.argmax()))
-            hidden, logits, cache = be.step([tok], cache)
-        if ref_result.info.get("forced_action_prefix"):
-            hidden, logits, cache = be.step(list(pol.forced_action_ids), cache)
-    elif pol.parallel:
-        return free_pred, pol._decode_direct(prefix, prompt, timings)["action_ids"]
-    else:
-        hidden, logits, cache = be.prefill(prefix, prompt + pol.inference_prefix_ids)
-    if pol.parallel:  # no action token is fed back: the chunk depends only on the context
-        return free_pred, pol._action_tokens(hidden, logits, cache, timings)[0]
-    lo, dim = pol.tokenizer.first_action_id, pol.action_tokenizer.dim
-    fused = getattr(be, "has_fused_action_head", False)
-    act_pred: list[int] = []
-    for i, tok in enumerate(actions):
-        if fused:
-            act_pred.append(lo + int(be.action_bin(hidden, i % dim)))
-        else:
-            act_pred.append(lo + int(np.asarray(be.action_logits(hidden, logits)).argmax()))
-        if i + 1 < len(actions):
-            hidden, logits, cache = be.step([tok], cache)
-    return free_pred, act_pred
+    for tok in free[len(forced):]:
+        free_pred.append(pol._next_free_token(pol._full_logits(hidden, logits, timings), len(forced) + len(free_pred)))
+        hidden, logits, cache = be.step([tok], cache)
+    if ref_result.info.get("forced_action_prefix"):
+        hidden, logits, cache = be.step(list(pol.forced_action_ids), cache)
+    return free_pred, pol._action_tokens(hidden, logits, cache, timings, feed=actions)[0]
 
 
 def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:
@@ -138,7 +121,7 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
             act_n += ia.size
             free_pred, act_pred = teacher_forced(test_policy, obs, a)
             tf_eq += int((np.array(act_pred) == ia).sum())
-            decoded = a.info["free_token_ids"][len(ref_policy.reasoning_prefix_ids):] if free_pred else []
+            decoded = a.info["free_token_ids"][len(test_policy.reasoning_prefix_ids):] if free_pred else []
             tf_reason_eq += sum(int(x == y) for x, y in zip(free_pred, decoded))
             tf_reason_n += len(free_pred)
             errs.append(np.abs(np.asarray(a.action, np.float64) - np.asarray(b.action, np.float64)).reshape(-1, a.action.shape[-1]))

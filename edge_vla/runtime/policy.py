@@ -61,7 +61,8 @@ class Backend(Protocol):
                                      decoder graph has no LM head (bundles) computes the full logits
                                      only when the Policy needs them (free tokens)
     has_fused_action_head, action_bin(hidden (H,), dim int) -> bin   the restricted fused head
-    action_bins(hidden (n, H), dims (n,)) -> bins (n,)               the same for a whole chunk
+    action_bins(hidden (n, H), dims (n,)) -> bins (n,)               the same for a whole chunk (required
+                                     with the fused head for parallel decoding)
     parallel_actions, and prefill/step(..., n_last=n) -> (hidden (n, H), logits (n, V) | None, cache)
                                      a model trained with placeholder action inputs: the whole chunk
                                      from one decoder pass
@@ -105,6 +106,12 @@ def bind_bundle(backend, bundle) -> None:
     backend.parallel_actions = bool(bundle.config.parallel_actions)
     tok = backend.processor.tokenizer
     backend._lo, backend._hi = tok.first_action_id, tok.first_action_id + tok.n_bins
+
+
+def _require_finite(x, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise EdgeVLAError(f"the model produced NaN/Inf {what}",
+                           "the weights or the quantized graph are broken; re-export without quantization to compare")
 
 
 def _ms(t0: float) -> float:
@@ -208,8 +215,10 @@ class Policy:
         return pv, state, self.processor.prompt_ids(obs["instruction"])
 
     # --- decoding --------------------------------------------------------------------------------
-    def _action_tokens(self, hidden, logits, cache, timings) -> tuple[list[int], np.ndarray]:
-        """Greedy restricted decode of n_action_tokens; the first comes from (hidden, logits)."""
+    def _action_tokens(self, hidden, logits, cache, timings, feed: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+        """Greedy restricted decode of n_action_tokens; the first comes from (hidden, logits).
+        `feed`: the tokens fed back after each action token instead of the decoded ones (teacher
+        forcing; a parallel chunk feeds nothing back)."""
         t0 = time.perf_counter()
         lo = self.tokenizer.first_action_id
         # The fused action head (bins straight from the hidden state) serves every mode except
@@ -223,22 +232,18 @@ class Policy:
         while True:
             th = time.perf_counter()
             if fused:
-                if not np.isfinite(hidden).all():
-                    raise EdgeVLAError("the model produced NaN/Inf hidden states",
-                                       "the weights or the quantized graph are broken; re-export without quantization to compare")
+                _require_finite(hidden, "hidden states")
                 ids.append(lo + self.backend.action_bin(hidden, len(ids) % dim))
             else:
                 a = np.asarray(self.backend.action_logits(hidden, logits), dtype=np.float32)
-                if not np.isfinite(a).all():
-                    raise EdgeVLAError("the model produced NaN/Inf action logits",
-                                       "the weights or the quantized graph are broken; re-export without quantization to compare")
+                _require_finite(a, "action logits")
                 rows.append(a)
                 ids.append(lo + int(a.argmax()))
             head.append(_ms(th))
             if len(ids) == self.n_action_tokens:
                 break
             tb = time.perf_counter()
-            hidden, logits, cache = self.backend.step([ids[-1]], cache)
+            hidden, logits, cache = self.backend.step([ids[-1] if feed is None else feed[len(ids) - 1]], cache)
             body.append(_ms(tb))
         timings["_action_tokens_ms"] = _ms(t0)
         return ids, (np.stack(rows) if rows else None)
@@ -257,23 +262,29 @@ class Policy:
             # Backends without an LM head in the decoder return logits=None: the action head reads hidden.
             logits = [logits] + (list(np.asarray(rest_logits).reshape(n - 1, -1)) if rest_logits is not None
                                  else [None] * (n - 1))
-        if not np.isfinite(hidden).all():
-            raise EdgeVLAError("the model produced NaN/Inf hidden states",
-                               "the weights or the quantized graph are broken; re-export without quantization to compare")
+        _require_finite(hidden, "hidden states")
         th = time.perf_counter()
-        ids, rows = [], []
-        if fused and hasattr(self.backend, "action_bins"):  # the whole chunk in one head call
+        rows = []
+        if fused:  # the whole chunk in one run of the fused head
             ids = [lo + int(b) for b in self.backend.action_bins(hidden, np.arange(n) % dim)]
-        for i in range(0 if ids else n):
-            if fused:
-                ids.append(lo + self.backend.action_bin(hidden[i], i % dim))
-            else:
-                a = np.asarray(self.backend.action_logits(hidden[i], None if logits is None else logits[i]), np.float32)
-                rows.append(a)
-                ids.append(lo + int(a.argmax()))
+        else:
+            for i in range(n):
+                rows.append(np.asarray(self.backend.action_logits(hidden[i], None if logits is None else logits[i]),
+                                       np.float32))
+            ids = [lo + int(a.argmax()) for a in rows]
         timings["head"].append(_ms(th))
         timings["_action_tokens_ms"] = _ms(t0)
         return ids, (np.stack(rows) if rows else None)
+
+    def _next_free_token(self, logits, n_free: int) -> int:
+        """Greedy free (reasoning) token after `n_free` of them, forced prefix included: before
+        `min_free_tokens` neither an action token nor eos may end the reasoning (HF's min_new_tokens)."""
+        if n_free < self.min_free_tokens:
+            tok = self.tokenizer
+            logits = np.array(logits, copy=True)
+            logits[tok.first_action_id:tok.first_action_id + tok.n_bins] = -np.inf
+            logits[tok.eos_id] = -np.inf
+        return int(np.asarray(logits).argmax())
 
     def _full_logits(self, hidden, logits, timings) -> np.ndarray:
         """Full-vocabulary logits (free tokens): the backend's, or its separate LM head's."""
@@ -284,7 +295,7 @@ class Policy:
         timings.setdefault("head", []).append(_ms(t0))
         return out
 
-    def _decode_direct(self, prefix, prompt, timings) -> dict:
+    def _decode_direct(self, prefix, prompt, timings, feed: list[int] | None = None) -> dict:
         t0 = time.perf_counter()
         if self.parallel:  # the placeholders ride along in the prefill: one decoder pass in all
             n = self.n_action_tokens
@@ -294,7 +305,7 @@ class Policy:
             hidden, logits, cache = self.backend.prefill(prefix, prompt + self.inference_prefix_ids)
         timings["prefill"] = _ms(t0)
         timings["decode_tokens"] = []
-        ids, rows = self._action_tokens(hidden, logits, cache, timings)
+        ids, rows = self._action_tokens(hidden, logits, cache, timings, feed)
         return {"free_ids": [], "action_ids": ids, "action_logits": rows, "text": None}
 
     def _decode_full(self, prefix, prompt, timings) -> dict:
@@ -313,12 +324,7 @@ class Policy:
             n_head = len(head)
             logits = self._full_logits(hidden, logits, timings)
             head_ms = sum(head[n_head:])
-            lg = logits
-            if len(free) < self.min_free_tokens:  # like HF generate's min_new_tokens: no stop yet
-                lg = lg.copy()
-                lg[lo:hi] = -np.inf
-                lg[tok.eos_id] = -np.inf
-            nxt = int(lg.argmax())
+            nxt = self._next_free_token(logits, len(free))
             if lo <= nxt < hi:
                 ended_without_action = False
                 break
