@@ -23,7 +23,8 @@ ACTION_PREFIX = " " + ACTION_TAG
 # What full-mode decoding forces after the prompt for a model that learned to write reasoning:
 # a reasoning-dropout model, left free, takes the short path (" ACTION:") about as often as not.
 REASONING_PREFIX = " " + TAGS[0][1]
-# recipe.json written before `reasoning_prefix_ids` existed: the recipes that learn to write reasoning.
+# The recipes that learn to write the reasoning (Recipe.writes_reasoning; the runtime reads it too
+# for recipe.json written before `reasoning_prefix_ids` existed).
 WRITES_REASONING = ("ecot", "ecot-lite-dropout", "ecot-lite-pretrain")
 IGNORE = -100
 

@@ -25,8 +25,8 @@ from edge_vla.config import unknown_name_error
 from edge_vla.data.sample import Sample
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer
-from edge_vla.tokens.sequence import (ACTION_PREFIX, IGNORE, action_prefix_ids, build_sequence, reasoning_ids,
-                                      reasoning_prefix_ids)
+from edge_vla.tokens.sequence import (ACTION_PREFIX, IGNORE, WRITES_REASONING, action_prefix_ids, build_sequence,
+                                      reasoning_ids, reasoning_prefix_ids)
 
 # Full ECoT writes ~250 reasoning tokens per action with a large tokenizer; the tiny tokenizer
 # splits digits (boxes, gripper points) one by one, so leave generous room.
@@ -38,12 +38,16 @@ class Recipe:
 
     name = "vla"
     needs_reasoning = False  # the data must carry Reasoning
-    writes_reasoning = False  # the model learns to write the reasoning (full mode can force it to)
     decode_mode = "direct"  # "direct": force the inference prefix, decode actions; "full": decode freely first
     stages: tuple[str, ...] = ("main",)
 
     def __init__(self):
         self.options: dict = {}
+
+    @property
+    def writes_reasoning(self) -> bool:
+        """The model learns to write the reasoning, so full mode can force it to start."""
+        return self.name in WRITES_REASONING
 
     # --- the sequence ----------------------------------------------------------------------------
     def middle(self, sample: Sample, tokenizer, rng: np.random.Generator, stage: str) -> tuple[list[int], bool]:
@@ -128,7 +132,6 @@ class ECoTRecipe(Recipe):
 
     name = "ecot"
     needs_reasoning = True
-    writes_reasoning = True
     decode_mode = "full"
 
     def __init__(self, max_reasoning_tokens: int = DEFAULT_MAX_REASONING_TOKENS):
@@ -155,7 +158,6 @@ class ReasoningDropoutRecipe(Recipe):
 
     name = "ecot-lite-dropout"
     needs_reasoning = True
-    writes_reasoning = True
     decode_mode = "direct"
 
     def __init__(self, p: float = 0.5, per_tag: bool = False, per_batch: bool = False,
@@ -190,7 +192,6 @@ class ReasoningPretrainRecipe(Recipe):
 
     name = "ecot-lite-pretrain"
     needs_reasoning = True
-    writes_reasoning = True
     decode_mode = "direct"
     stages = ("reasoning", "actions")
 
