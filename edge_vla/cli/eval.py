@@ -80,8 +80,8 @@ def hardware(policy, robot, episodes, max_steps, execute_k, temporal_ensemble, s
     from edge_vla.eval.hardware import HardwareConfig, run_hardware
 
     cfg = HardwareConfig(policy=policy, robot=robot, episodes=episodes, max_steps=max_steps, execute_k=execute_k,
-                         temporal_ensemble=temporal_ensemble, success=success, out=out, record_dir=record_dir, name=name, api_key=api_key, backend=backend,
-                         mode=mode, timeout_s=timeout, control_hz=control_hz)
+                         temporal_ensemble=temporal_ensemble, success=success, out=out, record_dir=record_dir, name=name,
+                         api_key=api_key, backend=backend, mode=mode, timeout_s=timeout, control_hz=control_hz)
     r = run_hardware(cfg)
     s = r["summary"]
     click.echo(f"success {s['successes']}/{s['episodes']}; {len(r['episodes'])} episode(s) recorded; results -> {r['path']}")

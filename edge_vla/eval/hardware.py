@@ -137,14 +137,15 @@ class HardwareConfig:
     control_hz: float | None = None  # pace the loop (a real robot's control rate); None: as fast as it goes
 
 
-def run_episode(robot, policy, max_steps: int, execute_k: int | None = None, period_s: float | None = None,
-                temporal_ensemble: float | None = None) -> dict:
-    """One episode; returns the record plus the recorded arrays under "_recording" (None if aborted)."""
+def run_episode(robot, policy, max_steps: int, chunks: ChunkExecutor | None = None, period_s: float | None = None) -> dict:
+    """One episode (`chunks`: how action chunks are executed, default whole); returns the record plus
+    the recorded arrays under "_recording" (None if aborted)."""
     from edge_vla.runtime.client import ServerLost
 
     obs = robot.reset()
     policy.reset()
-    chunks = ChunkExecutor(execute_k, temporal_ensemble)
+    chunks = chunks or ChunkExecutor()
+    chunks.reset()
     rec = {"images": {}, "proprio": [], "actions": [], "states": []}
     latency, tokens, reasoning_log, holds = [], 0, [], 0
     error, steps, t_next = None, 0, 0.0
@@ -216,7 +217,7 @@ def run_hardware(cfg: HardwareConfig, robot=None, policy=None, ask=None) -> dict
     """Run `cfg.episodes` episodes; returns {"path", "summary", "episodes": [hdf5 paths]}."""
     if cfg.success not in SUCCESS_MODES:
         raise EdgeVLAError(f"--success {cfg.success!r} is not one of {', '.join(SUCCESS_MODES)}")
-    ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before the robot moves
+    chunks = ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before the robot moves
     if cfg.episodes < 1 or cfg.max_steps < 1:
         raise EdgeVLAError("--episodes and --max-steps must be at least 1")
     from edge_vla.data.libero_hdf5 import write_libero_hdf5
@@ -250,8 +251,7 @@ def run_hardware(cfg: HardwareConfig, robot=None, policy=None, ask=None) -> dict
         for _ in range(cfg.episodes):
             index = len(records)
             t0 = time.perf_counter()
-            ep = run_episode(robot, policy, cfg.max_steps, cfg.execute_k, 1.0 / cfg.control_hz if cfg.control_hz else None,
-                             cfg.temporal_ensemble)
+            ep = run_episode(robot, policy, cfg.max_steps, chunks, 1.0 / cfg.control_hz if cfg.control_hz else None)
             recording = ep.pop("_recording")
             reasoning = ep.pop("reasoning")
             rec = {"id": f"hardware/{slug}/{index}", "suite": "hardware", "task": getattr(robot, "task", robot.instruction),

@@ -220,14 +220,15 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
 
 
 # --- one episode -----------------------------------------------------------------------------------
-def run_episode(env, policy, trial: int, execute_k: int | None = None, video_path: Path | None = None,
-                temporal_ensemble: float | None = None) -> dict:
-    """Roll one episode from benchmark init state `trial`; returns its results record."""
+def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, video_path: Path | None = None) -> dict:
+    """Roll one episode from benchmark init state `trial` (`chunks`: how action chunks are executed,
+    default whole); returns its results record."""
     obs, _ = env.reset(options={"init_state": trial})
     if isinstance(policy, ExpertPolicy):
         policy.bind(env)
     policy.reset()
-    chunks = ChunkExecutor(execute_k, temporal_ensemble)
+    chunks = chunks or ChunkExecutor()
+    chunks.reset()
     latency, generated, samples, frames = [], 0, [], []
     reasoning, steps, success, executed = None, 0, False, 0
     t_episode = time.perf_counter()
@@ -289,6 +290,7 @@ def _video_path(cfg: RolloutConfig, variant: str, task: str, trial: int) -> Path
 def run_episodes(cfg: RolloutConfig, episodes: list[tuple[str, int]], emit, policy=None, variant: str = "") -> None:
     """Run episodes (grouped by task: one env per task) and call emit(record) after each."""
     policy = policy or load_rollout_policy(cfg)
+    chunks = ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)
     by_task: dict[str, list[int]] = {}
     for task, trial in episodes:
         by_task.setdefault(task, []).append(trial)
@@ -296,8 +298,7 @@ def run_episodes(cfg: RolloutConfig, episodes: list[tuple[str, int]], emit, poli
         env = _env_for(cfg, policy, task)
         try:
             for trial in trials:
-                rec = run_episode(env, policy, trial, cfg.execute_k, _video_path(cfg, variant, task, trial),
-                                  cfg.temporal_ensemble)
+                rec = run_episode(env, policy, trial, chunks, _video_path(cfg, variant, task, trial))
                 emit({"id": episode_id(cfg.suite, task, trial), "suite": cfg.suite, "task": task, "trial": trial,
                       "init_state": trial, "instruction": env.instruction, **rec})
         finally:
