@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
     console.rule("[bold]3/6 export " + ", ".join(cfg.precisions))
     bundles = timed("export", lambda: stage_export(cfg, root, ckpts, data, stages))
     console.rule("[bold]4/6 benchmark side by side")
-    bench = timed("bench", lambda: stage_bench(cfg, root, bundles, stages, data))
+    bench = timed("bench", lambda: stage_bench(cfg, root, bundles, data, stages))
     console.rule("[bold]5/6 LIBERO rollouts on held-out init states")
     rollouts = timed("rollouts", lambda: stage_rollouts(cfg, root, bundles, stages))
     console.rule("[bold]6/6 report")
@@ -201,12 +201,12 @@ def check_pretrained(shipped: Path, cfg: DemoConfig) -> None:
 def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool) -> dict:
     """What the report says about a model: its training summary (a live run keeps it beside
     `final/`, a shipped checkpoint carries it as `train_summary.json`)."""
+    from edge_vla.model.vla import CONFIG_FILE, load_config
     from edge_vla.train.recipes import get_recipe
 
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
-    if (checkpoint / "config.json").exists():
-        parallel = read_json(checkpoint / "config.json", "re-save the checkpoint").get("parallel_actions", False)
-        info["action_decoding"] = "parallel" if parallel else "sequential"
+    if (checkpoint / CONFIG_FILE).exists():
+        info["action_decoding"] = "parallel" if load_config(checkpoint).parallel_actions else "sequential"
     for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
         if f.exists():
             summary = read_json(f, "re-run the training that wrote it")
@@ -249,14 +249,13 @@ def _held_out_samples(data: Path, cfg: DemoConfig, n: int = 24) -> list:
     return [ds[i] for i in range(0, len(ds), step)][:n]
 
 
-def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages: Stage,
-                data: Path | None = None) -> list[Path]:
+def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], data: Path, stages: Stage) -> list[Path]:
     """Every bundle in its recipe's default mode, each in a fresh one-thread process, in one run, on
     the held-out observations of `data` (full-CoT reasoning on noise images runs shorter than on
     the task's scenes: 181-223 vs ~269 tokens measured)."""
     from edge_vla.eval.bench import bench_artifacts, format_table
 
-    key = "bench:" + ",".join(sorted(bundles)) + (":data" if data else "")
+    key = "bench:" + ",".join(sorted(bundles)) + ":data"  # demo dirs from before benched synthetic observations
     if not stages.finished(key):
         # The full-CoT baseline first: every ratio printed is against it.
         order = sorted(bundles, key=lambda n: (not n.startswith(BASELINE_RECIPE + "-"), n))

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
+from edge_vla.runtime.policy import MODES
 
-MODES = ("direct", "full", "adaptive")
 N_BENCH_OBS = 4  # observations cycled through the timed calls
 COMPONENTS = ("vision", "prefill", "decode_token", "decode_body", "decode_head", "action_decode", "total")
 

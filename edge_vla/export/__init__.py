@@ -129,11 +129,12 @@ def export_checkpoint(ckpt_dir, out_dir, precision: str = "int8", calibration_da
         fp32_bundle = Bundle(fp32_dir, {**manifest, "files": {}})
         fp32_backend = OrtBackend(fp32_bundle)
 
-        par = acc.parity(TorchBackend(vla), fp32_backend, parity_obs, atol=parity_atol, rtol=parity_atol)
+        torch_backend = TorchBackend(vla)
+        par = acc.parity(torch_backend, fp32_backend, parity_obs, atol=parity_atol, rtol=parity_atol)
         report(f"parity vs PyTorch: max logit diff {par['max_logit_diff']:.2e} (logit scale {par['logit_scale']:.1f}), "
                f"greedy-token agreement {100 * par['token_agreement']:.1f}% over {par['n_tokens']} tokens")
         if vla.config.parallel_actions:  # the one-pass chunk (hidden_all) must decode what PyTorch decodes
-            ref_p, test_p = Policy(TorchBackend(vla), mode="direct"), Policy(fp32_backend, mode="direct")
+            ref_p, test_p = Policy(torch_backend, mode="direct"), Policy(fp32_backend, mode="direct")
             same = [ref_p.act(o).info["action_token_ids"] == test_p.act(o).info["action_token_ids"] for o in parity_obs]
             par["parallel_chunk_agreement"] = sum(same) / len(same)
             par["passed"] = par["passed"] and all(same)

@@ -306,12 +306,7 @@ class VLA(nn.Module):
         from transformers import AutoModelForCausalLM
 
         p = Path(path)
-        cfg_file = check_checkpoint_dir(p)
-        meta = read_json(cfg_file, "re-save the checkpoint")
-        if not isinstance(meta, dict) or meta.pop("format", None) != CHECKPOINT_FORMAT:
-            raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
-                               "pass a directory written by VLA.save_pretrained / edge-vla train")
-        config = VLAConfig.from_dict(meta, source=str(cfg_file))
+        config = load_config(p)
         tokenizer = TextTokenizer.load(p / TOKENIZER_DIR)
         stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
         vision = _vision_from_config(_hf_config(config.vision, "vision"))
@@ -329,6 +324,17 @@ class VLA(nn.Module):
         if (p / RECIPE_FILE).exists():
             model.recipe_info = json.loads((p / RECIPE_FILE).read_text())
         return model.to(device).eval()
+
+
+def load_config(path: str | Path) -> VLAConfig:
+    """The model config of the checkpoint at `path` (its config.json, checked), without the weights."""
+    p = Path(path)
+    cfg_file = check_checkpoint_dir(p)
+    meta = read_json(cfg_file, "re-save the checkpoint")
+    if not isinstance(meta, dict) or meta.pop("format", None) != CHECKPOINT_FORMAT:
+        raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
+                           "pass a directory written by VLA.save_pretrained / edge-vla train")
+    return VLAConfig.from_dict(meta, source=str(cfg_file))
 
 
 def check_checkpoint_dir(p: Path) -> Path:
