@@ -22,7 +22,7 @@ def data():
 @click.option("--workers", default=2, show_default=True, type=int, help="Parallel simulator processes.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--init-states", type=click.Choice(["random", "benchmark"]), default="random", show_default=True,
-              help="Random layouts, or the benchmark's fixed init states (those evaluation uses).")
+              help="Random layouts, or the benchmark's fixed init states 0..39 (40..49 are held out for evaluation).")
 @click.option("--action-noise", type=float, default=0.0, show_default=True,
               help="DART: add Gaussian noise of this std to the executed x/y/z moves (labels stay the expert's), "
                    "so demos show recoveries from off-path states.")

@@ -37,6 +37,14 @@ def _demo_seed(seed: int, task_id: int, k: int, attempt: int) -> int:
     return (seed * 1_000_003 + task_id * 10_007 + k * 101 + attempt * 7_919) % (2**31 - 1)
 
 
+def demo_init_state(k: int, attempt: int, n_slots: int, n_states: int) -> int:
+    """The benchmark init state demo slot `k` uses on its `attempt`-th try: slots cycle through the
+    states evaluation never uses (below HELD_OUT_INIT_STATES_FROM), retries move to another."""
+    from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
+
+    return (k + attempt * n_slots) % min(HELD_OUT_INIT_STATES_FROM, n_states)
+
+
 def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: int,
                 action_noise: float = 0.0) -> dict | None:
     """One expert episode with images, states and annotation; None if the task was not solved.
@@ -106,7 +114,7 @@ def _make_demo(job: dict) -> dict:
     for attempt in range(job["max_attempts"]):
         init = None
         if job["init_states"] == "benchmark":
-            init = (job["k"] + attempt * job["n_slots"]) % len(env.benchmark_init_states())
+            init = demo_init_state(job["k"], attempt, job["n_slots"], len(env.benchmark_init_states()))
         demo = record_demo(env, ScriptedExpert, ReasoningAnnotator, init,
                            _demo_seed(job["seed"], env.task_id, job["k"], attempt), job["action_noise"])
         if demo is None:

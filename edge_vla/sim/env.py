@@ -32,6 +32,10 @@ SUITE_MAX_STEPS = {
     "libero_10": 520,
     "libero_90": 400,
 }
+# Benchmark init states 0..39 of a task may seed training demos (`data generate --init-states
+# benchmark`); 40..49 are held out for evaluation (the demo rolls out on them), so a policy is
+# never scored on a layout it was shown.
+HELD_OUT_INIT_STATES_FROM = 40
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 # Our camera names -> robosuite's.
 CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
