@@ -92,6 +92,18 @@ def test_save_load_identity(tmp_path, tiny_vla, samples):
     np.testing.assert_array_equal(a1, a2)
 
 
+def test_half_precision_checkpoint_is_half_the_size_and_loads_as_float32(tmp_path, tiny_vla):
+    full = tiny_vla.save_pretrained(tmp_path / "fp32")
+    half = tiny_vla.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    assert next(tiny_vla.parameters()).dtype == torch.float32  # the live model is untouched
+    loaded = VLA.from_pretrained(half)
+    for (name, p), (_, q) in zip(tiny_vla.state_dict().items(), loaded.state_dict().items()):
+        assert q.dtype == torch.float32, name
+        torch.testing.assert_close(q, p.half().float(), atol=0, rtol=0)
+
+
 def test_checkpoint_errors_are_one_line_and_name_the_fix(tmp_path, tiny_vla):
     with pytest.raises(EdgeVLAError, match="not found"):
         VLA.from_pretrained(tmp_path / "nope")

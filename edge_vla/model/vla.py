@@ -281,17 +281,23 @@ class VLA(nn.Module):
         return self.action_tokenizer.decode(act[0].cpu().numpy()), text
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the checkpoint directory atomically: config, safetensors weights, tokenizer, stats."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the checkpoint directory atomically: config, safetensors weights, tokenizer, stats.
+
+        `dtype` (e.g. torch.float16) stores the weights at that precision, half the file for a
+        shipped checkpoint; from_pretrained casts them back to float32 on load."""
+        import copy
+
         from safetensors.torch import save_model
 
         from edge_vla.io import atomic_directory
 
         path = Path(path)
+        weights = self if dtype is None else copy.deepcopy(self).to(dtype)
         with atomic_directory(path) as tmp:
             meta = {"format": CHECKPOINT_FORMAT, **self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            save_model(self, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             self.processor.tokenizer.save(tmp / TOKENIZER_DIR)
             if self.action_stats is not None:
                 self.action_stats.save(tmp / STATS_FILE)
