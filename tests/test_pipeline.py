@@ -29,12 +29,14 @@ def test_shipped_checkpoints_matching_the_demo_pass(tmp_path):
     ("no info", "has no pretrained.json"),
     ("other task", "were not trained on LIVING_ROOM_SCENE2_pick_up_the_butter"),
     ("other chunk", "predict chunks of 8 actions, the demo is set to 4"),
+    ("same demos", "would generate the demos the checkpoints .* were trained on"),
 ])
 def test_shipped_checkpoints_that_do_not_match_are_refused_before_training(tmp_path, case, message):
     cfg = DemoConfig()
     recipes = [r for r in cfg.recipes if not (case == "missing recipe" and r == "ecot-lite-dropout")]
     info = {"tasks": ["KITCHEN_SCENE1_put_the_black_bowl_on_the_plate"] if case == "other task" else list(DEMO_TASKS),
-            "action_chunk": 8 if case == "other chunk" else cfg.action_chunk}
+            "action_chunk": 8 if case == "other chunk" else cfg.action_chunk,
+            "data_seed": cfg.data_seed if case == "same demos" else cfg.data_seed + 1}
     d = shipped_dir(tmp_path, recipes, None if case == "no info" else info)
     with pytest.raises(EdgeVLAError, match=message):
         check_pretrained(d, cfg)
@@ -57,7 +59,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-libero-butt
 
 
 @pytest.mark.skipif(not (SHIPPED / "ecot" / "model.safetensors").exists(),
-                    reason="the shipped checkpoints are generated, not committed: `make pretrained`")
+                    reason="the shipped checkpoints are missing: `make pretrained` rebuilds them")
 def test_the_shipped_checkpoints_load_and_match_their_description():
     """What `make demo` compares: every recipe's checkpoint loads as a policy, predicts chunks of
     the size pretrained.json claims, and records the command that trained it."""
