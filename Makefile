@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# The shipped tiny checkpoints (`make pretrained`, commands in their README.md; not committed)
-# are what the demo compares when all three exist; it still trains every recipe live briefly.
+# The shipped tiny checkpoints (committed, float16; `make pretrained` rebuilds them, commands in
+# their README.md) are what the demo compares when all three exist; it still trains every recipe
+# live briefly.
 PRETRAINED ?= pretrained/tiny-libero-butter
 SHIPPED := $(foreach r,vla ecot ecot-lite-dropout,$(wildcard $(PRETRAINED)/$(r)/model.safetensors))
 
