@@ -42,6 +42,15 @@ def test_shipped_checkpoints_that_do_not_match_are_refused_before_training(tmp_p
         check_pretrained(d, cfg)
 
 
+def test_benchmark_demos_never_use_the_init_states_the_demo_evaluates_on():
+    from edge_vla.data.generate import demo_init_state
+    from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
+
+    used = {demo_init_state(k, a, 100, 50) for k in range(100) for a in range(3)}
+    assert used == set(range(HELD_OUT_INIT_STATES_FROM))  # every training state, none held out
+    assert demo_init_state(3, 1, 10, 20) == 13  # a suite with fewer states cycles over what it has
+
+
 def test_with_shipped_checkpoints_the_live_runs_are_short_proofs():
     from edge_vla.pipeline import live_steps, train_config_for
 

@@ -27,6 +27,7 @@ from edge_vla.data.ecot_json import EcotAnnotations, episode_record
 from edge_vla.data.libero_hdf5 import _h5py, write_libero_hdf5
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
+from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
 
 MANIFEST_FORMAT = "edge-vla-libero-dataset"
 MANIFEST_VERSION = 1
@@ -40,8 +41,6 @@ def _demo_seed(seed: int, task_id: int, k: int, attempt: int) -> int:
 def demo_init_state(k: int, attempt: int, n_slots: int, n_states: int) -> int:
     """The benchmark init state demo slot `k` uses on its `attempt`-th try: slots cycle through the
     states evaluation never uses (below HELD_OUT_INIT_STATES_FROM), retries move to another."""
-    from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
-
     return (k + attempt * n_slots) % min(HELD_OUT_INIT_STATES_FROM, n_states)
 
 
