@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text, read_json
+from edge_vla.io import atomic_write_text, content_digest, read_json
 from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
 
 # The task of the demo: a LIBERO-90 basket task the scripted expert solves reliably. One task:
@@ -223,9 +223,11 @@ def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool)
                 val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
             info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"),
                         init_from=(summary.get("config") or {}).get("init_from"))
-            base = checkpoint / "base_train_summary.json"  # a shipped fine-tune: the run it started from
+            # a shipped fine-tune carries the runs it started from, earliest first (one run: a dict)
+            base = checkpoint / "base_train_summary.json"
             if info["init_from"] and base.exists():
-                info["base_steps"] = read_json(base, "re-run `make pretrained`").get("steps")
+                earlier = read_json(base, "re-run `make pretrained`")
+                info["base_steps"] = [s.get("steps") for s in (earlier if isinstance(earlier, list) else [earlier])]
             break
     return info
 
@@ -239,7 +241,7 @@ def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path
         for precision in cfg.precisions:
             name = f"{recipe}-{precision}"
             out = root / "bundles" / name
-            key = f"export:{name}:{ckpt}"
+            key = f"export:{name}:{ckpt}@{content_digest(ckpt)[:16]}"  # re-shipped checkpoints re-export
             if not stages.finished(key):
                 if held_out is None:
                     held_out = _held_out_samples(data, cfg)
@@ -263,7 +265,7 @@ def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], data: Pat
     the task's scenes: 181-223 vs ~269 tokens measured)."""
     from edge_vla.eval.bench import bench_artifacts, format_table
 
-    key = "bench:" + ",".join(sorted(bundles)) + ":data"  # demo dirs from before benched synthetic observations
+    key = "bench:" + ",".join(f"{n}@{content_digest(bundles[n])[:16]}" for n in sorted(bundles))
     if not stages.finished(key):
         # The full-CoT baseline first: every ratio printed is against it.
         order = sorted(bundles, key=lambda n: (not n.startswith(BASELINE_RECIPE + "-"), n))

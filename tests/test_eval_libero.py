@@ -55,7 +55,10 @@ def test_expert_rollout_succeeds_with_video(tmp_path):
 
 
 def test_tiny_policy_rollout_resumes_after_interruption(tmp_path, tiny_ckpt, monkeypatch):
-    cfg = lr.RolloutConfig(policy=str(tiny_ckpt), suite=SUITE, tasks=[TASK], trials=2, out=str(tmp_path),
+    import shutil
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpts" / "tiny")  # its contents change below
+    cfg = lr.RolloutConfig(policy=str(ckpt), suite=SUITE, tasks=[TASK], trials=2, out=str(tmp_path),
                            max_steps=3, mode="direct")
     real = lr.run_episode
     calls = []
@@ -85,6 +88,10 @@ def test_tiny_policy_rollout_resumes_after_interruption(tmp_path, tiny_ckpt, mon
     # other settings in the same file are refused instead of mixed in
     with pytest.raises(EdgeVLAError, match="other settings"):
         lr.run_libero(lr.RolloutConfig(**{**cfg.__dict__, "execute_k": 2}), progress=False)
+    # so is the same path with new contents (re-trained, re-exported): its episodes are another policy's
+    (ckpt / "train_summary.json").write_text(json.dumps({"steps": 1}))
+    with pytest.raises(EdgeVLAError, match="policy_sha256"):
+        lr.run_libero(cfg, progress=False)
 
 
 def test_reason_every_k_reuses_reasoning(tiny_ckpt):

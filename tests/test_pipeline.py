@@ -87,3 +87,47 @@ def test_the_shipped_checkpoints_load_and_match_their_description():
         assert summary["config"]["action_chunk"] == info["action_chunk"] and summary["steps"] > 0
         policy = load_policy(SHIPPED / recipe, backend="torch", mode="direct")
         assert policy.act(obs).action.shape == (info["action_chunk"], 7)
+
+
+def test_content_digest_follows_what_a_checkpoint_or_bundle_holds(tmp_path):
+    from edge_vla.io import content_digest
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    first = content_digest(ckpt)
+    assert content_digest(ckpt) == first
+    (ckpt / "model.safetensors").write_bytes(b"weightz")
+    assert content_digest(ckpt) != first
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "model.safetensors").rename(ckpt / "other.safetensors")  # same bytes, another file
+    assert content_digest(ckpt) != first
+    # a bundle is named by its manifest, which carries every file's sha256
+    (ckpt / "manifest.json").write_text('{"files": {}}')
+    bundle = content_digest(ckpt)
+    (ckpt / "other.safetensors").write_bytes(b"changed without a new manifest: load_bundle refuses it")
+    assert content_digest(ckpt) == bundle
+    (ckpt / "manifest.json").write_text('{"files": {"a": "0"}}')
+    assert content_digest(ckpt) != bundle
+
+
+def test_the_demo_re_exports_a_checkpoint_whose_contents_changed(tmp_path, monkeypatch):
+    """Re-shipped checkpoints (a pull, `make pretrained`) sit at the same path: the demo's
+    recorded export of the old ones must not stand in for them."""
+    import edge_vla.export
+    from edge_vla import pipeline
+
+    exported = []
+    monkeypatch.setattr(edge_vla.export, "export_checkpoint", lambda ckpt, out, **kw: exported.append(kw["precision"]))
+    monkeypatch.setattr(pipeline, "_held_out_samples", lambda data, cfg: [])
+    ckpt = tmp_path / "ecot"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"old")
+    cfg = DemoConfig(precisions=("int8",))
+    stages = pipeline.Stage(tmp_path / "demo")
+    for _ in range(2):
+        pipeline.stage_export(cfg, tmp_path / "demo", {"ecot": ckpt}, tmp_path / "data", stages)
+    assert exported == ["int8"]  # the second run reused the first
+    (ckpt / "model.safetensors").write_bytes(b"new")
+    pipeline.stage_export(cfg, tmp_path / "demo", {"ecot": ckpt}, tmp_path / "data", pipeline.Stage(tmp_path / "demo"))
+    assert exported == ["int8", "int8"]

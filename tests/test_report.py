@@ -163,7 +163,7 @@ def test_report_says_which_models_are_shipped_and_which_live(tmp_path):
     assert "<h2>Models</h2>" in page and "<td>shipped</td>" in page
 
 
-def test_a_shipped_fine_tune_reports_its_decoding_and_both_runs_steps(tmp_path, tiny_vla):
+def test_a_shipped_fine_tune_reports_its_decoding_and_every_runs_steps(tmp_path, tiny_vla):
     from edge_vla.eval.report import model_rows
     from edge_vla.pipeline import model_provenance
 
@@ -174,8 +174,12 @@ def test_a_shipped_fine_tune_reports_its_decoding_and_both_runs_steps(tmp_path, 
         {"steps": 600, "final_val": {"action_token_acc": 0.74}, "config": {"init_from": "runs/x/final"}}))
     (ckpt / "base_train_summary.json").write_text(json.dumps({"steps": 1500}))
     m = model_provenance("ecot-lite-dropout", ckpt, "shipped", compared=True)
-    assert m["action_decoding"] == "parallel" and m["base_steps"] == 1500
+    assert m["action_decoding"] == "parallel" and m["base_steps"] == [1500]
     assert model_rows([m])[0][2:4] == ["1500 + 600 fine-tuning", "parallel"]
+    # a chain of earlier runs (make.sh's phases), earliest first
+    (ckpt / "base_train_summary.json").write_text(json.dumps([{"steps": 3000}, {"steps": 1000}]))
+    m = model_provenance("ecot-lite-dropout", ckpt, "shipped", compared=True)
+    assert model_rows([m])[0][2] == "3000 + 1000 + 600 fine-tuning"
 
 
 def test_quantized_agreement_comes_from_the_export_report_in_the_mode_benched(tmp_path):

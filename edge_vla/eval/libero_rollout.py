@@ -32,6 +32,7 @@ import numpy as np
 from edge_vla.errors import EdgeVLAError
 from edge_vla.eval.chunking import ChunkExecutor
 from edge_vla.eval.results import load_results, summarize, write_results
+from edge_vla.io import content_digest
 
 from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator: see its docstring)
 
@@ -335,6 +336,8 @@ def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
     d = asdict(cfg)
     d.pop("out")
     d["shard"] = f"{cfg.shard[0]}/{cfg.shard[1]}"
+    # a path whose contents changed (re-exported, re-trained) is another policy: never resume across it
+    d["policy_sha256"] = content_digest(cfg.policy) if Path(cfg.policy).exists() else None
     d["variant"] = variant
     d["protocol"] = {"seed": cfg.seed, "settle_steps": cfg.settle_steps, "max_steps": cfg.max_steps or "suite default",
                      "init_states": "benchmark"}
@@ -342,11 +345,12 @@ def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
 
 
 def _check_resumable(prev: dict, config: dict, path: Path) -> None:
-    keys = ("policy", "suite", "mode", "backend", "execute_k", "temporal_ensemble", "reason_every", "seed",
+    keys = ("policy", "policy_sha256", "suite", "mode", "backend", "execute_k", "temporal_ensemble", "reason_every", "seed",
             "settle_steps", "max_steps")
     diff = [k for k in keys if prev["config"].get(k) != config.get(k)]
     if diff:
-        raise EdgeVLAError(f"{path} holds a run with other settings ({', '.join(diff)} differ)",
+        changed = " (the policy at that path has other contents now)" if "policy_sha256" in diff else ""
+        raise EdgeVLAError(f"{path} holds a run with other settings ({', '.join(diff)} differ){changed}",
                            "pass another --out directory, or the same settings to resume")
 
 

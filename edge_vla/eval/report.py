@@ -299,7 +299,7 @@ def model_rows(models: list[dict]) -> list[list[str]]:
         val = m.get("final_val") or {}
         steps = str(m.get("steps", "–"))
         if m.get("init_from"):
-            steps = f"{m['base_steps']} + {steps} fine-tuning" if m.get("base_steps") else f"{steps} fine-tuning"
+            steps = " + ".join([*map(str, m.get("base_steps") or []), f"{steps} fine-tuning"])
         rows.append([m.get("recipe", "?"), m.get("source", "?"), steps, m.get("action_decoding", "–"),
                      _f(val.get("action_token_acc"), "{:.3f}"), _f(val.get("reasoning_loss"), "{:.3f}"),
                      str(m.get("checkpoint", "–"))])
