@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import re
 import sys
@@ -342,6 +343,19 @@ def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
     d["protocol"] = {"seed": cfg.seed, "settle_steps": cfg.settle_steps, "max_steps": cfg.max_steps or "suite default",
                      "init_states": "benchmark"}
     return d
+
+
+def set_aside_stale_results(path: Path, policy: str | Path) -> Path | None:
+    """A results file at `path` rolled another policy than the one now at `policy` (re-exported,
+    re-shipped): rename it so a fresh run starts there; returns where it went."""
+    if not path.exists():
+        return None
+    old = load_results(path)["config"].get("policy_sha256")
+    if old == content_digest(policy):
+        return None
+    aside = path.with_name(f"{path.stem}.replaced-{(old or 'unknown')[:12]}{path.suffix}")
+    os.replace(path, aside)
+    return aside
 
 
 def _check_resumable(prev: dict, config: dict, path: Path) -> None:
