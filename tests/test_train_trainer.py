@@ -132,3 +132,16 @@ def test_validation_lora_freeze_and_periodic_checkpoints(tmp_path, data):
     assert model.config.lm["num_hidden_layers"] == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_val"]["n"] > 0 and "environment" in summary
+
+
+def test_resume_accepts_the_same_init_checkpoint_spelled_another_way(tmp_path, data, tiny_vla, monkeypatch):
+    base = tiny_vla.save_pretrained(tmp_path / "ckpts" / "base")
+    other = tiny_vla.save_pretrained(tmp_path / "ckpts" / "other")
+    cfg = TrainConfig(recipe="vla", steps=3, init_from=str(base), **FAST)
+    train(cfg, data, tmp_path / "run", stop_at_step=1, show_progress=False)
+    monkeypatch.chdir(tmp_path / "ckpts")
+    final = train(replace(cfg, init_from="../ckpts/./base"), data, tmp_path / "run", resume=True, show_progress=False)
+    assert final.name == "final"
+    train(cfg, data, tmp_path / "run2", stop_at_step=1, show_progress=False)
+    with pytest.raises(EdgeVLAError, match="config differs.*init_from"):
+        train(replace(cfg, init_from=str(other)), data, tmp_path / "run2", resume=True, show_progress=False)

@@ -179,6 +179,8 @@ def _read_state(out: Path) -> dict | None:
 def _check_resume(saved: dict, cfg: TrainConfig, stats, tokenizer, out: Path) -> None:
     mine, theirs = cfg.fingerprint(), saved["config_fingerprint"]
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if "init_from" in diff and _same_path(mine["init_from"], theirs.get("init_from")):
+        diff.remove("init_from")  # one checkpoint, spelled another way (relative, through `..`)
     if diff:
         detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:4])
         raise EdgeVLAError(f"cannot resume {out}: the config differs from the run's ({detail})",
@@ -190,6 +192,13 @@ def _check_resume(saved: dict, cfg: TrainConfig, stats, tokenizer, out: Path) ->
     if saved["vocab_size"] != tokenizer.vocab_size or saved["vocab_hash"] != _vocab_hash(tokenizer):
         raise EdgeVLAError(f"cannot resume {out}: the tokenizer differs from the run's (the data's texts changed?)",
                            "resume on the same dataset, or train into a new --out")
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    try:
+        return bool(a and b) and os.path.samefile(a, b)
+    except OSError:  # a hub id, or a path that is gone: only the same string is the same checkpoint
+        return False
 
 
 def _vocab_hash(tokenizer) -> str:
