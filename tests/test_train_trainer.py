@@ -65,6 +65,14 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, data):
     # The metrics of the resumed run continue the first one's without duplicates.
     assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
+    # throughput counts both sessions' samples (4 steps x 2 micro-batches x 4), over both sessions' time
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["train_samples_per_s"] * summary["wall_s"] == pytest.approx(32)
+    # resuming the finished run is a no-op: the summary (its throughput) and the final weights stay
+    final_bytes = (resumed / "model.safetensors").read_bytes()
+    again = train(cfg, data, tmp_path / "b", resume=True, show_progress=False)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text()) == summary
+    assert (again / "model.safetensors").read_bytes() == final_bytes
 
 
 def test_resume_with_another_config_fails_before_any_step(tmp_path, data):

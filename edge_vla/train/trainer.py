@@ -208,8 +208,10 @@ def _vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def _save_state(accelerator, out: Path, step: int, cfg: TrainConfig, stats, tokenizer, micro: int) -> None:
-    """Write out/state atomically: all processes write into one temp dir, then one rename."""
+def _save_state(accelerator, out: Path, step: int, cfg: TrainConfig, stats, tokenizer, micro: int,
+                clock: dict) -> None:
+    """Write out/state atomically: all processes write into one temp dir, then one rename.
+    `clock`: the run's training wall time and samples so far, over every session."""
     tmp = out / f".{STATE_DIR}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -219,7 +221,7 @@ def _save_state(accelerator, out: Path, step: int, cfg: TrainConfig, stats, toke
     if accelerator.is_main_process:
         meta = {"step": step, "micro": micro, "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
                 "action_stats": stats.to_dict(), "vocab_size": tokenizer.vocab_size, "vocab_hash": _vocab_hash(tokenizer),
-                "world_size": accelerator.num_processes}
+                "world_size": accelerator.num_processes, **clock}
         (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=2))
         final = out / STATE_DIR
         old = out / f".{STATE_DIR}.old"
@@ -275,6 +277,8 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
                            f"{cfg.action_chunk * stats.dim}", "match action_chunk with the checkpoint (init_from)")
     if saved is not None:
         _check_resume(saved, cfg, stats, tokenizer, out)
+        if int(saved["step"]) >= cfg.steps and (out / FINAL_DIR).is_dir() and (out / "summary.json").is_file():
+            return out / FINAL_DIR  # finished: a resume is a no-op (its summary keeps the run's throughput)
     model.recipe_info = recipe.info(tokenizer)
     model = apply_trainable(model, cfg)
 
@@ -325,6 +329,11 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
                              lr=cfg.lr)
     step, micro_in_step, loss_acc = start_step, 0, 0.0
     t0, samples_seen = time.perf_counter(), 0
+    before = {k: (saved or {}).get(k, 0) for k in ("wall_s", "samples")}  # earlier sessions of this run
+
+    def clock() -> dict:
+        return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
+                "samples": before["samples"] + samples_seen * accelerator.num_processes}
     model.train()
     end_step = min(cfg.steps, stop_at_step) if stop_at_step is not None else cfg.steps
     with progress:
@@ -360,11 +369,11 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
                 run_eval(step)
                 model.train()
             if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
-                _save_state(accelerator, out, step, cfg, stats, tokenizer, step * cfg.grad_accum)
+                _save_state(accelerator, out, step, cfg, stats, tokenizer, step * cfg.grad_accum, clock())
                 if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     export_checkpoint(unwrapped, out / f"checkpoint-{step:06d}", bool(cfg.lora_rank))
                 accelerator.wait_for_everyone()
-    wall = time.perf_counter() - t0
+    run = clock()
     if step < cfg.steps:  # stopped early on purpose (stop_at_step): state saved, no final checkpoint
         log.close()
         return out / STATE_DIR
@@ -377,8 +386,8 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
         from edge_vla.environment import environment_report
 
         summary = {"recipe": recipe.info(tokenizer), "steps": step, "final_val": metrics,
-                   "train_samples_per_s": samples_seen * accelerator.num_processes / max(wall, 1e-9),
-                   "wall_s": wall, "processes": accelerator.num_processes, "n_train": len(train_ds),
+                   "train_samples_per_s": run["samples"] / max(run["wall_s"], 1e-9),
+                   "wall_s": run["wall_s"], "processes": accelerator.num_processes, "n_train": len(train_ds),
                    "n_val": len(val_ds), "command": command, "config": cfg.to_dict(),
                    "environment": environment_report()}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
