@@ -67,17 +67,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+PROVENANCE_FILES = frozenset({"train_summary.json", "base_train_summary.json"})
+
+
 def content_digest(path: str | os.PathLike) -> str:
     """sha256 of what a checkpoint or bundle holds, so a stage recorded for the old contents of a
     path is not reused for new ones (re-shipped checkpoints, a re-export). A bundle hashes its
-    manifest only: the manifest carries every file's sha256, and loading a bundle checks them."""
+    manifest only: the manifest carries every file's sha256, and loading a bundle checks them.
+    A shipped checkpoint's training summaries are provenance, not what it computes: not hashed."""
     p = Path(path)
     if p.is_file():
         return sha256_file(p)
     if (p / "manifest.json").is_file():
         return sha256_file(p / "manifest.json")
     h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+    for f in sorted(q for q in p.rglob("*") if q.is_file() and q.name not in PROVENANCE_FILES):
         h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 

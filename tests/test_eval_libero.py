@@ -89,7 +89,7 @@ def test_tiny_policy_rollout_resumes_after_interruption(tmp_path, tiny_ckpt, mon
     with pytest.raises(EdgeVLAError, match="other settings"):
         lr.run_libero(lr.RolloutConfig(**{**cfg.__dict__, "execute_k": 2}), progress=False)
     # so is the same path with new contents (re-trained, re-exported): its episodes are another policy's
-    (ckpt / "train_summary.json").write_text(json.dumps({"steps": 1}))
+    (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + "\n")
     with pytest.raises(EdgeVLAError, match="policy_sha256"):
         lr.run_libero(cfg, progress=False)
 

@@ -102,6 +102,9 @@ def test_content_digest_follows_what_a_checkpoint_or_bundle_holds(tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"weights")
     (ckpt / "model.safetensors").rename(ckpt / "other.safetensors")  # same bytes, another file
     assert content_digest(ckpt) != first
+    renamed = content_digest(ckpt)
+    (ckpt / "train_summary.json").write_text("{}")  # provenance: the same model
+    assert content_digest(ckpt) == renamed
     # a bundle is named by its manifest, which carries every file's sha256
     (ckpt / "manifest.json").write_text('{"files": {}}')
     bundle = content_digest(ckpt)
