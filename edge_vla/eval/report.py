@@ -224,6 +224,7 @@ def pareto_png(variants: list[Variant]) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     placed: list[tuple[float, float]] = []
@@ -237,13 +238,19 @@ def pareto_png(variants: list[Variant]) -> bytes | None:
         ax.annotate(v.name + (" (full CoT)" if v.is_baseline else ""), (lat, 100 * sr), textcoords="offset points",
                     xytext=(6, 6 + 11 * near), fontsize=8)
     front = pareto_front([(p[0], p[1]) for p in pts])
-    ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1, label="Pareto front")
+    if len(front) > 1:  # one point is no line: a legend entry for it would name nothing drawn
+        ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1,
+                label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
+    # milliseconds as plain numbers (5, 20, 50), not 2x10^1
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda x, _: f"{x:g}" if round(x / 10 ** math.floor(math.log10(x))) in (2, 5) else ""))
     ax.set_xlabel("latency per policy call, p50 (ms, log scale)")
     ax.set_ylabel("success rate (%), 95% CI")
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Success vs latency")
     fig.tight_layout()
     buf = io.BytesIO()
