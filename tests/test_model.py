@@ -81,6 +81,7 @@ def test_save_load_identity(tmp_path, tiny_vla, samples):
     path = tiny_vla.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer", "action_stats.json", "recipe.json"}
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt")) and not list(path.rglob("*.pkl"))
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o644  # readable by whoever deploys it
     loaded = VLA.from_pretrained(path)
     pv, ids, mask, labels, st = batch_for(tiny_vla, samples)
     tiny_vla.eval()

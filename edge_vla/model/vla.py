@@ -14,6 +14,7 @@ loss is the usual next-token shift.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,6 +299,7 @@ class VLA(nn.Module):
             meta = {"format": CHECKPOINT_FORMAT, **self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            os.chmod(tmp / WEIGHTS_FILE, 0o644)  # safetensors writes 0600: the checkpoint would be private to its writer
             self.processor.tokenizer.save(tmp / TOKENIZER_DIR)
             if self.action_stats is not None:
                 self.action_stats.save(tmp / STATS_FILE)
