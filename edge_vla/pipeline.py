@@ -277,7 +277,7 @@ def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], data: Pat
 
 
 def stage_rollouts(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages: Stage) -> list[Path]:
-    from edge_vla.eval.libero_rollout import RolloutConfig, results_path, run_libero, set_aside_stale_results
+    from edge_vla.eval.libero_rollout import RolloutConfig, run_libero
 
     paths = []
     for recipe in cfg.recipes:
@@ -285,10 +285,10 @@ def stage_rollouts(cfg: DemoConfig, root: Path, bundles: dict[str, Path], stages
         rc = RolloutConfig(policy=str(bundles[name]), suite=cfg.suite, tasks=list(cfg.tasks), trials=cfg.trials,
                            first_trial=cfg.first_trial, out=str(root / "runs"), name=name, workers=cfg.workers,
                            execute_k=cfg.execute_k, max_steps=cfg.max_steps)
-        aside = set_aside_stale_results(results_path(rc, name), bundles[name])
-        if aside:
-            print(f"{name}: the bundle changed since its rollouts; they are kept as {aside.name}, rolling afresh")
-        res = run_libero(rc)  # resumes on its own: finished episodes are skipped
+        # resumes on its own (finished episodes are skipped); a re-exported bundle's old episodes are kept aside
+        res = run_libero(rc, set_aside_stale=True)
+        if res["set_aside"]:
+            print(f"{name}: the bundle changed since its rollouts; they are kept as {res['set_aside'].name}")
         paths.append(Path(res["path"]))
     return paths
 

@@ -92,6 +92,14 @@ def test_tiny_policy_rollout_resumes_after_interruption(tmp_path, tiny_ckpt, mon
     (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + "\n")
     with pytest.raises(EdgeVLAError, match="policy_sha256"):
         lr.run_libero(cfg, progress=False)
+    # ...unless asked to set them aside (the demo does): kept beside, and the new policy rolled afresh
+    r = lr.run_libero(cfg, progress=False, set_aside_stale=True)
+    aside = r["set_aside"]
+    assert aside.exists() and aside.parent == path.parent and aside.name != path.name
+    assert [x["trial"] for x in load_results(aside)["records"]] == [0, 1]
+    assert (r["ran"], r["skipped"]) == (2, 0)
+    again = lr.run_libero(cfg, progress=False, set_aside_stale=True)  # the same policy: resumed
+    assert again["set_aside"] is None and (again["ran"], again["skipped"]) == (0, 2)
 
 
 def test_reason_every_k_reuses_reasoning(tiny_ckpt):

@@ -134,19 +134,3 @@ def test_the_demo_re_exports_a_checkpoint_whose_contents_changed(tmp_path, monke
     (ckpt / "model.safetensors").write_bytes(b"new")
     pipeline.stage_export(cfg, tmp_path / "demo", {"ecot": ckpt}, tmp_path / "data", pipeline.Stage(tmp_path / "demo"))
     assert exported == ["int8", "int8"]
-
-
-def test_rollouts_of_a_replaced_bundle_are_set_aside_not_resumed(tmp_path):
-    from edge_vla.eval.libero_rollout import set_aside_stale_results
-    from edge_vla.eval.results import write_results
-    from edge_vla.io import content_digest
-
-    bundle = tmp_path / "ecot-int8"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text('{"files": {"a": "1"}}')
-    path = write_results(tmp_path / "runs" / "ecot-int8.json", "libero", {"policy_sha256": content_digest(bundle)}, [])
-    assert set_aside_stale_results(path, bundle) is None and path.exists()  # same bundle: resume
-    (bundle / "manifest.json").write_text('{"files": {"a": "2"}}')  # re-exported
-    aside = set_aside_stale_results(path, bundle)
-    assert not path.exists() and aside.exists() and aside.parent == path.parent and aside.name != path.name
-    assert set_aside_stale_results(path, bundle) is None  # nothing left to set aside

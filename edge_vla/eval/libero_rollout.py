@@ -345,15 +345,10 @@ def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
     return d
 
 
-def set_aside_stale_results(path: Path, policy: str | Path) -> Path | None:
-    """A results file at `path` rolled another policy than the one now at `policy` (re-exported,
-    re-shipped): rename it so a fresh run starts there; returns where it went."""
-    if not path.exists():
-        return None
-    old = load_results(path)["config"].get("policy_sha256")
-    if old == content_digest(policy):
-        return None
-    aside = path.with_name(f"{path.stem}.replaced-{(old or 'unknown')[:12]}{path.suffix}")
+def _set_aside(path: Path, prev: dict) -> Path:
+    """Rename the results of a policy that is no longer at its path, so a fresh run starts there."""
+    old = prev["config"].get("policy_sha256") or "unknown"
+    aside = path.with_name(f"{path.stem}.replaced-{old[:12]}{path.suffix}")
     os.replace(path, aside)
     return aside
 
@@ -368,8 +363,10 @@ def _check_resumable(prev: dict, config: dict, path: Path) -> None:
                            "pass another --out directory, or the same settings to resume")
 
 
-def run_libero(cfg: RolloutConfig, progress: bool = True) -> dict:
-    """Run (or resume) an evaluation; returns {"path", "summary", "ran", "skipped"}."""
+def run_libero(cfg: RolloutConfig, progress: bool = True, set_aside_stale: bool = False) -> dict:
+    """Run (or resume) an evaluation; returns {"path", "summary", "ran", "skipped", "set_aside"}.
+    A results file of another policy at the same path (re-exported, re-shipped) is refused, or with
+    `set_aside_stale` renamed (`set_aside`: where it went) and rolled afresh."""
     if cfg.trials < 1:
         raise EdgeVLAError(f"--trials {cfg.trials} must be at least 1")
     ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before any episode
@@ -382,10 +379,14 @@ def run_libero(cfg: RolloutConfig, progress: bool = True) -> dict:
     config = _run_config(cfg, variant)
     path = results_path(cfg, variant["name"])
     records: list[dict] = []
+    aside = None
     if path.exists():
         prev = load_results(path)
-        _check_resumable(prev, config, path)
-        records = list(prev["records"])
+        if set_aside_stale and prev["config"].get("policy_sha256") != config["policy_sha256"]:
+            aside = _set_aside(path, prev)
+        else:
+            _check_resumable(prev, config, path)
+            records = list(prev["records"])
     done = {r["id"] for r in records}
     todo = [e for e in mine if episode_id(cfg.suite, *e) not in done]
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -408,7 +409,8 @@ def run_libero(cfg: RolloutConfig, progress: bool = True) -> dict:
         else:
             del policy
             _run_parallel(cfg, todo, workers, variant["name"], emit)
-    return {"path": str(path), "summary": summarize("libero", records), "ran": len(todo), "skipped": len(mine) - len(todo)}
+    return {"path": str(path), "summary": summarize("libero", records), "ran": len(todo), "skipped": len(mine) - len(todo),
+            "set_aside": aside}
 
 
 def _run_parallel(cfg, todo, workers, variant, emit) -> None:
