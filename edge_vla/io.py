@@ -75,11 +75,13 @@ def content_digest(path: str | os.PathLike) -> str:
     path is not reused for new ones (re-shipped checkpoints, a re-export). A bundle hashes its
     manifest only: the manifest carries every file's sha256, and loading a bundle checks them.
     A shipped checkpoint's training summaries are provenance, not what it computes: not hashed."""
+    from edge_vla.export.bundle import MANIFEST
+
     p = Path(path)
     if p.is_file():
         return sha256_file(p)
-    if (p / "manifest.json").is_file():
-        return sha256_file(p / "manifest.json")
+    if (p / MANIFEST).is_file():
+        return sha256_file(p / MANIFEST)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file() and q.name not in PROVENANCE_FILES):
         h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\n".encode())

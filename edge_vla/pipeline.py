@@ -238,10 +238,11 @@ def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path
     held_out = None
     bundles: dict[str, Path] = {}
     for recipe, ckpt in ckpts.items():
+        digest = content_digest(ckpt)[:16]  # in the key: re-shipped checkpoints at the same path re-export
         for precision in cfg.precisions:
             name = f"{recipe}-{precision}"
             out = root / "bundles" / name
-            key = f"export:{name}:{ckpt}@{content_digest(ckpt)[:16]}"  # re-shipped checkpoints re-export
+            key = f"export:{name}:{ckpt}@{digest}"
             if not stages.finished(key):
                 if held_out is None:
                     held_out = _held_out_samples(data, cfg)
