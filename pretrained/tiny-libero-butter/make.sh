@@ -2,7 +2,7 @@
 # Rebuild the shipped tiny checkpoints (`make pretrained`). Resumable: data generation skips
 # finished demos and every training run continues from its last saved state.
 # The three runs of a phase share the cores, one thread each; on a 2-core CPU the first phase
-# took 21-57 min, the second 7-17 min, the third 31-87 min: ~2.8 h in all, 15 min for the demos before.
+# took 21-57 min, the second 7-17 min, the third 31-87 min: ~2.7 h in all, 15 min for the demos before.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/tiny-libero-butter}"
@@ -35,8 +35,8 @@ extra[ecot-lite-dropout]+=" --set model.parallel_actions=true"
 extra[vla]+=" --set model.parallel_actions=true"
 phase "-tuned" --set steps=1000 --set save_every=200 --set "init_from=$work/{r}/final"
 # Third phase, 6000 more steps each with the same settings (a warm restart of the lr schedule):
-# success in LIBERO grows with samples seen, and 170k (3000 + 1000 + 6000 steps x 16) is about what
-# a probe outside the project needed for 3/10.
+# success in LIBERO grows with samples seen; 160k (3000 + 1000 + 6000 steps x 16) is about what a
+# probe outside the project needed for 3/10 (~168k).
 phase "-long" --set steps=6000 --set save_every=500 --set eval_every=1000 --set "init_from=$work/{r}-tuned/final"
 for r in ecot ecot-lite-dropout vla; do  # ship: the final checkpoint in float16 (half the bytes) + every run's summary
     rm -rf "${here:?}/$r"
