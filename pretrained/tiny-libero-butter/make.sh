@@ -2,7 +2,8 @@
 # Rebuild the shipped tiny checkpoints (`make pretrained`). Resumable: data generation skips
 # finished demos and every training run continues from its last saved state.
 # The three runs of a phase share the cores, one thread each; on a 2-core CPU the first phase
-# took 21-57 min, the second 7-17 min, the third 31-87 min: ~2.7 h in all, 15 min for the demos before.
+# took 21-57 min, the second 7-17 min, the third 31-87 min, the fourth 25-64 min: ~3.8 h in all, plus
+# 15 min for the first 100 demos and 26 min for the 200 of the fourth phase.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/tiny-libero-butter}"
@@ -38,12 +39,20 @@ phase "-tuned" --set steps=1000 --set save_every=200 --set "init_from=$work/{r}/
 # success in LIBERO grows with samples seen; 160k (3000 + 1000 + 6000 steps x 16) is about what a
 # probe outside the project needed for 3/10 (~168k).
 phase "-long" --set steps=6000 --set save_every=500 --set eval_every=1000 --set "init_from=$work/{r}-tuned/final"
+# Fourth phase, 3000 more steps each on twice the demos: the first 100 again plus 100 new ones (a
+# demo's seed depends on its index, so --seed 0 with 200 per task extends the first 100). By the
+# third phase the reasoning recipes overfit the reasoning of 100 demos (its validation loss rose).
+edge-vla data generate --out "$work/data200" \
+    --tasks LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket \
+    --demos-per-task 200 --image-size 64 --seed 0
+common[1]="$work/data200"
+phase "-more" --set steps=3000 --set save_every=500 --set eval_every=1000 --set "init_from=$work/{r}-long/final"
 for r in ecot ecot-lite-dropout vla; do  # ship: the final checkpoint in float16 (half the bytes) + every run's summary
     rm -rf "${here:?}/$r"
     python -c 'import sys, torch; from edge_vla.model.vla import VLA
-VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r-long/final" "$here/$r"
-    cp "$work/$r-long/summary.json" "$here/$r/train_summary.json"
+VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r-more/final" "$here/$r"
+    cp "$work/$r-more/summary.json" "$here/$r/train_summary.json"
     python -c 'import json, sys; json.dump([json.load(open(f)) for f in sys.argv[2:]], open(sys.argv[1], "w"), indent=1)' \
-        "$here/$r/base_train_summary.json" "$work/$r/summary.json" "$work/$r-tuned/summary.json"
+        "$here/$r/base_train_summary.json" "$work/$r/summary.json" "$work/$r-tuned/summary.json" "$work/$r-long/summary.json"
 done
 echo "checkpoints in $here"
