@@ -45,7 +45,7 @@ phase "-long" --set steps=6000 --set save_every=500 --set eval_every=1000 --set 
 edge-vla data generate --out "$work/data200" \
     --tasks LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket \
     --demos-per-task 200 --image-size 64 --seed 0
-common[1]="$work/data200"
+common=(--data "$work/data200" "${common[@]:2}")  # the same settings on the 200 demos
 phase "-more" --set steps=3000 --set save_every=500 --set eval_every=1000 --set "init_from=$work/{r}-long/final"
 for r in ecot ecot-lite-dropout vla; do  # ship: the final checkpoint in float16 (half the bytes) + every run's summary
     rm -rf "${here:?}/$r"
