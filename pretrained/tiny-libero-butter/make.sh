@@ -3,7 +3,8 @@
 # finished demos and every training run continues from its last saved state.
 # The three runs of a phase share the cores, one thread each; on a 2-core CPU the first phase
 # took 21-57 min, the second 7-17 min, the third 31-87 min, the fourth 25-64 min: ~3.8 h in all, plus
-# 15 min for the first 100 demos and 26 min for the 200 of the fourth phase.
+# 15 min for the first 100 demos and the 100 more of the fourth phase (all 200 took 26 min when
+# they were made without the link below, so ~13 min is an estimate).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/tiny-libero-butter}"
@@ -39,9 +40,12 @@ phase "-tuned" --set steps=1000 --set save_every=200 --set "init_from=$work/{r}/
 # success in LIBERO grows with samples seen; 160k (3000 + 1000 + 6000 steps x 16) is about what a
 # probe outside the project needed for 3/10 (~168k).
 phase "-long" --set steps=6000 --set save_every=500 --set eval_every=1000 --set "init_from=$work/{r}-tuned/final"
-# Fourth phase, 3000 more steps each on twice the demos: the first 100 again plus 100 new ones (a
-# demo's seed depends on its index, so --seed 0 with 200 per task extends the first 100). By the
-# third phase the reasoning recipes overfit the reasoning of 100 demos (its validation loss rose).
+# Fourth phase, 3000 more steps each on twice the demos: the first 100 again plus 100 new ones. By
+# the third phase the reasoning recipes overfit the reasoning of 100 demos (its validation loss rose).
+# A random-layout demo depends only on the seed and its index, so --seed 0 with 200 per task extends
+# the first 100: their parts are linked in (generation skips finished parts) and only 100 are made.
+mkdir -p "$work/data200/parts"
+cp -aln "$work/data/parts/." "$work/data200/parts/"
 edge-vla data generate --out "$work/data200" \
     --tasks LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket \
     --demos-per-task 200 --image-size 64 --seed 0
