@@ -133,12 +133,7 @@ class LiberoDataset(_TorchDataset):
         self._file_instruction = instructions
         self.has_reasoning = any(a is not None and a.episode(k, e.demo.split("_")[1]) is not None
                                  for e in episodes for a, k in [ann_keys[e.file]])
-        # Episode split: a seeded permutation, the first n_val episodes are validation.
-        order = np.random.default_rng(seed).permutation(len(episodes))
-        n_val = int(round(val_fraction * len(episodes))) if len(episodes) > 1 else 0
-        if val_fraction > 0 and n_val == 0 and len(episodes) > 1:
-            n_val = 1
-        val_ids = set(order[:n_val].tolist())
+        val_ids = val_episode_indices(len(episodes), val_fraction, seed)
         self.all_episodes = episodes
         pick = {"train": lambda i: i not in val_ids, "val": lambda i: i in val_ids, "all": lambda i: True}[split]
         self.episodes = [e for i, e in enumerate(episodes) if pick(i)]
@@ -220,4 +215,24 @@ def open_dataset(path, split: str = "train", val_fraction: float = 0.1, action_c
                          drop_noops=drop_noops, cameras=cameras, seed=seed, annotations=annotations)
 
 
-__all__ = ["open_dataset", "LiberoDataset", "is_noop", "NOOP_THRESHOLD"]
+def val_episode_indices(n_episodes: int, val_fraction: float, seed: int = 0) -> set[int]:
+    """The episode split: a seeded permutation, whose first round(val_fraction * n) episodes (at
+    least one when val_fraction > 0) are validation; a single episode stays all training."""
+    if n_episodes < 2:
+        return set()
+    order = np.random.default_rng(seed).permutation(n_episodes)
+    n_val = int(round(val_fraction * n_episodes))
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    return set(order[:n_val].tolist())
+
+
+def pick_evenly(items, n: int) -> list:
+    """`n` items spread evenly over a sequence, first and last included (all of them when n >= len)."""
+    n = min(int(n), len(items))
+    if n <= 0:
+        return []
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+__all__ = ["open_dataset", "LiberoDataset", "is_noop", "NOOP_THRESHOLD", "pick_evenly", "val_episode_indices"]
