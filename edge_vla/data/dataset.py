@@ -4,8 +4,10 @@
     ds.action_stats, ds.instructions, ds.has_reasoning, ds[0] -> Sample
 
 `cameras=None` takes the cameras the files hold. `path` is a directory made by `generate_dataset` (manifest.json + hdf5 files + reasoning.json),
-any directory of LIBERO hdf5 files (with ECoT JSON files beside them, if any), or one hdf5 file
-(with `annotations=` for its JSON). Splits are by episode, so no validation frame shares an
+any directory of LIBERO hdf5 files (with ECoT JSON files beside them, if any), one hdf5 file
+(with `annotations=` for its JSON), or a LeRobotDataset v3.0/v2.1 directory or cached hub id
+(edge_vla.data.lerobot_read; `key_map=` names its camera/state/action features, and an ECoT JSON
+for it is keyed by the dataset's directory name, or has one file key, and LeRobot episode indices). Splits are by episode, so no validation frame shares an
 episode with a training frame. No-op steps (no motion, gripper unchanged: OpenVLA's test) are
 dropped by default: in LIBERO they teach a policy to stall (../shared/notes/FACTS.md). With
 `action_chunk=K`, `Sample.action` is the next K kept actions of the episode, padded by repeating
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +53,20 @@ class _Episode:
     steps: np.ndarray  # kept step indices (into the demo)
     actions: np.ndarray  # (len(steps), 7) kept actions
     name: str
+    instruction: str = ""  # where episodes of one file differ (LeRobot datasets)
 
 
-def _resolve(path: Path, annotations) -> tuple[list[Path], list[EcotAnnotations], dict]:
+def _resolve(path: Path, annotations, key_map=None) -> tuple[list[Path], list[EcotAnnotations], dict]:
+    from edge_vla.data import lerobot_read
+
+    if lerobot_read.is_lerobot_dir(path) or lerobot_read.looks_like_hub_id(str(path)):
+        src = lerobot_read.LeRobotSource(path, key_map)
+        anns = [annotations if isinstance(annotations, EcotAnnotations) else EcotAnnotations.load(annotations)] \
+            if annotations is not None else []
+        return [src.root], anns, {"root": src.root.parent, "lerobot": src}
+    if key_map:
+        raise EdgeVLAError(f"a key map (--map) names LeRobot features, and {path} is not a LeRobot dataset",
+                           "drop --map for LIBERO hdf5 data")
     if not path.exists():
         raise EdgeVLAError(f"dataset not found: {path}",
                            "pass a directory made by `edge-vla data generate` or a LIBERO *.hdf5 file")
@@ -85,7 +99,7 @@ class LiberoDataset(_TorchDataset):
     """Samples of LIBERO demos; see the module docstring. Build it with `open_dataset`."""
 
     def __init__(self, path, split="train", val_fraction=0.1, action_chunk=1, drop_noops=True,
-                 cameras=("agentview", "wrist"), seed=0, annotations=None):
+                 cameras=("agentview", "wrist"), seed=0, annotations=None, key_map=None):
         if split not in SPLITS:
             raise EdgeVLAError(f"unknown split `{split}`", f"use one of {', '.join(SPLITS)}")
         if not 0.0 <= val_fraction < 1.0:
@@ -95,18 +109,22 @@ class LiberoDataset(_TorchDataset):
         self.path = Path(path)
         self.split = split
         self.action_chunk = int(action_chunk)
-        files, self._annotations, info = _resolve(self.path, annotations)
+        files, self._annotations, info = _resolve(self.path, annotations, key_map)
+        self._lerobot = info.get("lerobot")
         if cameras is None:  # whatever the (first) file holds
-            with LiberoHDF5(files[0]) as h:
+            with self._open(files[0]) as h:
                 cameras = tuple(h.cameras())
         self.cameras = tuple(cameras)
+        if self._lerobot is not None:
+            self._lerobot.require_cameras(self.cameras)
         self.root = info["root"]
         self.files = [str(f) for f in files]
         self._handles: dict = {}
         episodes, instructions, ann_keys = [], [], []
         n_steps_total = 0
+        unannotated: list[tuple[str, str, list[int]]] = []  # (file, demo, steps without a record)
         for fi, f in enumerate(files):
-            with LiberoHDF5(f) as h:
+            with self._open(f) as h:
                 missing = [c for c in self.cameras if c not in h.cameras()]
                 if missing:
                     raise EdgeVLAError(f"{f} has no images for camera(s) {', '.join(missing)}",
@@ -115,24 +133,33 @@ class LiberoDataset(_TorchDataset):
                 rel = self._rel(f)
                 ann = next((a for a in self._annotations if a.file_key(rel) or a.file_key(f)), None)
                 ann_keys.append((ann, rel if ann is not None and ann.file_key(rel) else str(f)))
+                if ann is None and self._lerobot is not None:  # one file key: its episodes are LeRobot's
+                    ann = next((a for a in self._annotations if len(a.data) == 1), None)
+                    if ann is not None:
+                        ann_keys[-1] = (ann, next(iter(ann.data)))
+                instruction_of = getattr(h, "episode_instruction", lambda d: h.instruction)
+                file_eps = []
                 for demo in h.demos:
                     actions = h.actions(demo)
                     n_steps_total += len(actions)
                     if ann is not None:
-                        ann.check_episode(ann_keys[-1][1], demo.split("_")[1], len(actions))
+                        skipped = ann.check_episode(ann_keys[-1][1], demo.split("_")[1], len(actions))
+                        if skipped and ann.episode(ann_keys[-1][1], demo.split("_")[1]) is not None:
+                            unannotated.append((rel, demo, skipped))
                     keep = [t for t in range(len(actions))
                             if not (drop_noops and is_noop(actions[t], actions[t - 1] if t else None))]
-                    if not keep:
-                        continue
-                    keep = np.asarray(keep)
-                    episodes.append(_Episode(fi, demo, keep, actions[keep], f"{Path(f).stem.removesuffix('_demo')}/{demo}"))
+                    file_eps.append((demo, actions, keep))
+                episodes += self._keep_episodes(fi, f, file_eps, instruction_of)
         if not episodes:
             raise EdgeVLAError(f"{self.path} holds no usable steps", "check the files hold demos with actions")
         self._ann_keys = ann_keys
-        self.instructions = sorted(set(instructions))
+        self._check_annotations(episodes, ann_keys, unannotated)
+        self.instructions = sorted(set(instructions) | {e.instruction for e in episodes if e.instruction})
         self._file_instruction = instructions
         self.has_reasoning = any(a is not None and a.episode(k, e.demo.split("_")[1]) is not None
                                  for e in episodes for a, k in [ann_keys[e.file]])
+        if self._lerobot is not None:
+            self.has_reasoning = self.has_reasoning or any(self._lerobot.has_reasoning(e.demo) for e in episodes)
         val_ids = val_episode_indices(len(episodes), val_fraction, seed)
         self.all_episodes = episodes
         pick = {"train": lambda i: i not in val_ids, "val": lambda i: i in val_ids, "all": lambda i: True}[split]
@@ -141,6 +168,55 @@ class LiberoDataset(_TorchDataset):
         self.action_stats = ActionStats.from_actions(np.concatenate([e.actions for e in train_eps]))
         self._index = [(ei, j) for ei, e in enumerate(self.episodes) for j in range(len(e.steps))]
         self.n_steps_recorded = n_steps_total
+        if self._lerobot is not None:
+            from edge_vla.data.lerobot_read import check_stats
+
+            every = ActionStats.from_actions(np.concatenate([self._lerobot.actions(d) for d in self._lerobot.demos]))
+            check_stats(self._lerobot, np.asarray(every.q01), np.asarray(every.q99))
+
+    def _open(self, f):
+        """A reader of one demo file (LIBERO hdf5), or the LeRobot dataset itself."""
+        return self._lerobot if self._lerobot is not None else LiberoHDF5(f)
+
+    @staticmethod
+    def _keep_episodes(fi, f, file_eps, instruction_of) -> list[_Episode]:
+        """Episodes of one file after no-op dropping; a task all of whose steps would go is kept whole
+        (its actions are not LIBERO-style deltas, or it never moves: dropping it would delete the task)."""
+        out, by_task = [], {}
+        for demo, actions, keep in file_eps:
+            by_task.setdefault(instruction_of(demo), []).append((demo, actions, keep))
+        for task, eps in by_task.items():
+            if eps and not any(keep for _, _, keep in eps) and any(len(a) for _, a, _ in eps):
+                warnings.warn(f"{f}: no-op filtering would drop every step of task {task!r}; kept them all",
+                              stacklevel=3)
+                eps = [(d, a, list(range(len(a)))) for d, a, _ in eps]
+            for demo, actions, keep in eps:
+                if not keep:
+                    continue
+                keep = np.asarray(keep)
+                out.append(_Episode(fi, demo, keep, actions[keep], f"{Path(f).stem.removesuffix('_demo')}/{demo}",
+                                    instruction_of(demo)))
+        order = {d: i for i, (d, _, _) in enumerate(file_eps)}
+        return sorted(out, key=lambda e: order[e.demo])
+
+    def _check_annotations(self, episodes, ann_keys, unannotated) -> None:
+        """An ECoT file that names no demo of the dataset is an error; steps without a record, a warning."""
+        for a in self._annotations:
+            if not a.looks_like_ecot():
+                continue
+            if not any(ak is a and a.episode(k, e.demo.split("_")[1]) is not None
+                       for e in episodes for ak, k in [ann_keys[e.file]]):
+                names = sorted({Path(str(k)).name for k in a.data})
+                raise EdgeVLAError(f"{a.source} has no record for any demo of {self.path} (it names "
+                                   f"{len(names)} file(s), e.g. {names[0] if names else '-'}, with demo ids "
+                                   f"{', '.join(sorted(next(iter(a.data.values()), {}))[:3])}...)",
+                                   "pass the ECoT file annotated for these demos: files match by name, episodes by "
+                                   "demo id (LeRobot: episode index)")
+        if unannotated:
+            n = sum(len(s) for _, _, s in unannotated)
+            f, d, s = unannotated[0]
+            warnings.warn(f"ECoT reasoning: {n} step(s) of {len(unannotated)} episode(s) have no record (first: {f} "
+                          f"{d} step {s[0]}); they reuse the latest earlier step's reasoning", stacklevel=3)
 
     def _rel(self, f) -> str:
         try:
@@ -156,6 +232,8 @@ class LiberoDataset(_TorchDataset):
         return len(self._index)
 
     def _handle(self, fi: int) -> LiberoHDF5:
+        if self._lerobot is not None:  # it keeps its decoders per process itself
+            return self._lerobot
         # h5py handles must not cross a fork: one set per process (DataLoader workers).
         key = (os.getpid(), fi)
         if key not in self._handles:
@@ -179,16 +257,20 @@ class LiberoDataset(_TorchDataset):
         ann, key = self._ann_keys[e.file]
         if ann is not None:
             reasoning = ann.reasoning(key, e.demo.split("_")[1], t)
+        if reasoning is None and self._lerobot is not None:
+            reasoning = h.reasoning(e.demo, t)
         state = self._state(h, e.demo, t)
         return Sample(
             images={c: h.image(e.demo, c, t) for c in self.cameras},
-            instruction=self._file_instruction[e.file],
+            instruction=e.instruction or self._file_instruction[e.file],
             state=state, action=np.asarray(action, dtype=np.float32), reasoning=reasoning,
             episode=e.name, step=t, meta={"file": self.files[e.file], "demo": e.demo},
         )
 
     @staticmethod
     def _state(h: LiberoHDF5, demo: str, t: int) -> np.ndarray:
+        if hasattr(h, "state"):  # a LeRobot dataset
+            return np.asarray(h.state(demo, t), dtype=np.float32)
         g = h._demo(demo).get("obs")
         parts = []
         for key, dim in (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2)):
@@ -209,10 +291,24 @@ class LiberoDataset(_TorchDataset):
 
 def open_dataset(path, split: str = "train", val_fraction: float = 0.1, action_chunk: int = 1,
                  drop_noops: bool = True, cameras=("agentview", "wrist"), seed: int = 0,
-                 annotations=None) -> LiberoDataset:
-    """The dataset training reads. See the module docstring for what `path` may be."""
+                 annotations=None, key_map=None) -> LiberoDataset:
+    """The dataset training reads. See the module docstring for what `path` may be. `key_map`
+    (LeRobot only; e.g. {"agentview": "observation.images.front"}) defaults to the one set with
+    `set_default_key_map` (what `edge-vla train --map` does)."""
     return LiberoDataset(path, split=split, val_fraction=val_fraction, action_chunk=action_chunk,
-                         drop_noops=drop_noops, cameras=cameras, seed=seed, annotations=annotations)
+                         drop_noops=drop_noops, cameras=cameras, seed=seed, annotations=annotations,
+                         key_map=key_map if key_map is not None else _DEFAULT_KEY_MAP.get("map"))
+
+
+_DEFAULT_KEY_MAP: dict = {}
+
+
+def set_default_key_map(key_map) -> None:
+    """The LeRobot key map `open_dataset` uses when its caller passes none (the training CLI's --map:
+    training opens its data through code that does not take a map)."""
+    from edge_vla.data.lerobot_read import parse_key_map
+
+    _DEFAULT_KEY_MAP["map"] = parse_key_map(key_map) or None
 
 
 def val_episode_indices(n_episodes: int, val_fraction: float, seed: int = 0) -> set[int]:
@@ -235,4 +331,5 @@ def pick_evenly(items, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-__all__ = ["open_dataset", "LiberoDataset", "is_noop", "NOOP_THRESHOLD", "pick_evenly", "val_episode_indices"]
+__all__ = ["open_dataset", "LiberoDataset", "is_noop", "NOOP_THRESHOLD", "pick_evenly", "val_episode_indices",
+           "set_default_key_map"]
