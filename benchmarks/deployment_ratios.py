@@ -51,7 +51,7 @@ torch.set_num_threads(1)
 from edge_vla.model.vla import VLA
 vla = VLA.from_pretrained(sys.argv[1])
 lm = vla.lm.eval()
-from edge_vla.export.accuracy import synthetic_observations
+from edge_vla.data.observations import synthetic_observations
 obs = synthetic_observations(vla.config, 1)[0]
 pv, ids, st = vla.model_inputs(obs["images"], obs["instruction"], obs["state"])
 with torch.no_grad():
@@ -92,8 +92,8 @@ import json, sys, time, numpy as np, onnxruntime as ort, torch
 torch.set_num_threads(1)
 spec = json.loads(sys.argv[1])
 from edge_vla.model.vla import VLA
-from edge_vla.export.accuracy import synthetic_observations
-from edge_vla.export.roofline import measure_memory_bandwidth
+from edge_vla.data.observations import synthetic_observations
+from edge_vla.deploy.roofline import measure_memory_bandwidth
 vla = VLA.from_pretrained(spec["ckpt"])
 lm = vla.lm.eval()
 obs = synthetic_observations(vla.config, 1)[0]
@@ -209,7 +209,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
 
     from edge_vla.eval.bench import bench_artifacts
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
 
     t0 = time.time()
     ckpt = build_checkpoint(work / "ckpt", args.layers, args.hidden)
@@ -217,7 +217,7 @@ def main():
     for prec in ("fp32", "int8", "int4"):
         out = work / f"bundle-{prec}"
         if not (out / "manifest.json").exists():
-            export_checkpoint(ckpt, out, precision=prec, report=lambda *_: None)
+            export_bundle(ckpt, out, precision=prec, report=lambda *_: None)
         bundles[prec] = out
     print(f"# built checkpoint and bundles in {time.time() - t0:.0f} s")
 

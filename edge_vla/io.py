@@ -67,27 +67,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-PROVENANCE_FILES = frozenset({"train_summary.json", "base_train_summary.json"})
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """sha256 of what a checkpoint or bundle holds, so a stage recorded for the old contents of a
-    path is not reused for new ones (re-shipped checkpoints, a re-export). A bundle hashes its
-    manifest only: the manifest carries every file's sha256, and loading a bundle checks them.
-    A shipped checkpoint's training summaries are provenance, not what it computes: not hashed."""
-    from edge_vla.export.bundle import MANIFEST
-
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    if (p / MANIFEST).is_file():
-        return sha256_file(p / MANIFEST)
-    h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file() and q.name not in PROVENANCE_FILES):
-        h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
-
-
 def read_json(path: str | os.PathLike, fix: str):
     """Parse a JSON file; a malformed one is a one-line EdgeVLAError naming the file and `fix`."""
     import json

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text, content_digest, read_json
+from edge_vla.artifacts import content_digest
+from edge_vla.io import atomic_write_text, read_json
 from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
 
 # The task of the demo: a LIBERO-90 basket task the scripted expert solves reliably. One task:
@@ -209,7 +210,7 @@ def check_pretrained(shipped: Path, cfg: DemoConfig) -> None:
 def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool) -> dict:
     """What the report says about a model: its training summary (a live run keeps it beside
     `final/`, a shipped checkpoint carries it as `train_summary.json`)."""
-    from edge_vla.model.vla import CONFIG_FILE, load_config
+    from edge_vla.artifacts.checkpoint import CONFIG_FILE, load_config
     from edge_vla.train.recipes import get_recipe
 
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
@@ -233,7 +234,7 @@ def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool)
 
 
 def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path, stages: Stage) -> dict[str, Path]:
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
 
     held_out = None
     bundles: dict[str, Path] = {}
@@ -246,18 +247,16 @@ def stage_export(cfg: DemoConfig, root: Path, ckpts: dict[str, Path], data: Path
             if not stages.finished(key):
                 if held_out is None:
                     held_out = _held_out_samples(data, cfg)
-                export_checkpoint(ckpt, out, precision=precision, calibration_data=held_out, parity_samples=held_out[:4])
+                export_bundle(ckpt, out, precision=precision, calibration_data=held_out, parity_samples=held_out[:4])
                 stages.record(key, {"bundle": str(out)})
             bundles[name] = out
     return bundles
 
 
 def _held_out_samples(data: Path, cfg: DemoConfig, n: int = 24) -> list:
-    from edge_vla.data.dataset import open_dataset
+    from edge_vla.data.dataset import open_dataset, pick_evenly
 
-    ds = open_dataset(data, split="val", action_chunk=cfg.action_chunk)
-    step = max(1, len(ds) // n)
-    return [ds[i] for i in range(0, len(ds), step)][:n]
+    return pick_evenly(open_dataset(data, split="val", action_chunk=cfg.action_chunk), n)
 
 
 def stage_bench(cfg: DemoConfig, root: Path, bundles: dict[str, Path], data: Path, stages: Stage) -> list[Path]:

@@ -42,20 +42,23 @@ def test_bench_refuses_missing_artifacts_and_bad_counts(tmp_path):
 
     with pytest.raises(EdgeVLAError, match="no checkpoint or bundle"):
         bench_artifacts([tmp_path / "nope"])
+    with pytest.raises(EdgeVLAError, match="neither an edge-vla checkpoint .* nor a bundle"):
+        bench_artifacts([tmp_path], calls=1)  # refused before any worker process starts
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EdgeVLAError, match="lacks model.safetensors"):
+        bench_artifacts([tmp_path], calls=1)  # a half-written checkpoint says what it lacks
     with pytest.raises(EdgeVLAError, match="calls"):
-        bench_artifacts([tmp_path], calls=0)
-    with pytest.raises(EdgeVLAError, match="failed: .*lacks config.json"):
-        bench_artifacts([tmp_path], calls=1)  # an empty directory is neither: the worker's error comes back
+        bench_artifacts([tmp_path / "nope"], calls=0)  # bad counts first: nothing is looked at
 
 
 def test_bench_compare_head_splits_body_and_head_on_one_bundle(tmp_path, tiny_vla):
     """--compare-head: the same bundle's direct decode with the full LM head and with the restricted
     action head, both timed in one worker; the full head reads the vocabulary-sized lm_head graph."""
     from edge_vla.cli import main
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
 
     ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
-    bundle = export_checkpoint(ckpt, tmp_path / "bundle", precision="fp32", report=lambda *_: None)
+    bundle = export_bundle(ckpt, tmp_path / "bundle", precision="fp32", report=lambda *_: None)
     res = CliRunner().invoke(main, ["bench", str(bundle), str(ckpt), "--calls", "2", "--warmup", "1", "--compare-head",
                                     "--mode", "direct", "-o", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output

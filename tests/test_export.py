@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from _trained_tiny import train_tiny_checkpoint
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.accuracy import sample_to_obs
+from edge_vla.data.observations import sample_to_obs
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +37,15 @@ def int8_bundle(trained, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp32_bundle(trained, tmp_path_factory):
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
 
     ckpt, samples = trained
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("b32") / "bundle", precision="fp32",
-                             parity_samples=samples[:2], report=lambda *_: None)
+    return export_bundle(ckpt, tmp_path_factory.mktemp("b32") / "bundle", precision="fp32",
+                         parity_samples=samples[:2], report=lambda *_: None)
 
 
 def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     b = load_bundle(int8_bundle)
     m = b.manifest
@@ -70,13 +70,13 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
 
 
 def test_int4_export_is_smaller_and_reports_accuracy(trained, int8_bundle, tmp_path):
-    from edge_vla.export import export_checkpoint
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.export import export_bundle
+    from edge_vla.artifacts.bundle import load_bundle
     from edge_vla.runtime.policy import load_policy
 
     ckpt, samples = trained
-    out = export_checkpoint(ckpt, tmp_path / "b4", precision="int4", parity_samples=samples[:1],
-                            calibration_data=samples, report=lambda *_: None)
+    out = export_bundle(ckpt, tmp_path / "b4", precision="int4", parity_samples=samples[:1],
+                        calibration_data=samples, report=lambda *_: None)
     b = load_bundle(out)
     assert b.graphs["decoder"]["precision"] == "int4"
     import onnx
@@ -140,7 +140,7 @@ def test_direct_mode_on_bundle_never_runs_the_full_lm_head(trained, fp32_bundle)
     from edge_vla.runtime.policy import load_policy
 
     ckpt, samples = trained
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     b = load_bundle(fp32_bundle)
     vocab = b.config.lm["vocab_size"]
@@ -199,7 +199,7 @@ def _copy(bundle, tmp_path):
 
 
 def test_tampered_bundles_are_refused_with_the_reason(int8_bundle, tmp_path):
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     b = _copy(int8_bundle, tmp_path)
     data = bytearray((b / "decoder.onnx").read_bytes())
@@ -287,13 +287,13 @@ def test_parity_check_catches_drifting_logits(trained):
 
 @pytest.mark.slow
 def test_export_refuses_a_bundle_that_fails_parity(trained, tmp_path):
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
 
     ckpt, samples = trained
     out = tmp_path / "never"
     with pytest.raises(EdgeVLAError, match="disagree with PyTorch"):
-        export_checkpoint(ckpt, out, precision="fp32", parity_samples=samples[:1], parity_atol=-1.0,
-                          report=lambda *_: None)
+        export_bundle(ckpt, out, precision="fp32", parity_samples=samples[:1], parity_atol=-1.0,
+                      report=lambda *_: None)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
 
@@ -315,7 +315,7 @@ def test_static_int8_calibrates_on_a_dataset_path(trained, tmp_path):
     """--int8-static --data: held-out samples of a LIBERO hdf5 calibrate and measure the bundle."""
     from edge_vla.cli import main
     from edge_vla.data.libero_hdf5 import write_libero_hdf5
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     ckpt, samples = trained
     rng = np.random.default_rng(0)

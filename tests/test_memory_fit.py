@@ -4,9 +4,9 @@ import pytest
 
 from edge_vla.config import preset
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.memory_fit import (GIB, check_fit, estimate_memory, model_shape, sequence_length,
+from edge_vla.deploy.memory_fit import (GIB, check_fit, estimate_memory, model_shape, sequence_length,
                                         weights_breakdown)
-from edge_vla.export.targets import get_target
+from edge_vla.deploy.targets import get_target
 
 
 def test_shape_counts_match_the_real_tiny_model(tiny_vla):
@@ -33,7 +33,7 @@ def test_checkpoint_and_manifest_sources(tmp_path, tiny_vla):
     assert from_dir == model_shape(tiny_vla.config)
     manifest = {"schema_version": 1, "model_config": tiny_vla.config.to_dict()}
     assert model_shape(manifest) == from_dir
-    with pytest.raises(EdgeVLAError, match="cannot read a model config"):
+    with pytest.raises(EdgeVLAError, match="neither an edge-vla checkpoint .* nor a bundle"):
         model_shape(tmp_path)
 
 
@@ -104,7 +104,7 @@ def test_fits_returns_the_estimate_and_rejects_unsupported_precision():
 def test_export_check_refuses_before_exporting_and_skips_unknown_targets(tiny_vla):
     from types import SimpleNamespace
 
-    from edge_vla.export.memory_fit import check_export_fits
+    from edge_vla.deploy.memory_fit import check_export_fits
 
     lines = []
     fit = check_export_fits(tiny_vla, "int8-static", "orin-nano-8", lines.append)

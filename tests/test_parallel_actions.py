@@ -10,7 +10,7 @@ import torch
 
 from conftest import INSTRUCTIONS, make_samples
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.accuracy import sample_to_obs
+from edge_vla.data.observations import sample_to_obs
 from edge_vla.runtime.policy import Policy
 from edge_vla.runtime.torch_backend import TorchBackend
 from edge_vla.tokens.action import ActionStats
@@ -107,13 +107,13 @@ def test_policy_direct_mode_is_one_decoder_pass_and_full_mode_one_after_the_reas
 
 
 def test_bundle_decodes_the_same_chunk_without_torch(trained, tmp_path):
-    from edge_vla.export import export_checkpoint
-    from edge_vla.export.bundle import HIDDEN_ALL, load_bundle
+    from edge_vla.export import export_bundle
+    from edge_vla.artifacts.bundle import HIDDEN_ALL, load_bundle
     from edge_vla.model.vla import VLA
     from edge_vla.runtime.ort_backend import OrtBackend
 
     final, data = trained
-    out = export_checkpoint(final, tmp_path / "b", precision="fp32", parity_samples=data[:2], report=lambda *_: None)
+    out = export_bundle(final, tmp_path / "b", precision="fp32", parity_samples=data[:2], report=lambda *_: None)
     bundle = load_bundle(out)
     assert bundle.manifest["parity"]["parallel_chunk_agreement"] == 1.0
     assert HIDDEN_ALL in bundle.graphs["decoder"]["outputs"] and bundle.graphs["decoder"]["form"] == "onnxruntime-fused"
@@ -136,13 +136,13 @@ def test_bundle_decodes_the_same_chunk_without_torch(trained, tmp_path):
 
 
 def test_parallel_models_are_refused_where_they_cannot_run(trained, tmp_path):
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
     from edge_vla.train.config import TrainConfig
     from edge_vla.train.trainer import build_model
 
     final, _ = trained
     with pytest.raises(EdgeVLAError, match="TensorRT"):
-        export_checkpoint(final, tmp_path / "b", precision="fp32", target="orin-agx-64", report=lambda *_: None)
+        export_bundle(final, tmp_path / "b", precision="fp32", target="orin-agx-64", report=lambda *_: None)
     stats = json.loads((final / "action_stats.json").read_text())
     with pytest.raises(EdgeVLAError, match="cannot change the pretrained"):
         build_model(TrainConfig(init_from=str(final), model={"lm": {"hidden_size": 64}}), [],
@@ -158,7 +158,7 @@ def test_both_decoder_forms_output_every_new_positions_hidden_state(tmp_path, fu
     equal to PyTorch's last hidden states, prefill and a multi-token step after a cache."""
     import onnxruntime as ort
 
-    from edge_vla.export.bundle import HIDDEN_ALL
+    from edge_vla.artifacts.bundle import HIDDEN_ALL
     from edge_vla.export.onnx_export import export_graphs
 
     vla = _vla().eval()

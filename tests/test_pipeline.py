@@ -90,7 +90,7 @@ def test_the_shipped_checkpoints_load_and_match_their_description():
 
 
 def test_content_digest_follows_what_a_checkpoint_or_bundle_holds(tmp_path):
-    from edge_vla.io import content_digest
+    from edge_vla.artifacts import content_digest
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -121,7 +121,7 @@ def test_the_demo_re_exports_a_checkpoint_whose_contents_changed(tmp_path, monke
     from edge_vla import pipeline
 
     exported = []
-    monkeypatch.setattr(edge_vla.export, "export_checkpoint", lambda ckpt, out, **kw: exported.append(kw["precision"]))
+    monkeypatch.setattr(edge_vla.export, "export_bundle", lambda ckpt, out, **kw: exported.append(kw["precision"]))
     monkeypatch.setattr(pipeline, "_held_out_samples", lambda data, cfg: [])
     ckpt = tmp_path / "ecot"
     ckpt.mkdir()

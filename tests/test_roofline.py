@@ -3,10 +3,10 @@
 import pytest
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.memory_fit import model_shape
-from edge_vla.export.roofline import (Calibration, calibrate, measure_memory_bandwidth, phase_costs,
+from edge_vla.deploy.memory_fit import model_shape
+from edge_vla.deploy.roofline import (Calibration, calibrate, measure_memory_bandwidth, phase_costs,
                                       project_latency)
-from edge_vla.export.targets import get_target
+from edge_vla.deploy.targets import get_target
 
 
 def test_qwen_bf16_decode_on_agx_orin_is_bandwidth_bound_at_4_8_ms():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.accuracy import sample_to_obs
+from edge_vla.data.observations import sample_to_obs
 from edge_vla.runtime.policy import BACKENDS, ActionResult, Policy, backend_class, load_policy
 from edge_vla.runtime.torch_backend import TorchBackend
 from edge_vla.tokens.sequence import action_prefix_ids
@@ -98,7 +98,10 @@ def test_load_policy_errors(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(EdgeVLAError, match="is a file"):
         load_policy(tmp_path / "f")
-    with pytest.raises(EdgeVLAError, match="lacks config.json"):
+    with pytest.raises(EdgeVLAError, match="neither an edge-vla checkpoint .* nor a bundle"):
+        load_policy(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EdgeVLAError, match="lacks model.safetensors"):
         load_policy(tmp_path)
 
 

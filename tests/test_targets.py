@@ -3,7 +3,7 @@
 import pytest
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.targets import PRECISIONS, TARGETS, export_precision_for, get_target, target_defaults
+from edge_vla.deploy.targets import PRECISIONS, TARGETS, export_precision_for, get_target, target_defaults
 
 
 def test_registry_has_the_boards_users_deploy_on():
@@ -62,7 +62,7 @@ def test_exporter_default_precision_per_target():
 
 
 def test_vision_precision_default_for_int4_exports():
-    from edge_vla.export.targets import default_vision_precision
+    from edge_vla.deploy.targets import default_vision_precision
 
     assert default_vision_precision("cpu", "int4") == "int8"
     assert default_vision_precision("orin-nano-8", "int4") == "fp16"  # ORT dynamic INT8 does not parse in TensorRT

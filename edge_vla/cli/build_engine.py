@@ -22,9 +22,9 @@ def build_engine(bundle, target, max_free_tokens, workspace_gib, lint_only):
     """
     if lint_only:
         from edge_vla.errors import EdgeVLAError
-        from edge_vla.export.bundle import load_bundle
-        from edge_vla.export.targets import get_target
-        from edge_vla.export.tensorrt_build import lint_bundle
+        from edge_vla.artifacts.bundle import load_bundle
+        from edge_vla.deploy.targets import get_target
+        from edge_vla.tensorrt.build import lint_bundle
 
         b = load_bundle(bundle)
         t = get_target(target or b.manifest.get("target") or "cuda-gpu")
@@ -40,7 +40,7 @@ def build_engine(bundle, target, max_free_tokens, workspace_gib, lint_only):
             raise EdgeVLAError(f"{len(bad)} graph(s) of {bundle} are not TensorRT-ready for {t.name}",
                                "see the findings above")
         return
-    from edge_vla.export.tensorrt_build import build_engines
+    from edge_vla.tensorrt.build import build_engines
 
     records = build_engines(bundle, target, max_free_tokens=max_free_tokens, workspace_gib=workspace_gib,
                             report=click.echo)

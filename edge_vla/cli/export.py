@@ -20,7 +20,7 @@ import click
 @click.option("--vision-precision", default=None,
               type=click.Choice(["fp32", "fp16", "int8", "int8-static", "int4"]),
               help="Precision of the vision graph (default: the decoder's; int8 when the decoder is int4).")
-@click.option("--target", default="cpu", show_default=True, help="Deployment target name (see edge_vla.export.targets).")
+@click.option("--target", default="cpu", show_default=True, help="Deployment target name (see edge_vla.deploy.targets).")
 @click.option("--data", default=None, type=click.Path(path_type=str),
               help="Held-out samples for the accuracy report, calibration and parity.")
 @click.option("--min-agreement", type=float, default=None,
@@ -33,12 +33,12 @@ def export(checkpoint, output, precision, vision_precision, target, data, min_ag
     refuses to write a bundle that fails; a quantized bundle's accuracy against its fp32 source
     is printed and stored in the manifest.
     """
-    from edge_vla.export import export_checkpoint
-    from edge_vla.export.targets import export_precision_for
+    from edge_vla.export import export_bundle
+    from edge_vla.deploy.targets import export_precision_for
 
     if precision is None:
         precision = export_precision_for(target)
         click.echo(f"precision: {precision} (the default for target {target})")
-    export_checkpoint(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
-                      target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
-                      report=click.echo)
+    export_bundle(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
+                  target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
+                  report=click.echo)

@@ -20,9 +20,9 @@ def targets(model, precision, mode, reasoning_tokens, as_json):
     measurements; `edge-vla bench --target NAME` puts them beside what was measured here.
     """
     from edge_vla.errors import EdgeVLAError
-    from edge_vla.export.memory_fit import GIB, estimate_memory, model_shape
-    from edge_vla.export.roofline import project_latency
-    from edge_vla.export.targets import TARGETS, get_target
+    from edge_vla.deploy.memory_fit import GIB, estimate_memory, model_shape
+    from edge_vla.deploy.roofline import project_latency
+    from edge_vla.deploy.targets import TARGETS, get_target
 
     rows = []
     shape = model_shape(model) if model else None

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vla.artifacts import open_artifact
 from edge_vla.errors import EdgeVLAError
 from edge_vla.runtime.policy import MODES
 
@@ -55,13 +56,6 @@ def _decoder_bytes(policy, path: Path) -> int:
             total += emb.numel() * emb.element_size()
         return int(total)
     return 0
-
-
-def _model_bytes(path: Path) -> int:
-    if (path / "manifest.json").is_file():
-        m = json.loads((path / "manifest.json").read_text())
-        return sum((path / f).stat().st_size for f in m.get("files", {}))
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def peak_rss_mb() -> float:
@@ -115,7 +109,7 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
                compare_head: bool = False, data: str | None = None) -> dict:
     import time
 
-    from edge_vla.export.accuracy import synthetic_observations
+    from edge_vla.data.observations import synthetic_observations
     from edge_vla.runtime.policy import load_policy
 
     p = Path(path)
@@ -124,7 +118,7 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
     policy = load_policy(p, backend=backend, mode=mode, threads=1, **opts)
     load_s = time.perf_counter() - t0
     if data:  # real held-out observations: what a full-mode model reasons about is what it would see
-        from edge_vla.export import load_observations
+        from edge_vla.data.observations import load_observations
 
         obs = load_observations(data, policy.processor.config, limit=N_BENCH_OBS)
     else:
@@ -141,7 +135,7 @@ def run_worker(path: str, backend: str, mode: str, calls: int, warmup: int, opts
         agreement = quantized_agreement(be.bundle.manifest, policy.mode)
     out = {"records": records, "backend": be.name, "mode": policy.mode, "load_s": load_s,
            "peak_rss_mb": rss, "load_rss_mb": rss - rss0,
-           "model_bytes": _model_bytes(p), "decoder_bytes": _decoder_bytes(policy, p),
+           "model_bytes": open_artifact(p).size_bytes(), "decoder_bytes": _decoder_bytes(policy, p),
            "precision": prec or opts.get("quantize") or "fp32", "recipe": policy.recipe.get("name"),
            "actions_per_call": cfg.action_chunk, "agreement_vs_fp32": agreement}
     if compare_head:
@@ -237,19 +231,17 @@ def bench_artifacts(paths: list[str | Path], mode: str | None = None, backend: s
     compare_head: also time each bundle's direct-mode decode with the full LM head vs the restricted
     action head (same process, interleaved); summary["head_compare"] holds the split and the ratios.
     data: a dataset whose held-out observations every artefact decodes (default: synthetic ones)."""
-    from edge_vla.export.roofline import measure_memory_bandwidth
+    from edge_vla.deploy.roofline import measure_memory_bandwidth
 
     if not paths:
         raise EdgeVLAError("no artefact given", "pass one or more checkpoint or bundle directories")
-    specs = [split_mode(p, mode) for p in paths]
-    for p, _ in specs:
-        if not p.is_dir():
-            raise EdgeVLAError(f"no checkpoint or bundle at {p}",
-                               "pass directories written by `edge-vla train`/`export` (optionally DIR@direct|full|adaptive)")
-    if data is not None and not Path(data).exists():
-        raise EdgeVLAError(f"no dataset at {data}", "pass a dataset written by `edge-vla data generate`, or leave --data out")
     if calls < 1:
         raise EdgeVLAError(f"--calls must be >= 1, got {calls}")
+    specs = [split_mode(p, mode) for p in paths]
+    for p, _ in specs:
+        open_artifact(p)  # each must be a checkpoint or a bundle: one line if not, before any worker starts
+    if data is not None and not Path(data).exists():
+        raise EdgeVLAError(f"no dataset at {data}", "pass a dataset written by `edge-vla data generate`, or leave --data out")
     bandwidth = measure_memory_bandwidth()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
@@ -289,7 +281,7 @@ def _ratio(a, b):
 
 def _project(row, s, bandwidth, targets) -> dict:
     """Projected actions/s on each target: the target's roofline scaled by the fraction this CPU reached."""
-    from edge_vla.export.roofline import calibrate, project_latency
+    from edge_vla.deploy.roofline import calibrate, project_latency
 
     measured = {"vision_ms": s["components_ms"]["vision"]["median"], "prefill_ms": s["components_ms"]["prefill"]["median"]}
     if s["decode_ms_per_token"]:

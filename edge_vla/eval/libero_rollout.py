@@ -33,7 +33,7 @@ import numpy as np
 from edge_vla.errors import EdgeVLAError
 from edge_vla.eval.chunking import ChunkExecutor
 from edge_vla.eval.results import load_results, summarize, write_results
-from edge_vla.io import content_digest
+from edge_vla.artifacts import content_digest
 
 from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator: see its docstring)
 

@@ -12,19 +12,6 @@ import numpy as np
 from edge_vla.errors import EdgeVLAError
 
 
-def sample_to_obs(sample) -> dict:
-    return {"images": sample.images, "state": sample.state, "instruction": sample.instruction}
-
-
-def synthetic_observations(config, n: int = 4, seed: int = 0) -> list[dict]:
-    """Deterministic observations when no data is given (images of noise; enough for parity)."""
-    rng = np.random.default_rng(seed)
-    s = config.image_size
-    return [{"images": {c: rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for c in config.cameras},
-             "state": rng.normal(size=config.proprio_dim).astype(np.float32),
-             "instruction": "pick up the object and put it in the basket"} for _ in range(n)]
-
-
 def _full_logits(backend, hidden, logits):
     """The full-vocabulary logits: returned by the step, or from the backend's separate LM head."""
     return logits if logits is not None else backend.lm_logits(hidden)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.errors import MissingDependencyError
-from edge_vla.export.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL
 
 MS = "com.microsoft"
 LLAMA_FAMILY = ("qwen2", "llama", "mistral")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL
 
 PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH, ACTION_HEAD_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx", "action_head.onnx"
 LM_HEAD_GRAPH = "lm_head.onnx"

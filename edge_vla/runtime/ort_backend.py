@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.export.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL
 from edge_vla.runtime.policy import bind_bundle
 
 
@@ -69,7 +69,7 @@ class OrtBackend:
 
     @classmethod
     def load(cls, path: str | Path, **opts):
-        from edge_vla.export.bundle import load_bundle
+        from edge_vla.artifacts.bundle import load_bundle
 
         return cls(load_bundle(path), **opts)
 

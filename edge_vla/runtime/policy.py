@@ -170,6 +170,14 @@ class Policy:
     def act(self, obs: dict) -> ActionResult:
         t_start = time.perf_counter()
         pv, state, prompt = self._inputs(obs)
+        return self.act_on_inputs(pv, state, prompt, t_start)
+
+    def act_on_inputs(self, pixel_values: np.ndarray, state: np.ndarray | None, prompt_ids: list[int],
+                      t_start: float | None = None) -> ActionResult:
+        """`act` on inputs the processor already made: pixel_values (1, C, 3, S, S) float32, state
+        (1, proprio_dim) float32 or None, the prompt's token ids. `t_start`: when the call began."""
+        t_start = time.perf_counter() if t_start is None else t_start
+        pv, state, prompt = pixel_values, state, list(prompt_ids)
         t0 = time.perf_counter()
         prefix = self.backend.encode_prefix(pv, state)
         timings: dict[str, Any] = {"vision": _ms(t0)}
@@ -359,10 +367,6 @@ class Policy:
             info.setdefault("warnings", []).append("action outside the action statistics' [min, max] range")
 
 
-def _is_bundle(p: Path) -> bool:
-    return (p / "manifest.json").is_file()
-
-
 def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None, **opts) -> Policy:
     """A Policy from a checkpoint dir (torch backend) or a bundle dir (onnxruntime by default).
 
@@ -370,13 +374,12 @@ def load_policy(path: str | Path, backend: str = "auto", mode: str | None = None
     except the Policy's own: max_free_tokens, min_free_tokens, entropy_threshold, margin_threshold,
     inference_prefix, force_action_prefix, reasoning_prefix.
     """
-    p = Path(path)
-    if not p.exists():
-        raise EdgeVLAError(f"no checkpoint or bundle at {p}", "pass a directory written by `edge-vla train` or `edge-vla export`")
-    if not p.is_dir():
-        raise EdgeVLAError(f"{p} is a file; a checkpoint or bundle is a directory", "pass the directory")
+    from edge_vla.artifacts import open_artifact
+
+    artifact = open_artifact(path)
+    p = artifact.path
     if backend == "auto":
-        backend = "onnxruntime" if _is_bundle(p) else "torch"
+        backend = "onnxruntime" if artifact.is_bundle else "torch"
     policy_keys = ("max_free_tokens", "min_free_tokens", "entropy_threshold", "margin_threshold", "inference_prefix",
                    "force_action_prefix", "reasoning_prefix")
     policy_opts = {k: opts.pop(k) for k in policy_keys if k in opts}

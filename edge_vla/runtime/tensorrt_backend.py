@@ -31,7 +31,61 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 from edge_vla.runtime.policy import bind_bundle
-from edge_vla.export.tensorrt_build import ROLES, check_engine_record, gpu_identity, import_tensorrt
+
+
+ENGINE_DIR = "engines"
+# One engine per graph the backend runs through TensorRT. The action head is not among them: the
+# fused CUDA kernel (edge_vla.kernels) decodes action tokens from its tables.
+ROLES = ("prefix", "embed", "decoder", "lm_head")
+
+
+def import_tensorrt():
+    """The tensorrt module, or one clear line saying why it is not usable here."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except (ImportError, OSError) as e:
+        raise MissingDependencyError(
+            "tensorrt", "building and running TensorRT engines",
+            "run this on the target: JetPack ships TensorRT (python3-libnvinfer); on a CUDA machine "
+            f"pip install tensorrt from NVIDIA's index ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+        ) from None
+    return trt
+
+
+def gpu_identity() -> dict:
+    """{"name", "compute_capability"} of GPU 0, through pycuda (the runtime's CUDA binding) or torch."""
+    try:
+        import pycuda.autoprimaryctx  # noqa: F401  (the primary context torch and the kernels share)
+        import pycuda.driver as cuda
+
+        dev = cuda.Device(0)
+        major, minor = dev.compute_capability()
+        return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    raise MissingDependencyError("pycuda", "identifying the GPU an engine is built for",
+                                 "install pycuda on the target (pip install pycuda, needs the CUDA toolkit)")
+
+
+def check_engine_record(record: dict, tensorrt_version: str, gpu: dict) -> None:
+    """Refuse an engine built by another TensorRT version or for another GPU (plans are not portable)."""
+    built_v, built_gpu = record.get("tensorrt_version"), record.get("gpu", {})
+    where = f"engine {record.get('file', '?')}"
+    if built_v != tensorrt_version:
+        raise EdgeVLAError(f"{where} was built with TensorRT {built_v}, this machine has {tensorrt_version}",
+                           "rebuild it here: edge-vla build-engine BUNDLE")
+    if (built_gpu.get("name"), built_gpu.get("compute_capability")) != (gpu.get("name"), gpu.get("compute_capability")):
+        raise EdgeVLAError(f"{where} was built for {built_gpu.get('name')} (sm {built_gpu.get('compute_capability')}), "
+                           f"this GPU is {gpu.get('name')} (sm {gpu.get('compute_capability')})",
+                           "rebuild it here: edge-vla build-engine BUNDLE")
 
 
 def _import_pycuda():
@@ -170,7 +224,7 @@ class TensorRTBackend:
 
     @classmethod
     def load(cls, path: str | Path, **opts):
-        from edge_vla.export.bundle import load_bundle
+        from edge_vla.artifacts.bundle import load_bundle
 
         return cls(load_bundle(path), **opts)
 

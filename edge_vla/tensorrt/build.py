@@ -7,12 +7,12 @@ Everything that does not need TensorRT (lint, profiles, the manifest record, the
 check at load) is plain Python and tested on CPU.
 
 Per graph (prefix, embed, decoder):
-- lint first (edge_vla.export.trt_lint): refuse before spending minutes in the builder;
+- lint first (edge_vla.tensorrt.lint): refuse before spending minutes in the builder;
 - ONNX Runtime's INT4 ops (MatMulNBits, GatherBlockQuantized) rewritten into TensorRT's INT4
   form (`prepare_for_tensorrt`; the rewritten graph ships in engines/ for refits);
 - network from the ONNX parser (`parse_from_file`, so weights in side files are read in place);
 - optimisation profiles: prefill (prompt length, empty cache) and decode (1..8 new tokens on a
-  cache up to the longest full-mode call), from `trt_lint.default_dim_ranges`;
+  cache up to the longest full-mode call), from `edge_vla.tensorrt.lint.default_dim_ranges`;
 - precision flags: FP16 always on GPU targets (unquantized layers); INT8 for the QDQ graph
   (explicit quantization: TensorRT takes the scales from the graph, no calibrator); INT4
   weight-only from DequantizeLinear(int4, block_size) where the TensorRT version has it (10+);
@@ -33,72 +33,21 @@ import time
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.export.targets import Target, get_target
+from edge_vla.deploy.targets import Target, get_target
+from edge_vla.runtime.tensorrt_backend import ENGINE_DIR, ROLES, gpu_identity, import_tensorrt
+from edge_vla.tensorrt.int4_rewrite import prepare_for_tensorrt
+from edge_vla.tensorrt.lint import default_dim_ranges, lint_onnx, profiles_from_dim_ranges
 
-ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
-# One engine per graph the backend runs through TensorRT. The action head is not among them: the
-# fused CUDA kernel (edge_vla.kernels) decodes action tokens from its tables.
-ROLES = ("prefix", "embed", "decoder", "lm_head")
 # The exporter's precision names -> what the TensorRT builder must enable.
 BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "int8", "int8-static": "int8",
                      "int4": "int4"}
-
-
-def import_tensorrt():
-    """The tensorrt module, or one clear line saying why it is not usable here."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except (ImportError, OSError) as e:
-        raise MissingDependencyError(
-            "tensorrt", "building and running TensorRT engines",
-            "run this on the target: JetPack ships TensorRT (python3-libnvinfer); on a CUDA machine "
-            f"pip install tensorrt from NVIDIA's index ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
-        ) from None
-    return trt
-
-
-def gpu_identity() -> dict:
-    """{"name", "compute_capability"} of GPU 0, through pycuda (the runtime's CUDA binding) or torch."""
-    try:
-        import pycuda.autoprimaryctx  # noqa: F401  (the primary context torch and the kernels share)
-        import pycuda.driver as cuda
-
-        dev = cuda.Device(0)
-        major, minor = dev.compute_capability()
-        return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-    except ImportError:
-        pass
-    raise MissingDependencyError("pycuda", "identifying the GPU an engine is built for",
-                                 "install pycuda on the target (pip install pycuda, needs the CUDA toolkit)")
-
-
-def check_engine_record(record: dict, tensorrt_version: str, gpu: dict) -> None:
-    """Refuse an engine built by another TensorRT version or for another GPU (plans are not portable)."""
-    built_v, built_gpu = record.get("tensorrt_version"), record.get("gpu", {})
-    where = f"engine {record.get('file', '?')}"
-    if built_v != tensorrt_version:
-        raise EdgeVLAError(f"{where} was built with TensorRT {built_v}, this machine has {tensorrt_version}",
-                           "rebuild it here: edge-vla build-engine BUNDLE")
-    if (built_gpu.get("name"), built_gpu.get("compute_capability")) != (gpu.get("name"), gpu.get("compute_capability")):
-        raise EdgeVLAError(f"{where} was built for {built_gpu.get('name')} (sm {built_gpu.get('compute_capability')}), "
-                           f"this GPU is {gpu.get('name')} (sm {gpu.get('compute_capability')})",
-                           "rebuild it here: edge-vla build-engine BUNDLE")
 
 
 def engine_profiles(onnx_path: Path, model_config, max_free_tokens: int = 512) -> list[dict]:
     """TensorRT profiles ({input: (min, opt, max)}) for one bundle graph; identical ones merged."""
     import onnx
 
-    from edge_vla.export.trt_lint import default_dim_ranges, profiles_from_dim_ranges
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     out: list[dict] = []
@@ -114,7 +63,7 @@ def record_engines(bundle_dir: str | Path, engines: dict, records: dict, timing_
 
     `extra_files` ({path relative to the bundle: bytes}) go in too, e.g. graphs rewritten for TensorRT.
     """
-    from edge_vla.export.bundle import MANIFEST, load_bundle, write_bundle
+    from edge_vla.artifacts.bundle import MANIFEST, load_bundle, write_bundle
 
     bundle = load_bundle(bundle_dir)
     src = bundle.path
@@ -191,7 +140,6 @@ def lint_bundle(bundle, target: Target, max_free_tokens: int = 512) -> dict:
     """{role: (LintReport, profiles, prepared ModelProto | None, notes)} for the graphs build-engine parses."""
     import onnx
 
-    from edge_vla.export.trt_lint import lint_onnx
 
     out = {}
     for role in ROLES:
@@ -209,7 +157,7 @@ def build_engines(bundle_dir: str | Path, target: str | Target | None = None, ma
     """Build one engine per bundle graph on this machine and record them in the bundle. Returns the records."""
     import dataclasses
 
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     t = get_target(target or bundle.manifest.get("target") or "cuda-gpu")
@@ -255,105 +203,3 @@ def build_engines(bundle_dir: str | Path, target: str | Target | None = None, ma
     record_engines(bundle.path, engines, records, cache_blob, extra)
     work.cleanup()
     return records
-
-
-# --- ONNX Runtime INT4 -> TensorRT INT4 --------------------------------------------------------
-
-
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _unpack_uint4(packed, count: int):
-    """Two 4-bit values per byte, low nibble first (ONNX Runtime's MatMulNBits layout)."""
-    import numpy as np
-
-    b = np.asarray(packed, dtype=np.uint8)
-    out = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
-    return out[..., :count]
-
-
-def prepare_for_tensorrt(model):
-    """Rewrite ONNX Runtime's INT4 contrib ops into forms TensorRT's parser takes. Returns (model, notes).
-
-    - com.microsoft MatMulNBits (4-bit, symmetric, no g_idx) -> DequantizeLinear(int4 weights,
-      block_size, axis 0) + MatMul: TensorRT 10's weight-only INT4 GEMM path, same numbers;
-    - com.microsoft GatherBlockQuantized (the INT4 embedding) -> a float embedding dequantized
-      here + Gather: TensorRT has no INT4 Gather, so the table costs float16/32 bytes there.
-    The graph's default opset is raised to 21 (INT4 and blocked DequantizeLinear).
-    """
-    import copy
-
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = copy.deepcopy(model)
-    g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    notes, new_nodes, drop = [], [], set()
-    for node in g.node:
-        if node.domain != "com.microsoft" or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
-            new_nodes.append(node)
-            continue
-        a = _attrs(node)
-        label = node.name or node.op_type
-        ins = list(node.input) + [""] * 6
-        if node.op_type == "MatMulNBits":
-            k, n, bits, block = a["K"], a["N"], a.get("bits", 4), a["block_size"]
-            if bits != 4 or ins[3] or ins[4] or ins[1] not in inits or ins[2] not in inits:
-                raise EdgeVLAError(f"{label}: only symmetric 4-bit MatMulNBits with constant weights converts to "
-                                   "TensorRT INT4", "export --fp16 for this target")
-            scales = numpy_helper.to_array(inits[ins[2]])
-            n_blocks = -(-k // block)
-            q = _unpack_uint4(numpy_helper.to_array(inits[ins[1]]).reshape(n, -1), n_blocks * block)[:, :k]
-            signed = q.astype(np.int8) - 8  # no zero_points input: ONNX Runtime's implicit zero point is 8
-            w_name, s_name = f"{label}/int4_weight", f"{label}/int4_scale"
-            g.initializer.append(helper.make_tensor(w_name, TensorProto.INT4, [k, n], signed.T.ravel().tolist()))
-            g.initializer.append(numpy_helper.from_array(scales.reshape(n, n_blocks).T.copy(), s_name))
-            wd = f"{label}/weight"
-            out = node.output[0] if not ins[5] else f"{label}/matmul"
-            new_nodes.append(helper.make_node("DequantizeLinear", [w_name, s_name], [wd], name=f"{label}/dq",
-                                              axis=0, block_size=block))
-            new_nodes.append(helper.make_node("MatMul", [ins[0], wd], [out], name=f"{label}/matmul"))
-            if ins[5]:
-                new_nodes.append(helper.make_node("Add", [out, ins[5]], [node.output[0]], name=f"{label}/bias"))
-            drop.update([ins[1], ins[2]])
-        else:
-            data, idx, sc = ins[0], ins[1], ins[2]
-            if ins[3] or data not in inits or sc not in inits or a.get("quantize_axis", 1) != 1 or a.get("gather_axis", 0) != 0:
-                raise EdgeVLAError(f"{label}: only a symmetric row-blocked GatherBlockQuantized converts",
-                                   "export --fp16 for this target")
-            block = a["block_size"]
-            d = inits[data]
-            if d.data_type == TensorProto.INT4:
-                q = numpy_helper.to_array(d).astype(np.float32)
-            else:  # packed uint8, implicit zero point 8
-                q = _unpack_uint4(numpy_helper.to_array(d), d.dims[-1] * 2).astype(np.float32) - 8
-            scales = numpy_helper.to_array(inits[sc])
-            table = (q * np.repeat(scales.astype(np.float32), block, axis=1)[:, : q.shape[1]]).astype(scales.dtype)
-            t_name = f"{label}/table"
-            g.initializer.append(numpy_helper.from_array(table, t_name))
-            new_nodes.append(helper.make_node("Gather", [t_name, idx], list(node.output), name=f"{label}/gather", axis=0))
-            drop.update([data, sc])
-            notes.append(f"{label}: INT4 embedding dequantized to {table.dtype} (TensorRT has no INT4 Gather)")
-    if not drop:
-        return model, notes
-    del g.node[:]
-    g.node.extend(new_nodes)
-    still_used = {i for nd in g.node for i in nd.input}
-    keep = [i for i in g.initializer if i.name not in drop or i.name in still_used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for op in m.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < 21:
-            op.version = 21
-    if not any(nd.domain == "com.microsoft" for nd in g.node):
-        keep_ops = [op for op in m.opset_import if op.domain != "com.microsoft"]
-        del m.opset_import[:]
-        m.opset_import.extend(keep_ops)
-    m.ir_version = max(m.ir_version, 10)
-    onnx.checker.check_model(m)
-    return m, notes

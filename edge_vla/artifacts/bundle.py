@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vla.config import VLAConfig
-from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_directory, sha256_file
+from edge_vla.io import atomic_directory, read_json, sha256_file
 from edge_vla.tokens.action import ActionStats
 
 MANIFEST = "manifest.json"
@@ -61,7 +60,7 @@ class Bundle:
         return self.path / self.graphs[role]["file"]
 
     def tokenizer(self):
-        from edge_vla.model.processor import TextTokenizer
+        from edge_vla.tokens.text import TextTokenizer
 
         return TextTokenizer.load(self.path / TOKENIZER_DIR)
 

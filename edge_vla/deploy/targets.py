@@ -1,8 +1,8 @@
 """Deployment targets: what a board offers (memory, bandwidth, compute, precisions, TensorRT settings).
 
 One frozen dataclass per target, registered by name in `TARGETS`. The memory-fit check
-(`memory_fit`), the roofline projection (`roofline`), the TensorRT lint (`trt_lint`) and the
-engine builder (`tensorrt_build`) read these numbers; nothing else hard-codes a board.
+(`memory_fit`), the roofline projection (`roofline`), the TensorRT lint (`edge_vla.tensorrt.lint`) and the
+engine builder (`edge_vla.tensorrt.build`) read these numbers; nothing else hard-codes a board.
 
 Sources of the numbers (decimal GB/s and TOPS, as NVIDIA's datasheets give them):
 - Memory bandwidth: Jetson AGX Orin 64GB 204.8 GB/s, Orin NX 16GB 102.4 GB/s, Orin Nano 8GB
@@ -196,7 +196,7 @@ def target_defaults(name: str) -> dict:
         "precision": t.default_precision,
         # In the exporter's vocabulary (edge_vla.export.quantize). For TensorRT: fp16, or int4 (its MatMulNBits
         # graphs are rewritten to TensorRT's INT4 form by build-engine); its int8 is ORT-dynamic and its
-        # int8-static asymmetric, both refused by trt_lint.
+        # int8-static asymmetric, both refused by the TensorRT lint.
         "export_precision": ("int4" if t.default_precision == "int4" else "fp16") if t.uses_tensorrt else "int8",
         "float_dtype": t.float_dtype,
         "runtime": "tensorrt" if t.uses_tensorrt else "onnxruntime",

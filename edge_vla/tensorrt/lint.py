@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.export.targets import Target, get_target
+from edge_vla.deploy.targets import TARGETS, Target, get_target
+from edge_vla.tensorrt.int4_rewrite import prepare_for_tensorrt
 
 UNSUPPORTED_OPS = {
     "Bernoulli", "BitShift", "BlackmanWindow", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det",
@@ -45,7 +46,7 @@ OP_FIXES = {
     "MatMulInteger": _QUANT_FIX, "ConvInteger": _QUANT_FIX, "DynamicQuantizeLinear": _QUANT_FIX,
     "QLinearMatMul": _QUANT_FIX, "QLinearConv": _QUANT_FIX,
     "MatMulNBits": "TensorRT's INT4 path is weight-only DequantizeLinear(int4, block_size) before MatMul: "
-                   "export/build-engine rewrite it so (tensorrt_build.prepare_for_tensorrt); lint the prepared graph",
+                   "export/build-engine rewrite it so (int4_rewrite.prepare_for_tensorrt); lint the prepared graph",
     "GatherBlockQuantized": "TensorRT has no INT4 Gather: prepare_for_tensorrt dequantizes the table to float",
 }
 
@@ -436,7 +437,7 @@ def default_dim_ranges(model, max_free_tokens: int = 512, max_prompt_tokens: int
     decode:  1..MAX_STEP_TOKENS new tokens on a cache up to the longest full-mode sequence.
     opt values are the typical call (memory_fit's default prompt and reasoning lengths).
     """
-    from edge_vla.export.memory_fit import ACTION_PREFIX_TOKENS, model_shape, sequence_length
+    from edge_vla.deploy.memory_fit import ACTION_PREFIX_TOKENS, model_shape, sequence_length
 
     shape = model_shape(model)
     prefill_opt = sequence_length(shape, "direct")["prefill"]
@@ -458,13 +459,10 @@ def lint_for_target(graph_dir, graphs: dict, model_config, target: str, report=p
 
     Returns {role: LintReport.to_dict()} for the manifest; None for targets without TensorRT.
     """
-    from edge_vla.export.targets import TARGETS
-
     if target not in TARGETS or not get_target(target).uses_tensorrt:
         return None
     import onnx
 
-    from edge_vla.export.tensorrt_build import prepare_for_tensorrt
 
     ranges = default_dim_ranges(model_config)
     reports = {}

@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.memory_fit import (PROMPT_TOKENS, REASONING_TOKENS, ModelShape, float_bytes, model_shape,
+from edge_vla.deploy.memory_fit import (PROMPT_TOKENS, REASONING_TOKENS, ModelShape, float_bytes, model_shape,
                                         sequence_length, weights_breakdown)
-from edge_vla.export.targets import Target, get_target
+from edge_vla.deploy.targets import Target, get_target
 
 PHASES = ("vision", "prefill", "decode")
 

@@ -26,10 +26,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_vla.artifacts import open_artifact
 from edge_vla.config import VLAConfig, unknown_name_error
-from edge_vla.io import read_json
+from edge_vla.deploy.targets import PRECISIONS, TARGETS, Target, get_target
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.targets import PRECISIONS, TARGETS, Target, get_target
 
 GIB = 2**30
 MODES = ("direct", "full", "adaptive")
@@ -221,12 +221,8 @@ def model_shape(source) -> ModelShape:
 
         if source in PRESETS:
             return shape_from_config(preset(source))
-    p = Path(source)
-    for name in ("manifest.json", "config.json"):
-        f = p / name
-        if f.is_file():
-            d = read_json(f, "re-export the bundle")
-            return shape_from_config(_config_from_dict(d, str(f)))
+    if Path(source).is_dir():
+        return shape_from_config(open_artifact(source).config())
     raise EdgeVLAError(f"cannot read a model config from {source}",
                        "pass a checkpoint or bundle directory, a preset name, or a VLAConfig")
 

@@ -7,7 +7,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.trt_lint import default_dim_ranges, lint_onnx, profiles_from_dim_ranges
+from edge_vla.tensorrt.lint import default_dim_ranges, lint_onnx, profiles_from_dim_ranges
 
 RNG = np.random.default_rng(0)
 
@@ -233,7 +233,7 @@ def test_exported_tiny_bundle_graphs_are_tensorrt_ready(tmp_path, tiny_vla):
 
 
 def test_export_lint_hook_refuses_for_tensorrt_targets_only(tmp_path, tiny_vla):
-    from edge_vla.export.trt_lint import lint_for_target
+    from edge_vla.tensorrt.lint import lint_for_target
 
     onnx.save(_qdq_linear(zero_point=3), tmp_path / "decoder.onnx")
     onnx.save(_mlp(), tmp_path / "embed.onnx")
@@ -248,18 +248,18 @@ def test_export_lint_hook_refuses_for_tensorrt_targets_only(tmp_path, tiny_vla):
 
 @pytest.mark.slow
 def test_export_for_a_jetson_writes_fp16_and_int4_and_refuses_dynamic_int8(tmp_path, tiny_vla):
-    from edge_vla.export import export_checkpoint
-    from edge_vla.export.bundle import load_bundle
+    from edge_vla.export import export_bundle
+    from edge_vla.artifacts.bundle import load_bundle
 
     ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
     quiet = lambda *_: None  # noqa: E731
-    out = export_checkpoint(ckpt, tmp_path / "fp16", precision="fp16", target="orin-nano-8", report=quiet)
+    out = export_bundle(ckpt, tmp_path / "fp16", precision="fp16", target="orin-nano-8", report=quiet)
     m = load_bundle(out).manifest
     assert m["memory_fit"]["fits"] and all(r["ok"] for r in m["tensorrt_lint"].values())
-    int4 = export_checkpoint(ckpt, tmp_path / "int4", precision="int4", target="orin-nano-8", report=quiet)
+    int4 = export_bundle(ckpt, tmp_path / "int4", precision="int4", target="orin-nano-8", report=quiet)
     assert all(r["ok"] for r in load_bundle(int4).manifest["tensorrt_lint"].values())  # lints the rewritten graphs
     with pytest.raises(EdgeVLAError, match="not TensorRT-ready for orin-nano-8: .*DynamicQuantizeLinear|MatMulInteger"):
-        export_checkpoint(ckpt, tmp_path / "int8", precision="int8", target="orin-nano-8", report=quiet)
+        export_bundle(ckpt, tmp_path / "int8", precision="int8", target="orin-nano-8", report=quiet)
     assert not (tmp_path / "int8").exists()  # nothing written on refusal
 
 

@@ -15,9 +15,9 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.export.bundle import load_bundle, write_bundle
-from edge_vla.export.tensorrt_build import (build_engines, check_engine_record, engine_profiles, import_tensorrt,
-                                            record_engines)
+from edge_vla.artifacts.bundle import load_bundle, write_bundle
+from edge_vla.runtime.tensorrt_backend import check_engine_record, import_tensorrt
+from edge_vla.tensorrt.build import build_engines, engine_profiles, record_engines
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -103,7 +103,7 @@ def test_engine_profiles_for_a_kv_cache_graph(tmp_path, tiny_vla):
     p = helper.make_tensor_value_info("past_key_0", TP.FLOAT, ["batch", 2, "past", 32])
     out = helper.make_tensor_value_info("o", TP.FLOAT, ["batch", 2, "past", 32])
     _graph(tmp_path / "d.onnx", [e, p], [out], [helper.make_node("Relu", ["past_key_0"], ["o"])])
-    from edge_vla.export.memory_fit import model_shape
+    from edge_vla.deploy.memory_fit import model_shape
 
     prefix = model_shape(tiny_vla.config).prefix_tokens
     prefill, decode = engine_profiles(tmp_path / "d.onnx", tiny_vla.config)
@@ -143,11 +143,11 @@ def test_engines_build_and_match_onnxruntime_on_a_gpu(tmp_path, tiny_vla):
     pytest.importorskip("pycuda")
     from conftest import make_samples
 
-    from edge_vla.export import export_checkpoint
+    from edge_vla.export import export_bundle
     from edge_vla.runtime.policy import load_policy
 
     ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
-    bundle = export_checkpoint(ckpt, tmp_path / "bundle", precision="fp16", target="cuda-gpu", report=lambda *_: None)
+    bundle = export_bundle(ckpt, tmp_path / "bundle", precision="fp16", target="cuda-gpu", report=lambda *_: None)
     build_engines(bundle, "cuda-gpu", max_free_tokens=32, report=lambda *_: None)
     ort, trt = load_policy(bundle, backend="onnxruntime"), load_policy(bundle, backend="tensorrt")
     for s in make_samples(4):
@@ -160,8 +160,8 @@ def test_onnxruntime_int4_graph_is_rewritten_to_tensorrt_int4_with_identical_out
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edge_vla.export.tensorrt_build import prepare_for_tensorrt
-    from edge_vla.export.trt_lint import lint_onnx
+    from edge_vla.tensorrt.int4_rewrite import prepare_for_tensorrt
+    from edge_vla.tensorrt.lint import lint_onnx
 
     rng = np.random.default_rng(0)
     v, h, n = 50, 64, 48
