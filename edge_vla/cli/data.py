@@ -82,13 +82,16 @@ def annotate(hdf5_file, out_json, suite, task, image_size, no_progress):
 @click.option("--step", default=None, type=int, help="Recorded step to draw (default: the middle kept step).")
 @click.option("--png", "png", default="inspect.png", show_default=True, type=click.Path(), help="Picture to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path, annotations, episode, step, png, as_json):
+@click.option("--map", "key_map", multiple=True, metavar="NAME=KEY",
+              help="LeRobot data: our camera/state/action name -> the dataset's feature key, repeatable "
+                   "(e.g. --map agentview=observation.images.front).")
+def inspect(path, annotations, episode, step, png, as_json, key_map):
     """Counts, action statistics, and a PNG of one frame with its reasoning drawn on it."""
     from edge_vla.data.dataset import open_dataset
     from edge_vla.data.inspect import draw_sample
     from edge_vla.errors import EdgeVLAError
 
-    ds = open_dataset(path, split="all", annotations=annotations, cameras=None)
+    ds = open_dataset(path, split="all", annotations=annotations, cameras=None, key_map=key_map or None)
     stats = ds.action_stats
     summary = {
         "path": str(path), "files": len(ds.files), "episodes": len(ds.all_episodes),
@@ -123,3 +126,26 @@ def inspect(path, annotations, episode, step, png, as_json):
     if sample.reasoning is not None:
         c.print(f"[dim]{sample.episode} step {sample.step}:[/] {sample.reasoning.to_text()}")
     c.print(f"wrote {png}")
+
+
+@data.command("export-lerobot")
+@click.argument("data_path", metavar="DATA", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Output LeRobotDataset v3.0 directory.")
+@click.option("--fps", default=10, show_default=True, type=int, help="Frame rate recorded in the dataset (LIBERO: 10).")
+@click.option("--crf", default=30, show_default=True, type=int, help="AV1 quality (lower: larger files, closer frames).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--annotations", default=None, type=click.Path(), help="ECoT JSON for a single hdf5 file.")
+def export_lerobot_cmd(data_path, out_dir, fps, crf, overwrite, annotations):
+    """Write demos (both cameras, state, actions, reasoning) as a LeRobotDataset v3.0 for lerobot/openpi."""
+    from edge_vla.data.lerobot_write import export_lerobot
+
+    if annotations:
+        from edge_vla.errors import EdgeVLAError
+
+        raise EdgeVLAError("--annotations is for a single hdf5 file; export reads a dataset directory",
+                           "put the ECoT JSON beside the hdf5 files (or in the manifest) and pass the directory")
+    out = export_lerobot(data_path, out_dir, fps=fps, crf=crf, overwrite=overwrite)
+    info = json.loads((out / "meta" / "info.json").read_text())
+    click.echo(f"{out}: LeRobotDataset {info['codebase_version']}, {info['total_episodes']} episodes, "
+               f"{info['total_frames']} frames, {info['total_tasks']} tasks, reasoning: "
+               f"{'yes' if 'reasoning' in info['features'] else 'no'}")

@@ -19,7 +19,9 @@ RECIPE_HELP = "vla | ecot | ecot-lite-dropout | ecot-lite-pretrain | scaffold | 
                    "model.lm.num_hidden_layers=2, lora_rank=16, freeze_vision=true.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved state (exactly).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl).")
-def train(recipe, preset, data, out, config_file, overrides, resume, no_progress):
+@click.option("--map", "key_map", multiple=True, metavar="NAME=KEY",
+              help="LeRobot --data: camera/state/action name -> feature key, repeatable (docs/lerobot.md).")
+def train(recipe, preset, data, out, config_file, overrides, resume, no_progress, key_map=()):
     """Train a VLA with one of the ECoT-Lite recipes; writes OUT/final (a checkpoint).
 
     Multi-GPU / multi-node: `accelerate launch -m edge_vla.cli train ...` (DDP or FSDP per your
@@ -27,6 +29,11 @@ def train(recipe, preset, data, out, config_file, overrides, resume, no_progress
     """
     from edge_vla.train.config import load_train_config
     from edge_vla.train.trainer import train as run
+
+    if key_map:  # training opens --data itself; the map reaches it as open_dataset's default
+        from edge_vla.data.dataset import set_default_key_map
+
+        set_default_key_map(key_map)
 
     cli = [f"{k}={v}" for k, v in (("recipe", recipe), ("preset", preset)) if v is not None]
     cfg = load_train_config(config_file, cli + list(overrides))

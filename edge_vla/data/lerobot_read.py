@@ -154,6 +154,7 @@ class LeRobotSource:
         self.reasoning_key = self._key("reasoning", required=False)
         self.instruction = ""
         self._frames: OrderedDict = OrderedDict()  # (episode, camera) -> decoded frames (whole-episode cache)
+        self._budget = self._cache_budget()
         self._frame_bytes = 0
         self._containers: dict = {}
         self._rowgroups: OrderedDict = OrderedDict()
@@ -266,7 +267,8 @@ class LeRobotSource:
                     raise EdgeVLAError(f"{self.root}: data file {path.relative_to(self.root)} is missing",
                                        "re-download the dataset (meta/ names files that data/ lacks)")
                 names = pq.read_schema(path).names
-                cols = [c for c in ("episode_index", "frame_index", "timestamp", "task_index", *wanted) if c in names]
+                cols = [c for c in dict.fromkeys(("episode_index", "frame_index", "timestamp", "task_index", *wanted))
+                        if c in names]
                 table = pq.read_table(path, columns=cols)
                 file_ids[path] = len(self.data_files)
                 self.data_files.append(path)
@@ -373,7 +375,7 @@ class LeRobotSource:
             frames = self._decoder(path).segment(start + e.timestamps, self.fps)
             self._frames[(e.index, key)] = frames
             self._frame_bytes += frames.nbytes
-            while self._frame_bytes > self._cache_budget() and len(self._frames) > 1:
+            while self._frame_bytes > self._budget and len(self._frames) > 1:
                 _, old = self._frames.popitem(last=False)
                 self._frame_bytes -= old.nbytes
             return frames[t]
@@ -388,7 +390,7 @@ class LeRobotSource:
         h, w, ch = (list(self.features[key].get("shape", [0, 0, 3])) + [3])[:3]
         n_frames = sum(len(e.rows) for e in self.episodes.values())
         n_video = len([k for k in self.image_keys() if self.features[k]["dtype"] == "video"])
-        return n_frames * h * w * ch * max(n_video, 1) <= self._cache_budget()
+        return n_frames * h * w * ch * max(n_video, 1) <= self._budget
 
     def _decoder(self, path: Path) -> "VideoDecoder":
         key = (os.getpid(), str(path))  # decoders must not cross a fork (DataLoader workers)
