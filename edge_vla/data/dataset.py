@@ -115,8 +115,8 @@ class LiberoDataset(_TorchDataset):
             with self._open(files[0]) as h:
                 cameras = tuple(h.cameras())
         self.cameras = tuple(cameras)
-        if self._lerobot is not None:
-            self._lerobot.require_cameras(self.cameras)
+        if self._lerobot is not None:  # no camera found at all is a missing agentview
+            self._lerobot.require_cameras(self.cameras or ("agentview",))
         self.root = info["root"]
         self.files = [str(f) for f in files]
         self._handles: dict = {}
