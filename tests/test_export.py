@@ -332,3 +332,29 @@ def test_static_int8_calibrates_on_a_dataset_path(trained, tmp_path):
 
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(b.graph_path("decoder"))).graph.node}
     assert b.manifest["accuracy"]["n_observations"] >= 1
+
+
+def test_bundle_action_head_stops_at_bins_and_the_kernel_tables_decode_as_the_tokenizer(fp32_bundle):
+    """The bundle's restricted head computes bins (and logits) only; the fused CUDA kernel's tables,
+    built by the TensorRT backend, reproduce those bins and ActionTokenizer's de-normalisation."""
+    import onnxruntime as ort
+
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.kernels.reference import decode_actions_numpy
+    from edge_vla.runtime.tensorrt_backend import action_head_tables
+    from edge_vla.tokens.action import ActionTokenizer
+
+    bundle = load_bundle(fp32_bundle)
+    sess = ort.InferenceSession(str(bundle.graph_path("action_head")), providers=["CPUExecutionProvider"])
+    assert "actions" not in [o.name for o in sess.get_outputs()]
+    t = action_head_tables(bundle)
+    rng = np.random.default_rng(3)
+    tok = bundle.tokenizer()
+    dim = bundle.action_stats.dim
+    hidden = rng.standard_normal((2 * dim, t["weight"].shape[1])).astype(np.float32) * 3
+    dims = np.arange(2 * dim, dtype=np.int64) % dim
+    bins, acts = decode_actions_numpy(hidden, t["weight"], dims, t["values"], t["low"], t["high"], t["bias"])
+    (g_bins,) = sess.run(["bins"], {"hidden": hidden, "dim": dims})
+    assert (bins == g_bins).all()
+    want = ActionTokenizer(bundle.action_stats, tok.first_action_id, tok.n_bins).decode(g_bins + tok.first_action_id)
+    np.testing.assert_allclose(acts, np.asarray(want).reshape(-1), rtol=1e-6, atol=1e-6)

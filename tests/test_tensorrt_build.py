@@ -195,24 +195,3 @@ def test_onnxruntime_int4_graph_is_rewritten_to_tensorrt_int4_with_identical_out
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     same, none = prepare_for_tensorrt(float_model)
     assert same is float_model and none == []  # nothing to rewrite: the graph is returned as is
-
-
-def test_fused_kernel_tables_read_from_the_action_head_graph_reproduce_it(tmp_path):
-    """The TensorRT backend feeds the CUDA kernel from the bundle's action-head graph: same bins as that graph."""
-    import onnxruntime as ort
-
-    from edge_vla.kernels.onnx_graph import build_action_head_graph
-    from edge_vla.kernels.reference import decode_actions_numpy
-    from edge_vla.runtime.tensorrt_backend import action_head_tables
-
-    rng = np.random.default_rng(1)
-    w, b = rng.standard_normal((256, 32)).astype(np.float32), rng.standard_normal(256).astype(np.float32)
-    values = np.sort(rng.uniform(-1, 1, (256, 7)), axis=0).astype(np.float32)
-    low, high = values.min(0), values.max(0)
-    onnx.save(build_action_head_graph(w, values, low, high, b), tmp_path / "action_head.onnx")
-    t = action_head_tables(tmp_path / "action_head.onnx")
-    hidden, dims = rng.standard_normal((7, 32)).astype(np.float32), np.arange(7, dtype=np.int64)
-    bins, acts = decode_actions_numpy(hidden, t["weight"], dims, t["values"], t["low"], t["high"], t["bias"])
-    ref = ort.InferenceSession(str(tmp_path / "action_head.onnx"), providers=["CPUExecutionProvider"])
-    g_bins, g_acts = ref.run(None, {"hidden": hidden, "dim": dims})
-    assert (bins == g_bins).all() and np.allclose(acts, g_acts)

@@ -12,9 +12,27 @@ grippers here are commanded open (-1) or closed (+1), and a mean of the two is n
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from edge_vla.data.sample import ACTION_DIM
 from edge_vla.errors import EdgeVLAError
+
+
+def query_chunk(policy, obs, consumer: str, fix: str | None = None):
+    """One policy call: (its ActionResult, the action chunk (K, ACTION_DIM) float32, latency in ms).
+
+    `consumer` names what takes the actions (LIBERO, the robot) in the error for a wrong shape."""
+    t0 = time.perf_counter()
+    res = policy.act(obs)
+    latency_ms = round((time.perf_counter() - t0) * 1e3, 3)
+    a = np.asarray(res.action, dtype=np.float32)
+    a = a[None] if a.ndim == 1 else a
+    if a.ndim != 2 or a.shape[1] != ACTION_DIM:
+        raise EdgeVLAError(f"policy returned actions of shape {np.shape(res.action)}, {consumer} takes "
+                           f"({ACTION_DIM},) or (K, {ACTION_DIM})", fix)
+    return res, a, latency_ms
 
 
 class ChunkExecutor:
@@ -61,4 +79,4 @@ class ChunkExecutor:
         return action.astype(np.float32)
 
 
-__all__ = ["ChunkExecutor"]
+__all__ = ["ChunkExecutor", "query_chunk"]

@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.eval.chunking import ChunkExecutor
+from edge_vla.eval.chunking import ChunkExecutor, query_chunk
 from edge_vla.sim.env import preload_triton
 from edge_vla.eval.results import load_results, summarize, write_results
 
 preload_triton()  # before any simulator: see its docstring
 
-ACTION_DIM = 7
 SUCCESS_MODES = ("ask", "yes", "no", "auto")
 
 
@@ -152,14 +151,8 @@ def run_episode(robot, policy, max_steps: int, chunks: ChunkExecutor | None = No
     try:
         while steps < max_steps:
             if chunks.needs_query():
-                t0 = time.perf_counter()
-                res = policy.act(obs)
-                latency.append(round((time.perf_counter() - t0) * 1e3, 3))
-                a = np.asarray(res.action, dtype=np.float32)
-                a = a[None] if a.ndim == 1 else a
-                if a.ndim != 2 or a.shape[1] != ACTION_DIM:
-                    raise EdgeVLAError(f"policy returned actions of shape {np.shape(res.action)}, the robot takes "
-                                       f"({ACTION_DIM},) or (K, {ACTION_DIM})")
+                res, a, ms = query_chunk(policy, obs, "the robot")
+                latency.append(ms)
                 if res.info.get("error"):  # the server sent a hold action (NaN, timeout...): execute only that
                     holds += 1
                     chunks.reset()

@@ -18,12 +18,10 @@ processor), N trials per task.
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.eval.chunking import ChunkExecutor
+from edge_vla.data.sample import ACTION_DIM
+from edge_vla.eval.chunking import ChunkExecutor, query_chunk
 from edge_vla.eval.results import load_results, summarize, write_results
 from edge_vla.artifacts import content_digest
 
@@ -40,7 +39,6 @@ from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator
 preload_triton()
 
 EXPERT = "expert"
-ACTION_DIM = 7
 REASONING_SAMPLES = 3  # reasoning texts kept per episode in the results file
 
 
@@ -236,15 +234,8 @@ def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, vi
     t_episode = time.perf_counter()
     while True:
         if chunks.needs_query():
-            t0 = time.perf_counter()
-            res = policy.act(obs)
-            latency.append(round((time.perf_counter() - t0) * 1e3, 3))
-            a = np.asarray(res.action, dtype=np.float32)
-            if a.ndim == 1:
-                a = a[None]
-            if a.ndim != 2 or a.shape[1] != ACTION_DIM:
-                raise EdgeVLAError(f"policy returned actions of shape {np.shape(res.action)}, LIBERO takes "
-                                   f"({ACTION_DIM},) or (K, {ACTION_DIM})", "evaluate a policy trained on LIBERO data")
+            res, a, ms = query_chunk(policy, obs, "LIBERO", "evaluate a policy trained on LIBERO data")
+            latency.append(ms)
             chunks.add(a)
             tok = res.tokens or {}
             generated += int(tok.get("reasoning", 0)) + int(tok.get("action", 0))

@@ -228,19 +228,20 @@ def split_decoder(vla, full, out_dir: Path) -> dict:
 
 
 def export_action_head(vla, path: Path) -> dict:
-    """The fused restricted action decode of edge_vla.kernels (hidden (N, H), dim (N,) -> bins, env-unit
-    actions) built from the action-token rows of the LM head: 256 rows instead of the whole vocabulary."""
+    """The restricted action head of edge_vla.kernels (hidden (N, H), dim (N,) -> bins, and the action
+    logits) built from the action-token rows of the LM head: 256 rows instead of the whole vocabulary.
+    It stops at the bins: the Policy de-normalises them with the checkpoint's ActionTokenizer, the
+    same for every backend and mode."""
     import onnx
 
     from edge_vla.kernels.onnx_graph import build_action_head_graph
-    from edge_vla.kernels.reference import action_head_rows, action_value_table
+    from edge_vla.kernels.reference import action_head_rows
 
     tok = vla.processor.tokenizer
     head = vla.lm.get_output_embeddings()
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
     weight, bias = action_head_rows(head.weight.detach().float().numpy(), tok.first_action_id, tok.n_bins, bias)
-    values, low, high = action_value_table(vla.action_tokenizer)
-    model = build_action_head_graph(weight, values, low, high, bias)
+    model = build_action_head_graph(weight, None, None, None, bias, actions_name=None)
     # Expose the 256 action logits too (adaptive mode's entropy/margin, the parity check): the graph
     # computes them anyway, so the restricted head serves every mode.
     logits = "action_head/logits_b" if bias is not None else "action_head/logits"
@@ -249,4 +250,4 @@ def export_action_head(vla, path: Path) -> dict:
                                                                  ["rows", tok.n_bins]))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", "actions", ACTION_LOGITS]}
+    return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", ACTION_LOGITS]}

@@ -37,35 +37,46 @@ def _onnx():
     return onnx
 
 
-def _head_nodes(onnx, weight, values, low, high, bias, hidden: str, dim: str, bins: str, actions: str, prefix: str):
-    """Nodes and initializers of the op, names prefixed so they merge into any graph."""
+def _head_nodes(onnx, weight, values, low, high, bias, hidden: str, dim: str, bins: str, actions: str | None,
+                prefix: str):
+    """Nodes and initializers of the op, names prefixed so they merge into any graph.
+
+    `actions=None` builds the restricted head alone (bins; no value table): what a bundle runs,
+    since the Policy de-normalises every backend's bins with the one ActionTokenizer."""
     from onnx import helper, numpy_helper
 
     w = np.asarray(weight, dtype=np.float32)
-    values = np.asarray(values, dtype=np.float32)
-    low, high = np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32)
-    check_shapes((1, w.shape[1]), w.shape, (1,), values.shape, low.shape, high.shape,
-                 None if bias is None else np.shape(bias))
-    if np.any(low > high):
-        raise EdgeVLAError("a clip bound has low > high", "pass low <= high per action dimension")
+    if actions is not None:
+        values = np.asarray(values, dtype=np.float32)
+        low, high = np.asarray(low, dtype=np.float32), np.asarray(high, dtype=np.float32)
+        check_shapes((1, w.shape[1]), w.shape, (1,), values.shape, low.shape, high.shape,
+                     None if bias is None else np.shape(bias))
+        if np.any(low > high):
+            raise EdgeVLAError("a clip bound has low > high", "pass low <= high per action dimension")
+    elif w.ndim != 2 or (bias is not None and np.shape(bias) != (w.shape[0],)):
+        raise EdgeVLAError(f"action-head weight {w.shape} / bias {np.shape(bias) if bias is not None else None} "
+                           "do not fit (n_bins, H) / (n_bins,)", "pass the action-token rows of the LM head")
     n = lambda s: f"{prefix}{s}"  # noqa: E731
-    inits = [
-        # Stored transposed (H, n_bins) so MatMul needs no Transpose and works for any batch rank.
-        numpy_helper.from_array(np.ascontiguousarray(w.T), n("weight_t")),
-        numpy_helper.from_array(values.reshape(-1), n("values_flat")),
-        numpy_helper.from_array(np.array(values.shape[1], dtype=np.int64), n("action_dim")),
-        numpy_helper.from_array(low, n("low")),
-        numpy_helper.from_array(high, n("high")),
-    ]
+    # Stored transposed (H, n_bins) so MatMul needs no Transpose and works for any batch rank.
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), n("weight_t"))]
     logits = n("logits")
     nodes = [helper.make_node("MatMul", [hidden, n("weight_t")], [logits], name=n("matmul"))]
     if bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), n("bias")))
         nodes.append(helper.make_node("Add", [logits, n("bias")], [n("logits_b")], name=n("add_bias")))
         logits = n("logits_b")
+    # select_last_index=0: ties go to the lowest bin, as in every other implementation.
+    nodes.append(helper.make_node("ArgMax", [logits], [bins], name=n("argmax"), axis=-1, keepdims=0,
+                                  select_last_index=0))
+    if actions is None:
+        return nodes, inits
+    inits += [
+        numpy_helper.from_array(values.reshape(-1), n("values_flat")),
+        numpy_helper.from_array(np.array(values.shape[1], dtype=np.int64), n("action_dim")),
+        numpy_helper.from_array(low, n("low")),
+        numpy_helper.from_array(high, n("high")),
+    ]
     nodes += [
-        # select_last_index=0: ties go to the lowest bin, as in every other implementation.
-        helper.make_node("ArgMax", [logits], [bins], name=n("argmax"), axis=-1, keepdims=0, select_last_index=0),
         helper.make_node("Mul", [bins, n("action_dim")], [n("row_base")], name=n("mul")),
         helper.make_node("Add", [n("row_base"), dim], [n("flat_index")], name=n("add_index")),
         helper.make_node("Gather", [n("values_flat"), n("flat_index")], [n("value")], name=n("gather_value"), axis=0),
@@ -80,9 +91,11 @@ def _head_nodes(onnx, weight, values, low, high, bias, hidden: str, dim: str, bi
 
 def build_action_head_graph(weight, values, low, high, bias=None, opset: int = DEFAULT_OPSET, batched: bool = False,
                             hidden_name: str = "hidden", dim_name: str = "dim", bins_name: str = "bins",
-                            actions_name: str = "actions"):
+                            actions_name: str | None = "actions"):
     """Standalone graph: inputs `hidden` (N, H) float32 and `dim` (N,) int64 (or (B, T, H) and (B, T)
-    with batched=True); outputs `bins` int64 and `actions` float32 of the leading shape. N is dynamic."""
+    with batched=True); outputs `bins` int64 and `actions` float32 of the leading shape. N is dynamic.
+    `actions_name=None`: bins only (values, low, high unused; `dim` is still an input, so a bundle's
+    graph keeps one interface whether or not it de-normalises)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -96,8 +109,8 @@ def build_action_head_graph(weight, values, low, high, bias=None, opset: int = D
         nodes, "action_head",
         inputs=[helper.make_tensor_value_info(hidden_name, TensorProto.FLOAT, [*lead, h]),
                 helper.make_tensor_value_info(dim_name, TensorProto.INT64, lead)],
-        outputs=[helper.make_tensor_value_info(bins_name, TensorProto.INT64, lead),
-                 helper.make_tensor_value_info(actions_name, TensorProto.FLOAT, lead)],
+        outputs=[helper.make_tensor_value_info(bins_name, TensorProto.INT64, lead)]
+        + ([helper.make_tensor_value_info(actions_name, TensorProto.FLOAT, lead)] if actions_name else []),
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)

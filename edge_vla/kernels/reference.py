@@ -37,13 +37,11 @@ def action_value_table(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     project) to float32 rounding: values are the bin centres in env units with the gripper snapped
     the way `from_bins` snaps it, and the clip bounds are the range the bins cover.
     """
-    values = np.array(tokenizer.centers_env(), dtype=np.float64)
+    values = tokenizer.snap_gripper(np.array(tokenizer.centers_env(), dtype=np.float64))
     low = np.asarray(tokenizer.low, dtype=np.float64).copy()
     high = np.asarray(tokenizer.high, dtype=np.float64).copy()
     g = tokenizer.stats.gripper_dim
     if tokenizer.binarize_gripper and g is not None:
-        mid = 0.5 * (tokenizer.low[g] + tokenizer.high[g])
-        values[:, g] = np.where(values[:, g] >= mid, tokenizer.high[g], tokenizer.low[g])
         g = g % values.shape[1]
         low[g] = min(low[g], values[:, g].min())
         high[g] = max(high[g], values[:, g].max())

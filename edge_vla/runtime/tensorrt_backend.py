@@ -98,16 +98,22 @@ def _import_pycuda():
     return cuda
 
 
-def action_head_tables(path) -> dict:
-    """weight (n_bins, H), values (n_bins, D), low, high (D,), bias | None: the fused kernel's inputs,
-    read from the bundle's action-head graph (edge_vla.kernels.onnx_graph names them)."""
+def action_head_tables(bundle) -> dict:
+    """weight (n_bins, H), bias | None: the action-token rows of the LM head, read from the bundle's
+    action-head graph; values (n_bins, D), low, high (D,): the bins' env-unit table from the bundle's
+    action statistics (the ActionTokenizer's de-normalisation). The fused CUDA kernel's inputs."""
     import onnx
     from onnx import numpy_helper
 
-    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    d = int(inits["action_head/action_dim"])
-    return {"weight": inits["action_head/weight_t"].T, "values": inits["action_head/values_flat"].reshape(-1, d),
-            "low": inits["action_head/low"], "high": inits["action_head/high"], "bias": inits.get("action_head/bias")}
+    from edge_vla.kernels.reference import action_value_table
+    from edge_vla.tokens.action import ActionTokenizer
+
+    graph = onnx.load(str(bundle.graph_path("action_head"))).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    tok = bundle.tokenizer()
+    values, low, high = action_value_table(ActionTokenizer(bundle.action_stats, tok.first_action_id, tok.n_bins))
+    return {"weight": inits["action_head/weight_t"].T, "bias": inits.get("action_head/bias"),
+            "values": values, "low": low, "high": high}
 
 
 @dataclass
@@ -321,7 +327,7 @@ class TensorRTBackend:
             return None
         if not torch.cuda.is_available():
             return None
-        tables = action_head_tables(bundle.graph_path("action_head"))
+        tables = action_head_tables(bundle)
         return {k: None if v is None else torch.as_tensor(np.ascontiguousarray(v), device="cuda")
                 for k, v in tables.items()}
 

@@ -164,11 +164,15 @@ class ActionTokenizer:
         b = np.asarray(bins, dtype=np.int64)
         if b.size and (b.min() < 0 or b.max() >= self.n_bins):
             raise EdgeVLAError(f"action bin out of range [0, {self.n_bins})", "decode only action tokens")
-        a = self.unnormalize(self.bin_centers[b])
+        return self.snap_gripper(self.unnormalize(self.bin_centers[b]))
+
+    def snap_gripper(self, actions: np.ndarray) -> np.ndarray:
+        """The gripper dimension of env-unit actions set to its low or high end (in place), where the
+        tokenizer binarizes it: a half-open gripper is not a command the data has."""
         if self.binarize_gripper and self.stats.gripper_dim is not None:
             g = self.stats.gripper_dim
-            a[..., g] = np.where(a[..., g] >= 0.5 * (self.low[g] + self.high[g]), self.high[g], self.low[g])
-        return a
+            actions[..., g] = np.where(actions[..., g] >= 0.5 * (self.low[g] + self.high[g]), self.high[g], self.low[g])
+        return actions
 
     def encode(self, actions: np.ndarray) -> np.ndarray:
         """Actions (..., D) or chunks (K, D) -> flat token ids (K * D,) or (..., D)."""
