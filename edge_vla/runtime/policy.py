@@ -170,14 +170,6 @@ class Policy:
     def act(self, obs: dict) -> ActionResult:
         t_start = time.perf_counter()
         pv, state, prompt = self._inputs(obs)
-        return self.act_on_inputs(pv, state, prompt, t_start)
-
-    def act_on_inputs(self, pixel_values: np.ndarray, state: np.ndarray | None, prompt_ids: list[int],
-                      t_start: float | None = None) -> ActionResult:
-        """`act` on inputs the processor already made: pixel_values (1, C, 3, S, S) float32, state
-        (1, proprio_dim) float32 or None, the prompt's token ids. `t_start`: when the call began."""
-        t_start = time.perf_counter() if t_start is None else t_start
-        pv, state, prompt = pixel_values, state, list(prompt_ids)
         t0 = time.perf_counter()
         prefix = self.backend.encode_prefix(pv, state)
         timings: dict[str, Any] = {"vision": _ms(t0)}

@@ -1,8 +1,11 @@
 """PyTorch backend: runs an edge-vla checkpoint (VLA.from_pretrained) with a KV cache.
 
+It wraps the VLA it is given, weights shared, so training validation and the distillation
+teacher decode the model being trained through the same `Policy` as deployment.
+
 `quantize="int8"|"nf4"` swaps the LM's linear layers for bitsandbytes Linear8bitLt / Linear4bit
 (they run on CPU in bitsandbytes 0.50) to evaluate quantized accuracy with PyTorch; it is an
-accuracy tool, not a speed path on CPU (../shared/notes/FACTS.md).
+accuracy tool, not the speed path on CPU: the exported ONNX Runtime bundle is.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ TORCH_QUANT = ("int8", "nf4")
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, vla, threads: int | None = None):
+    def __init__(self, vla, threads: int | None = None, recipe: dict | None = None):
+        """`vla` is used as it is (no copy) and put in eval mode. `recipe`: the recipe.json-style
+        settings the Policy decodes with (default: the model's own recipe_info)."""
         if threads:
             torch.set_num_threads(int(threads))
         self.vla = vla.eval()
@@ -28,7 +33,7 @@ class TorchBackend:
         if vla.action_stats is None:
             raise EdgeVLAError("this checkpoint has no action statistics", "train it on a dataset (stats are saved with it)")
         self.action_stats = vla.action_stats
-        self.recipe = dict(vla.recipe_info or {})
+        self.recipe = dict(vla.recipe_info or {} if recipe is None else recipe)
         self.n_action_tokens = vla.config.n_action_tokens
         self.parallel_actions = bool(vla.config.parallel_actions)
         tok = vla.processor.tokenizer
