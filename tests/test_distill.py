@@ -1,4 +1,5 @@
-"""Distillation lowers the student-teacher KL, in both modes; students start from the teacher."""
+"""Distillation lowers the student-teacher KL, in both modes; students start from the teacher; the
+teacher reasons as the deployed policy does in full mode."""
 
 import copy
 import json
@@ -7,10 +8,14 @@ import pytest
 import torch
 
 from conftest import make_samples
+from edge_vla.data.observations import sample_to_obs
 from edge_vla.errors import EdgeVLAError
 from edge_vla.model.vla import VLA
+from edge_vla.runtime.policy import Policy
+from edge_vla.runtime.torch_backend import TorchBackend
+from edge_vla.tokens.sequence import action_prefix_ids, reasoning_prefix_ids
 from edge_vla.train.config import TrainConfig
-from edge_vla.train.distill import DistillConfig, build_student, distill
+from edge_vla.train.distill import DistillConfig, build_student, distill, reasoning_targets
 from edge_vla.train.trainer import train
 
 
@@ -64,3 +69,19 @@ def test_reasoning_distillation_needs_a_reasoning_teacher(tmp_path, tiny_vla, da
         distill(DistillConfig(mode="reasoning", steps=1), teacher, data, tmp_path, show_progress=False)
     with pytest.raises(EdgeVLAError, match="unknown distillation mode"):
         distill(DistillConfig(mode="sizes", steps=1), teacher, data, tmp_path, show_progress=False)
+
+
+def test_a_dropout_teacher_asked_to_reason_writes_from_the_forced_reasoning_prefix(tmp_path, data):
+    # Trained with all its reasoning dropped (p=1), the teacher left free goes straight to acting:
+    # asked to reason, it must be started on the reasoning, as the deployed policy in full mode is.
+    cfg = TrainConfig(recipe="ecot-lite-dropout", recipe_options={"p": 1.0, "max_reasoning_tokens": 16}, steps=15,
+                      batch_size=8, warmup_steps=2, lr=3e-3, val_fraction=0.0)
+    teacher = VLA.from_pretrained(train(cfg, data, tmp_path, show_progress=False))
+    tok = teacher.processor.tokenizer
+    start, act = reasoning_prefix_ids(tok), action_prefix_ids(tok)
+    free = Policy(TorchBackend(teacher), mode="full", reasoning_prefix="", max_free_tokens=16).act(sample_to_obs(data[0]))
+    assert free.info["free_token_ids"][:len(start)] != start
+    for target in reasoning_targets(teacher, data[:2]):
+        assert target.reasoning_ids[:len(start)] == start and target.reasoning_ids[-len(act):] == act
+        assert len(target.reasoning_ids) <= len(start) + 16 + len(act)  # the recipe's reasoning budget
+        assert target.action_logp.shape == (teacher.config.n_action_tokens, tok.n_bins)

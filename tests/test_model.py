@@ -8,6 +8,8 @@ from conftest import INSTRUCTIONS, make_samples
 from edge_vla.config import PRESETS, VLAConfig, apply_overrides, preset
 from edge_vla.errors import EdgeVLAError
 from edge_vla.model.vla import VLA
+from edge_vla.runtime.policy import Policy
+from edge_vla.runtime.torch_backend import TorchBackend
 from edge_vla.tokens.sequence import IGNORE, action_prefix_ids, build_sequence, reasoning_ids
 
 
@@ -28,6 +30,11 @@ def batch_for(vla, samples, with_reasoning=False):
     pv = torch.from_numpy(np.stack([vla.processor.images(s.images) for s in samples]))
     st = torch.from_numpy(np.stack([vla.processor.state(s.state) for s in samples]))
     return pv, ids, mask, labels, st
+
+
+def policy_action(vla, images, instruction, state=None):
+    """The deployed decoder's greedy action: Policy over the torch backend, in the model's recipe mode."""
+    return Policy(TorchBackend(vla)).act({"images": images, "instruction": instruction, "state": state}).action
 
 
 def test_forward_shapes_and_loss(tiny_vla, samples):
@@ -88,9 +95,9 @@ def test_save_load_identity(tmp_path, tiny_vla, samples):
     torch.testing.assert_close(loaded(pv, ids, mask, state=st).logits, tiny_vla(pv, ids, mask, state=st).logits, atol=0, rtol=0)
     assert loaded.recipe_info["name"] == "vla"
     assert loaded.processor.tokenizer.encode("move left") == tiny_vla.processor.tokenizer.encode("move left")
-    a1, _ = loaded.predict_action(samples[0].images, samples[0].instruction, samples[0].state)
-    a2, _ = tiny_vla.predict_action(samples[0].images, samples[0].instruction, samples[0].state)
-    np.testing.assert_array_equal(a1, a2)
+    s = samples[0]
+    np.testing.assert_array_equal(policy_action(loaded, s.images, s.instruction, s.state),
+                                  policy_action(tiny_vla, s.images, s.instruction, s.state))
 
 
 def test_half_precision_checkpoint_is_half_the_size_and_loads_as_float32(tmp_path, tiny_vla):
@@ -137,15 +144,15 @@ def test_checkpoint_errors_are_one_line_and_name_the_fix(tmp_path, tiny_vla):
 def test_bad_observations(tiny_vla, samples):
     s = samples[0]
     with pytest.raises(EdgeVLAError, match="dtype"):
-        tiny_vla.predict_action({k: v.astype(np.float32) for k, v in s.images.items()}, s.instruction, s.state)
+        policy_action(tiny_vla, {k: v.astype(np.float32) for k, v in s.images.items()}, s.instruction, s.state)
     with pytest.raises(EdgeVLAError, match="shape"):
-        tiny_vla.predict_action({k: v[..., 0] for k, v in s.images.items()}, s.instruction, s.state)
+        policy_action(tiny_vla, {k: v[..., 0] for k, v in s.images.items()}, s.instruction, s.state)
     with pytest.raises(EdgeVLAError, match="lacks camera"):
-        tiny_vla.predict_action({"agentview": s.images["agentview"]}, s.instruction, s.state)
+        policy_action(tiny_vla, {"agentview": s.images["agentview"]}, s.instruction, s.state)
     with pytest.raises(EdgeVLAError, match="proprio"):
-        tiny_vla.predict_action(s.images, s.instruction, np.zeros(3))
+        policy_action(tiny_vla, s.images, s.instruction, np.zeros(3))
     with pytest.raises(EdgeVLAError, match="NaN"):
-        tiny_vla.predict_action(s.images, s.instruction, np.full(8, np.nan))
+        policy_action(tiny_vla, s.images, s.instruction, np.full(8, np.nan))
     with pytest.raises(EdgeVLAError, match="pixel_values"):
         tiny_vla.encode_prefix(torch.zeros(1, 3, 64, 64))
 
@@ -215,7 +222,7 @@ def test_large_presets_load_with_from_pretrained_and_round_trip(tmp_path, name, 
     back = VLA.from_pretrained(out)
     s = stats_samples[0]
     images = {"agentview": s.images["agentview"]}
-    np.testing.assert_array_equal(back.predict_action(images, s.instruction)[0], vla.eval().predict_action(images, s.instruction)[0])
+    np.testing.assert_array_equal(policy_action(back, images, s.instruction), policy_action(vla, images, s.instruction))
 
 
 def test_unreachable_hub_id_is_a_clear_error():

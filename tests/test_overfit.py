@@ -1,5 +1,6 @@
-"""A tiny VLA memorises a handful of (image, instruction, action) samples on CPU until greedy
-decoding returns exactly the training actions: the model, tokens and decoding fit together."""
+"""A tiny VLA memorises a handful of (image, instruction, action) samples on CPU until the
+deployed decoder (Policy) returns exactly the training actions: the model, tokens and decoding
+fit together."""
 
 import numpy as np
 import torch
@@ -7,8 +8,7 @@ import torch
 from conftest import INSTRUCTIONS, make_samples
 from edge_vla.model.vla import VLA
 from edge_vla.tokens.action import ActionStats
-from edge_vla.tokens.sequence import action_prefix_ids
-from test_model import batch_for
+from test_model import batch_for, policy_action
 
 
 def test_tiny_vla_overfits_and_decodes_the_training_actions_exactly():
@@ -26,11 +26,9 @@ def test_tiny_vla_overfits_and_decodes_the_training_actions_exactly():
         opt.step()
         if loss.item() < 0.01:
             break
-    vla.eval()
-    prefix = action_prefix_ids(vla.processor.tokenizer)
     for s in samples:
-        action, _ = vla.predict_action(s.images, s.instruction, s.state, extra_prompt_ids=prefix)
-        expected = vla.action_tokenizer.decode(vla.action_tokenizer.encode(s.action))
+        action = policy_action(vla, s.images, s.instruction, s.state)  # direct mode: " ACTION:" forced
+        expected = vla.action_tokenizer.decode(vla.action_tokenizer.encode(s.action)).astype(np.float32)  # as deployed
         np.testing.assert_array_equal(action, expected)
         inside = (s.action >= np.array(stats.q01)) & (s.action <= np.array(stats.q99))
         inside[-1] = False  # the gripper is binarised

@@ -1,6 +1,7 @@
 """The trainer: loss falls for every recipe, exact resume, checkpoints, bad input before any step."""
 
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -153,3 +154,11 @@ def test_resume_accepts_the_same_init_checkpoint_spelled_another_way(tmp_path, d
     train(cfg, data, tmp_path / "run2", stop_at_step=1, show_progress=False)
     with pytest.raises(EdgeVLAError, match="config differs.*init_from"):
         train(replace(cfg, init_from=str(other)), data, tmp_path / "run2", resume=True, show_progress=False)
+
+
+def test_state_saves_do_not_print_accelerates_tied_weights_notice(tmp_path, data, caplog):
+    # The tiny LM ties its embedding and head: accelerate's save_state drops the alias and says so each save.
+    with caplog.at_level(logging.WARNING):
+        train(TrainConfig(recipe="vla", steps=2, save_every=1, **FAST), data, tmp_path, show_progress=False)
+    assert (tmp_path / "checkpoint-000001").is_dir()
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]

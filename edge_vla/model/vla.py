@@ -18,24 +18,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edge_vla.config import VLAConfig, preset as make_preset
-from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
-from edge_vla.model.processor import TextTokenizer, VLAProcessor
+from edge_vla.artifacts.checkpoint import (CHECKPOINT_FORMAT, CONFIG_FILE, RECIPE_FILE, STATS_FILE, TOKENIZER_DIR,
+                                           WEIGHTS_FILE, load_config)
+from edge_vla.model.processor import VLAProcessor
 from edge_vla.tokens.action import ActionStats, ActionTokenizer
 from edge_vla.tokens.sequence import placeholder_id
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-STATS_FILE = "action_stats.json"
-RECIPE_FILE = "recipe.json"
-CHECKPOINT_FORMAT = "edge-vla-checkpoint"
+from edge_vla.tokens.text import TextTokenizer
 
 
 @dataclass
@@ -45,7 +39,8 @@ class VLAOutput:
     hidden: torch.Tensor | None = None  # (B, T, H) last hidden states of the input_ids positions
 
 
-def _hf_config(d: dict, what: str):
+def hf_config(d: dict, what: str):
+    """A Hugging Face config object from a config dict with `model_type` (a tower's section of VLAConfig)."""
     from transformers import AutoConfig
 
     d = dict(d)
@@ -125,12 +120,12 @@ class VLA(nn.Module):
         tokenizer = (TextTokenizer.from_hf(tok_path, config.n_action_bins) if tok_path
                      else TextTokenizer.train_tiny(list(texts), config.tokenizer_vocab_size, config.n_action_bins))
         vision = _load_pretrained("vision", config.vision_path) if config.vision_path else _vision_from_config(
-            _hf_config(config.vision, "vision"))
+            hf_config(config.vision, "vision"))
         if config.lm_path:
             lm = _load_pretrained("lm", config.lm_path)
         else:
             lm_cfg = dict(config.lm, vocab_size=tokenizer.vocab_size)
-            lm = AutoModelForCausalLM.from_config(_hf_config(lm_cfg, "language model"))
+            lm = AutoModelForCausalLM.from_config(hf_config(lm_cfg, "language model"))
         # Record the towers' full configs so the checkpoint rebuilds without the original paths.
         config.vision = _config_dict(vision.config)
         config.lm = _config_dict(lm.config)
@@ -220,8 +215,10 @@ class VLA(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, prompt_ids: torch.Tensor, state=None, max_free_tokens: int = 0,
                  n_action_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding for one batch: up to `max_free_tokens` unrestricted tokens (reasoning),
-        which end early at the first action token, then action tokens restricted to the action block.
+        """A plain torch greedy decoder, kept as an independent reference that tests check
+        runtime.Policy against; edge-vla itself (validation, distillation, deployment) decodes
+        through Policy only. Up to `max_free_tokens` unrestricted tokens (nothing forced), which
+        end early at the first action token, then action tokens restricted to the action block.
 
         Returns (free token ids (B, F) — may be empty, action token ids (B, n_action_tokens)).
         Rows of a batch stop together; use batch size 1 for reasoning of different lengths.
@@ -272,15 +269,6 @@ class VLA(nn.Module):
         ids = torch.tensor([self.processor.prompt_ids(instruction) + list(extra_prompt_ids)], device=self.device)
         return pv, ids, st
 
-    @torch.no_grad()
-    def predict_action(self, images, instruction: str, state=None, max_free_tokens: int = 0,
-                       extra_prompt_ids: list[int] = ()) -> tuple[np.ndarray, str]:
-        """Greedy action (env units; (K, D) for chunks, else (D,)) and the reasoning text, if any."""
-        pv, ids, st = self.model_inputs(images, instruction, state, extra_prompt_ids)
-        free, act = self.generate(pv, ids, st, max_free_tokens=max_free_tokens)
-        text = self.processor.tokenizer.decode(free[0].tolist()) if free.shape[1] else ""
-        return self.action_tokenizer.decode(act[0].cpu().numpy()), text
-
     # --- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the checkpoint directory atomically: config, safetensors weights, tokenizer, stats.
@@ -317,8 +305,8 @@ class VLA(nn.Module):
         config = load_config(p)
         tokenizer = TextTokenizer.load(p / TOKENIZER_DIR)
         stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
-        vision = _vision_from_config(_hf_config(config.vision, "vision"))
-        lm = AutoModelForCausalLM.from_config(_hf_config(config.lm, "language model"))
+        vision = _vision_from_config(hf_config(config.vision, "vision"))
+        lm = AutoModelForCausalLM.from_config(hf_config(config.lm, "language model"))
         model = cls(config, vision, lm, tokenizer, stats)
         try:
             missing, unexpected = load_model(model, str(p / WEIGHTS_FILE), strict=False)
@@ -332,28 +320,6 @@ class VLA(nn.Module):
         if (p / RECIPE_FILE).exists():
             model.recipe_info = json.loads((p / RECIPE_FILE).read_text())
         return model.to(device).eval()
-
-
-def load_config(path: str | Path) -> VLAConfig:
-    """The model config of the checkpoint at `path` (its config.json, checked), without the weights."""
-    p = Path(path)
-    cfg_file = check_checkpoint_dir(p)
-    meta = read_json(cfg_file, "re-save the checkpoint")
-    if not isinstance(meta, dict) or meta.pop("format", None) != CHECKPOINT_FORMAT:
-        raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
-                           "pass a directory written by VLA.save_pretrained / edge-vla train")
-    return VLAConfig.from_dict(meta, source=str(cfg_file))
-
-
-def check_checkpoint_dir(p: Path) -> Path:
-    if not p.exists():
-        raise EdgeVLAError(f"checkpoint not found: {p}", "pass the directory written by `edge-vla train` or save_pretrained")
-    if not p.is_dir():
-        raise EdgeVLAError(f"checkpoint {p} is a file, expected a directory", "pass the checkpoint directory")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (p / name).is_file():
-            raise EdgeVLAError(f"checkpoint {p} lacks {name}", "pass a complete checkpoint directory (config.json + model.safetensors + tokenizer/)")
-    return p / CONFIG_FILE
 
 
 def _config_dict(hf_config) -> dict:

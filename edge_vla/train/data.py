@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_vla.data.dataset import open_dataset, pick_evenly, val_episode_indices
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionStats
 from edge_vla.tokens.sequence import IGNORE, parallel_action_inputs, placeholder_id
@@ -24,11 +25,6 @@ from edge_vla.tokens.sequence import IGNORE, parallel_action_inputs, placeholder
 def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_noops: bool, seed: int = 0):
     """A path (read with edge_vla.data.dataset.open_dataset) or an in-memory sequence of Samples."""
     if isinstance(data, (str, Path)):
-        try:
-            from edge_vla.data.dataset import open_dataset
-        except ImportError:
-            raise EdgeVLAError("reading a dataset from disk needs edge_vla.data.dataset, which this install lacks",
-                               "pass a list of Samples to train(), or update edge-vla") from None
         if not Path(data).exists():
             raise EdgeVLAError(f"dataset not found: {data}", "pass --data with an existing dataset path")
         if split == "val" and val_fraction <= 0:
@@ -43,27 +39,11 @@ def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_no
 
 
 def split_samples(samples: list, split: str, val_fraction: float, seed: int = 0) -> list:
-    """Hold out whole episodes (else single samples when there is one episode) for validation."""
-    if val_fraction <= 0 or len(samples) < 2:
-        return samples if split == "train" else []
+    """Hold out whole episodes for validation, by the rule datasets on disk use (a single
+    episode stays all training)."""
     episodes = sorted({s.episode for s in samples})
-    if len(episodes) > 1:
-        order = np.random.default_rng(seed).permutation(len(episodes))
-        n_val = min(max(1, round(val_fraction * len(episodes))), len(episodes) - 1)
-        val_eps = {episodes[i] for i in order[:n_val]}
-        pick = (lambda s, i: s.episode in val_eps)
-    else:
-        order = np.random.default_rng(seed).permutation(len(samples))
-        n_val = min(max(1, round(val_fraction * len(samples))), len(samples) - 1)
-        val_idx = set(order[:n_val].tolist())
-        pick = (lambda s, i: i in val_idx)
-    return [s for i, s in enumerate(samples) if pick(s, i) == (split == "val")]
-
-
-def _peek(ds, n: int) -> list:
-    n = min(n, len(ds))
-    idx = np.linspace(0, len(ds) - 1, n).round().astype(int) if n else []
-    return [ds[int(i)] for i in idx]
+    val_eps = {episodes[i] for i in val_episode_indices(len(episodes), val_fraction, seed)}
+    return [s for s in samples if (s.episode in val_eps) == (split == "val")]
 
 
 def dataset_stats(ds) -> ActionStats:
@@ -77,7 +57,7 @@ def dataset_stats(ds) -> ActionStats:
 def dataset_texts(ds, limit: int = 512) -> list[str]:
     """Instructions (+ reasoning texts of a spread of samples): what the tiny tokenizer learns from."""
     texts = list(getattr(ds, "instructions", None) or [])
-    for s in _peek(ds, limit):
+    for s in pick_evenly(ds, limit):
         if not getattr(ds, "instructions", None):
             texts.append(s.instruction)
         if s.reasoning is not None and not s.reasoning.is_empty():
@@ -101,7 +81,7 @@ def check_data(ds, stats: ActionStats, recipe, action_chunk: int, what: str = "t
     if recipe.needs_reasoning and not has_reasoning(ds):
         raise EdgeVLAError(f"recipe `{recipe.name}` needs reasoning, but the {what} has samples without it",
                            "annotate the demos with reasoning (ECoT JSON), or pick --recipe vla / thinking-tokens")
-    peek = _peek(ds, 256)
+    peek = pick_evenly(ds, 256)
     a = np.asarray(peek[0].action)
     k = 1 if a.ndim == 1 else a.shape[0]
     if k != action_chunk:
@@ -187,13 +167,14 @@ class RecipeDataset(torch.utils.data.Dataset):
         per_batch = getattr(self.recipe, "draws_per_batch", False)
         rng = np.random.default_rng([self.seed, epoch, micro, 1] if per_batch else [self.seed, epoch, index])
         row = self.row(self.samples[index], rng, stage)
-        row["micro"] = micro
+        row["micro"], row["index"] = micro, index
         return row
 
 
 class Collate:
     """Right-pads rows into a batch and applies the random image shift (augmentation lives here,
-    not in the dataset, so validation and export never see it)."""
+    not in the dataset, so validation and export never see it). Rows from RecipeDataset[key]
+    also give the batch `index`, their samples' indices (what a distillation target is keyed by)."""
 
     def __init__(self, pad_id: int, shift: int = 0, seed: int = 0, rank: int = 0):
         self.pad_id, self.shift, self.seed, self.rank = pad_id, shift, seed, rank
@@ -213,7 +194,10 @@ class Collate:
             micro = rows[0].get("micro", 0)
             pv = random_shift(pv, self.shift, np.random.default_rng([self.seed, 1, micro, self.rank]))
         state = torch.from_numpy(np.stack([r["state"] for r in rows]))
-        return {"pixel_values": pv, "input_ids": ids, "labels": labels, "attention_mask": mask, "state": state}
+        batch = {"pixel_values": pv, "input_ids": ids, "labels": labels, "attention_mask": mask, "state": state}
+        if "index" in rows[0]:
+            batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def random_shift(pv: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:

@@ -4,8 +4,9 @@
 
 Two modes (`DistillConfig.mode`):
 
-- `reasoning`: the teacher reasons (full mode: it writes its own chain of thought, greedily) and
-  then scores the action tokens; the student, a direct-mode policy (the `vla` sequence: prompt ->
+- `reasoning`: the teacher reasons (the deployed `Policy` in full mode over the teacher: its
+  recipe's reasoning prefix forced, then its own chain of thought, greedily) and then scores the
+  action tokens; the student, a direct-mode policy (the `vla` sequence: prompt ->
   " ACTION:" -> actions), learns that action distribution (KL on the action block). The fast path
   inherits what reasoning adds. The teacher's targets are computed once per sample, before
   training (reasoning is the expensive part). The student starts as a copy of the teacher.
@@ -15,7 +16,8 @@ Two modes (`DistillConfig.mode`):
   shapes allow: same-named tensors of the same shape are copied, and a student with fewer layers
   takes evenly spaced teacher layers (first and last kept).
 
-Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the labels.
+Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the labels,
+minimised by the one training loop (edge_vla.train.loop) with a distillation objective.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -35,7 +36,9 @@ from edge_vla.config import VLAConfig, apply_overrides, unknown_name_error
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
 from edge_vla.tokens.sequence import IGNORE, action_prefix_ids
-from edge_vla.train.data import Collate, MicroBatches, RecipeDataset, check_data, open_split
+from edge_vla.train.data import Collate, RecipeDataset, check_data, open_split
+from edge_vla.train.loop import (LoopSettings, MetricsLog, Objective, TrainLoop, lr_lambda_for, make_accelerator,
+                                 save_checkpoint)
 from edge_vla.train.recipes import DEFAULT_MAX_REASONING_TOKENS, get_recipe
 
 MODES = ("reasoning", "size")
@@ -51,6 +54,7 @@ class DistillConfig:
     temperature: float = 1.0
     alpha: float = 0.9  # weight of the KL term; 1 - alpha on the hard labels
     lr: float = 5e-4
+    weight_decay: float = 0.01  # AdamW's default, what distillation has always used
     batch_size: int = 16
     steps: int = 500
     warmup_steps: int = 20
@@ -106,7 +110,7 @@ def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed
     """A VLA with the teacher's tokenizer and statistics and the teacher's config + `overrides`."""
     from transformers import AutoModelForCausalLM
 
-    from edge_vla.model.vla import VLA, _hf_config, _vision_from_config
+    from edge_vla.model.vla import VLA, _vision_from_config, hf_config
 
     d = teacher.config.to_dict()
     d.update(vision_path=None, lm_path=None, tokenizer_path=None)
@@ -122,8 +126,8 @@ def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed
         raise EdgeVLAError("the student must decode the teacher's actions (same action_chunk and n_action_bins)")
     torch.manual_seed(seed)
     tok = teacher.processor.tokenizer
-    vision = _vision_from_config(_hf_config(cfg.vision, "vision"))
-    lm = AutoModelForCausalLM.from_config(_hf_config(dict(cfg.lm, vocab_size=tok.vocab_size), "language model"))
+    vision = _vision_from_config(hf_config(cfg.vision, "vision"))
+    lm = AutoModelForCausalLM.from_config(hf_config(dict(cfg.lm, vocab_size=tok.vocab_size), "language model"))
     student = VLA(cfg, vision, lm, tok, teacher.action_stats)
     copied = init_from(student, teacher) if init_from_teacher else 0
     return student, copied
@@ -167,32 +171,54 @@ def init_from(student, teacher) -> int:
 
 
 # --- teacher targets -------------------------------------------------------------------------------
-@torch.no_grad()
-def reasoning_targets(teacher, samples, temperature: float = 1.0, progress=None) -> list[torch.Tensor]:
-    """For each sample: the teacher's action-block log-probs (K*D, n_bins) after its OWN reasoning.
+@dataclass
+class TeacherTarget:
+    """What the student learns from one sample: the teacher's action belief after its own reasoning."""
 
-    The teacher decodes freely (its reasoning ends with " ACTION:"), then scores the target action
-    tokens teacher-forced, so the student learns the teacher's belief at every action position.
-    """
-    teacher.eval()
+    reasoning_ids: list[int]  # the teacher's reasoning: the forced reasoning prefix first, " ACTION:" last
+    action_logp: torch.Tensor  # (K*D, n_bins) log-probs of the action tokens at temperature T
+
+
+def reasoning_policy(teacher):
+    """The teacher as deployed, asked to reason: the Policy in full mode over the teacher itself
+    (its recipe's reasoning prefix forced, " ACTION:" forced when its reasoning budget runs out)."""
+    from edge_vla.runtime.policy import Policy
+    from edge_vla.runtime.torch_backend import TorchBackend
+
+    options = (teacher.recipe_info or {}).get("options", {})
+    return Policy(TorchBackend(teacher), mode="full",
+                  max_free_tokens=int(options.get("max_reasoning_tokens", DEFAULT_MAX_REASONING_TOKENS)))
+
+
+def _own_reasoning(policy, sample) -> list[int]:
+    from edge_vla.data.observations import sample_to_obs
+
+    ids = list(policy.act(sample_to_obs(sample)).info["free_token_ids"])
+    prefix = action_prefix_ids(policy.tokenizer)
+    # " ACTION:" is not among the free tokens when the Policy forced it (budget or eos) or the
+    # model went straight to an action token: the student's targets always follow it.
+    return ids if ids[-len(prefix):] == prefix else ids + prefix
+
+
+@torch.no_grad()
+def reasoning_targets(teacher, samples, temperature: float = 1.0, progress=None) -> list[TeacherTarget]:
+    """For each sample: the teacher's own reasoning (decoded by `reasoning_policy`) and its
+    action-block log-probs after it, the target actions teacher-forced, so the student learns the
+    teacher's belief at every action position."""
+    policy = reasoning_policy(teacher)
     tok = teacher.processor.tokenizer
     first, n_bins = tok.first_action_id, tok.n_bins
-    max_free = int((teacher.recipe_info or {}).get("options", {}).get("max_reasoning_tokens", DEFAULT_MAX_REASONING_TOKENS))
-    prefix = action_prefix_ids(tok)
     out = []
     for s in samples:
+        reasoning = _own_reasoning(policy, s)
         pv, ids, st = teacher.model_inputs(s.images, s.instruction, s.state)
-        free, _ = teacher.generate(pv, ids, st, max_free_tokens=max_free)
-        reasoning = free[0].tolist()
-        if reasoning[-len(prefix):] != prefix:  # reasoning that never reached " ACTION:"
-            reasoning += prefix
         acts = teacher.action_tokenizer.encode(np.asarray(s.action)).reshape(-1).tolist()
         seq = torch.tensor([ids[0].tolist() + reasoning + acts], device=teacher.device)
         logits = teacher(pv, seq, state=st).logits[0]
         n = len(acts)
         pos = seq.shape[1] - n - 1  # the logits at position i predict token i + 1
         block = logits[pos:pos + n, first:first + n_bins].float() / temperature
-        out.append(F.log_softmax(block, -1).cpu())
+        out.append(TeacherTarget(reasoning, F.log_softmax(block, -1).cpu()))
         if progress is not None:
             progress()
     return out
@@ -257,43 +283,75 @@ def _sequence_kl(student, teacher, batch, temperature):
     return _kl(t_logp, s_out.logits[:, :-1][where], temperature), int(where.sum()), s_out
 
 
-# --- the loop -------------------------------------------------------------------------------------
-def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_progress: bool = True) -> Path:
-    """Distil `teacher` (a checkpoint path or a VLA) into a student; returns out_dir/final.
+# --- the objectives -------------------------------------------------------------------------------
+class _Distillation(Objective):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * the labels' cross-entropy."""
 
-    `student`: a VLA to start from (else built per the config: a copy of the teacher for
-    reasoning distillation, the teacher's config + `student_model` overrides for size).
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(self, cfg: DistillConfig, val_samples: list):
+        self.cfg, self.val_samples = cfg, val_samples
 
+    def mix(self, kl: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        return self.cfg.alpha * self.cfg.temperature ** 2 * kl + (1 - self.cfg.alpha) * hard
+
+
+class ReasoningDistillation(_Distillation):
+    """A direct-mode student learns the teacher's action distribution after the teacher's own
+    reasoning (precomputed `TeacherTarget`s, keyed by sample index)."""
+
+    def __init__(self, cfg, tokenizer, targets: list[TeacherTarget], val_samples, val_targets: list[TeacherTarget]):
+        super().__init__(cfg, val_samples)
+        self.first, self.n_bins = tokenizer.first_action_id, tokenizer.n_bins
+        self.targets, self.val_targets = targets, val_targets
+
+    def loss(self, model, batch, index):
+        out = model(**batch)
+        where = _action_positions(batch["labels"], self.first, self.n_bins)
+        s_block = out.logits[:, :-1][where][:, self.first:self.first + self.n_bins]
+        t = torch.cat([self.targets[i].action_logp for i in index.tolist()]).to(s_block.device)
+        kl = _kl(t, s_block, self.cfg.temperature)
+        return self.mix(kl, out.loss), {"kl": kl}
+
+    def validate(self, model, step):
+        return {"kl": action_kl(model, self.val_samples, [t.action_logp for t in self.val_targets],
+                                self.cfg.temperature)}
+
+
+class SizeDistillation(_Distillation):
+    """A smaller student learns the teacher's full next-token distributions on the recipe's
+    sequences, online."""
+
+    def __init__(self, cfg, teacher, recipe, val_samples):
+        super().__init__(cfg, val_samples)
+        self.teacher, self.recipe = teacher.eval(), recipe
+
+    def loss(self, model, batch, index):
+        kl, _, out = _sequence_kl(model, self.teacher, batch, self.cfg.temperature)
+        return self.mix(kl, out.loss), {"kl": kl}
+
+    def validate(self, model, step):
+        return {"kl": sequence_kl(model, self.teacher, self.val_samples, self.recipe, self.cfg.temperature)}
+
+
+# --- the run --------------------------------------------------------------------------------------
+def _open_teacher(teacher, mode: str):
+    """(the teacher VLA, the recipe the student trains on)."""
     from edge_vla.model.vla import VLA
-    from edge_vla.train.trainer import MetricsLog, lr_lambda_for
 
-    cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    if (out / "final").exists():
-        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out")
     if not isinstance(teacher, torch.nn.Module):
         teacher = VLA.from_pretrained(teacher)
     if teacher.action_stats is None:
         raise EdgeVLAError("the teacher checkpoint has no action statistics", "distil from a trained checkpoint")
-    t_info = teacher.recipe_info or {}
-    if cfg.mode == "reasoning":
-        if t_info.get("name") not in REASONING_TEACHERS:
-            raise EdgeVLAError(f"reasoning distillation needs a teacher trained to reason (recipe `{t_info.get('name')}`)",
-                               "use a teacher trained with --recipe ecot or ecot-lite-dropout, or --mode size")
-        recipe = get_recipe("vla")
-    else:
-        recipe = get_recipe(t_info["name"], **t_info.get("options", {})) if t_info.get("name") else get_recipe("vla")
+    info = teacher.recipe_info or {}
+    if mode == "size":
+        return teacher, get_recipe(info["name"], **info.get("options", {})) if info.get("name") else get_recipe("vla")
+    if info.get("name") not in REASONING_TEACHERS:
+        raise EdgeVLAError(f"reasoning distillation needs a teacher trained to reason (recipe `{info.get('name')}`)",
+                           "use a teacher trained with --recipe ecot or ecot-lite-dropout, or --mode size")
+    return teacher, get_recipe("vla")
 
-    k = teacher.config.action_chunk
-    train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
-    val_ds = list(open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
-    check_data(train_ds, teacher.action_stats, recipe, k, "distillation data")
-    if cfg.mode == "reasoning":
-        check_data(train_ds, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
 
+def _open_student(cfg: DistillConfig, teacher, recipe, student):
+    """(the student, how many of its tensors came from the teacher (size mode), else None)."""
     copied = None
     if student is None:
         if cfg.mode == "reasoning":
@@ -304,73 +362,65 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
         raise EdgeVLAError("the student and the teacher use different tokenizers", "start the student from the teacher")
     student.action_stats = teacher.action_stats
     student.recipe_info = {**recipe.info(student.processor.tokenizer),
-                           "distilled": {"mode": cfg.mode, "teacher_recipe": t_info.get("name")}}
+                           "distilled": {"mode": cfg.mode, "teacher_recipe": (teacher.recipe_info or {}).get("name")}}
+    return student, copied
 
-    tok = student.processor.tokenizer
-    first, n_bins = tok.first_action_id, tok.n_bins
-    val_samples = val_ds[: cfg.val_max_samples] or train_ds[: cfg.val_max_samples]
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, True, None)
-    atomic_write_text(out / "distill_config.json", json.dumps(asdict(cfg), indent=2))
+
+def _teacher_targets(teacher, train_ds, val_samples, temperature: float, show_progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not show_progress)
+                        TimeRemainingColumn(), disable=not show_progress)
     with progress:
-        targets = val_targets = None
-        if cfg.mode == "reasoning":
-            task = progress.add_task("teacher reasons", total=len(train_ds) + len(val_samples), info="")
-            step_progress = lambda: progress.advance(task)  # noqa: E731
-            targets = reasoning_targets(teacher, train_ds, cfg.temperature, step_progress)
-            val_targets = reasoning_targets(teacher, val_samples, cfg.temperature, step_progress)
-            kl_before = action_kl(student, val_samples, val_targets, cfg.temperature)
-        else:
-            kl_before = sequence_kl(student, teacher, val_samples, recipe, cfg.temperature)
-        log.write({"step": 0, "val/kl": kl_before})
+        task = progress.add_task("teacher reasons", total=len(train_ds) + len(val_samples))
+        advance = lambda: progress.advance(task)  # noqa: E731
+        return (reasoning_targets(teacher, train_ds, temperature, advance),
+                reasoning_targets(teacher, val_samples, temperature, advance))
 
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-        from edge_vla.train.config import TrainConfig
 
-        sched_cfg = TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(sched_cfg, get_recipe("vla")))
-        rows = RecipeDataset(train_ds, recipe, student.processor, student.action_tokenizer, cfg.seed)
-        collate = Collate(tok.pad_id, cfg.augment_shift, cfg.seed)
-        batches = MicroBatches(len(train_ds), cfg.batch_size, 0, cfg.steps, cfg.seed,
-                               stage_of=lambda m: recipe.stages[-1])
-        task = progress.add_task(f"distil ({cfg.mode})", total=cfg.steps, info="")
-        student.train()
-        teacher.eval()
-        t0 = time.perf_counter()
-        for step, keys in enumerate(batches, start=1):
-            batch = collate([rows[key] for key in keys])
-            batch = {k2: v.to(student.device) for k2, v in batch.items()}
-            if cfg.mode == "reasoning":
-                s_out = student(**batch)
-                where = _action_positions(batch["labels"], first, n_bins)
-                s_block = s_out.logits[:, :-1][where][:, first:first + n_bins]
-                t = torch.cat([targets[key[0]] for key in keys]).to(s_block.device)
-                kl = _kl(t, s_block, cfg.temperature)
-            else:
-                kl, _, s_out = _sequence_kl(student, teacher, batch, cfg.temperature)
-            loss = cfg.alpha * cfg.temperature ** 2 * kl + (1 - cfg.alpha) * s_out.loss
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.update(task, completed=step, info=f"kl {float(kl.detach()):.4f} loss {float(loss.detach()):.4f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write({"step": step, "train/kl": float(kl.detach()), "train/loss": float(loss.detach()),
-                           "lr": scheduler.get_last_lr()[0]})
-        wall = time.perf_counter() - t0
-        if cfg.mode == "reasoning":
-            kl_after = action_kl(student, val_samples, val_targets, cfg.temperature)
-        else:
-            kl_after = sequence_kl(student, teacher, val_samples, recipe, cfg.temperature)
-    log.write({"step": cfg.steps, "val/kl": kl_after})
+def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_progress: bool = True) -> Path:
+    """Distil `teacher` (a checkpoint path or a VLA) into a student; returns out_dir/final.
+
+    `student`: a VLA to start from (else built per the config: a copy of the teacher for
+    reasoning distillation, the teacher's config + `student_model` overrides for size). The run
+    trains in the one training loop (edge_vla.train.loop); it keeps no resumable state.
+    """
+    cfg = config
+    cfg.validate()
+    out = Path(out_dir)
+    if (out / "final").exists():
+        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out")
+    teacher, recipe = _open_teacher(teacher, cfg.mode)
+    k = teacher.config.action_chunk
+    train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
+    val_ds = list(open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
+    check_data(train_ds, teacher.action_stats, recipe, k, "distillation data")
+    if cfg.mode == "reasoning":
+        check_data(train_ds, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
+    student, copied = _open_student(cfg, teacher, recipe, student)
+    val_samples = val_ds[: cfg.val_max_samples] or train_ds[: cfg.val_max_samples]
+
+    settings = LoopSettings.of(cfg)
+    accelerator = make_accelerator(settings)
+    teacher.to(accelerator.device)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out, accelerator.is_main_process, None)
+    atomic_write_text(out / "distill_config.json", json.dumps(asdict(cfg), indent=2))
+    if cfg.mode == "reasoning":
+        targets, val_targets = _teacher_targets(teacher, train_ds, val_samples, cfg.temperature, show_progress)
+        objective = ReasoningDistillation(cfg, student.processor.tokenizer, targets, val_samples, val_targets)
+    else:
+        objective = SizeDistillation(cfg, teacher, recipe, val_samples)
+    # One learning-rate stage: a multi-stage teacher recipe's stage switch is not the student's.
+    loop = TrainLoop(settings, accelerator, student, objective, out, lr_lambda_for(settings, get_recipe("vla")),
+                     lambda step: recipe.stages[-1], f"distil ({cfg.mode})")
+    kl_before = loop.validate(0, log)["kl"]
+    rows = RecipeDataset(train_ds, recipe, student.processor, student.action_tokenizer, cfg.seed)
+    loop.run(rows, log, show_progress=show_progress)
+    wall = loop.clock()["wall_s"]
+    kl_after = loop.validate(cfg.steps, log)["kl"]
     log.close()
-    final = student.save_pretrained(out / "final")
+    final = save_checkpoint(loop.unwrapped, out / "final", lora=False)
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     summary = {"mode": cfg.mode, "val_kl_before": kl_before, "val_kl_after": kl_after, "steps": cfg.steps,
                "teacher_params": n_params(teacher), "student_params": n_params(student),
@@ -379,5 +429,6 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
     return final
 
 
-__all__ = ["DistillConfig", "load_distill_config", "distill", "build_student", "init_from", "reasoning_targets", "action_kl", "sequence_kl",
+__all__ = ["DistillConfig", "load_distill_config", "distill", "build_student", "init_from", "reasoning_targets",
+           "reasoning_policy", "TeacherTarget", "ReasoningDistillation", "SizeDistillation", "action_kl", "sequence_kl",
            "MODES"]

@@ -1,12 +1,17 @@
-"""Validation during training: decode as the policy will at test time, and teacher-forced losses.
+"""Validation during training: decode as the deployed policy does, and teacher-forced losses.
+
+The decoded metrics come from `runtime.Policy` over a `TorchBackend` that wraps the model being
+trained (weights shared, nothing exported), in the recipe's own decode mode: the numbers are
+what the deployed policy does, prefixes forced and reasoning budget included.
 
 Metrics (means over the validation samples looked at):
-    action_token_acc     greedy action tokens (the recipe's test-time decoding) == target bins
-    action_l1            |decoded action - target action| in env units
+    action_token_acc     the Policy's action tokens == target bins
+    action_l1            |the Policy's action - target action| in env units
+    free_tokens          tokens the Policy decoded before the action (full mode: the reasoning,
+                         its forced prefix included; 0 in direct mode)
     action_token_acc_tf  teacher-forced argmax over the action block at the action positions
     loss                 the recipe's training loss (its current stage)
     reasoning_loss       cross-entropy on the reasoning tokens given the prompt (samples with reasoning)
-    free_tokens          tokens decoded freely before the action (full-mode recipes)
 """
 
 from __future__ import annotations
@@ -15,12 +20,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_vla.data.dataset import pick_evenly
 from edge_vla.tokens.sequence import IGNORE
 
 
-def _pick(ds, n: int) -> list:
-    n = min(n, len(ds))
-    return [ds[int(i)] for i in np.linspace(0, len(ds) - 1, n).round().astype(int)] if n else []
+def policy_for(model, recipe, mode: str | None = None):
+    """The deployed decoder over `model` itself (no copy): the recipe's settings, as its
+    recipe.json would give them, in its own decode mode unless `mode` says otherwise.
+    Puts `model` in eval mode."""
+    from edge_vla.runtime.policy import Policy
+    from edge_vla.runtime.torch_backend import TorchBackend
+
+    return Policy(TorchBackend(model, recipe=recipe.info(model.processor.tokenizer)), mode=mode)
+
+
+def decoded_metrics(policy, samples) -> dict:
+    """What `policy` decodes on `samples`, against their target actions."""
+    from edge_vla.data.observations import sample_to_obs
+
+    act_tok = policy.action_tokenizer
+    hits = total = 0
+    l1, free = [], []
+    for s in samples:
+        r = policy.act(sample_to_obs(s))
+        target = act_tok.encode(np.asarray(s.action)).reshape(-1)
+        hits += int((np.asarray(r.info["action_token_ids"]) == target).sum())
+        total += target.size
+        l1.append(float(np.abs(r.action - np.asarray(s.action)).mean()))
+        free.append(r.tokens["reasoning"])
+    return {"action_token_acc": hits / total, "action_l1": float(np.mean(l1)), "free_tokens": float(np.mean(free))}
 
 
 def _teacher_forced(model, rows, collate, first, n_bins):
@@ -38,15 +66,10 @@ def _teacher_forced(model, rows, collate, first, n_bins):
     return loss_sum, n_tok, int(hits.sum()), int(is_act.sum())
 
 
-@torch.no_grad()
-def evaluate(model, recipe, dataset, max_samples: int = 64, stage: str | None = None, batch_size: int = 16,
-             decode: bool = True) -> dict:
+def teacher_forced_metrics(model, recipe, samples, stage: str | None = None, batch_size: int = 16) -> dict:
     from edge_vla.train.data import Collate, RecipeDataset
     from edge_vla.train.recipes import get_recipe
 
-    was_training = model.training
-    model.eval()
-    samples = _pick(dataset, max_samples)
     tok = model.processor.tokenizer
     act_tok = model.action_tokenizer
     first, n_bins = tok.first_action_id, tok.n_bins
@@ -55,7 +78,6 @@ def evaluate(model, recipe, dataset, max_samples: int = 64, stage: str | None = 
     # Reasoning-only labels: exactly stage 1 of reasoning pre-training without the action loss.
     reasoning_rows = RecipeDataset([s for s in samples if s.reasoning is not None and not s.reasoning.is_empty()],
                                    get_recipe("ecot-lite-pretrain", stage1_action_loss=False), model.processor, act_tok)
-
     loss_sum = n_tok = hits_tf = n_act_tf = 0
     for i in range(0, len(samples), batch_size):
         chunk = [rows.row(s, np.random.default_rng([7, i + j]), stage) for j, s in enumerate(samples[i:i + batch_size])]
@@ -67,28 +89,27 @@ def evaluate(model, recipe, dataset, max_samples: int = 64, stage: str | None = 
                  for s in reasoning_rows.samples[i:i + batch_size]]
         ls, nt, _, _ = _teacher_forced(model, chunk, collate, first, n_bins)
         r_sum, r_tok = r_sum + ls, r_tok + nt
-
     metrics = {"loss": loss_sum / max(n_tok, 1), "action_token_acc_tf": hits_tf / max(n_act_tf, 1), "n": len(samples)}
     if r_tok:
         metrics["reasoning_loss"] = r_sum / r_tok
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, recipe, dataset, max_samples: int = 64, stage: str | None = None, batch_size: int = 16,
+             decode: bool = True, mode: str | None = None) -> dict:
+    """Validation metrics of `model` on `max_samples` samples spread evenly over `dataset`.
+    `mode`: decode in this Policy mode instead of the recipe's own. Leaves `model` in the mode
+    (train / eval) it was in."""
+    was_training = model.training
+    model.eval()
+    samples = pick_evenly(dataset, max_samples)
+    metrics = teacher_forced_metrics(model, recipe, samples, stage, batch_size)
     if decode and samples:
-        prefix = recipe.inference_prefix_ids(tok)
-        hits = total = 0
-        l1, free_counts = [], []
-        for s in samples:
-            pv, ids, st = model.model_inputs(s.images, s.instruction, s.state, extra_prompt_ids=prefix)
-            free, act = model.generate(pv, ids, st, max_free_tokens=recipe.max_free_tokens)
-            pred = act[0].cpu().numpy()
-            target = act_tok.encode(np.asarray(s.action)).reshape(-1)
-            hits += int((pred == target).sum())
-            total += target.size
-            l1.append(float(np.abs(act_tok.decode(pred) - np.asarray(s.action)).mean()))
-            free_counts.append(free.shape[1])
-        metrics.update(action_token_acc=hits / total, action_l1=float(np.mean(l1)),
-                       free_tokens=float(np.mean(free_counts)))
+        metrics.update(decoded_metrics(policy_for(model, recipe, mode), samples))
     if was_training:
         model.train()
     return metrics
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "policy_for", "decoded_metrics", "teacher_forced_metrics"]

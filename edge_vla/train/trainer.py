@@ -1,4 +1,5 @@
-"""The trainer: one loop on `accelerate`, the same code on a CPU, a GPU, DDP or FSDP.
+"""The trainer: a recipe's cross-entropy in the one training loop (edge_vla.train.loop, on
+`accelerate`: the same code on a CPU, a GPU, DDP or FSDP).
 
     train(config, data, out_dir) -> out_dir/final  (a checkpoint: VLA.from_pretrained loads it)
 
@@ -17,29 +18,22 @@ ends with the weights an uninterrupted run ends with.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 from edge_vla.io import atomic_write_text
 from edge_vla.train.config import TrainConfig
-from edge_vla.train.data import (Collate, MicroBatches, RecipeDataset, check_data, dataset_stats, dataset_texts,
-                                 open_split)
+from edge_vla.train.data import RecipeDataset, check_data, dataset_stats, dataset_texts, open_split
 from edge_vla.train.evaluate import evaluate
+from edge_vla.train.loop import (STATE_DIR, TRAINER_FILE, LoopSettings, MetricsLog, Objective, TrainLoop,
+                                 lr_lambda_for, make_accelerator, save_checkpoint)
 from edge_vla.train.recipes import get_recipe
 
-STATE_DIR = "state"
 FINAL_DIR = "final"
-TRAINER_FILE = "trainer.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 def build_model(cfg: TrainConfig, texts: list[str], stats):
@@ -85,85 +79,20 @@ def apply_trainable(model, cfg: TrainConfig):
     return model
 
 
-def export_checkpoint(model, path: Path, lora: bool) -> Path:
-    """Write `model` in the checkpoint format; LoRA adapters are merged into a copy first."""
-    if lora:
-        model = copy.deepcopy(model)
-        model.lm = model.lm.merge_and_unload()
-    return model.save_pretrained(path)
+class RecipeObjective(Objective):
+    """The recipe's cross-entropy; validation decodes as the deployed Policy does (evaluate)."""
 
+    def __init__(self, recipe, val_ds, steps: int, max_samples: int):
+        self.recipe, self.val_ds, self.steps, self.max_samples = recipe, val_ds, steps, max_samples
 
-def lr_lambda_for(cfg: TrainConfig, recipe):
-    """Warmup then cosine to min_lr_ratio, restarted at every recipe stage boundary."""
-    bounds = recipe.stage_bounds(cfg.steps)
+    def loss(self, model, batch, index):
+        return model(**batch).loss, {}
 
-    def lr_lambda(step: int) -> float:
-        lo, hi = next((lo, hi) for _, lo, hi in reversed(bounds) if step >= lo)
-        local, length = step - lo, max(1, hi - lo)
-        warm = min(cfg.warmup_steps, max(0, length - 1))
-        if local < warm:
-            return (local + 1) / (warm + 1)
-        progress = min(1.0, (local - warm) / max(1, length - warm))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return lr_lambda
-
-
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when installed); main process only."""
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None):
-        self.path = out / METRICS_FILE
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # Drop lines written after the state we resume from: they will be written again.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-        elif self.path.exists():
-            self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record.get("step", 0))
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.bf16 is True:
-        return "bf16"
-    if cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def _make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA:
-    # accelerate forms a CPU process group (gloo) only when told cpu=True.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # Some tower parameters (SigLIP's unused pooling head) get no gradient: DDP must know.
-    return Accelerator(mixed_precision=_mixed_precision(cfg), cpu=cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    def validate(self, model, step):
+        if not len(self.val_ds):
+            return {}
+        stage = self.recipe.stage_at(max(step - 1, 0), self.steps)
+        return evaluate(model, self.recipe, self.val_ds, self.max_samples, stage=stage)
 
 
 def _read_state(out: Path) -> dict | None:
@@ -208,30 +137,58 @@ def _vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def _save_state(accelerator, out: Path, step: int, cfg: TrainConfig, stats, tokenizer, micro: int,
-                clock: dict) -> None:
-    """Write out/state atomically: all processes write into one temp dir, then one rename.
-    `clock`: the run's training wall time and samples so far, over every session."""
-    tmp = out / f".{STATE_DIR}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        meta = {"step": step, "micro": micro, "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
-                "action_stats": stats.to_dict(), "vocab_size": tokenizer.vocab_size, "vocab_hash": _vocab_hash(tokenizer),
-                "world_size": accelerator.num_processes, **clock}
-        (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=2))
-        final = out / STATE_DIR
-        old = out / f".{STATE_DIR}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> dict | None:
+    """The run's saved state (its trainer.json) when resuming; refuses to train over a run."""
+    from edge_vla.config import PRESETS, unknown_name_error
+
+    if not cfg.init_from and cfg.preset not in PRESETS:
+        raise unknown_name_error("preset", cfg.preset, PRESETS)
+    saved = _read_state(out)
+    if saved is None and not resume and (out / "train_config.json").exists():
+        raise EdgeVLAError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
+    if saved is not None and not resume:
+        raise EdgeVLAError(f"{out} holds a resumable training state", "pass --resume to continue it, or choose another --out")
+    return saved
+
+
+def _open_data(cfg: TrainConfig, data, val_data, recipe):
+    """(train split, validation split, action statistics), every problem found before a model is built."""
+    split = lambda name: open_split(data, name, cfg.val_fraction, cfg.action_chunk, cfg.drop_noops, cfg.seed)  # noqa: E731
+    train_ds = split("train")
+    val_ds = val_data if val_data is not None else split("val")
+    stats = dataset_stats(train_ds)
+    check_data(train_ds, stats, recipe, cfg.action_chunk, "training data")
+    if len(val_ds):
+        check_data(val_ds, stats, recipe, cfg.action_chunk, "validation data", check_range=False)
+    return train_ds, val_ds, stats
+
+
+def _check_action_tokens(model, cfg: TrainConfig, stats) -> None:
+    if model.config.n_action_tokens != cfg.action_chunk * stats.dim:
+        raise EdgeVLAError(f"the model decodes {model.config.n_action_tokens} action tokens, the data needs "
+                           f"{cfg.action_chunk * stats.dim}", "match action_chunk with the checkpoint (init_from)")
+
+
+def _finished(saved: dict, cfg: TrainConfig, out: Path) -> bool:
+    return int(saved["step"]) >= cfg.steps and (out / FINAL_DIR).is_dir() and (out / "summary.json").is_file()
+
+
+def _state_meta(cfg: TrainConfig, stats, tokenizer):
+    """What a resume must match, recorded with every saved state."""
+    return lambda: {"config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "action_stats": stats.to_dict(),
+                    "vocab_size": tokenizer.vocab_size, "vocab_hash": _vocab_hash(tokenizer)}
+
+
+def _write_summary(out: Path, loop: TrainLoop, recipe, metrics: dict, run: dict, n_train: int, n_val: int,
+                   cfg: TrainConfig, command: str | None) -> None:
+    from edge_vla.environment import environment_report
+
+    summary = {"recipe": recipe.info(loop.unwrapped.processor.tokenizer), "steps": loop.step, "final_val": metrics,
+               "train_samples_per_s": run["samples"] / max(run["wall_s"], 1e-9),
+               "wall_s": run["wall_s"], "processes": loop.accelerator.num_processes, "n_train": n_train,
+               "n_val": n_val, "command": command, "config": cfg.to_dict(), "environment": environment_report()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=None, stop_at_step: int | None = None,
@@ -248,160 +205,49 @@ def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=Non
     cfg.validate()
     out = Path(out_dir)
     recipe = get_recipe(cfg.recipe, **cfg.recipe_options)
-    from edge_vla.config import PRESETS, unknown_name_error
+    saved = _open_run(cfg, out, resume)
+    train_ds, val_ds, stats = _open_data(cfg, data, val_data, recipe)
 
-    if not cfg.init_from and cfg.preset not in PRESETS:
-        raise unknown_name_error("preset", cfg.preset, PRESETS)
-    saved = _read_state(out)
-    if saved is None and not resume and (out / "train_config.json").exists():
-        raise EdgeVLAError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
-    if saved is not None and not resume:
-        raise EdgeVLAError(f"{out} holds a resumable training state", "pass --resume to continue it, or choose another --out")
-
-    # --- data, checked before anything is built ---------------------------------------------------
-    train_ds = open_split(data, "train", cfg.val_fraction, cfg.action_chunk, cfg.drop_noops, cfg.seed)
-    val_ds = val_data if val_data is not None else open_split(data, "val", cfg.val_fraction, cfg.action_chunk,
-                                                             cfg.drop_noops, cfg.seed)
-    stats = dataset_stats(train_ds)
-    check_data(train_ds, stats, recipe, cfg.action_chunk, "training data")
-    if len(val_ds):
-        check_data(val_ds, stats, recipe, cfg.action_chunk, "validation data", check_range=False)
-
-    accelerator = _make_accelerator(cfg)
+    settings = LoopSettings.of(cfg)
+    accelerator = make_accelerator(settings)
     main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset_texts(train_ds), stats)
     tokenizer = model.processor.tokenizer
-    if model.config.n_action_tokens != cfg.action_chunk * stats.dim:
-        raise EdgeVLAError(f"the model decodes {model.config.n_action_tokens} action tokens, the data needs "
-                           f"{cfg.action_chunk * stats.dim}", "match action_chunk with the checkpoint (init_from)")
+    _check_action_tokens(model, cfg, stats)
     if saved is not None:
         _check_resume(saved, cfg, stats, tokenizer, out)
-        if int(saved["step"]) >= cfg.steps and (out / FINAL_DIR).is_dir() and (out / "summary.json").is_file():
-            return out / FINAL_DIR  # finished: a resume is a no-op (its summary keeps the run's throughput)
+        if _finished(saved, cfg, out):
+            return out / FINAL_DIR  # a resume is a no-op (its summary keeps the run's throughput)
     model.recipe_info = recipe.info(tokenizer)
     model = apply_trainable(model, cfg)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step
-    # it once per process), and checkpointed as a registered object.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(cfg, recipe))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    start_step = 0
+    loop = TrainLoop(settings, accelerator, model, RecipeObjective(recipe, val_ds, cfg.steps, cfg.val_max_samples),
+                     out, lr_lambda_for(cfg, recipe), lambda step: recipe.stage_at(step, cfg.steps),
+                     f"train {recipe.name}", _state_meta(cfg, stats, tokenizer))
     if saved is not None:
-        if saved.get("world_size", 1) != accelerator.num_processes:
-            raise EdgeVLAError(f"cannot resume {out}: it ran on {saved.get('world_size')} processes, this run has "
-                               f"{accelerator.num_processes}", "resume with the same number of processes")
-        accelerator.load_state(str(out / STATE_DIR / "accelerate"))
-        start_step = int(saved["step"])
+        loop.restore(saved)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-    log = MetricsLog(out, main, start_step if saved is not None else None)
-
-    unwrapped = accelerator.unwrap_model(model)
-    rows = RecipeDataset(train_ds, recipe, unwrapped.processor, unwrapped.action_tokenizer, cfg.seed)
-    batches = MicroBatches(len(train_ds), cfg.batch_size, start_step * cfg.grad_accum, cfg.steps * cfg.grad_accum,
-                           cfg.seed, accelerator.num_processes, accelerator.process_index,
-                           stage_of=lambda m: recipe.stage_at(m // cfg.grad_accum, cfg.steps))
-    loader = torch.utils.data.DataLoader(rows, batch_sampler=batches, num_workers=cfg.num_workers,
-                                         collate_fn=Collate(tokenizer.pad_id, cfg.augment_shift, cfg.seed,
-                                                            accelerator.process_index))
-
-    def run_eval(step: int) -> dict:
-        metrics = {}
-        if main and len(val_ds):
-            metrics = evaluate(unwrapped, recipe, val_ds, cfg.val_max_samples,
-                               stage=recipe.stage_at(max(step - 1, 0), cfg.steps))
-            log.write({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
-        accelerator.wait_for_everyone()
-        return metrics
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]train {task.fields[recipe]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e}"), TimeRemainingColumn(),
-                        disable=not (main and show_progress))
-    task = progress.add_task("train", total=cfg.steps, completed=start_step, recipe=recipe.name, loss=float("nan"),
-                             lr=cfg.lr)
-    step, micro_in_step, loss_acc = start_step, 0, 0.0
-    t0, samples_seen = time.perf_counter(), 0
-    before = {k: (saved or {}).get(k, 0) for k in ("wall_s", "samples")}  # earlier sessions of this run
-
-    def clock() -> dict:
-        return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
-                "samples": before["samples"] + samples_seen * accelerator.num_processes}
-    model.train()
-    end_step = min(cfg.steps, stop_at_step) if stop_at_step is not None else cfg.steps
-    with progress:
-        for batch in loader:
-            if step >= end_step:
-                break
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            last_micro = micro_in_step == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not last_micro else _nullcontext()
-            with ctx, accelerator.autocast():
-                loss = model(**batch).loss / cfg.grad_accum
-                accelerator.backward(loss)
-            loss_acc += float(loss.detach())
-            samples_seen += batch["input_ids"].shape[0]
-            micro_in_step += 1
-            if not last_micro:
-                continue
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            micro_in_step = 0
-            mean_loss = float(accelerator.reduce(torch.tensor(loss_acc, device=accelerator.device), "mean"))
-            loss_acc = 0.0
-            progress.update(task, completed=step, loss=mean_loss, lr=lr)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write({"step": step, "train/loss": mean_loss, "lr": lr,
-                           "stage": recipe.stage_at(step - 1, cfg.steps)})
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run_eval(step)
-                model.train()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
-                _save_state(accelerator, out, step, cfg, stats, tokenizer, step * cfg.grad_accum, clock())
-                if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    export_checkpoint(unwrapped, out / f"checkpoint-{step:06d}", bool(cfg.lora_rank))
-                accelerator.wait_for_everyone()
-    run = clock()
+    log = MetricsLog(out, main, loop.step if saved is not None else None)
+    rows = RecipeDataset(train_ds, recipe, loop.unwrapped.processor, loop.unwrapped.action_tokenizer, cfg.seed)
+    step = loop.run(rows, log, stop_at_step, show_progress)
+    run = loop.clock()
     if step < cfg.steps:  # stopped early on purpose (stop_at_step): state saved, no final checkpoint
         log.close()
         return out / STATE_DIR
 
-    model.eval()
+    loop.model.eval()
     final = out / FINAL_DIR
-    metrics = run_eval(step)
+    metrics = loop.validate(step, log)
     if main:
-        export_checkpoint(unwrapped, final, bool(cfg.lora_rank))
-        from edge_vla.environment import environment_report
-
-        summary = {"recipe": recipe.info(tokenizer), "steps": step, "final_val": metrics,
-                   "train_samples_per_s": run["samples"] / max(run["wall_s"], 1e-9),
-                   "wall_s": run["wall_s"], "processes": accelerator.num_processes, "n_train": len(train_ds),
-                   "n_val": len(val_ds), "command": command, "config": cfg.to_dict(),
-                   "environment": environment_report()}
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+        save_checkpoint(loop.unwrapped, final, bool(cfg.lora_rank))
+        _write_summary(out, loop, recipe, metrics, run, len(train_ds), len(val_ds), cfg, command)
     accelerator.wait_for_everyone()
     log.close()
     return final
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-__all__ = ["train", "build_model", "apply_trainable", "export_checkpoint", "lr_lambda_for", "STATE_DIR", "FINAL_DIR"]
+__all__ = ["train", "build_model", "apply_trainable", "save_checkpoint", "lr_lambda_for", "RecipeObjective",
+           "STATE_DIR", "FINAL_DIR"]
