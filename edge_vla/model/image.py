@@ -8,16 +8,24 @@ PIL-style "bilinear with antialias" for downscaling and plain bilinear for upsca
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 
+# Resize weights are cached by (input size, output size): a camera's frames all share one pair.
+# The cache is bounded in bytes, not entries, and big matrices are never kept: a client that sends
+# frames of many odd widths (a policy server's caller) cannot make it pin memory.
+RESIZE_CACHE_BYTES = 32 << 20
+RESIZE_CACHE_MAX_ENTRY = 4 << 20
+_resize_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+_resize_cache_bytes = 0
+_resize_lock = threading.Lock()
 
-@lru_cache(maxsize=64)
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of a triangle filter; rows sum to 1."""
+
+def _triangle_weights(n_in: int, n_out: int) -> np.ndarray:
     if n_in == n_out:
         return np.eye(n_out, dtype=np.float32)
     scale = n_in / n_out
@@ -27,6 +35,33 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     w = np.clip(1.0 - np.abs(src[None, :] - centers[:, None]) / support, 0.0, None)
     w /= w.sum(1, keepdims=True)
     return w.astype(np.float32)
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a triangle filter; rows sum to 1. Read-only (shared by the cache)."""
+    global _resize_cache_bytes
+    key = (int(n_in), int(n_out))
+    with _resize_lock:
+        hit = _resize_cache.get(key)
+        if hit is not None:
+            _resize_cache.move_to_end(key)
+            return hit
+    w = _triangle_weights(*key)
+    w.setflags(write=False)
+    if w.nbytes <= RESIZE_CACHE_MAX_ENTRY:
+        with _resize_lock:
+            if key not in _resize_cache:
+                _resize_cache[key] = w
+                _resize_cache_bytes += w.nbytes
+            while _resize_cache_bytes > RESIZE_CACHE_BYTES:
+                _, old = _resize_cache.popitem(last=False)
+                _resize_cache_bytes -= old.nbytes
+    return w
+
+
+def resize_cache_bytes() -> int:
+    """Bytes the resize-weight cache holds now (bounded by RESIZE_CACHE_BYTES)."""
+    return _resize_cache_bytes
 
 
 def check_image(image, name: str = "image") -> np.ndarray:

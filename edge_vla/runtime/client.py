@@ -19,6 +19,14 @@ class ServerLost(EdgeVLAError):
     """The server closed, vanished or did not answer in time."""
 
 
+def _why_closed(e: Exception) -> str:
+    """`1001 going away: policy server shutting down` for a server that stopped on purpose."""
+    rcvd = getattr(e, "rcvd", None)
+    if rcvd is not None:
+        return f"closed {rcvd.code}" + (f": {rcvd.reason}" if rcvd.reason else "")
+    return type(e).__name__
+
+
 def to_openpi_obs(obs: dict, cameras) -> dict:
     """Our observation dict -> openpi's LIBERO keys (images in `cameras` order)."""
     images = obs["images"]
@@ -66,7 +74,7 @@ class RemotePolicy:
         except TimeoutError:
             raise ServerLost(f"the policy server did not answer within {self.timeout_s:.0f} s") from None
         except (ConnectionClosed, OSError) as e:
-            raise ServerLost(f"lost the policy server at {self.uri} ({type(e).__name__})") from None
+            raise ServerLost(f"lost the policy server at {self.uri} ({_why_closed(e)})") from None
         if isinstance(reply, str):
             raise EdgeVLAError(f"policy server: {reply.removeprefix('error: ')}")
         msg = decode_message(reply)
@@ -89,7 +97,7 @@ class RemotePolicy:
             self._ws.send(encode_message({"reset": True}))
             self._ws.recv(timeout=self.timeout_s)
         except (TimeoutError, ConnectionClosed, OSError) as e:
-            raise ServerLost(f"lost the policy server at {self.uri} ({type(e).__name__})") from None
+            raise ServerLost(f"lost the policy server at {self.uri} ({_why_closed(e)})") from None
 
     def close(self) -> None:
         self._ws.close()
