@@ -210,25 +210,88 @@ def parse_override_value(raw: str) -> Any:
         return raw
 
 
+# Sections of VLAConfig that hold a Hugging Face config dict, and the path that replaces it.
+HF_SECTIONS = {"vision": "vision_path", "lm": "lm_path"}
+
+
+def hf_config_keys(model_type: str) -> set[str]:
+    """Every key a Hugging Face config of `model_type` understands: its attributes (to_dict), its
+    constructor's arguments, its aliases (attribute_map) and the legacy rope keys it folds into
+    `rope_parameters` (rope_theta, ...). Unknown model types are refused with the close names."""
+    import inspect
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise unknown_name_error("Hugging Face model_type", model_type, list(CONFIG_MAPPING.keys()))
+    cfg = AutoConfig.for_model(model_type)
+    keys = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}) or {})
+    for klass in type(cfg).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            keys |= {n for n, p in inspect.signature(init).parameters.items()
+                     if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if "rope_parameters" in keys:
+        keys |= {"rope_theta", "rope_scaling", "partial_rotary_factor"}
+    return keys
+
+
+def _check_hf_keys(config: dict, added: list[tuple[str, str, str]]) -> None:
+    """Keys that overrides added inside a Hugging Face section (vision, lm) must be keys that
+    section's config class knows; a section that is loaded from a path ignores them."""
+    by_section: dict[str, list[tuple[str, str]]] = {}
+    for section, leaf, key in added:
+        by_section.setdefault(section, []).append((leaf, key))
+    for section, items in by_section.items():
+        node = config.get(section)
+        path_key = HF_SECTIONS[section]
+        if config.get(path_key):
+            raise EdgeVLAError(f"override `{items[0][1]}` has no effect: the {section} tower loads from "
+                               f"{path_key}={config[path_key]!r}",
+                               f"drop it, or set {path_key}=null and give {section}.model_type and its sizes")
+        model_type = node.get("model_type") if isinstance(node, dict) else None
+        if not model_type:
+            raise EdgeVLAError(f"override `{items[0][1]}` cannot be checked: `{section}` names no model_type",
+                               f"set {section}.model_type too, e.g. {section}.model_type=qwen2")
+        known = hf_config_keys(str(model_type))
+        for leaf, key in items:
+            if leaf not in known:
+                raise unknown_name_error(f"{model_type} config key", key,
+                                         [f"{section}.{k}" for k in known if not k.startswith("_")])
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as JSON when they parse, else strings)."""
+    """Apply `a.b.c=value` overrides (values parsed as JSON when they parse, else strings).
+
+    Every key must exist, at any depth, or the override is refused with the closest name. New keys
+    are accepted only directly inside a Hugging Face section (vision, lm), and only when that
+    section's config class (its model_type) knows them."""
     out = copy.deepcopy(config)
+    added: list[tuple[str, str, str]] = []
     for item in overrides:
         if "=" not in item:
             raise EdgeVLAError(f"override `{item}` has no `=`", "write overrides as key.sub=value, e.g. lm.hidden_size=256")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         node = out
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
                 where = ".".join(parts[: i + 1])
-                raise unknown_name_error("config key", where, node.keys() if isinstance(node, dict) else [])
+                prefix = ".".join(parts[:i])
+                raise unknown_name_error("config key", where, [f"{prefix}.{k}" if prefix else k for k in node]
+                                         if isinstance(node, dict) else [])
             node = node[part]
         leaf = parts[-1]
         if not isinstance(node, dict):
             raise EdgeVLAError(f"override `{key}`: `{'.'.join(parts[:-1])}` is not a section")
-        # New keys are allowed only inside free-form Hugging Face config dicts (vision, lm).
-        if leaf not in node and parts[0] not in ("vision", "lm"):
-            raise unknown_name_error("config key", key, [".".join(parts[:-1] + [k]) for k in node])
+        if leaf not in node:
+            if len(parts) == 2 and parts[0] in HF_SECTIONS:
+                added.append((parts[0], leaf, key))
+            else:
+                raise unknown_name_error("config key", key, [".".join(parts[:-1] + [k]) for k in node])
         node[leaf] = parse_override_value(raw.strip())
+    if added:
+        _check_hf_keys(out, added)
     return out
