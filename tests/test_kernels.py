@@ -196,17 +196,19 @@ def test_value_table_reproduces_action_tokenizer_decode():
     assert set(np.unique(got.reshape(40, D)[:, -1])) <= {np.float32(tok.low[-1]), np.float32(tok.high[-1])}
 
 
-def test_restricted_head_reproduces_vla_generate(tiny_vla):
+def test_restricted_head_reproduces_the_reference_decoder(tiny_vla):
     """On the real tiny VLA, the fused op on the decoder's hidden states gives exactly the action
-    tokens VLA.generate picks, and their values equal ActionTokenizer.decode."""
+    tokens a full-forward greedy decode picks, and their values equal ActionTokenizer.decode."""
     import torch
 
+    from _reference_decode import reference_decode
     from conftest import make_samples
 
     vla = tiny_vla.eval()
     s = make_samples(1, seed=5)[0]
     pv, ids, st = vla.model_inputs(s.images, s.instruction, s.state, vla.processor.tokenizer.encode(" ACTION:"))
-    _, act_ids = vla.generate(pv, ids, st)
+    _, act = reference_decode(vla, pv, ids, st)
+    act_ids = torch.tensor([act])
     tok = vla.processor.tokenizer
     w, b = action_head_rows(vla.lm.get_output_embeddings().weight.detach(), tok.first_action_id, tok.n_bins)
     values, low, high = action_value_table(vla.action_tokenizer)

@@ -71,20 +71,20 @@ def test_recipe_rows_of_a_parallel_model_feed_placeholders_with_unchanged_labels
     assert a["input_ids"][-(n + 1):-1] == a["labels"][-(n + 1):-1]  # the sequential model sees the actions
 
 
-def test_generate_decodes_the_chunk_as_one_teacher_free_forward_pass():
+def test_policy_decodes_the_chunk_as_one_teacher_free_forward_pass():
     vla = _vla().eval()
     s = make_samples(3)
     tok = vla.processor.tokenizer
     lo, n = tok.first_action_id, vla.config.n_action_tokens
     from edge_vla.tokens.sequence import action_prefix_ids
 
+    policy = Policy(TorchBackend(vla), mode="direct")
     for x in s:
         pv, ids, st = vla.model_inputs(x.images, x.instruction, x.state, action_prefix_ids(tok))
-        _, act = vla.generate(pv, ids, st)
         full = torch.cat([ids, torch.full((1, n - 1), placeholder_id(tok))], 1)
         with torch.no_grad():
             logits = vla(pv, full, state=st).logits[0, -n:, lo:lo + tok.n_bins]
-        assert act[0].tolist() == (logits.argmax(-1) + lo).tolist()
+        assert policy.act(sample_to_obs(x)).info["action_token_ids"] == (logits.argmax(-1) + lo).tolist()
 
 
 def test_policy_direct_mode_is_one_decoder_pass_and_full_mode_one_after_the_reasoning(trained):

@@ -11,6 +11,7 @@ from edge_vla.data.observations import sample_to_obs
 from edge_vla.runtime.policy import BACKENDS, ActionResult, Policy, backend_class, load_policy
 from edge_vla.runtime.torch_backend import TorchBackend
 from edge_vla.tokens.sequence import action_prefix_ids
+from _reference_decode import reference_decode
 
 
 @pytest.fixture(scope="module")
@@ -18,30 +19,30 @@ def backend(tiny_vla):
     return TorchBackend(tiny_vla)
 
 
-def test_direct_mode_equals_vla_generate_with_forced_action_prefix(tiny_vla, backend, samples):
+def test_direct_mode_equals_the_reference_decoder_with_forced_action_prefix(tiny_vla, backend, samples):
     p = Policy(backend, mode="direct")
     for s in samples[:3]:
         r = p.act(sample_to_obs(s))
         assert isinstance(r, ActionResult) and r.reasoning_text is None
         pv, ids, st = tiny_vla.model_inputs(s.images, s.instruction, s.state,
                                             action_prefix_ids(tiny_vla.processor.tokenizer))
-        free, act = tiny_vla.generate(pv, ids, st, max_free_tokens=0)
-        assert r.info["action_token_ids"] == act[0].tolist()
-        np.testing.assert_allclose(r.action, tiny_vla.action_tokenizer.decode(act[0].numpy()), atol=1e-6)
+        free, act = reference_decode(tiny_vla, pv, ids, st, max_free_tokens=0)
+        assert r.info["action_token_ids"] == act
+        np.testing.assert_allclose(r.action, tiny_vla.action_tokenizer.decode(np.array(act)), atol=1e-6)
         assert r.tokens == {"prompt": ids.shape[1] - len(p.inference_prefix_ids), "reasoning": 0, "action": 7}
         assert r.timings["total"] >= r.timings["vision"] + r.timings["prefill"] > 0
 
 
-def test_full_mode_equals_vla_generate_and_returns_the_reasoning(tiny_vla, backend, samples):
+def test_full_mode_equals_the_reference_decoder_and_returns_the_reasoning(tiny_vla, backend, samples):
     s = samples[0]
     p = Policy(backend, mode="full", max_free_tokens=5, force_action_prefix=False)
     r = p.act(sample_to_obs(s))
     pv, ids, st = tiny_vla.model_inputs(s.images, s.instruction, s.state)
-    free, act = tiny_vla.generate(pv, ids, st, max_free_tokens=5)
-    assert r.info["free_token_ids"] == free[0].tolist()
-    assert r.info["action_token_ids"] == act[0].tolist()
-    assert r.reasoning_text == tiny_vla.processor.tokenizer.decode(free[0].tolist()).removesuffix("ACTION:").rstrip()
-    assert r.tokens["reasoning"] == free.shape[1] == len(r.timings["decode_tokens"])
+    free, act = reference_decode(tiny_vla, pv, ids, st, max_free_tokens=5)
+    assert r.info["free_token_ids"] == free
+    assert r.info["action_token_ids"] == act
+    assert r.reasoning_text == tiny_vla.processor.tokenizer.decode(free).removesuffix("ACTION:").rstrip()
+    assert r.tokens["reasoning"] == len(free) == len(r.timings["decode_tokens"])
 
 
 def test_full_mode_forces_the_action_prefix_when_reasoning_runs_out(backend, samples):

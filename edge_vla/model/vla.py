@@ -28,7 +28,6 @@ from edge_vla.artifacts.checkpoint import (CHECKPOINT_FORMAT, CONFIG_FILE, RECIP
                                            WEIGHTS_FILE, load_config)
 from edge_vla.model.processor import VLAProcessor
 from edge_vla.tokens.action import ActionStats, ActionTokenizer
-from edge_vla.tokens.sequence import placeholder_id
 from edge_vla.tokens.text import TextTokenizer
 
 
@@ -212,50 +211,6 @@ class VLA(nn.Module):
         out = self._decoder()(inputs_embeds=self.lm.get_input_embeddings()(ids), cache=cache, use_cache=True)
         return _last(out.last_hidden_state, n_last), out.cache
 
-    @torch.no_grad()
-    def generate(self, pixel_values, prompt_ids: torch.Tensor, state=None, max_free_tokens: int = 0,
-                 n_action_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A plain torch greedy decoder, kept as an independent reference that tests check
-        runtime.Policy against; edge-vla itself (validation, distillation, deployment) decodes
-        through Policy only. Up to `max_free_tokens` unrestricted tokens (nothing forced), which
-        end early at the first action token, then action tokens restricted to the action block.
-
-        Returns (free token ids (B, F) — may be empty, action token ids (B, n_action_tokens)).
-        Rows of a batch stop together; use batch size 1 for reasoning of different lengths.
-        """
-        n_act = n_action_tokens or self.config.n_action_tokens
-        tok = self.processor.tokenizer
-        lo, hi = tok.first_action_id, tok.first_action_id + tok.n_bins
-        hidden, cache = self.prefill(pixel_values, prompt_ids, state)
-        free: list[torch.Tensor] = []
-        actions: list[torch.Tensor] = []
-        for _ in range(max_free_tokens):
-            nxt = self.head(hidden).argmax(-1)
-            if ((nxt >= lo) & (nxt < hi)).all():
-                break  # `hidden` predicts the first action token (the restricted argmax below equals nxt)
-            if (nxt == tok.eos_id).all():
-                break
-            free.append(nxt)
-            hidden, cache = self.step(nxt, cache)
-        w = self.lm.get_output_embeddings().weight[lo:hi]
-        if self.config.parallel_actions:
-            # One pass: n-1 placeholders behind the position that predicts the first action token.
-            hs = hidden[:, None]
-            if n_act > 1:
-                ph = torch.full((prompt_ids.shape[0], n_act - 1), placeholder_id(tok), device=prompt_ids.device)
-                rest, cache = self.step(ph, cache, n_last=n_act - 1)
-                hs = torch.cat([hs, rest], 1)
-            actions = list(((hs @ w.T).argmax(-1) + lo).unbind(1))
-        while len(actions) < n_act:
-            nxt = (hidden @ w.T).argmax(-1) + lo
-            actions.append(nxt)
-            if len(actions) < n_act:
-                hidden, cache = self.step(nxt, cache)
-        b = prompt_ids.shape[0]
-        f = torch.stack(free, 1) if free else torch.zeros(b, 0, dtype=torch.long, device=prompt_ids.device)
-        return f, torch.stack(actions, 1)
-
-    # --- convenience: one observation in, one action out -----------------------------------------
     @property
     def action_tokenizer(self) -> ActionTokenizer:
         if self.action_stats is None:
