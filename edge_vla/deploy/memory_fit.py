@@ -140,21 +140,11 @@ def _split_params(module, embedding=None, head=None, skip_prefix: str | None = N
 
 def _build_on_meta(vision_cfg: dict, lm_cfg: dict):
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers import AutoModel, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    def cfg_of(d, what):
-        d = dict(d)
-        mt = d.pop("model_type", None)
-        if not mt:
-            raise EdgeVLAError(f"the {what} config has no model_type")
-        d.pop("architectures", None)
-        d.pop("transformers_version", None)
-        try:
-            return AutoConfig.for_model(mt, **d)
-        except Exception as e:
-            raise EdgeVLAError(f"invalid {what} config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    from edge_vla.model.vla import hf_config
 
-    vc, lc = cfg_of(vision_cfg, "vision"), cfg_of(lm_cfg, "language model")
+    vc, lc = hf_config(vision_cfg, "vision"), hf_config(lm_cfg, "language model")
     if getattr(vc, "model_type", "") == "siglip":  # a full SigLIP config: take its vision half
         vc = vc.vision_config
     with torch.device("meta"):

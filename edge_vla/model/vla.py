@@ -42,7 +42,7 @@ def hf_config(d: dict, what: str):
     """A Hugging Face config object from a config dict with `model_type` (a tower's section of VLAConfig)."""
     from transformers import AutoConfig
 
-    d = dict(d)
+    d = {k: v for k, v in d.items() if k not in ("architectures", "transformers_version")}  # provenance, not shape
     model_type = d.pop("model_type", None)
     if not model_type:
         raise EdgeVLAError(f"the {what} config has no `model_type`", "give a Hugging Face config dict with model_type")
