@@ -11,7 +11,7 @@ from edge_vla.deploy.targets import get_target
 
 def test_qwen_bf16_decode_on_agx_orin_is_bandwidth_bound_at_4_8_ms():
     p = project_latency("minivla", "bf16", "direct", "orin-agx-64")
-    floor = 494_032_768 * 2 / 204.8e9 * 1e3  # every weight once per token (FACTS.md: >= 4.8 ms)
+    floor = 494_032_768 * 2 / 204.8e9 * 1e3  # every weight once per token (docs/facts.md: >= 4.8 ms)
     assert floor == pytest.approx(4.8245, abs=1e-3)
     assert p.bound["decode"] == "memory"
     # + the KV cache read (<= 298 tokens x 24 layers x 2 x 2 heads x 64 x 2 B = 3.7 MB -> < 0.02 ms)
@@ -47,7 +47,7 @@ def test_precision_and_board_ordering():
 
 
 def test_roofline_is_below_published_openvla_measurements():
-    # NanoLLM on AGX Orin: OpenVLA-7B FP16 840 ms, INT4 336 ms per action (FACTS.md). A bound must be lower.
+    # NanoLLM on AGX Orin: OpenVLA-7B FP16 840 ms, INT4 336 ms per action (docs/facts.md). A bound must be lower.
     assert project_latency("openvla", "fp16", "direct", "orin-agx-64").total_ms < 840
     assert project_latency("openvla", "int4", "direct", "orin-agx-64").total_ms < 336
 

@@ -1,6 +1,6 @@
 """TensorRT engine build and runtime: everything that runs without TensorRT, plus gpu-marked end-to-end tests.
 
-TensorRT cannot be installed here (FACTS.md): the CPU tests prove the lint-before-build order,
+TensorRT cannot be installed here (docs/facts.md): the CPU tests prove the lint-before-build order,
 the one-line errors, the manifest records and the refusal of engines built elsewhere.
 """
 

@@ -1,4 +1,4 @@
-"""The Sample contract (DESIGN.md): one timestep, as every stage sees it."""
+"""The Sample contract (docs/architecture.md): one timestep, as every stage sees it."""
 
 from __future__ import annotations
 

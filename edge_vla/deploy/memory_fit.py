@@ -35,7 +35,7 @@ GIB = 2**30
 MODES = ("direct", "full", "adaptive")
 # Defaults for the sequence a call generates (override per call).
 PROMPT_TOKENS = 32  # "In: What action should the robot take to {instruction}?\nOut:" with a LIBERO instruction
-REASONING_TOKENS = 250  # full ECoT generates ~250 reasoning tokens per action (FACTS.md)
+REASONING_TOKENS = 250  # full ECoT generates ~250 reasoning tokens per action (docs/facts.md)
 ACTION_PREFIX_TOKENS = 3  # " ACTION:"
 INT4_BLOCK = 32
 

@@ -9,7 +9,7 @@ A call runs three phases (the same ones `Policy.act` times):
 Each phase takes max(FLOPs / peak compute, bytes moved / peak bandwidth). A decode step reads
 every LM weight once (the head included; the embedding only for one row) plus the KV cache so
 far: at batch 1 that is what bounds it (Qwen2.5-0.5B bf16 on AGX Orin: 494M x 2 B / 204.8 GB/s
-= 4.8 ms per token, FACTS.md). The decoder graph emits logits for the last position only.
+= 4.8 ms per token, docs/facts.md). The decoder graph emits logits for the last position only.
 
 A roofline is a lower bound. `calibrate` measures what fraction of its own roofline this CPU
 reached in the same phases (from `edge-vla bench` numbers) and `project_latency(...,

@@ -6,7 +6,7 @@ engine builder (`edge_vla.tensorrt.build`) read these numbers; nothing else hard
 
 Sources of the numbers (decimal GB/s and TOPS, as NVIDIA's datasheets give them):
 - Memory bandwidth: Jetson AGX Orin 64GB 204.8 GB/s, Orin NX 16GB 102.4 GB/s, Orin Nano 8GB
-  68 GB/s (NVIDIA Jetson Orin module datasheets; ../shared/notes/FACTS.md).
+  68 GB/s (NVIDIA Jetson Orin module datasheets; docs/facts.md).
 - Compute: the Jetson AGX Orin Series Technical Brief gives the AGX Orin GPU as 2048 CUDA cores
   (5.3 FP32 TFLOPS) and 64 third-generation Tensor Cores (170 sparse INT8 TOPS at 1.3 GHz);
   the module datasheets give Orin NX 16GB 100 TOPS (GPU 60 sparse + 2 DLA 40) at 918 MHz and
@@ -147,7 +147,7 @@ def _orin_nano_8() -> Target:
         bandwidth_gbs=68.0, fp32_tflops=1.28, fp16_tflops=10.0, int8_tops=20.0,
         precisions=("fp32", "fp16", "bf16", "int8", "int4"), default_precision="int4", float_dtype="fp16",
         # Small workspace and externalised weights: 8 GB boards run out of memory building INT4 engines
-        # with weights inside the plan (FACTS.md, NanoLLM issues).
+        # with weights inside the plan (docs/facts.md, NanoLLM issues).
         tensorrt=TensorRTSettings(workspace_gib=1.0, optimization_level=3, external_weights=True),
     )
 

@@ -1,6 +1,6 @@
 """Latency bench of checkpoints and bundles (`edge-vla bench A B ...`).
 
-Each artefact runs in a fresh Python process with one intra-op thread (FACTS.md: on a shared
+Each artefact runs in a fresh Python process with one intra-op thread (docs/facts.md: on a shared
 2-core machine that is the only way timings compare), all in one run, so the ratios against
 the first artefact are measured under the same conditions. Per artefact: latency median/p95
 per component (vision, prefill, per decoded token, action decode, total) and per action,

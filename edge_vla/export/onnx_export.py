@@ -13,7 +13,7 @@
 
 One decoder graph serves prefill (past length 0) and decode (T = 1): the KV cache travels as
 plain tensors and is rebuilt inside the wrapper as a transformers DynamicCache, the form
-torch.onnx's dynamo exporter handles (../shared/notes/FACTS.md). For ONNX Runtime targets the
+torch.onnx's dynamo exporter handles (docs/facts.md). For ONNX Runtime targets the
 decoder is instead built from the weights with ORT's fused ops (edge_vla.export.fused_decoder:
 GroupQueryAttention, fused QKV and gate/up MatMuls), same inputs and outputs, ~1.25x faster INT8 steps. The LM head leaves the decoder
 graph (edge_vla.kernels.onnx_graph.split_lm_head) because ONNX Runtime runs every node of a

@@ -14,7 +14,7 @@ context): 8-bit MatMulNBits decodes ~2x faster than ORT's MatMulInteger/DynamicQ
 form of the same weights (6.8 vs 12.4 ms per step); INT4 with int8 compute (accuracy_level 4)
 ~3x faster than with float compute (accuracy_level 0). For TensorRT targets `int8` keeps the
 MatMulInteger form (`for_tensorrt=True`), which the TensorRT lint names with its fix; static QDQ
-drifts most (FACTS.md).
+drifts most (docs/facts.md).
 """
 
 from __future__ import annotations

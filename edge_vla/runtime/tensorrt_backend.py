@@ -1,7 +1,7 @@
 """TensorRT backend for `Policy`: the bundle's engines on a Jetson/CUDA GPU, KV cache kept on the device.
 
 NOT YET RUN ON ANY HARDWARE: TensorRT and pycuda cannot be installed in this workplace
-(../shared/notes/FACTS.md) and no GPU was lent to the task that wrote it. It follows the TensorRT
+(docs/facts.md) and no GPU was lent to the task that wrote it. It follows the TensorRT
 10 Python API (named tensors, `set_tensor_address`, `execute_async_v3`) and is kept thin so the
 first run on a board is easy to debug. What it does:
 

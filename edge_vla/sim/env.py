@@ -4,7 +4,7 @@
     obs, info = env.reset(options={"init_state": 0})     # benchmark init state 0, then 10 settle steps
     obs, reward, terminated, truncated, info = env.step(action)   # terminated = task succeeded
 
-Conventions (../shared/notes/FACTS.md): MuJoCo 2.3.7 physics, 10 no-op settle steps with the
+Conventions (docs/facts.md): MuJoCo 2.3.7 physics, 10 no-op settle steps with the
 gripper open, the per-suite step limits of OpenVLA's evaluation, images rotated 180 degrees
 into the canonical upright frame (`img[::-1, ::-1]`), state = eef position, eef axis-angle,
 gripper qpos (2). `privileged()` exposes simulator truth for the scripted expert and the
@@ -39,7 +39,7 @@ HELD_OUT_INIT_STATES_FROM = 40
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 # Our camera names -> robosuite's.
 CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
-GRIPPER_OPEN_WIDTH = 0.078  # qpos[0] - qpos[1] with the fingers fully open (FACTS.md)
+GRIPPER_OPEN_WIDTH = 0.078  # qpos[0] - qpos[1] with the fingers fully open (docs/facts.md)
 
 
 def preload_triton() -> None:

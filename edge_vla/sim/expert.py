@@ -10,7 +10,7 @@ height that depends on the object's size (never deeper below its top than the fi
 so the palm does not push a tall bottle over), close until the fingers stop, lift, carry above
 the target, lower, open until the fingers have let go, retreat. It lifts as soon as the fingers
 stop (not after a fixed wait): a long "stay still" hold teaches a policy to stall after grasping
-(FACTS.md).
+(docs/facts.md).
 
 Coverage is measured, not assumed: `COVERED_TASKS` lists the 30 LIBERO-90 tasks on which this
 expert succeeded in >= 90% of all 50 benchmark init states (the README's Data section has the

@@ -2,7 +2,7 @@
 
 TensorRT engines are specific to one TensorRT version and one GPU, so they are built where they
 run (a Jetson, or the CUDA machine), never here: TensorRT cannot be installed in this workplace
-(../shared/notes/FACTS.md) and nothing in this module that touches `tensorrt` has been run yet.
+(docs/facts.md) and nothing in this module that touches `tensorrt` has been run yet.
 Everything that does not need TensorRT (lint, profiles, the manifest record, the version/GPU
 check at load) is plain Python and tested on CPU.
 

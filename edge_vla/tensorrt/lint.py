@@ -1,6 +1,6 @@
 """TensorRT-readiness lint for ONNX graphs: catch here, on a CPU, what would fail on the board.
 
-TensorRT cannot run in this workplace (FACTS.md), so `edge-vla export --target <jetson|cuda>`
+TensorRT cannot run in this workplace (docs/facts.md), so `edge-vla export --target <jetson|cuda>`
 runs this lint instead: every finding names the node and the fix. Errors are what TensorRT's
 ONNX parser or builder refuses; warnings are what it accepts with a cast or a slower path.
 
