@@ -1,14 +1,38 @@
-"""Atomic file and directory writes: a reader never sees half a file, a crash loses nothing."""
+"""Atomic file and directory writes: a reader never sees half a file, a crash loses nothing.
+
+An output directory is written through `atomic_directory`, which replaces only what it may: an
+empty or missing directory, or a previous output of the same kind (its marker file names its
+`format`). Anything else, and any input of the command, is refused unless told to overwrite
+(inputs: always). Staging siblings of killed writers (`.NAME.pidN.*.tmp`, `.NAME.export.*`) are
+cleaned, and a directory moved aside by a writer killed between its two renames is put back, at
+the next write of the same output.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+# The files in which edge-vla outputs say what they are ({"format": "edge-vla-..."}): a bundle's
+# and a generated dataset's manifest.json, a checkpoint's config.json.
+MARKER_FILES = ("manifest.json", "config.json")
+# What each kind of output holds at its top level (fnmatch patterns). A directory without a
+# readable marker that holds only these is an earlier output of that kind, damaged or cut short
+# (a broken config.json, a generation killed before its manifest): re-writing it is the fix.
+OUTPUT_ENTRIES = {
+    "edge-vla-checkpoint": ("config.json", "model.safetensors", "tokenizer", "action_stats.json", "recipe.json",
+                            "train_summary.json", "base_train_summary.json"),
+    "edge-vla-bundle": ("manifest.json", "tokenizer", "*.onnx", "*.onnx.data", "engines"),
+    "edge-vla-libero-dataset": ("manifest.json", "reasoning.json", "parts"),
+}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -32,24 +56,132 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# --- output directories -----------------------------------------------------------------------------
+def output_format(path: str | os.PathLike) -> str | None:
+    """The `format` an edge-vla output directory declares in its marker file, or None."""
+    for name in MARKER_FILES:
+        f = Path(path) / name
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("format"), str) and d["format"].startswith("edge-vla-"):
+            return d["format"]
+    return None
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(path: str | os.PathLike, kind: str | None, overwrite: bool = False,
+                     inputs: Iterable = ()) -> None:
+    """Refuse to write an output of format `kind` at `path` where that would destroy something.
+
+    Never an input (or a directory holding one), even with `overwrite`; without it, a non-empty
+    directory must be a previous output of the same kind (`kind=None`: only an empty one)."""
+    from edge_vla.errors import EdgeVLAError
+
+    p = Path(path)
+    for src in inputs:
+        if src is not None and _within(Path(src), p):
+            what = "is" if Path(src).resolve() == p.resolve() else "holds"
+            raise EdgeVLAError(f"output {p} {what} the input {src}: writing it would delete the input",
+                               "write the output to another directory")
+    if p.exists() and not p.is_dir():
+        raise EdgeVLAError(f"output {p} exists and is not a directory", "pass a new directory path")
+    if overwrite or not p.exists() or not any(p.iterdir()):
+        return
+    found = output_format(p)
+    if kind is not None and found == kind:
+        return
+    if kind in OUTPUT_ENTRIES and found is None and all(
+            any(fnmatch.fnmatchcase(e.name, pat) for pat in OUTPUT_ENTRIES[kind]) for e in p.iterdir()):
+        return
+    label = (kind or "output").removeprefix("edge-vla-")
+    holds = f"it is a {found.removeprefix('edge-vla-')}" if found else "it is not an edge-vla output"
+    raise EdgeVLAError(f"{p} is not empty and is not a previous {label} ({holds}); nothing was written",
+                       "choose another output directory, or pass --overwrite to replace it")
+
+
+_PID_NAMES = (re.compile(r"^(?:export\.)?pid(\d+)\.[a-z0-9_]{8}(?:\.tmp)?$"),  # staging of a writer
+              re.compile(r"^pid(\d+)\.old$"),  # the previous output, moved aside for the swap
+              re.compile(r"^old\.(\d+)$"))  # the same, as edge-vla 0.x named it
+# Staging as edge-vla 0.x named it (no writer pid): tempfile's 8 random characters.
+_OLD_NAMES = (re.compile(r"^export\.[a-z0-9_]{8}$"), re.compile(r"^[a-z0-9_]{8}\.tmp$"))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of the output `path` left beside it; returns what was removed.
+
+    Only our own names count (`.NAME.pidN.xxxxxxxx.tmp`, `.NAME.export.pidN.xxxxxxxx`,
+    `.NAME.pidN.old`, and 0.x's pid-less `.NAME.xxxxxxxx.tmp`, `.NAME.export.xxxxxxxx`); a name
+    whose writer is still running is left alone. A moved-aside previous output whose replacement
+    never landed (killed between the two renames) is moved back to `path` instead."""
+    final = Path(path)
+    prefix = f".{final.name}."
+    removed = []
+    try:
+        siblings = [s for s in final.parent.iterdir() if s.name.startswith(prefix)]
+    except FileNotFoundError:
+        return removed
+    for s in sorted(siblings):
+        rest = s.name[len(prefix):]
+        kind = next((i for i, r in enumerate(_PID_NAMES) if r.match(rest)), None)
+        if kind is not None:
+            if _alive(int(_PID_NAMES[kind].match(rest).group(1))):
+                continue
+        elif not any(r.match(rest) for r in _OLD_NAMES):
+            continue
+        if kind in (1, 2) and not final.exists() and s.is_dir():
+            os.replace(s, final)  # the last good output: it was never replaced
+            continue
+        shutil.rmtree(s, ignore_errors=True) if s.is_dir() and not s.is_symlink() else s.unlink(missing_ok=True)
+        removed.append(s)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, kind: str | None = None, overwrite: bool = False,
+                     inputs: Iterable = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
-    An existing `path` is moved aside first and removed only after the new one is in place,
-    so an interrupted write leaves either the old directory or the new one, never a mix.
+    `kind` is the `format` the written directory declares in its marker file (None: whatever the
+    written directory declares). `path` may hold nothing, or a previous output of that kind;
+    anything else is refused (check_output_dir) before and again after the write, unless
+    `overwrite`. `inputs` are never replaced. An existing `path` is moved aside first and removed
+    only after the new one is in place, so an interrupted write leaves either the old directory or
+    the new one (the next write puts a moved-aside one back), never a mix.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise FileExistsError(final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    inputs = list(inputs)
+    clean_staging(final)
+    if kind is not None:
+        check_output_dir(final, kind, overwrite, inputs)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.pid{os.getpid()}.", suffix=".tmp"))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        # Again, with the kind that was written: the directory may have changed meanwhile.
+        check_output_dir(final, kind or output_format(tmp), overwrite, inputs)
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old.{os.getpid()}"
+            old = final.parent / f".{final.name}.pid{os.getpid()}.old"
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
@@ -69,8 +201,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_json(path: str | os.PathLike, fix: str):
     """Parse a JSON file; a malformed one is a one-line EdgeVLAError naming the file and `fix`."""
-    import json
-
     from edge_vla.errors import EdgeVLAError
 
     p = Path(path)

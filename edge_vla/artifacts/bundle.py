@@ -73,10 +73,13 @@ def _hash_tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def write_bundle(path: str | Path, staging: str | Path, manifest: dict) -> Bundle:
+def write_bundle(path: str | Path, staging: str | Path, manifest: dict, overwrite: bool = False,
+                 inputs=()) -> Bundle:
     """Move the files of `staging` (graphs, tokenizer/, engines/) into `path` with a manifest, atomically.
 
     `manifest` holds everything but `format`, `schema_version` and `files`, which are filled here.
+    `path` may be missing, empty or a bundle; anything else only with `overwrite`, and never one
+    of `inputs` (edge_vla.io.atomic_directory).
     """
     staging = Path(staging)
     for role in GRAPH_ROLES:
@@ -86,7 +89,7 @@ def write_bundle(path: str | Path, staging: str | Path, manifest: dict) -> Bundl
                                f"export all of {list(GRAPH_ROLES)} first")
     if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
         raise EdgeVLAError("cannot write the bundle: tokenizer/ is missing")
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind=BUNDLE_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
         for item in staging.iterdir():
             if item.name == MANIFEST:
                 continue
@@ -117,12 +120,19 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for key in ("model_config", "graphs", "action_stats", "files"):
         if not isinstance(m.get(key), dict):
             raise EdgeVLAError(f"{mf} lacks `{key}`", "re-export the bundle")
+    for rel in m["files"]:
+        _check_inside(p, rel, mf)
     for role in GRAPH_ROLES:
         g = m["graphs"].get(role)
-        if not isinstance(g, dict) or "file" not in g:
+        if not isinstance(g, dict) or not isinstance(g.get("file"), str):
             raise EdgeVLAError(f"{mf} names no `{role}` graph", "re-export the bundle")
         if g["file"] not in m["files"]:
             raise EdgeVLAError(f"{mf}: the {role} graph {g['file']} has no sha256 entry", "re-export the bundle")
+    engines = m.get("engines") or {}
+    if not isinstance(engines, dict) or not all(isinstance(e, dict) and e.get("file") in m["files"]
+                                                for e in engines.values()):
+        raise EdgeVLAError(f"{mf}: an `engines` record names no file of the bundle's `files`",
+                           "rebuild the engines with `edge-vla build-engine`, or re-export the bundle")
     if verify:
         for rel, digest in m["files"].items():
             f = p / rel
@@ -138,3 +148,21 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise EdgeVLAError(f"bundle {p} holds graph/engine files not in its manifest: {sorted(extra)[:3]}",
                                "remove them or re-export the bundle")
     return Bundle(p, m)
+
+
+def _check_inside(root: Path, rel, manifest: Path) -> None:
+    """A manifest names files inside its bundle only: reading (or hashing) a path the manifest
+    chose would otherwise reach anywhere on the machine."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    bad = (not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel
+           or PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive
+           or ".." in PurePosixPath(rel).parts)
+    if not bad:
+        try:
+            (root / rel).resolve().relative_to(root.resolve())  # a symlink out of the bundle
+        except ValueError:
+            bad = True
+    if bad:
+        raise EdgeVLAError(f"{manifest} lists a file outside the bundle ({str(rel)[:80]!r}): refused",
+                           "file paths in a manifest are relative and stay inside the bundle; re-export the bundle")

@@ -15,6 +15,7 @@ Nothing here imports torch at module level: the package is imported by torch-fre
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,13 +145,15 @@ def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recip
 
 def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=None, target: str = "cpu",
                   parity_samples=None, vision_precision: str | None = None, min_action_agreement: float | None = None,
-                  parity_atol: float = 1e-3, report=print) -> Path:
+                  parity_atol: float = 1e-3, report=print, overwrite: bool = False) -> Path:
     """Export the checkpoint `ckpt_dir` to a bundle at `out_dir` (the steps above, in order).
 
     `parity_samples` (Samples, obs dicts or a dataset path; synthetic observations when None) check
     the fp32 graphs; `calibration_data` (held-out samples; the parity samples when None) calibrate
     static INT8 and measure the quantized bundle's accuracy. Decoder, embedding and lm_head take
     `precision`; the vision graph `vision_precision` (default: the target's choice for `precision`).
+    `out_dir` may be missing, empty or a bundle; another directory only with `overwrite`; never
+    the checkpoint or the data (edge_vla.io.check_output_dir, refused before the slow steps).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -162,6 +165,12 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.tensorrt.lint import lint_for_target
 
+    from edge_vla.artifacts.bundle import BUNDLE_FORMAT
+    from edge_vla.io import check_output_dir, clean_staging
+
+    out = Path(out_dir)
+    inputs = [p for p in (ckpt_dir, calibration_data, parity_samples) if isinstance(p, (str, Path))]
+    check_output_dir(out, BUNDLE_FORMAT, overwrite, inputs)
     check_precision(precision)
     get_target(target)  # an unknown name is refused with the close ones
     vision_precision = check_precision(vision_precision or default_vision_precision(target, precision),
@@ -173,9 +182,10 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     held_out = load_observations(calibration_data, vla.config, limit=HELD_OUT_OBSERVATIONS) or parity_obs
     for_tensorrt = _uses_tensorrt(target)
 
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export.") as work:
+    clean_staging(out)  # what an export killed before its cleanup left
+    # The pid in the name tells clean_staging whether its writer still runs.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export.pid{os.getpid()}.") as work:
         fp32_dir, final_dir = Path(work) / "fp32", Path(work) / "final"
         report(f"exporting ONNX graphs of {ckpt_dir} ...")
         graphs = export_fp32_graphs(vla, fp32_dir, for_tensorrt)
@@ -204,7 +214,8 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
             Policy(test_backend).act(held_out[0])  # smoke: the bundle decodes
             manifest["accuracy"] = None
         manifest["environment"] = environment_report()
-        bundle = write_bundle(out, final_dir, json.loads(json.dumps(manifest, default=_jsonable)))
+        bundle = write_bundle(out, final_dir, json.loads(json.dumps(manifest, default=_jsonable)),
+                              overwrite=overwrite, inputs=inputs)
     report(f"wrote {out} ({bundle.size_bytes / 1e6:.2f} MB)")
     return out
 
