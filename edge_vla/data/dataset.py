@@ -9,7 +9,7 @@ any directory of LIBERO hdf5 files (with ECoT JSON files beside them, if any), o
 (edge_vla.data.lerobot_read; `key_map=` names its camera/state/action features, and an ECoT JSON
 for it is keyed by the dataset's directory name, or has one file key, and LeRobot episode indices). Splits are by episode, so no validation frame shares an
 episode with a training frame. No-op steps (no motion, gripper unchanged: OpenVLA's test) are
-dropped by default: in LIBERO they teach a policy to stall (../shared/notes/FACTS.md). With
+dropped by default: in LIBERO they teach a policy to stall (docs/facts.md). With
 `action_chunk=K`, `Sample.action` is the next K kept actions of the episode, padded by repeating
 the last. Only the index (actions, a few numbers per step) is read up front; images are read
 one step at a time when a Sample is asked for.
@@ -54,6 +54,17 @@ class _Episode:
     actions: np.ndarray  # (len(steps), 7) kept actions
     name: str
     instruction: str = ""  # where episodes of one file differ (LeRobot datasets)
+
+
+def _require_finite(f, demo: str, actions: np.ndarray, state: np.ndarray) -> None:
+    """NaN/Inf anywhere in the data, named where it is. Checked for every episode when the dataset
+    opens (a few numbers per step): a batch that draws it would otherwise train on it, or not."""
+    for what, a in (("actions", actions), ("proprio state", state)):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            t, d = (int(i) for i in np.argwhere(bad)[0])
+            raise EdgeVLAError(f"{f}, episode {demo}: the {what} hold NaN or Inf ({int(bad.sum())} values; first at "
+                               f"step {t}, dim {d})", "clean or drop that episode")
 
 
 def _resolve(path: Path, annotations, key_map=None) -> tuple[list[Path], list[EcotAnnotations], dict]:
@@ -141,6 +152,7 @@ class LiberoDataset(_TorchDataset):
                 file_eps = []
                 for demo in h.demos:
                     actions = h.actions(demo)
+                    _require_finite(f, demo, actions, h.proprio(demo))
                     n_steps_total += len(actions)
                     if ann is not None:
                         skipped = ann.check_episode(ann_keys[-1][1], demo.split("_")[1], len(actions))
@@ -269,14 +281,7 @@ class LiberoDataset(_TorchDataset):
 
     @staticmethod
     def _state(h: LiberoHDF5, demo: str, t: int) -> np.ndarray:
-        if hasattr(h, "state"):  # a LeRobot dataset
-            return np.asarray(h.state(demo, t), dtype=np.float32)
-        g = h._demo(demo).get("obs")
-        parts = []
-        for key, dim in (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2)):
-            parts.append(np.asarray(g[key][t], dtype=np.float32).reshape(dim) if g is not None and key in g
-                         else np.zeros(dim, dtype=np.float32))
-        return np.concatenate(parts)
+        return np.asarray(h.state(demo, t), dtype=np.float32)
 
     def close(self) -> None:
         for h in self._handles.values():

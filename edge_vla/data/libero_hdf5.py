@@ -17,6 +17,7 @@ Files are opened lazily and read one step (or one array) at a time: nothing load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -25,10 +26,16 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 
+# The proprio state (openpi's LIBERO layout): obs key, width.
+PROPRIO_KEYS = (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2))
 # Our camera names -> LIBERO obs keys.
 IMAGE_KEYS = {"agentview": "agentview_rgb", "wrist": "eye_in_hand_rgb"}
 _DEMO_RE = re.compile(r"^demo_(\d+)$")
 FORMAT_NOTE = "a LIBERO demo file has a `data` group with `demo_N` groups holding `actions` and `obs/`"
+DAMAGED_FIX = "the file's bytes are damaged (a broken copy or disk?): copy, download or generate it again"
+# What h5py raises on damaged bytes: a failed filter or checksum (OSError), an unreadable object
+# header or B-tree (RuntimeError, KeyError), a shape or type it cannot make sense of (ValueError, TypeError).
+_H5_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 def _h5py():
@@ -63,22 +70,40 @@ class LiberoHDF5:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
-            raise EdgeVLAError(f"{self.path} is not an hdf5 file ({e})", FORMAT_NOTE) from e
-        if "data" not in self._f or not isinstance(self._f["data"], h5py.Group):
+            raise EdgeVLAError(f"{self.path} is not an hdf5 file ({_first_line(e)})", FORMAT_NOTE) from None
+        try:
+            with self._reading():
+                self._read_layout(h5py)
+        except BaseException:
             self.close()
+            raise
+
+    def _read_layout(self, h5py) -> None:
+        if "data" not in self._f or not isinstance(self._f["data"], h5py.Group):
             raise EdgeVLAError(f"{self.path} is not LIBERO hdf5: no `data` group", FORMAT_NOTE)
         data = self._f["data"]
         demos = [k for k in data.keys() if _DEMO_RE.match(k)]
         if not demos:
-            self.close()
             raise EdgeVLAError(f"{self.path} is not LIBERO hdf5: `data` has no demo_N groups", FORMAT_NOTE)
         self.demos = sorted(demos, key=lambda k: int(_DEMO_RE.match(k).group(1)))
         for d in self.demos:
-            if "actions" not in data[d]:
-                self.close()
+            with self._reading(d):
+                has_actions = "actions" in data[d]
+            if not has_actions:
                 raise EdgeVLAError(f"{self.path}: data/{d} has no `actions`", FORMAT_NOTE)
         self.image_frame = str(data.attrs.get("image_frame", "raw"))
         self.attrs = {k: data.attrs[k] for k in data.attrs}
+
+    @contextlib.contextmanager
+    def _reading(self, demo: str | None = None):
+        """h5py's errors on damaged bytes -> one line naming the file and the episode."""
+        try:
+            yield
+        except EdgeVLAError:
+            raise
+        except _H5_DAMAGE as e:
+            where = f"{self.path}, episode data/{demo}" if demo else str(self.path)
+            raise EdgeVLAError(f"{where} cannot be read ({_first_line(e)})", DAMAGED_FIX) from None
 
     # --- metadata -------------------------------------------------------------------------------
     @property
@@ -102,17 +127,20 @@ class LiberoHDF5:
         return str(self.attrs.get("task_name", re.sub(r"_demo$", "", self.path.stem)))
 
     def length(self, demo: str) -> int:
-        return int(self._demo(demo)["actions"].shape[0])
+        with self._reading(demo):
+            return int(self._demo(demo)["actions"].shape[0])
 
     def cameras(self) -> list[str]:
-        obs = self._demo(self.demos[0]).get("obs", {})
-        return [c for c, k in IMAGE_KEYS.items() if k in obs]
+        with self._reading(self.demos[0]):
+            obs = self._demo(self.demos[0]).get("obs", {})
+            return [c for c, k in IMAGE_KEYS.items() if k in obs]
 
     def image_size(self) -> int | None:
-        obs = self._demo(self.demos[0]).get("obs", {})
-        for k in IMAGE_KEYS.values():
-            if k in obs:
-                return int(obs[k].shape[1])
+        with self._reading(self.demos[0]):
+            obs = self._demo(self.demos[0]).get("obs", {})
+            for k in IMAGE_KEYS.values():
+                if k in obs:
+                    return int(obs[k].shape[1])
         return None
 
     # --- arrays -----------------------------------------------------------------------------------
@@ -122,35 +150,50 @@ class LiberoHDF5:
         return self._f["data"][demo]
 
     def actions(self, demo: str) -> np.ndarray:
-        return np.asarray(self._demo(demo)["actions"][()], dtype=np.float32)
+        with self._reading(demo):
+            a = np.asarray(self._demo(demo)["actions"][()], dtype=np.float32)
+            if a.ndim != 2:
+                raise EdgeVLAError(f"{self.path}, episode data/{demo}: `actions` has shape {a.shape}, expected (T, D)",
+                                   FORMAT_NOTE)
+            return a
 
     def states(self, demo: str) -> np.ndarray:
-        g = self._demo(demo)
-        if "states" not in g:
-            raise EdgeVLAError(f"{self.path}: data/{demo} has no `states`",
-                               "replay annotation needs the MuJoCo states LIBERO records; use a file that keeps them")
-        return np.asarray(g["states"][()], dtype=np.float64)
+        with self._reading(demo):
+            g = self._demo(demo)
+            if "states" not in g:
+                raise EdgeVLAError(f"{self.path}: data/{demo} has no `states`",
+                                   "replay annotation needs the MuJoCo states LIBERO records; use a file that keeps them")
+            return np.asarray(g["states"][()], dtype=np.float64)
 
     def proprio(self, demo: str) -> np.ndarray:
         """(T, 8) state: eef pos, eef axis-angle, gripper qpos (zeros where the file lacks a key)."""
-        g = self._demo(demo)
-        obs = g.get("obs")
         n = self.length(demo)
-        parts = []
-        for key, dim in (("ee_pos", 3), ("ee_ori", 3), ("gripper_states", 2)):
-            if obs is not None and key in obs:
-                parts.append(np.asarray(obs[key][()], dtype=np.float32).reshape(n, dim))
-            else:
-                parts.append(np.zeros((n, dim), dtype=np.float32))
-        return np.concatenate(parts, axis=1)
+        with self._reading(demo):
+            obs = self._demo(demo).get("obs")
+            parts = []
+            for key, dim in PROPRIO_KEYS:
+                if obs is not None and key in obs:
+                    parts.append(np.asarray(obs[key][()], dtype=np.float32).reshape(n, dim))
+                else:
+                    parts.append(np.zeros((n, dim), dtype=np.float32))
+            return np.concatenate(parts, axis=1)
+
+    def state(self, demo: str, t: int) -> np.ndarray:
+        """(8,) proprio state of step `t` (one step of `proprio`, read alone)."""
+        with self._reading(demo):
+            obs = self._demo(demo).get("obs")
+            return np.concatenate([np.asarray(obs[key][t], dtype=np.float32).reshape(dim)
+                                   if obs is not None and key in obs else np.zeros(dim, dtype=np.float32)
+                                   for key, dim in PROPRIO_KEYS])
 
     def image(self, demo: str, camera: str, t: int) -> np.ndarray:
-        obs = self._demo(demo).get("obs")
-        key = IMAGE_KEYS.get(camera, camera)
-        if obs is None or key not in obs:
-            raise EdgeVLAError(f"{self.path}: data/{demo}/obs has no `{key}`",
-                               f"cameras in this file: {', '.join(self.cameras()) or 'none'}")
-        img = np.asarray(obs[key][t])
+        with self._reading(demo):
+            obs = self._demo(demo).get("obs")
+            key = IMAGE_KEYS.get(camera, camera)
+            if obs is None or key not in obs:
+                raise EdgeVLAError(f"{self.path}: data/{demo}/obs has no `{key}`",
+                                   f"cameras in this file: {', '.join(self.cameras()) or 'none'}")
+            img = np.asarray(obs[key][t])
         return np.ascontiguousarray(img[::-1, ::-1]) if self.image_frame == "raw" else img
 
     def close(self) -> None:
@@ -169,6 +212,11 @@ class LiberoHDF5:
             self.close()
         except Exception:
             pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
 
 
 def write_libero_hdf5(path: str | Path, demos: list[dict], instruction: str, attrs: dict | None = None) -> Path:
