@@ -73,7 +73,11 @@ def collect(paths: list[str | Path]) -> list[Variant]:
         raise EdgeVLAError("no results files given", "pass one or more JSON files written by `edge-vla eval`/`bench`")
     files: list[Path] = []
     for p in map(Path, paths):
-        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+        found = sorted(p.glob("*.json")) if p.is_dir() else [p]
+        if not found:
+            raise EdgeVLAError(f"{p} holds no results files (*.json)",
+                               "pass the --out directory of `edge-vla eval` or `edge-vla bench`, or their JSON files")
+        files.extend(found)
     docs = [(path, load_results(path)) for path in files]
     # Rollouts first, so a bench of the same artefact (same path and mode) joins that variant.
     docs.sort(key=lambda pd: pd[1]["kind"] == "bench")

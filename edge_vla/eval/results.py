@@ -9,6 +9,11 @@
 Writes are atomic (a reader or a crash never sees half a file). Rollouts rewrite the file after
 every finished episode, which is what makes them resumable: episodes already in the file are
 skipped on the next run. A file from another schema version is refused with one clear line.
+
+`load_results` checks the whole file against a schema (pydantic models below), not just its top
+level: every field the report reads has its type (`"success": "false"` is not a success, a record
+is an object), so a damaged or hand-edited file is refused with one line naming the field, never
+a traceback in `edge-vla report`. Fields the report does not read are free.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
@@ -99,6 +106,112 @@ def environment_snapshot() -> dict:
     return _ENVIRONMENT
 
 
+# --- the schema ----------------------------------------------------------------------------------
+# Strict types: JSON's true/false only for booleans, numbers only for numbers (a bool is not a
+# number here, a string is never coerced). Fields the report does not read may hold anything.
+Number = StrictFloat  # strict floats take JSON integers too, never true/false or "1.5"
+Count = Annotated[StrictInt, Field(ge=0)]
+Label = Union[StrictStr, StrictInt]  # suites, tasks and ids are names or indices
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class VariantSchema(_Open):
+    name: Optional[Label] = None
+    recipe: Optional[StrictStr] = None
+    mode: Optional[StrictStr] = None
+    precision: Optional[StrictStr] = None
+    backend: Optional[StrictStr] = None
+    target: Optional[StrictStr] = None
+    bundle_bytes: Optional[Count] = None
+    peak_memory_mb: Optional[Number] = None
+    projected_hz: Optional[dict[str, Optional[Number]]] = None
+
+
+class ConfigSchema(_Open):
+    variant: Optional[VariantSchema] = None
+    policy: Optional[StrictStr] = None
+    artifact: Optional[StrictStr] = None
+    mode: Optional[StrictStr] = None
+
+
+class EpisodeRecord(_Open):
+    """One rollout (libero) or robot episode (hardware); success None = aborted, not counted."""
+    id: Optional[Label] = None
+    suite: Optional[Label] = None
+    task: Optional[Label] = None
+    success: Optional[StrictBool] = None
+    steps: Optional[Count] = None
+    actions_executed: Optional[Count] = None
+    latency_ms: Optional[list[Optional[Number]]] = None
+    tokens_generated: Optional[Number] = None
+
+
+class BenchRecord(_Open):
+    """One policy call of a bench."""
+    latency_ms: Optional[Number] = None
+    tokens: Optional[Number] = None
+
+
+class AgreementSchema(_Open):
+    free_running: Optional[Number] = None
+    teacher_forced: Optional[Number] = None
+
+
+class SummarySchema(_Open):
+    latency_p50_ms: Optional[Number] = None
+    latency_p95_ms: Optional[Number] = None
+    actions_per_s: Optional[Number] = None
+    tokens_per_action: Optional[Number] = None
+    bundle_bytes: Optional[Count] = None
+    peak_memory_mb: Optional[Number] = None
+    projected_hz: Optional[dict[str, Optional[Number]]] = None
+    agreement_vs_fp32: Optional[AgreementSchema] = None
+
+
+class ResultsSchema(_Open):
+    format: Literal["edge-vla-results"]
+    schema_version: Literal[1]
+    kind: Literal["libero", "hardware", "bench"]
+    created: Optional[StrictStr] = None
+    config: ConfigSchema
+    environment: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: SummarySchema
+
+
+_RECORD_SCHEMA = {"libero": EpisodeRecord, "hardware": EpisodeRecord, "bench": BenchRecord}
+
+
+def _first_error(e: ValidationError, prefix: str = "") -> str:
+    err = e.errors(include_url=False)[0]
+    where = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+    got = repr(err.get("input"))
+    got = got if len(got) <= 40 else got[:37] + "..."
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    msg = err["msg"][:1].lower() + err["msg"][1:]
+    return f"`{where}`: {msg}, got {got}{more}"
+
+
+def check_results(doc: Any, source: str = "results") -> dict:
+    """`doc` checked against the results schema; a problem is one EdgeVLAError line naming the field."""
+    fix = "the file is damaged or edited by hand; re-run the evaluation that wrote it"
+    try:
+        top = ResultsSchema.model_validate(doc)
+    except ValidationError as e:
+        raise EdgeVLAError(f"{source} does not match the results schema: {_first_error(e)}", fix) from None
+    record = _RECORD_SCHEMA[top.kind]
+    for i, r in enumerate(doc["records"]):
+        try:
+            record.model_validate(r)
+        except ValidationError as e:
+            raise EdgeVLAError(f"{source} does not match the results schema: {_first_error(e, f'records.{i}')}",
+                               fix) from None
+    return doc
+
+
 def load_results(path: str | Path) -> dict:
     """Read and check a results file; every problem is one EdgeVLAError line naming the file."""
     p = Path(path)
@@ -117,7 +230,7 @@ def load_results(path: str | Path) -> dict:
     for key, typ in (("config", dict), ("records", list), ("summary", dict), ("environment", dict)):
         if not isinstance(doc.get(key), typ):
             raise EdgeVLAError(f"{p} lacks a valid `{key}` ({typ.__name__})", "the file is damaged; re-run the evaluation")
-    return doc
+    return check_results(doc, str(p))
 
 
 # --- statistics shared by rollouts, the bench and the report ---------------------------------------
@@ -168,5 +281,5 @@ def summarize(kind: str, records: list[dict]) -> dict:
         # Actions the policy delivers per second of its own compute (chunks count every executed action).
         "actions_per_s": actions / policy_s if policy_s > 0 else None,
         "tokens_per_action": tokens / actions if actions else None,
-        "mean_steps": float(np.mean([r.get("steps", 0) for r in done])) if done else None,
+        "mean_steps": float(np.mean([r.get("steps") or 0 for r in done])) if done else None,
     }
