@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from edge_vla import __version__
+from edge_vla import __version__, notices
 
 # backend -> (import name, distribution name, what it is used for)
 BACKENDS = {
@@ -64,6 +64,7 @@ def backend_status(name: str) -> dict:
     version = _version(dist)
     if version is None:
         return {"usable": False, "detail": f"not installed (needed for {purpose})"}
+    notices.silence("bitsandbytes.backends.cpu.ops")  # importing it to check it prints a set-up notice
     try:
         importlib.import_module(module)
     except Exception as e:  # a broken install is reported, not raised

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_vla import notices
 from edge_vla.errors import EdgeVLAError
 from edge_vla.artifacts.bundle import HIDDEN_ALL
 
@@ -138,6 +139,7 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
     (edge_vla.export.fused_decoder: ~1.25x faster INT8 decode steps on CPU, deployment_ratios --levers) when the LM's architecture
     allows it; otherwise, and by default, the torch-exported graph of standard ops, which
     TensorRT also parses. The manifest records which (`graphs.decoder.form`)."""
+    notices.silence("torch.onnx._internal.exporter._registration")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vla = vla.float().eval()

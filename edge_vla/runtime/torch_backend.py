@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_vla import notices
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 
 TORCH_QUANT = ("int8", "nf4")
@@ -85,6 +86,7 @@ def quantize_lm_bnb(vla, kind: str) -> None:
     """Replace the LM decoder's nn.Linear layers with bitsandbytes INT8 (LLM.int8) or NF4 layers in place."""
     if kind not in TORCH_QUANT:
         raise EdgeVLAError(f"unknown torch quantization `{kind}`", f"use one of {list(TORCH_QUANT)}")
+    notices.silence("bitsandbytes.backends.cpu.ops")
     try:
         import bitsandbytes as bnb
     except Exception:

