@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
 from edge_vla.train.data import Collate, MicroBatches
+from edge_vla.train.state import STATE_FORMAT, read_state, write_state
 
 STATE_DIR = "state"
 TRAINER_FILE = "trainer.json"
@@ -162,36 +162,34 @@ def _mixed_precision(settings: LoopSettings) -> str:
     return "no"
 
 
-def _is_tied_weights_notice(record: logging.LogRecord) -> bool:
-    message = record.getMessage()  # "[RANK n] Removed shared tensor {...} while saving. ..."
-    return "Removed shared tensor" in message and "while saving" in message
+def recover_state(out: Path) -> None:
+    """A run killed between the two renames of save_state's swap has no out/state: the newest
+    complete state (the new one if its trainer.json was written, else the previous one) goes back
+    in place, so a resume continues from it instead of starting over."""
+    final = out / STATE_DIR
+    if final.exists():
+        return
+    for candidate in (out / f".{STATE_DIR}.tmp", out / f".{STATE_DIR}.old"):
+        if (candidate / TRAINER_FILE).is_file():
+            os.replace(candidate, final)
+            return
 
 
-@contextlib.contextmanager
-def _quiet_tied_weights():
-    """accelerate drops the LM's tied embedding/head alias from the safetensors state and logs
-    it at every save; load_state ties them back, so that one notice is filtered out here."""
-    logger = logging.getLogger("accelerate.utils.other")
-    keep = lambda record: not _is_tied_weights_notice(record)  # noqa: E731
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
-
-
-def save_state(accelerator, out: Path, meta: dict) -> None:
-    """Write out/state atomically: all processes write into one temp dir, then one rename.
+def save_state(accelerator, out: Path, meta: dict, model, optimizer, scheduler) -> None:
+    """Write out/state atomically, without pickles (edge_vla.train.state): all processes write
+    into one temp dir, trainer.json last, then a swap that recover_state can always finish.
     `meta` (the step, the run's clock, what a resume must match) goes to state/trainer.json."""
     tmp = out / f".{STATE_DIR}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        recover_state(out)  # the previous state must be in place before its temp dir is reused
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with _quiet_tied_weights():
-        accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+    write_state(tmp, accelerator, model, optimizer, scheduler)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(tmp / TRAINER_FILE, json.dumps({**meta, "state_format": STATE_FORMAT}, indent=2))
         final = out / STATE_DIR
         old = out / f".{STATE_DIR}.old"
         if old.exists():
@@ -217,10 +215,9 @@ class TrainLoop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per
-        # process), and checkpointed as a registered object.
+        # process); saved with the training state.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.step = 0
         self._earlier = {"wall_s": 0.0, "samples": 0}  # earlier sessions of this run
@@ -233,7 +230,7 @@ class TrainLoop:
         if saved.get("world_size", 1) != n:
             raise EdgeVLAError(f"cannot resume {self.out}: it ran on {saved.get('world_size')} processes, this run has "
                                f"{n}", "resume with the same number of processes")
-        self.accelerator.load_state(str(self.out / STATE_DIR / "accelerate"))
+        read_state(self.out / STATE_DIR, self.accelerator, self.unwrapped, self.optimizer, self.scheduler)
         self.step = int(saved["step"])
         self._earlier = {k: saved.get(k, 0) for k in ("wall_s", "samples")}
 
@@ -255,7 +252,8 @@ class TrainLoop:
         s = self.s
         if self.state_meta is not None:
             save_state(self.accelerator, self.out, {**self.state_meta(), "step": step, "micro": step * s.grad_accum,
-                                                    "world_size": self.accelerator.num_processes, **self.clock()})
+                                                    "world_size": self.accelerator.num_processes, **self.clock()},
+                       self.unwrapped, self.optimizer, self.scheduler)
         if self.main and s.save_every and step % s.save_every == 0 and step < s.steps:
             save_checkpoint(self.unwrapped, self.out / f"checkpoint-{step:06d}", bool(s.lora_rank))
         self.accelerator.wait_for_everyone()
@@ -344,4 +342,4 @@ class TrainLoop:
 
 
 __all__ = ["TrainLoop", "LoopSettings", "Objective", "MetricsLog", "make_accelerator", "save_checkpoint",
-           "save_state", "lr_lambda_for", "STATE_DIR", "TRAINER_FILE", "METRICS_FILE"]
+           "save_state", "recover_state", "lr_lambda_for", "STATE_DIR", "TRAINER_FILE", "METRICS_FILE"]

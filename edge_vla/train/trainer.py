@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import atomic_write_text, read_json
 from edge_vla.train.config import TrainConfig
 from edge_vla.train.data import RecipeDataset, check_data, dataset_stats, dataset_texts, open_split
 from edge_vla.train.evaluate import evaluate
 from edge_vla.train.loop import (STATE_DIR, TRAINER_FILE, LoopSettings, MetricsLog, Objective, TrainLoop,
-                                 lr_lambda_for, make_accelerator, save_checkpoint)
+                                 lr_lambda_for, make_accelerator, recover_state, save_checkpoint)
 from edge_vla.train.recipes import get_recipe
 
 FINAL_DIR = "final"
@@ -96,13 +96,14 @@ class RecipeObjective(Objective):
 
 
 def _read_state(out: Path) -> dict | None:
+    recover_state(out)  # killed mid-swap: the last complete state goes back in place first
     f = out / STATE_DIR / TRAINER_FILE
     if not f.is_file():
         return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        raise EdgeVLAError(f"{f} is corrupt", f"delete {out / STATE_DIR} to start over") from None
+    saved = read_json(f, f"restore {out / STATE_DIR} from a copy, or delete it to start over")
+    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+        raise EdgeVLAError(f"{f} is not a training state (no step)", f"delete {out / STATE_DIR} to start over")
+    return saved
 
 
 def _check_resume(saved: dict, cfg: TrainConfig, stats, tokenizer, out: Path) -> None:
