@@ -52,10 +52,15 @@ def test_loss_is_taken_only_where_labels_are_set(tiny_vla, samples):
     ignored = (labels == IGNORE) & (mask == 1)
     ignored[:, 0] = False  # the first token is never a target
     changed_ids = ids.clone()
-    # Changing an ignored *label* (prompt) does nothing...
+    # The loss is the next-token cross-entropy over the supervised labels alone: the prompt and
+    # padding positions add nothing, and supervising the prompt too would change it...
+    logits = tiny_vla(pv, ids, mask, labels, st).logits[:, :-1].float()
+    kept = labels[:, 1:] != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[kept], labels[:, 1:][kept]).item()
+    assert base == pytest.approx(expected, rel=1e-5)
     l2 = labels.clone()
-    l2[ignored] = IGNORE
-    assert tiny_vla(pv, ids, mask, l2, st).loss.item() == pytest.approx(base)
+    l2[ignored] = ids[ignored]
+    assert tiny_vla(pv, ids, mask, l2, st).loss.item() != pytest.approx(base, rel=1e-3)
     # ...changing a supervised label changes the loss.
     l3 = labels.clone()
     pos = (labels != IGNORE).nonzero()[0]

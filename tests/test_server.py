@@ -12,6 +12,7 @@ pytest.importorskip("openpi_client")
 
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from edge_vla.errors import EdgeVLAError
@@ -98,8 +99,14 @@ def test_many_clients_with_bad_messages_mixed_in(tiny_policy):
                         assert "uint8 HxWx3" in ws.recv(timeout=30)
                     elif kind == "oversized":
                         ws.send(b"\x00" * (512 * 1024))
-                        with pytest.raises(Exception):  # the server closes this connection (1009 too big)
-                            ws.recv(timeout=30)
+                        # Closed by the server with 1009 (too big); a reply or a timeout is a failure. No
+                        # pytest.raises here: its Failed is a BaseException, which this thread would swallow.
+                        try:
+                            got = ws.recv(timeout=30)
+                        except ConnectionClosed as closed:
+                            assert closed.rcvd is not None and closed.rcvd.code == 1009, closed
+                        else:
+                            raise AssertionError(f"an oversized message was answered: {got!r:.80}")
                     elif kind == "vanish":
                         ws.send(msgpack_numpy.packb(openpi_obs()))  # and leaves without reading the reply
                         return
