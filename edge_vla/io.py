@@ -31,8 +31,13 @@ OUTPUT_ENTRIES = {
     "edge-vla-checkpoint": ("config.json", "model.safetensors", "tokenizer", "action_stats.json", "recipe.json",
                             "train_summary.json", "base_train_summary.json"),
     "edge-vla-bundle": ("manifest.json", "tokenizer", "*.onnx", "*.onnx.data", "engines"),
-    "edge-vla-libero-dataset": ("manifest.json", "reasoning.json", "parts"),
+    "edge-vla-libero-dataset": ("manifest.json", "reasoning.json", "parts", "libero_*"),
+    # A training or distillation run directory (it has no marker file of its own).
+    "edge-vla-run": ("train_config.json", "distill_config.json", "metrics.jsonl", "summary.json", "state", "final",
+                     "checkpoint-*", "tensorboard", ".state.tmp", ".state.old", ".metrics.jsonl.*.tmp",
+                     ".summary.json.*.tmp", ".*_config.json.*.tmp"),
 }
+RUN_KIND = "edge-vla-run"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,6 +75,16 @@ def output_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def replace_output_dir(path: str | os.PathLike, kind: str | None, overwrite: bool, inputs: Iterable = ()) -> None:
+    """For outputs written in place (a run, a generated dataset): refuse `path` as check_output_dir
+    does; with `overwrite`, delete what is there so the write starts over."""
+    p = Path(path)
+    check_output_dir(p, kind, overwrite, inputs)
+    # Launched as several processes (torchrun, accelerate launch), one deletes: rank 0.
+    if overwrite and p.is_dir() and any(p.iterdir()) and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(p)
+
+
 def _within(inner: Path, outer: Path) -> bool:
     inner, outer = inner.resolve(), outer.resolve()
     return inner == outer or outer in inner.parents
@@ -99,7 +114,7 @@ def check_output_dir(path: str | os.PathLike, kind: str | None, overwrite: bool 
     if kind in OUTPUT_ENTRIES and found is None and all(
             any(fnmatch.fnmatchcase(e.name, pat) for pat in OUTPUT_ENTRIES[kind]) for e in p.iterdir()):
         return
-    label = (kind or "output").removeprefix("edge-vla-")
+    label = {RUN_KIND: "run directory"}.get(kind, (kind or "output").removeprefix("edge-vla-"))
     holds = f"it is a {found.removeprefix('edge-vla-')}" if found else "it is not an edge-vla output"
     raise EdgeVLAError(f"{p} is not empty and is not a previous {label} ({holds}); nothing was written",
                        "choose another output directory, or pass --overwrite to replace it")

@@ -203,3 +203,46 @@ def test_manifest_paths_outside_the_bundle_are_refused(bundle, tmp_path, rel):
     for verify in (True, False):
         with pytest.raises(EdgeVLAError, match="outside the bundle"):
             load_bundle(b, verify=verify)
+
+
+# --- directories written in place: runs, generated datasets ----------------------------------------
+def _precious(tmp_path) -> Path:
+    p = tmp_path / "precious"
+    p.mkdir()
+    (p / "notes.txt").write_text("x")
+    (p / "summary.json").write_text("{}")  # a name a run writes too
+    return p
+
+
+def test_train_and_distill_refuse_a_foreign_folder_and_overwrite_starts_over(ckpt, tmp_path):
+    from conftest import make_samples
+    from edge_vla.cli import main
+    from edge_vla.data.libero_hdf5 import write_libero_hdf5
+    from edge_vla.train.config import TrainConfig
+    from edge_vla.train.trainer import train
+
+    precious = _precious(tmp_path)
+    common = ["--recipe", "vla", "--preset", "tiny", "--set", "steps=1", "--set", "batch_size=2", "--no-progress"]
+    res = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "nodata"), "--out", str(precious), *common])
+    _refused(res, "not a previous run directory", "--overwrite")
+    res = CliRunner().invoke(main, ["distill", "--teacher", str(ckpt), "--data", str(tmp_path / "nodata"),
+                                    "--out", str(precious), "--no-progress"])
+    _refused(res, "not a previous run directory")
+    assert (precious / "notes.txt").read_text() == "x" and (precious / "summary.json").read_text() == "{}"
+    res = CliRunner().invoke(main, ["train", "--data", str(precious), "--out", str(precious), "--overwrite", *common])
+    _refused(res, "is the input")
+    res = CliRunner().invoke(main, ["train", "--data", "d", "--out", str(precious), "--overwrite", "--resume", *common])
+    _refused(res, "--overwrite", "--resume")
+    cfg = TrainConfig(recipe="vla", steps=1, batch_size=2, val_fraction=0.0)
+    final = train(cfg, make_samples(4), precious, show_progress=False, overwrite=True)
+    assert final.is_dir() and not (precious / "notes.txt").exists()
+
+
+def test_data_generate_refuses_a_foreign_folder(tmp_path):
+    from edge_vla.data.generate import generate_dataset
+
+    precious = _precious(tmp_path)
+    (precious / "manifest.json").write_text('{"format": "edge-vla-bundle"}')
+    with pytest.raises(EdgeVLAError, match="not a previous libero-dataset .it is a bundle"):
+        generate_dataset(precious, tasks=["x"], progress=False)
+    assert sorted(p.name for p in precious.iterdir()) == ["manifest.json", "notes.txt", "summary.json"]

@@ -28,8 +28,10 @@ def data():
                    "so demos show recoveries from off-path states.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--list-tasks", is_flag=True, help="Print the tasks the scripted expert covers and exit.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete OUT and start over (without it, OUT must be empty or a dataset this command wrote).")
 def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, init_states, action_noise, no_progress,
-             list_tasks):
+             list_tasks, overwrite):
     """Roll out the scripted expert in LIBERO, keep successful demos, annotate them (hdf5 + ECoT JSON)."""
     from edge_vla.sim.expert import covered_tasks
 
@@ -45,7 +47,7 @@ def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, i
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     out = generate_dataset(out_dir, suite=suite, tasks=task_list, demos_per_task=demos_per_task,
                            image_size=image_size, workers=workers, seed=seed, progress=not no_progress,
-                           init_states=init_states, action_noise=action_noise)
+                           init_states=init_states, action_noise=action_noise, overwrite=overwrite)
     m = json.loads((out / "manifest.json").read_text())
     run = m["runs"][-1]
     demos = sum(t["demos"] for t in m["tasks"].values())

@@ -18,8 +18,10 @@ import click
 @click.option("--config", "config_file", default=None, type=click.Path(path_type=str), help="YAML/JSON DistillConfig.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Dotted override, repeatable: steps=500, temperature=2, alpha=0.9, lr=1e-4.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete OUT and start over (without it, OUT must be empty or an unfinished run; never the teacher).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def distill(teacher, data, out, mode, student, config_file, overrides, no_progress):
+def distill(teacher, data, out, mode, student, config_file, overrides, overwrite, no_progress):
     """Distil a teacher checkpoint into a faster (direct-mode) or smaller student."""
     from edge_vla.errors import EdgeVLAError
     from edge_vla.train.distill import distill as run, load_distill_config
@@ -41,5 +43,5 @@ def distill(teacher, data, out, mode, student, config_file, overrides, no_progre
         from edge_vla.model.vla import VLA
 
         start = VLA.from_pretrained(student_dir)
-    final = run(cfg, teacher, data, out, student=start, show_progress=not no_progress)
+    final = run(cfg, teacher, data, out, student=start, show_progress=not no_progress, overwrite=overwrite)
     click.echo(f"student checkpoint: {final}")

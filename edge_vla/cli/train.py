@@ -18,10 +18,12 @@ RECIPE_HELP = "vla | ecot | ecot-lite-dropout | ecot-lite-pretrain | scaffold | 
               help="Dotted override, repeatable: steps=2000, lr=1e-4, recipe_options.p=0.3, "
                    "model.lm.num_hidden_layers=2, lora_rank=16, freeze_vision=true.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved state (exactly).")
+@click.option("--overwrite", is_flag=True,
+              help="Delete OUT and start over (without it, OUT must be empty or this run's; never --data).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl).")
 @click.option("--map", "key_map", multiple=True, metavar="NAME=KEY",
               help="LeRobot --data: camera/state/action name -> feature key, repeatable (docs/lerobot.md).")
-def train(recipe, preset, data, out, config_file, overrides, resume, no_progress, key_map=()):
+def train(recipe, preset, data, out, config_file, overrides, resume, overwrite, no_progress, key_map=()):
     """Train a VLA with one of the ECoT-Lite recipes; writes OUT/final (a checkpoint).
 
     Multi-GPU / multi-node: `accelerate launch -m edge_vla.cli train ...` (DDP or FSDP per your
@@ -37,7 +39,7 @@ def train(recipe, preset, data, out, config_file, overrides, resume, no_progress
 
     cli = [f"{k}={v}" for k, v in (("recipe", recipe), ("preset", preset)) if v is not None]
     cfg = load_train_config(config_file, cli + list(overrides))
-    final = run(cfg, data, out, resume=resume, show_progress=not no_progress,
+    final = run(cfg, data, out, resume=resume, show_progress=not no_progress, overwrite=overwrite,
                 command=command_line(recipe, preset, data, out, config_file, overrides))
     click.echo(f"checkpoint: {final}")
 

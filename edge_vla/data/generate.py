@@ -26,7 +26,7 @@ import numpy as np
 from edge_vla.data.ecot_json import EcotAnnotations, episode_record
 from edge_vla.data.libero_hdf5 import _h5py, write_libero_hdf5
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import atomic_write_text, replace_output_dir
 from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
 
 MANIFEST_FORMAT = "edge-vla-libero-dataset"
@@ -143,12 +143,17 @@ def generate_dataset(
     init_states: str = "random",
     max_attempts: int = 3,
     action_noise: float = 0.0,
+    overwrite: bool = False,
 ) -> Path:
-    """Generate (or resume) a dataset; returns the output directory. See the module docstring."""
+    """Generate (or resume) a dataset; returns the output directory. See the module docstring.
+
+    `out_dir` may be missing, empty or a dataset this writes (resumed); anything else is refused
+    unless `overwrite`, which deletes it and starts over."""
     from edge_vla.sim.env import list_tasks, resolve_task
     from edge_vla.sim.expert import ScriptedExpert, covered_tasks
 
     out = Path(out_dir)
+    replace_output_dir(out, MANIFEST_FORMAT, overwrite)
     if init_states not in ("random", "benchmark"):
         raise EdgeVLAError(f"init_states must be `random` or `benchmark`, got `{init_states}`")
     if demos_per_task < 1 or workers < 1:

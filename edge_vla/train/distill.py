@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from edge_vla.config import VLAConfig, apply_overrides, unknown_name_error
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import RUN_KIND, atomic_write_text, replace_output_dir
 from edge_vla.tokens.sequence import IGNORE, action_prefix_ids
 from edge_vla.train.data import Collate, RecipeDataset, check_data, open_split
 from edge_vla.train.loop import (LoopSettings, MetricsLog, Objective, TrainLoop, lr_lambda_for, make_accelerator,
@@ -378,18 +378,22 @@ def _teacher_targets(teacher, train_ds, val_samples, temperature: float, show_pr
                 reasoning_targets(teacher, val_samples, temperature, advance))
 
 
-def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_progress: bool = True) -> Path:
+def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_progress: bool = True,
+            overwrite: bool = False) -> Path:
     """Distil `teacher` (a checkpoint path or a VLA) into a student; returns out_dir/final.
 
     `student`: a VLA to start from (else built per the config: a copy of the teacher for
     reasoning distillation, the teacher's config + `student_model` overrides for size). The run
-    trains in the one training loop (edge_vla.train.loop); it keeps no resumable state.
+    trains in the one training loop (edge_vla.train.loop); it keeps no resumable state. `out_dir`
+    may be missing, empty or an unfinished run; `overwrite` deletes anything else there (never the
+    teacher or the data).
     """
     cfg = config
     cfg.validate()
     out = Path(out_dir)
+    replace_output_dir(out, RUN_KIND, overwrite, [p for p in (teacher, data) if isinstance(p, (str, Path))])
     if (out / "final").exists():
-        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out")
+        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out, or pass --overwrite")
     teacher, recipe = _open_teacher(teacher, cfg.mode)
     k = teacher.config.action_chunk
     train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.io import atomic_write_text, read_json
+from edge_vla.io import RUN_KIND, atomic_write_text, read_json, replace_output_dir
 from edge_vla.train.config import TrainConfig
 from edge_vla.train.data import RecipeDataset, check_data, dataset_stats, dataset_texts, open_split
 from edge_vla.train.evaluate import evaluate
@@ -139,12 +139,18 @@ def _vocab_hash(tokenizer) -> str:
 
 
 
-def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> dict | None:
-    """The run's saved state (its trainer.json) when resuming; refuses to train over a run."""
+def _open_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool = False, inputs=()) -> dict | None:
+    """The run's saved state (its trainer.json) when resuming; refuses to train over a run, or into
+    a directory that is not one (`overwrite`: it is deleted and the run starts over)."""
     from edge_vla.config import PRESETS, unknown_name_error
 
     if not cfg.init_from and cfg.preset not in PRESETS:
         raise unknown_name_error("preset", cfg.preset, PRESETS)
+    if overwrite and resume:
+        raise EdgeVLAError("--overwrite starts the run over and --resume continues it", "pass one of them")
+    replace_output_dir(out, RUN_KIND, overwrite, [cfg.init_from, *inputs])
+    if overwrite:
+        return None
     saved = _read_state(out)
     if saved is None and not resume and (out / "train_config.json").exists():
         raise EdgeVLAError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
@@ -193,20 +199,21 @@ def _write_summary(out: Path, loop: TrainLoop, recipe, metrics: dict, run: dict,
 
 
 def train(config: TrainConfig, data, out_dir, resume: bool = False, val_data=None, stop_at_step: int | None = None,
-          show_progress: bool = True, command: str | None = None) -> Path:
+          show_progress: bool = True, command: str | None = None, overwrite: bool = False) -> Path:
     """Train a VLA with `config.recipe` on `data` (a dataset path, a torch Dataset of Samples or a
     list of Samples); returns the final checkpoint directory.
 
     `val_data` overrides the validation split; `stop_at_step` ends the run after that step with
     its state saved, as a pre-emption would (tests use it to prove resume is exact). `command`:
     the command line that started the run, recorded in summary.json so a shipped checkpoint says
-    how to reproduce it.
+    how to reproduce it. `out_dir` may be missing, empty or this run's; `overwrite` deletes any
+    other directory there (never the data or init_from) and starts over.
     """
     cfg = config
     cfg.validate()
     out = Path(out_dir)
     recipe = get_recipe(cfg.recipe, **cfg.recipe_options)
-    saved = _open_run(cfg, out, resume)
+    saved = _open_run(cfg, out, resume, overwrite, [d for d in (data, val_data) if isinstance(d, (str, Path))])
     train_ds, val_ds, stats = _open_data(cfg, data, val_data, recipe)
 
     settings = LoopSettings.of(cfg)
