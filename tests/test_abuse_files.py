@@ -149,3 +149,82 @@ def test_nan_anywhere_is_refused_at_open_naming_file_and_episode(tmp_path, where
                                     "--no-progress"])
     assert res.exit_code == 1 and res.output.startswith("error:") and res.output.count("\n") == 1, res.output
     assert "demo_2" in res.output and str(path) in res.output
+
+
+# --- ECoT JSON, checkpoint safetensors, bundle manifest and ONNX graphs -----------------------------
+@pytest.fixture(scope="module")
+def annotated(demo_file):
+    """The demo file with its ECoT JSON beside it (every step of both demos annotated)."""
+    from edge_vla.data.ecot_json import EcotAnnotations
+    from edge_vla.tokens.reasoning import Reasoning
+
+    ann = EcotAnnotations({})
+    for k in range(2):
+        steps = [Reasoning(task="do it", plan="1. a 2. b", visible_objects=[("cup", [1, 2, 5, 6])],
+                           subtask_reason="r", subtask="a", move_reason="m", move="move down") for _ in range(6)]
+        ann.set_episode(demo_file.name, k, steps, [(t, t + 1) for t in range(6)])
+    return demo_file, ann.save(demo_file.parent / "LIVING_ROOM_SCENE1_do_it_ecot.json").read_bytes()
+
+
+@FUZZ
+@given(damage=_DAMAGE)
+def test_ecot_json_damage_reads_or_gives_one_line(annotated, tmp_path_factory, damage):
+    from edge_vla.data.dataset import open_dataset
+
+    demo_file, text = annotated
+    d = tmp_path_factory.mktemp("ecot")
+    shutil.copy(demo_file, d / demo_file.name)
+    bad = d / "LIVING_ROOM_SCENE1_do_it_ecot.json"
+    bad.write_bytes(_damaged(text, damage))
+    try:
+        ds = open_dataset(d / demo_file.name, split="all", annotations=bad, val_fraction=0.0)
+        for i in range(len(ds)):
+            ds[i]
+    except EdgeVLAError as e:
+        assert "\n" not in str(e), str(e)
+
+
+@pytest.fixture(scope="module")
+def ckpt_and_bundle(tiny_vla, tmp_path_factory):
+    from edge_vla.export import export_bundle
+
+    ckpt = tiny_vla.save_pretrained(tmp_path_factory.mktemp("ckpt") / "ckpt")
+    return ckpt, export_bundle(ckpt, tmp_path_factory.mktemp("b") / "bundle", precision="fp32", report=lambda *_: None)
+
+
+@settings(FUZZ, max_examples=25)
+@given(damage=_DAMAGE)
+def test_checkpoint_safetensors_damage_loads_or_gives_one_line(ckpt_and_bundle, tmp_path_factory, damage):
+    """Flips inside the tensor data load (a checkpoint has no checksums); the rest is one line."""
+    from edge_vla.model.vla import VLA
+
+    ckpt, _ = ckpt_and_bundle
+    d = tmp_path_factory.mktemp("c") / "ckpt"
+    shutil.copytree(ckpt, d)
+    f = d / "model.safetensors"
+    f.write_bytes(_damaged(f.read_bytes(), damage))
+    try:
+        VLA.from_pretrained(d)
+    except EdgeVLAError as e:
+        _one_line(e, f)
+
+
+@settings(FUZZ, max_examples=30)
+@given(name=st.sampled_from(["manifest.json", "decoder.onnx", "action_head.onnx", "tokenizer/tokenizer.json"]),
+       damage=_DAMAGE)
+def test_bundle_damage_gives_one_line_before_any_graph_runs(ckpt_and_bundle, tmp_path_factory, name, damage):
+    from edge_vla.runtime.policy import load_policy
+
+    _, bundle = ckpt_and_bundle
+    d = tmp_path_factory.mktemp("b") / "bundle"
+    shutil.copytree(bundle, d)
+    f = d / name
+    data = f.read_bytes()
+    bad = _damaged(data, damage)
+    f.write_bytes(bad)
+    try:
+        load_policy(d)
+    except EdgeVLAError as e:
+        assert "\n" not in str(e) and str(d) in str(e), str(e)
+    else:  # only a manifest edit that leaves every checked field intact loads
+        assert name == "manifest.json" or bad == data
