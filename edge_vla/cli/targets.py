@@ -16,12 +16,12 @@ import click
 def targets(model, precision, mode, reasoning_tokens, as_json):
     """List target profiles; with --model, the memory each needs and its roofline latency per action.
 
-    Projections are rooflines (lower bounds on latency) from datasheet bandwidth and compute, not
-    measurements; `edge-vla bench --target NAME` puts them beside what was measured here.
+    Projections are rooflines from datasheet bandwidth and compute plus each target's assumed fixed
+    costs per graph run and kernel launch, printed to 2 significant figures; not measurements; `edge-vla bench --target NAME` puts them beside what was measured here.
     """
     from edge_vla.errors import EdgeVLAError
     from edge_vla.deploy.memory_fit import GIB, estimate_memory, model_shape
-    from edge_vla.deploy.roofline import project_latency
+    from edge_vla.deploy.roofline import fmt_projected, project_latency, round_significant
     from edge_vla.deploy.targets import TARGETS, get_target
 
     rows = []
@@ -37,7 +37,7 @@ def targets(model, precision, mode, reasoning_tokens, as_json):
                 est = estimate_memory(shape, p, mode, t, reasoning_tokens=reasoning_tokens)
                 proj = project_latency(shape, p, mode, t, reasoning_tokens=reasoning_tokens)
                 row.update(precision=p, needs_gib=round(est.total / GIB, 2), fits=est.fits,
-                           projected_ms=round(proj.total_ms, 2), projected_hz=round(proj.hz, 2))
+                           projected_ms=round_significant(proj.total_ms), projected_hz=round_significant(proj.hz))
             except EdgeVLAError as e:
                 row.update(precision=p, error=str(e))
         rows.append(row)
@@ -48,7 +48,7 @@ def targets(model, precision, mode, reasoning_tokens, as_json):
     from rich.table import Table
 
     cols = ["target", "usable GiB", "GB/s", "INT8 TOPS"]
-    cols += ["precisions", "TensorRT"] if shape is None else ["precision", "needs GiB", "fits", f"{mode} ms", "Hz"]
+    cols += ["precisions", "TensorRT"] if shape is None else ["precision", "needs GiB", "fits", "proj. ms", "proj. Hz"]
     table = Table(*cols)
     for r in rows:
         cells = [r["target"], f"{r['usable_gib']:.1f}", f"{r['bandwidth_gbs']:g}", f"{r['int8_tops']:g}"]
@@ -59,8 +59,9 @@ def targets(model, precision, mode, reasoning_tokens, as_json):
                 cells += [r["precision"], "-", "-", r["error"][:40], "-"]
             else:
                 cells += [r["precision"], f"{r['needs_gib']:.2f}", "yes" if r["fits"] else "[red]no[/]",
-                          f"{r['projected_ms']:.1f}", f"{r['projected_hz']:.2f}"]
+                          fmt_projected(r['projected_ms']), fmt_projected(r['projected_hz'])]
         table.add_row(*cells)
     Console().print(table)
     if shape is not None:
-        click.echo(f"{mode} ms: roofline latency per action (a lower bound), not a measurement")
+        click.echo(f"proj. ms, Hz: PROJECTED {mode}-mode latency per call: roofline plus the target's assumed fixed costs per graph run "
+                   "and kernel launch (2 significant figures), not a measurement")

@@ -16,6 +16,17 @@ reached in the same phases (from `edge-vla bench` numbers) and `project_latency(
 calibration=...)` divides each phase by that fraction: the projection then assumes the target
 reaches the same fraction of its peak as the CPU did. That transfer is an assumption, reported
 beside the bound, never instead of it.
+
+A roofline has no fixed costs, so on its own it "runs" a 1M-parameter model's forward pass in
+microseconds. On the GPU targets each phase therefore also pays a floor (the target profile's
+assumed `graph_run_us` per graph run and `kernel_launch_us` per kernel launch, sources in
+`edge_vla.deploy.targets`): phase time = max(roofline / efficiency, launches x launch cost) +
+runs x run cost. Launches overlap with GPU work (they are queued asynchronously), so they bound
+the phase rather than add to it; the synchronise at the end of each run does not overlap.
+
+`published_check` tests the model against NanoLLM's OpenVLA-7B times on AGX Orin: calibrate
+one efficiency on one published point, predict the others, report the errors. Projections are
+printed to 2 significant figures (`fmt_projected`): their assumptions hold no more than that.
 """
 
 from __future__ import annotations
@@ -29,6 +40,21 @@ from edge_vla.deploy.memory_fit import (PROMPT_TOKENS, REASONING_TOKENS, ModelSh
 from edge_vla.deploy.targets import Target, get_target
 
 PHASES = ("vision", "prefill", "decode")
+
+# Kernels one transformer layer launches in a TensorRT-built graph (assumption): input norm, QKV
+# GEMM, rotary embedding, attention, output GEMM, residual add, post-attention norm, gate/up GEMM,
+# SiLU x mul, down GEMM, residual add, plus one copy of the KV cache slot.
+KERNELS_PER_LAYER = 12
+KERNELS_OUTSIDE_LAYERS = 4  # embedding gather, final norm, head GEMM, output copy
+# Graph runs per pass, as the TensorRT backend splits the policy into engines: the vision prefix
+# engine once per call; embed + decoder + head (lm_head engine or the fused action kernel) per
+# LM pass (the prefill is one pass, each decode step another).
+GRAPH_RUNS = {"vision": 1, "prefill": 3, "decode": 3}
+
+# NanoLLM (MLC) measured OpenVLA-7B on Jetson AGX Orin, ms per action (docs/facts.md). Orin has no
+# FP8 tensor cores, so its "FP8" is weight-only: modelled as 8-bit weights computing at the FP16
+# tensor-core rate, as its INT4 (q4f16) is 4-bit weights computing at FP16.
+NANOLLM_OPENVLA_AGX_ORIN_MS = {"fp16": 840.0, "fp8": 471.0, "int4": 336.0}
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,8 @@ class Projection:
     decode_steps: int
     decode_ms_per_token: float
     calibrated: bool = False
+    roofline_ms: dict = field(default_factory=dict)  # per phase, the bare bound (no efficiency, no floor)
+    floor_ms: dict = field(default_factory=dict)  # per phase, the fixed-cost floor (0 on the CPU target)
 
     @property
     def total_ms(self) -> float:
@@ -124,10 +152,21 @@ def _phase_ms(cost: PhaseCost, tflops: float, bandwidth_gbs: float) -> tuple[flo
     return (memory, "memory") if memory >= compute else (compute, "compute")
 
 
+def fixed_floor(shape: ModelShape, target: Target, decode_steps: int) -> dict:
+    """Per phase: (kernel-launch bound ms, graph-run cost ms) from the target's assumed fixed costs."""
+    lm_kernels = shape.layers * KERNELS_PER_LAYER + KERNELS_OUTSIDE_LAYERS
+    passes = {"vision": 1, "prefill": 1, "decode": decode_steps}
+    kernels = {"vision": shape.vision_layers * KERNELS_PER_LAYER + KERNELS_OUTSIDE_LAYERS,
+               "prefill": lm_kernels, "decode": lm_kernels}
+    return {ph: (passes[ph] * kernels[ph] * target.kernel_launch_us / 1e3,
+                 passes[ph] * GRAPH_RUNS[ph] * target.graph_run_us / 1e3) for ph in PHASES}
+
+
 def project_latency(model, precision: str, mode: str = "direct", target: str | Target = "orin-agx-64",
                     calibration: Calibration | None = None, prompt_tokens: int = PROMPT_TOKENS,
                     reasoning_tokens: int = REASONING_TOKENS) -> Projection:
-    """Roofline latency of one `Policy.act` call (vision + prefill + decode) on `target`."""
+    """Projected latency of one `Policy.act` call (vision + prefill + decode) on `target`: the
+    roofline per phase, divided by the calibration's efficiency if given, with the target's floor."""
     t = get_target(target)
     t.check_precision(precision)
     shape = model_shape(model)
@@ -135,16 +174,86 @@ def project_latency(model, precision: str, mode: str = "direct", target: str | T
     tflops = t.compute_tflops(precision)
     # The vision tower of an int4 export runs at int8 (see memory_fit's precision policy).
     vision_tflops = t.compute_tflops("int8" if precision == "int4" else precision)
-    phases, bound = {}, {}
+    steps = costs["decode_steps"]
+    floor = fixed_floor(shape, t, steps)
+    phases, bound, roof, floor_ms = {}, {}, {}, {}
     for phase in PHASES:
         ms, b = _phase_ms(costs[phase], vision_tflops if phase == "vision" else tflops, t.bandwidth_gbs)
+        roof[phase] = ms
         if calibration is not None:
             ms /= calibration.factor(phase)
-        phases[phase], bound[phase] = ms, b
-    steps = costs["decode_steps"]
+        launches, runs = floor[phase]
+        if launches > ms:
+            b = "launch"
+        phases[phase], bound[phase] = max(ms, launches) + runs, b
+        floor_ms[phase] = launches + runs
     return Projection(target=t.name, precision=precision, mode=mode, phases_ms=phases, bound=bound,
                       decode_steps=steps, decode_ms_per_token=phases["decode"] / steps if steps else 0.0,
-                      calibrated=calibration is not None)
+                      calibrated=calibration is not None, roofline_ms=roof, floor_ms=floor_ms)
+
+
+def fmt_projected(x: float | None, digits: int = 2) -> str:
+    """A projection as text, to `digits` significant figures (never more precise than its assumptions)."""
+    if x is None:
+        return "-"
+    r = round_significant(x, digits)
+    return f"{r:.0f}" if abs(r) >= 10 ** (digits - 1) else f"{r:.{digits}g}"
+
+
+def round_significant(x: float, digits: int = 2) -> float:
+    if x == 0 or x != x or x in (float("inf"), float("-inf")):
+        return x
+    from math import floor, log10
+
+    return round(x, digits - 1 - int(floor(log10(abs(x)))))
+
+
+# --- the check against published measurements ----------------------------------------------------
+
+
+def _published_precision(name: str, target: Target) -> tuple[str, Target]:
+    if name == "fp8":  # weight-only on Orin: 8-bit weights, FP16 tensor-core compute
+        return "int8", get_target(target, [f"int8_tops={target.fp16_tflops}"])
+    return name, target
+
+
+def efficiency_for(model, precision: str, measured_ms: float, target: str | Target = "orin-agx-64",
+                   mode: str = "direct") -> float:
+    """The one efficiency (same for every phase) at which the projection equals `measured_ms`."""
+    t = get_target(target)
+    lo, hi = 1e-4, 1.0
+    if project_latency(model, precision, mode, t, calibration=Calibration({p: hi for p in PHASES})).total_ms > measured_ms:
+        raise EdgeVLAError(f"{measured_ms} ms is faster than the {t.name} roofline + floor for {precision}",
+                           "check the measurement or the target's bandwidth and fixed costs")
+    for _ in range(60):  # bisection: total time falls monotonically as efficiency rises
+        mid = (lo * hi) ** 0.5
+        total = project_latency(model, precision, mode, t, calibration=Calibration({p: mid for p in PHASES})).total_ms
+        lo, hi = (mid, hi) if total > measured_ms else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def published_check(calibrate_on: str = "fp16", published: dict | None = None, model="openvla",
+                    target: str = "orin-agx-64") -> dict:
+    """Calibrate one efficiency on one published point; predict the others; relative errors.
+
+    Returns {"calibrated_on", "efficiency", "rows": {precision: {published_ms, projected_ms,
+    roofline_ms, error}}} where error = projected / published - 1 (0 on the calibration point).
+    """
+    published = dict(published or NANOLLM_OPENVLA_AGX_ORIN_MS)
+    if calibrate_on not in published:
+        raise EdgeVLAError(f"no published point {calibrate_on!r}", f"use one of {', '.join(published)}")
+    base = get_target(target)
+    prec, t = _published_precision(calibrate_on, base)
+    eff = efficiency_for(model, prec, published[calibrate_on], t)
+    cal = Calibration({p: eff for p in PHASES}, source={"published": published, "calibrate_on": calibrate_on})
+    rows = {}
+    for name, ms in published.items():
+        prec, t = _published_precision(name, base)
+        proj = project_latency(model, prec, "direct", t, calibration=cal)
+        bare = project_latency(model, prec, "direct", t)
+        rows[name] = {"published_ms": ms, "projected_ms": proj.total_ms, "roofline_ms": sum(bare.roofline_ms.values()),
+                      "floor_ms": sum(proj.floor_ms.values()), "error": proj.total_ms / ms - 1.0}
+    return {"calibrated_on": calibrate_on, "efficiency": eff, "target": base.name, "rows": rows}
 
 
 # --- calibration against this machine -----------------------------------------------------------

@@ -20,6 +20,20 @@ Sources of the numbers (decimal GB/s and TOPS, as NVIDIA's datasheets give them)
   runtime's own footprint is `runtime_overhead_gib`, counted by the memory-fit estimate, not here.
   These three are assumptions, stated so a user can override them (`get_target(name, ["os_reserved_gib=2"])`).
 - No FP8/FP4 on Orin (Ampere, SM 8.7): TensorRT Edge-LLM lists FP16/INT8/INT4 for Orin.
+- Fixed costs (`graph_run_us`, `kernel_launch_us`): ASSUMPTIONS, not datasheet figures, and
+  not measured by this project (no board or GPU has run here). A roofline alone lets a
+  1M-parameter model "run" a forward pass in microseconds; no GPU does. `kernel_launch_us` is the
+  host-side cost of one CUDA kernel launch, which bounds a graph of many small kernels: the
+  figure usually quoted for a desktop x86 host is ~3-5 us (assumed 4 us), and 8 us is assumed on
+  Orin's Arm Cortex-A78AE host, whose cores run the CUDA driver more slowly. `graph_run_us` is
+  one engine execution's enqueue + stream synchronise + the small host<->device copies of a
+  step's inputs and outputs: assumed 150 us on Orin and 50 us on a desktop GPU. Kernels per graph
+  run follow from the layer count (`roofline.KERNELS_PER_LAYER`). The check against NanoLLM's
+  published OpenVLA-7B times (`roofline.published_check`, docs/jetson-and-tensorrt.md) cannot
+  test these figures: a 7B model's launches hide under its roofline and its graph-run
+  synchronises add ~3 ms of 840; the first board to run
+  `make test-gpu` should replace them with measured ones. The CPU target has none: `edge-vla
+  bench` measures this CPU's fixed costs and its calibration carries them.
 """
 
 from __future__ import annotations
@@ -63,6 +77,9 @@ class Target:
     default_precision: str
     float_dtype: str  # dtype of the layers left unquantized and of the KV cache
     tensorrt: TensorRTSettings | None = field(default=None)
+    # Fixed costs per graph run and per kernel launch (microseconds): assumptions, sources above.
+    graph_run_us: float = 0.0
+    kernel_launch_us: float = 0.0
 
     @property
     def usable_gib(self) -> float:
@@ -127,6 +144,7 @@ def _orin_agx_64() -> Target:
         bandwidth_gbs=204.8, fp32_tflops=5.3, fp16_tflops=42.5, int8_tops=85.0,
         precisions=("fp32", "fp16", "bf16", "int8", "int4"), default_precision="fp16", float_dtype="fp16",
         tensorrt=TensorRTSettings(workspace_gib=4.0, optimization_level=3),
+        graph_run_us=150.0, kernel_launch_us=8.0,
     )
 
 
@@ -137,6 +155,7 @@ def _orin_nx_16() -> Target:
         bandwidth_gbs=102.4, fp32_tflops=1.9, fp16_tflops=15.0, int8_tops=30.0,
         precisions=("fp32", "fp16", "bf16", "int8", "int4"), default_precision="int8", float_dtype="fp16",
         tensorrt=TensorRTSettings(workspace_gib=2.0, optimization_level=3),
+        graph_run_us=150.0, kernel_launch_us=8.0,
     )
 
 
@@ -149,6 +168,7 @@ def _orin_nano_8() -> Target:
         # Small workspace and externalised weights: 8 GB boards run out of memory building INT4 engines
         # with weights inside the plan (docs/facts.md, NanoLLM issues).
         tensorrt=TensorRTSettings(workspace_gib=1.0, optimization_level=3, external_weights=True),
+        graph_run_us=150.0, kernel_launch_us=8.0,
     )
 
 
@@ -160,6 +180,7 @@ def _cuda_gpu() -> Target:
         bandwidth_gbs=1008.0, fp32_tflops=82.6, fp16_tflops=165.2, int8_tops=660.6,
         precisions=("fp32", "fp16", "bf16", "fp8", "int8", "int4"), default_precision="fp16", float_dtype="fp16",
         tensorrt=TensorRTSettings(workspace_gib=8.0, optimization_level=3),
+        graph_run_us=50.0, kernel_launch_us=4.0,
     )
 
 
