@@ -93,7 +93,7 @@ def test_export_layout_is_lerobot_v30(exported):
     stats = json.loads((exported / "meta/stats.json").read_text())
     assert len(stats["action"]["q01"]) == 7 and np.asarray(stats["observation.images.image"]["mean"]).shape == (3, 1, 1)
     res = CliRunner().invoke(main, ["data", "export-lerobot", str(exported), "-o", str(exported)])
-    assert res.exit_code == 1 and "exists and is not empty" in res.output
+    assert res.exit_code == 1 and "would delete the input" in res.output
 
 
 @pytest.mark.parametrize("recipe", ["vla", "ecot-lite-dropout"])
@@ -117,3 +117,20 @@ def test_train_with_a_key_map_and_reasoning_recipe_refused_without_reasoning(tmp
     assert res.exit_code == 1 and "needs reasoning" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, [*args, "--recipe", "vla", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
+
+
+def test_export_lerobot_never_loses_what_is_there(generated, exported, tmp_path):
+    """A foreign non-empty directory is refused unless --overwrite; the demos themselves never."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    res = CliRunner().invoke(main, ["data", "export-lerobot", str(generated), "-o", str(precious)])
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    assert (precious / "notes.txt").read_text() == "x"
+    res = CliRunner().invoke(main, ["data", "export-lerobot", str(generated), "-o", str(generated), "--overwrite"])
+    assert res.exit_code != 0 and "would delete the input" in res.output
+    assert (generated / "manifest.json").is_file()
+    res = CliRunner().invoke(main, ["data", "export-lerobot", str(generated), "-o", str(precious), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (precious / "notes.txt").exists() and (precious / "meta" / "info.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".precious.")]  # no staging left behind
