@@ -195,3 +195,35 @@ def test_onnxruntime_int4_graph_is_rewritten_to_tensorrt_int4_with_identical_out
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     same, none = prepare_for_tensorrt(float_model)
     assert same is float_model and none == []  # nothing to rewrite: the graph is returned as is
+
+
+def test_a_killed_engine_record_leaves_nothing_the_next_one_does_not_clean(tmp_path, tiny_vla):
+    """record_engines stages beside the bundle under edge_vla.io's writer names: killed mid-write,
+    its staging is removed by the next write of the same bundle, and the bundle still loads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    b = _bundle(tmp_path, tiny_vla)
+    gpu = {"name": "Orin", "compute_capability": "8.7"}
+    records = {"decoder": {"file": "engines/decoder.plan", "graph": "decoder.onnx", "precision": "fp16",
+                           "tensorrt_version": "10.3.0", "gpu": gpu, "target": "orin-nano-8", "profiles": []}}
+    # A writer that stalls once its staging exists (a big extra file keeps it busy), then is killed.
+    code = ("import sys, json; from edge_vla.tensorrt.build import record_engines; "
+            "record_engines(sys.argv[1], {'decoder': b'plan'}, json.loads(sys.argv[2]), "
+            "extra_files={f'engines/big{i}.bin': bytes(64 << 20) for i in range(64)})")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(b.path), json.dumps(records)])
+    staging = []
+    for _ in range(600):
+        staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".{b.path.name}.")]
+        if staging or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert staging, "the writer never staged"
+    record_engines(b.path, {"decoder": b"plan"}, records)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{b.path.name}.")]
+    assert load_bundle(b.path).manifest["engines"]["decoder"]["file"] == "engines/decoder.plan"

@@ -67,7 +67,8 @@ def record_engines(bundle_dir: str | Path, engines: dict, records: dict, timing_
 
     bundle = load_bundle(bundle_dir)
     src = bundle.path
-    with tempfile.TemporaryDirectory(dir=src.parent, prefix=f".{src.name}.engines.") as work:
+    # Named as edge_vla.io names a writer's staging, so the next write cleans it if this one is killed.
+    with tempfile.TemporaryDirectory(dir=src.parent, prefix=f".{src.name}.pid{os.getpid()}.", suffix=".tmp") as work:
         staging = Path(work) / "staging"
         # Hard links where possible: the graphs can be GBs and do not change.
         shutil.copytree(src, staging, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MANIFEST))
