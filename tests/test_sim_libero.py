@@ -317,3 +317,36 @@ def test_dart_noise_perturbs_the_execution_but_not_the_labels(tmp_path):
     assert np.abs(noisy["actions"][:, :3]).max() <= 1.0  # labels stay in the expert's range
     with pytest.raises(EdgeVLAError, match="action_noise must be a std in"):
         generate_dataset(tmp_path / "never", tasks=[BUTTER], action_noise=2.0, progress=False)
+
+
+def test_generate_killed_mid_run_resumes_from_its_finished_demos(tmp_path):
+    """SIGKILL `edge-vla data generate` once its first demo is on disk: the next run keeps that demo
+    (not redone, same bytes) and makes only the missing one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edge_vla.data.generate import generate_dataset
+
+    out = tmp_path / "gen"
+    args = ["data", "generate", "--out", str(out), "--tasks", BUTTER, "--demos-per-task", "2", "--image-size", "32",
+            "--workers", "1", "--init-states", "benchmark", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", f"from edge_vla.cli import main; main({args!r})"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "parts" / BUTTER / "demo_0.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "no demo finished before the kill"
+    if (out / "parts" / BUTTER / "demo_1.json").exists():
+        pytest.skip("both demos finished before the kill landed: nothing left to resume")
+    kept = (out / "parts" / BUTTER / "demo_0.hdf5").read_bytes()
+    generate_dataset(out, tasks=[BUTTER], demos_per_task=2, image_size=32, workers=1, progress=False,
+                     init_states="benchmark")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tasks"][BUTTER]["demos"] == 2 and m["runs"][-1]["jobs"] == 1  # only the missing demo ran
+    assert (out / "parts" / BUTTER / "demo_0.hdf5").read_bytes() == kept
