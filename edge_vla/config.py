@@ -19,6 +19,9 @@ from typing import Any
 from edge_vla.errors import EdgeVLAError
 
 CONFIG_SCHEMA_VERSION = 1
+VISION_BACKBONES = ("hf", "prismatic")
+PROJECTORS = ("mlp", "gelu-mlp", "fused-gelu-mlp")
+RESIZE_STRATEGIES = ("resize-naive", "letterbox", "resize-crop")
 
 
 @dataclass
@@ -50,6 +53,21 @@ class VLAConfig:
     # Parallel action decoding (OpenVLA-OFT): the action tokens' inputs are placeholders, so one
     # decoder pass yields the whole chunk instead of one pass per token (edge_vla.tokens.sequence).
     parallel_actions: bool = False
+    # Released layouts (edge_vla.model.importers); the defaults are edge-vla's own model.
+    # vision_backbone "hf": one Hugging Face tower, its last hidden state; "prismatic": Prismatic's
+    # featurizers (edge_vla.model.prismatic): `vision` and, when fused, `fused_vision` are towers
+    # built one block short (their second-to-last block is the feature layer), patch tokens only,
+    # concatenated along the features, each normalising its own input with `tower_norms`.
+    vision_backbone: str = "hf"
+    fused_vision: dict = field(default_factory=dict)
+    tower_norms: list = field(default_factory=list)  # per tower [[mean x3], [std x3]]
+    # projector "mlp": Linear-GELU-Linear through projector_hidden; Prismatic's "gelu-mlp" and
+    # "fused-gelu-mlp" (Linear(v, 4v)-GELU-Linear(4v, l)-GELU-Linear(l, l)).
+    projector: str = "mlp"
+    # How a frame becomes a square: "resize-naive" (stretch), "letterbox" (pad), "resize-crop" (centre crop).
+    resize_strategy: str = "resize-naive"
+    # Prismatic splices the image patches after <bos>, not before it.
+    image_after_bos: bool = False
     schema_version: int = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -88,6 +106,11 @@ class VLAConfig:
             raise EdgeVLAError(f"{source}: token_pool must be >= 1, got {self.token_pool}")
         if self.image_size <= 0 or self.action_dim <= 0 or self.action_chunk <= 0 or self.n_action_bins < 2:
             raise EdgeVLAError(f"{source}: image_size, action_dim, action_chunk must be positive and n_action_bins >= 2")
+        for name, value, valid in (("vision_backbone", self.vision_backbone, VISION_BACKBONES),
+                                   ("projector", self.projector, PROJECTORS),
+                                   ("resize_strategy", self.resize_strategy, RESIZE_STRATEGIES)):
+            if value not in valid:
+                raise unknown_name_error(f"{source}: {name}", value, valid)
         if not self.vision and not self.vision_path:
             raise EdgeVLAError(f"{source}: no vision tower", "set `vision` (a config dict) or `vision_path`")
         if not self.lm and not self.lm_path:

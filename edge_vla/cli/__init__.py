@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "train": "edge_vla.cli.train:train",
     "distill": "edge_vla.cli.distill:distill",
     "demo": "edge_vla.cli.demo:demo",
+    "import": "edge_vla.cli.import_:import_",
 }
 
 

@@ -32,6 +32,7 @@ def info(as_json: bool, checkpoint: str | None):
         console.print(f"[bold]checkpoint[/] {checkpoint}: preset {c['preset']}, {c['parameters'] / 1e6:.2f}M parameters, "
                       f"LM {c['lm']}, cameras {c['cameras']} at {c['image_size']} px, recipe {c['recipe'] or 'none'}, "
                       f"action stats {'yes' if c['action_stats'] else 'missing'}")
+        console.print(f"  vision {c['vision']}; action tokens {c['action_tokens']}")
 
 
 def describe_checkpoint(path: str) -> dict:
@@ -47,4 +48,23 @@ def describe_checkpoint(path: str) -> dict:
         "action_chunk": vla.config.action_chunk,
         "recipe": vla.recipe_info.get("name"),
         "action_stats": vla.action_stats is not None,
+        "vision": _describe_vision(vla.config),
+        "action_tokens": _describe_action_tokens(vla),
     }
+
+
+def _describe_vision(c) -> str:
+    if c.vision_backbone == "prismatic":
+        towers = [c.vision.get("model_type")] + ([c.fused_vision.get("model_type")] if c.fused_vision else [])
+        return f"prismatic: {' + '.join(towers)}, {c.projector} projector"
+    return f"{c.vision.get('model_type', c.vision_path)}, {c.projector} projector"
+
+
+def _describe_action_tokens(vla) -> str:
+    tok = vla.processor.tokenizer
+    stats = vla.action_stats
+    if stats is not None and stats.bin_layout == "openvla":
+        key = stats.extra.get("unnorm_key")
+        return (f"openvla: last {tok.n_bins} ids below {tok.first_action_id + tok.n_bins}, reversed"
+                + (f"; unnorm_key {key}" if key else ""))
+    return f"appended: ids {tok.first_action_id}..{tok.first_action_id + tok.n_bins - 1}"

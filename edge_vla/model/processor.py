@@ -10,9 +10,31 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.model.image import preprocess_image
+from edge_vla.model.image import check_image, preprocess_image
 from edge_vla.tokens.reasoning import build_prompt
 from edge_vla.tokens.text import TextTokenizer
+
+def square(image, strategy: str, fill=(0, 0, 0), name: str = "image") -> np.ndarray:
+    """A frame made square before the resize: "resize-naive" leaves it (the resize stretches it),
+    "letterbox" pads the short side equally with `fill`, "resize-crop" keeps the centre square
+    (a resize of the short side then a centre crop, as timm's eval transform, crops the same)."""
+    a = check_image(image, name)
+    h, w = a.shape[:2]
+    if strategy == "resize-naive" or h == w:
+        return a
+    if strategy == "letterbox":
+        side = max(h, w)
+        out = np.empty((side, side, 3), np.uint8)
+        out[:] = np.asarray(fill, np.uint8)
+        top, left = (side - h) // 2, (side - w) // 2
+        out[top:top + h, left:left + w] = a
+        return out
+    if strategy == "resize-crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return a[top:top + side, left:left + side]
+    raise EdgeVLAError(f"unknown resize strategy `{strategy}`", "use resize-naive, letterbox or resize-crop")
+
 
 class VLAProcessor:
     """Observation -> model inputs: images, prompt ids, proprio state. The one place it happens."""
@@ -34,8 +56,16 @@ class VLAProcessor:
             if len(frames) != len(cams):
                 raise EdgeVLAError(f"got {len(frames)} image(s), this model reads {len(cams)} ({list(cams)})")
         c = self.config
-        return np.stack([preprocess_image(f, c.image_size, c.image_mean, c.image_std, name=f"image `{n}`")
+        strategy = getattr(c, "resize_strategy", "resize-naive")
+        return np.stack([preprocess_image(square(f, strategy, self._fill(), name=f"image `{n}`"), c.image_size,
+                                          c.image_mean, c.image_std, name=f"image `{n}`")
                          for f, n in zip(frames, cams)])
+
+    def _fill(self) -> tuple[int, int, int]:
+        # Prismatic pads with the (first) tower's mean colour, in 0-255.
+        norms = getattr(self.config, "tower_norms", None)
+        mean = norms[0][0] if norms else self.config.image_mean
+        return tuple(int(m * 255) for m in mean)
 
     def state(self, state) -> np.ndarray:
         d = self.config.proprio_dim
@@ -52,4 +82,6 @@ class VLAProcessor:
 
     def prompt_ids(self, instruction: str) -> list[int]:
         ids = self.tokenizer.encode(build_prompt(instruction))
+        if getattr(self.config, "image_after_bos", False):
+            return ids  # <bos> is the first prefix token, before the image (VLA.encode_prefix)
         return ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + ids

@@ -6,7 +6,9 @@ Sequence the LM sees (one row):
     \__________________ prefix embeddings _______________/ \______ input_ids ____________/
 
 Image patch embeddings (plus a learned per-camera embedding) and an optional proprio token are
-spliced in front of the prompt's token embeddings. `forward` returns logits only for the
+spliced in front of the prompt's token embeddings. Released Prismatic models (OpenVLA, MiniVLA;
+edge_vla.model.importers) read [bos][patches] prompt...: with `image_after_bos` the <bos>
+embedding is the first prefix token and the prompt ids start after it. `forward` returns logits only for the
 `input_ids` positions, so labels line up with `input_ids` exactly (-100 = no loss), and the
 loss is the usual next-token shift.
 """
@@ -52,6 +54,15 @@ def hf_config(d: dict, what: str):
         raise EdgeVLAError(f"invalid {what} config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def _build_vision(config: VLAConfig):
+    """The vision tower a config describes, at random init (weights are loaded after)."""
+    if config.vision_backbone == "prismatic":
+        from edge_vla.model.prismatic import build_backbone
+
+        return build_backbone(config)
+    return _vision_from_config(hf_config(config.vision, "vision"))
+
+
 def _vision_from_config(cfg):
     from transformers import AutoModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -95,12 +106,22 @@ class VLA(nn.Module):
         self.processor = VLAProcessor(config, tokenizer)
         v_hidden = vision.config.hidden_size
         l_hidden = lm.config.hidden_size
-        self.projector = nn.Sequential(
-            nn.Linear(v_hidden, config.projector_hidden), nn.GELU(), nn.Linear(config.projector_hidden, l_hidden)
-        )
+        if config.projector == "mlp":
+            self.projector = nn.Sequential(
+                nn.Linear(v_hidden, config.projector_hidden), nn.GELU(), nn.Linear(config.projector_hidden, l_hidden)
+            )
+        else:
+            from edge_vla.model.prismatic import PrismaticProjector
+
+            self.projector = PrismaticProjector(config.projector, v_hidden, l_hidden)
         self.camera_embed = nn.Parameter(torch.zeros(len(config.cameras), l_hidden))
         self.proprio = nn.Linear(config.proprio_dim, l_hidden) if config.use_proprio else None
-        if lm.get_input_embeddings().weight.shape[0] != tokenizer.vocab_size:
+        rows = lm.get_input_embeddings().weight.shape[0]
+        appended = tokenizer.first_action_id + tokenizer.n_bins == tokenizer.vocab_size
+        # edge-vla's own tokenizers append the action tokens: the table is resized to match. A
+        # released model whose action tokens are the tail of its base vocabulary (OpenVLA) keeps
+        # its padded table (32064 rows for 32001 tokens): its weights are laid out for it.
+        if rows < tokenizer.vocab_size or (rows != tokenizer.vocab_size and appended):
             lm.resize_token_embeddings(tokenizer.vocab_size)
         self.action_stats = action_stats
         self.recipe_info: dict = {}
@@ -118,15 +139,15 @@ class VLA(nn.Module):
         tok_path = config.tokenizer_path or config.lm_path
         tokenizer = (TextTokenizer.from_hf(tok_path, config.n_action_bins) if tok_path
                      else TextTokenizer.train_tiny(list(texts), config.tokenizer_vocab_size, config.n_action_bins))
-        vision = _load_pretrained("vision", config.vision_path) if config.vision_path else _vision_from_config(
-            hf_config(config.vision, "vision"))
+        vision = _load_pretrained("vision", config.vision_path) if config.vision_path else _build_vision(config)
         if config.lm_path:
             lm = _load_pretrained("lm", config.lm_path)
         else:
             lm_cfg = dict(config.lm, vocab_size=tokenizer.vocab_size)
             lm = AutoModelForCausalLM.from_config(hf_config(lm_cfg, "language model"))
         # Record the towers' full configs so the checkpoint rebuilds without the original paths.
-        config.vision = _config_dict(vision.config)
+        if config.vision_backbone == "hf":
+            config.vision = _config_dict(vision.config)
         config.lm = _config_dict(lm.config)
         return cls(config, vision, lm, tokenizer, action_stats)
 
@@ -145,7 +166,8 @@ class VLA(nn.Module):
         if not hasattr(c, "patch_size"):
             raise EdgeVLAError("cannot infer the number of image tokens of this vision tower")
         per_cam = (self.config.image_size // c.patch_size // self.config.token_pool) ** 2
-        return per_cam * len(self.config.cameras) + (1 if self.proprio is not None else 0)
+        return (per_cam * len(self.config.cameras) + (1 if self.proprio is not None else 0)
+                + (1 if self.config.image_after_bos else 0))
 
     def encode_prefix(self, pixel_values: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n_cams, 3, S, S) [+ (B, proprio_dim)] -> (B, P, H) prefix embeddings."""
@@ -168,6 +190,10 @@ class VLA(nn.Module):
             if state is None:
                 raise EdgeVLAError("this model reads the proprio state but none was given", "pass `state`")
             prefix = torch.cat([prefix, self.proprio(state.to(prefix.dtype))[:, None, :]], dim=1)
+        if self.config.image_after_bos:
+            bos = self.processor.tokenizer.bos_id
+            row = self.lm.get_input_embeddings().weight[bos:bos + 1].to(prefix.dtype)
+            prefix = torch.cat([row[None].expand(b, -1, -1), prefix], dim=1)
         return prefix
 
     def _decoder(self):
@@ -257,10 +283,14 @@ class VLA(nn.Module):
         from transformers import AutoModelForCausalLM
 
         p = Path(path)
+        from edge_vla.model.importers import is_released_layout
+
+        if is_released_layout(p):
+            return cls.from_released(p).to(device).eval()
         config = load_config(p)
         tokenizer = TextTokenizer.load(p / TOKENIZER_DIR)
         stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
-        vision = _vision_from_config(hf_config(config.vision, "vision"))
+        vision = _build_vision(config)
         lm = AutoModelForCausalLM.from_config(hf_config(config.lm, "language model"))
         model = cls(config, vision, lm, tokenizer, stats)
         try:
@@ -275,6 +305,31 @@ class VLA(nn.Module):
         if (p / RECIPE_FILE).exists():
             model.recipe_info = json.loads((p / RECIPE_FILE).read_text())
         return model.to(device).eval()
+
+
+    @classmethod
+    def from_released(cls, src, unnorm_key: str | None = None) -> "VLA":
+        """A released checkpoint (edge_vla.model.importers: OpenVLA's Hugging Face layout), local
+        directory or hub id, converted to this class in memory (float32). `unnorm_key` picks the
+        dataset whose action statistics de-normalise the actions."""
+        from transformers import AutoModelForCausalLM
+
+        from edge_vla.model.importers import read_released
+
+        r = read_released(src, unnorm_key)
+        lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
+        model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
+        weights = dict(r.weights, camera_embed=torch.zeros_like(model.camera_embed))  # released models have none
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # A tied LM head is the embedding itself: absent from the file by design.
+        tied = getattr(lm.config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k == "lm.lm_head.weight")]
+        if missing or unexpected:
+            raise EdgeVLAError(f"the weights of {r.path} do not match its config.json "
+                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                               "download every shard, and the config.json of the same release")
+        model.recipe_info = r.recipe_info
+        return model.eval()
 
 
 def _config_dict(hf_config) -> dict:

@@ -6,6 +6,14 @@ token (`<act_0>` ... `<act_255>`, contiguous ids, as MiniVLA's `<extra_i>` token
 returns the bin centre in env units. The gripper (last dim, LIBERO: -1 open / +1 close) is
 binarised on decode, as LIBERO expects.
 
+Released OpenVLA-family checkpoints bin differently (`bin_layout="openvla"`): 256 bin EDGES on
+[-1, 1] (255 centres), each value's bin number d = digitize(x, edges) in 1..256 written as token
+id `end - d`, i.e. the last 256 ids of the vocabulary in reverse; decoding takes centre
+clip(d - 1, 0, 254). Their ids are still a contiguous block, so the rest of edge-vla (restricted
+head, fused kernel, runtime) sees one more table of bin centres and nothing else. Their
+statistics also carry a `mask`: a dimension with mask False is not normalised, which is the
+same as giving it the range [-1, 1].
+
 This module is numpy-only on purpose: the ONNX runtime path decodes actions without torch.
 """
 
@@ -22,6 +30,7 @@ from edge_vla.errors import EdgeVLAError
 
 ACTION_TOKEN_FORMAT = "<act_{}>"
 STATS_SCHEMA_VERSION = 1
+BIN_LAYOUTS = ("uniform", "openvla")
 
 
 def action_token_strings(n_bins: int = 256) -> list[str]:
@@ -42,6 +51,10 @@ class ActionStats:
     count: int = 0
     schema_version: int = STATS_SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
+    # Released checkpoints' conventions (defaults: edge-vla's own): which dims are normalised
+    # (None = all), and how bins map to values ("uniform": 256 centres; "openvla": see above).
+    mask: list[bool] | None = None
+    bin_layout: str = "uniform"
 
     @property
     def dim(self) -> int:
@@ -84,6 +97,10 @@ class ActionStats:
         except (TypeError, KeyError, AttributeError) as e:
             raise EdgeVLAError(f"{source} is malformed ({e})", "recompute it with ActionStats.from_actions") from None
         lengths = {len(stats.q01), len(stats.q99), len(stats.mean), len(stats.std), len(stats.min), len(stats.max)}
+        if stats.mask is not None:
+            lengths.add(len(stats.mask))
+        if stats.bin_layout not in BIN_LAYOUTS:
+            raise EdgeVLAError(f"{source} has unknown bin_layout {stats.bin_layout!r}", f"use one of {list(BIN_LAYOUTS)}")
         if len(lengths) != 1:
             raise EdgeVLAError(f"{source} has fields of different lengths", "recompute it from the data")
         return stats
@@ -120,13 +137,27 @@ class ActionTokenizer:
         self.binarize_gripper = binarize_gripper
         self.low = np.asarray(stats.q01, dtype=np.float64)
         self.high = np.asarray(stats.q99, dtype=np.float64)
+        if stats.mask is not None:
+            # An unnormalised dimension behaves exactly like one whose 1-99% range is [-1, 1]: the
+            # normalisation is the identity there, and the fused kernel's clip bounds stay right.
+            keep = np.asarray(stats.mask, dtype=bool)
+            self.low = np.where(keep, self.low, -1.0)
+            self.high = np.where(keep, self.high, 1.0)
+        self.bin_layout = getattr(stats, "bin_layout", "uniform")
         # A constant dimension (q01 == q99, e.g. a rotation the expert never uses) gets a unit span
         # so normalising does not divide by zero, and every bin decodes to the constant: a spread
         # of bin centres there would let a wrong token command a motion the data never had.
         span = self.high - self.low
         self.constant = span <= 1e-8
         self.span = np.where(self.constant, 1.0, span)
-        self.bin_centers = (-1.0 + (np.arange(self.n_bins) + 0.5) * (2.0 / self.n_bins)).astype(np.float64)
+        if self.bin_layout == "openvla":
+            # bin b is token first + b = end - d with d = n_bins - b; its value is centre d - 1.
+            edges = np.linspace(-1.0, 1.0, self.n_bins)
+            centres = (edges[:-1] + edges[1:]) / 2.0
+            self.edges = edges
+            self.bin_centers = centres[np.clip(self.n_bins - 1 - np.arange(self.n_bins), 0, self.n_bins - 2)]
+        else:
+            self.bin_centers = (-1.0 + (np.arange(self.n_bins) + 0.5) * (2.0 / self.n_bins)).astype(np.float64)
 
     @property
     def dim(self) -> int:
@@ -157,6 +188,8 @@ class ActionTokenizer:
 
     def to_bins(self, actions: np.ndarray) -> np.ndarray:
         n = self.normalize(actions)
+        if self.bin_layout == "openvla":
+            return (self.n_bins - np.digitize(n, self.edges)).astype(np.int64)
         bins = np.floor((n + 1.0) * 0.5 * self.n_bins).astype(np.int64)
         return np.clip(bins, 0, self.n_bins - 1)
 

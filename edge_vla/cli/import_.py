@@ -1,0 +1,34 @@
+"""`edge-vla import SRC -o CKPT`: a released VLA checkpoint -> an ordinary edge-vla checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("import")
+@click.argument("source", type=str)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Checkpoint directory to write.")
+@click.option("--unnorm-key", default=None,
+              help="Which dataset's action statistics de-normalise the actions (norm_stats key, e.g. "
+                   "libero_spatial_no_noops); needed when the checkpoint holds several.")
+@click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
+def import_(source, output, unnorm_key, half, overwrite):
+    """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
+
+    Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B).
+    The result is an edge-vla checkpoint: export, bench, eval and serve take it unchanged.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from edge_vla.artifacts.checkpoint import CHECKPOINT_FORMAT
+    from edge_vla.io import check_output_dir
+    from edge_vla.model.vla import VLA
+
+    # Refused before the slow conversion: never the source, never a directory that is not ours.
+    check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
+    vla = VLA.from_released(source, unnorm_key=unnorm_key)
+    out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
+    click.echo(f"imported {source} -> {out}")

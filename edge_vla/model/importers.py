@@ -1,0 +1,309 @@
+"""Importers of released VLA checkpoints: a released layout in, an ordinary edge-vla `VLA` out.
+
+    read_released(src)            -> config, tokenizer, statistics and renamed weights
+    VLA.from_released(src)        -> the VLA, converted in memory (VLA.from_pretrained(DIR) too)
+    edge-vla import SRC -o CKPT   -> VLA.from_released(SRC).save_pretrained(CKPT)
+
+Layouts (what each computes is in edge_vla.model.prismatic):
+
+- the OpenVLA family's Hugging Face layout: `config.json` with `OpenVLAForActionPrediction`,
+  `model.safetensors` (or shards listed in `model.safetensors.index.json`) holding
+  `vision_backbone.featurizer.*` / `.fused_featurizer.*` (timm key names), `projector.fc1..3`,
+  `language_model.*`, the action statistics in `norm_stats`, and the tokenizer. openvla-7b, its
+  LIBERO fine-tunes and the ECoT-7B checkpoints are published this way.
+
+Conventions kept: the image patches follow <bos> (`image_after_bos`); the prompt is OpenVLA's
+`In: What action should the robot take to {instruction}?\\nOut:` and decoding forces token 29871
+after it, as `predict_action` appends it; action tokens are the last 256 ids before
+`text_config.vocab_size - pad_to_multiple_of`, in reverse, de-normalised with the `unnorm_key`
+dataset's q01/q99 and `mask` (ActionStats with bin_layout "openvla": the one de-normalisation).
+Weights are read from safetensors directly; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_vla.config import VLAConfig
+from edge_vla.errors import EdgeVLAError
+from edge_vla.tokens.action import ActionStats
+
+SUPPORTED = ("the OpenVLA family's Hugging Face layout (OpenVLAForActionPrediction: openvla-7b, its LIBERO "
+             "fine-tunes, ECoT-7B)")
+OPENVLA_ARCH = "OpenVLAForActionPrediction"
+# `predict_action` appends Llama's empty piece "▁" (id 29871) after "Out:" when the prompt lacks it.
+OPENVLA_EMPTY_TOKEN = 29871
+# Files that only OpenVLA-OFT checkpoints carry beside the OpenVLA layout (its continuous action
+# head, proprio projector, FiLM): a different model, refused rather than imported without them.
+OFT_MARKERS = ("action_head", "proprio_projector", "noisy_action_projector", "vision_backbone--")
+
+
+# --- where the checkpoint is -----------------------------------------------------------------------
+
+
+def _read_config(path: Path) -> dict | None:
+    f = path / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgeVLAError(f"{f} is not valid JSON ({e})", "re-download the checkpoint's config.json") from None
+    return d if isinstance(d, dict) else None
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    parts = str(src).split("/")
+    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "/", "~"))
+
+
+def is_released_layout(src) -> bool:
+    """True when the local directory `src` holds a released checkpoint's config.json (not an
+    edge-vla checkpoint's): VLA.from_pretrained converts those on the fly. Hub ids go through
+    `edge-vla import` / load_released, which fetch them."""
+    p = Path(src)
+    if not p.is_dir():
+        return False
+    cfg = _read_config(p)
+    return cfg is not None and "format" not in cfg and ("architectures" in cfg or "norm_stats" in cfg)
+
+
+def resolve(src) -> Path:
+    """A local directory for `src`: itself, or a hub id fetched with huggingface_hub (cached)."""
+    p = Path(src)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise EdgeVLAError(f"{p} is a file, expected a checkpoint directory", "pass the directory holding config.json")
+    if not _looks_like_hub_id(str(src)):
+        raise EdgeVLAError(f"checkpoint not found: {p}", "pass a local directory or a Hugging Face hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src)))
+    except Exception as e:
+        raise EdgeVLAError(
+            f"could not fetch `{src}` from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+            f"on a machine with network run `huggingface-cli download {src} --local-dir DIR`, then pass DIR") from None
+
+
+def detect(path: Path) -> str:
+    """The family of the released checkpoint at `path`, or one line naming what it is and what is supported."""
+    cfg = _read_config(path)
+    if cfg is None:
+        raise EdgeVLAError(f"{path} has no config.json", f"pass a released checkpoint directory; supported: {SUPPORTED}")
+    if cfg.get("format") == "edge-vla-checkpoint":
+        return "edge-vla"
+    arch = list(cfg.get("architectures") or [])
+    if OPENVLA_ARCH in arch:
+        oft = sorted(f.name for f in path.iterdir() if f.name.startswith(OFT_MARKERS))
+        if oft or any(k in cfg for k in ("use_film", "use_l1_regression", "use_diffusion")):
+            raise EdgeVLAError(
+                f"{path} is an OpenVLA-OFT checkpoint ({oft[0] if oft else 'FiLM / continuous action head'}): its "
+                "continuous action head is a different model that edge-vla does not import yet",
+                f"supported: {SUPPORTED}")
+        return "openvla-hf"
+    what = arch[0] if arch else (cfg.get("model_type") or "an unknown model")
+    raise EdgeVLAError(f"{path} holds {what}, not a VLA layout edge-vla imports", f"supported: {SUPPORTED}")
+
+
+# --- weights -----------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, memory-mapped, by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EdgeVLAError(f"{index} is malformed ({type(e).__name__}: {e})", "re-download the index file") from None
+        shards = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise EdgeVLAError(f"{path} has no model.safetensors nor model.safetensors.index.json",
+                           "download the weights too (the safetensors files)")
+    sd: dict[str, torch.Tensor] = {}
+    for name in shards:
+        f = path / name
+        if not f.is_file():
+            raise EdgeVLAError(f"shard {name} listed in {index.name} is missing from {path}",
+                               "download every shard of the checkpoint (huggingface-cli download resumes)")
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise EdgeVLAError(f"shard {f} does not load ({str(e).splitlines()[0][:160]})",
+                               "re-download it: the file is truncated or damaged") from None
+    return sd
+
+
+# --- tokenizer and statistics -------------------------------------------------------------------------
+
+
+def _token_text(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def released_tokenizer(path: Path, first_action_id: int, n_bins: int):
+    """The released tokenizer (tokenizer.json) with the action block at ids [first, first + n_bins):
+    existing vocabulary tokens, nothing added."""
+    from tokenizers import Tokenizer
+
+    from edge_vla.tokens.text import TextTokenizer
+
+    tj = path / "tokenizer.json"
+    if not tj.is_file():
+        raise EdgeVLAError(f"{path} has no tokenizer.json", "download the checkpoint's tokenizer files too")
+    tok = Tokenizer.from_file(str(tj))
+    special = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            special.update({k: _token_text(v) for k, v in json.loads((path / name).read_text()).items()
+                            if k in ("bos_token", "eos_token", "pad_token") and v})
+    ids = {k: tok.token_to_id(v) for k, v in special.items() if v is not None}
+    if ids.get("eos_token") is None:
+        raise EdgeVLAError(f"the tokenizer in {path} names no eos token", "download its tokenizer_config.json too")
+    return TextTokenizer(tokenizer=tok, bos_id=ids.get("bos_token"), eos_id=ids["eos_token"],
+                         pad_id=ids.get("pad_token", ids["eos_token"]), first_action_id=first_action_id, n_bins=n_bins)
+
+
+def released_stats(norm_stats: dict, unnorm_key: str | None, where: str) -> tuple[ActionStats, str]:
+    """OpenVLA's `norm_stats[unnorm_key]["action"]` as ActionStats (bin layout "openvla", its mask)."""
+    if not isinstance(norm_stats, dict) or not norm_stats:
+        raise EdgeVLAError(f"{where} has no norm_stats (action statistics)", "download the checkpoint's config.json")
+    keys = sorted(norm_stats)
+    if unnorm_key is None:
+        if len(keys) != 1:
+            raise EdgeVLAError(f"{where} holds statistics of {len(keys)} datasets; say which the robot's actions use",
+                               f"pass --unnorm-key, one of: {', '.join(keys)}")
+        unnorm_key = keys[0]
+    if unnorm_key not in norm_stats:
+        raise EdgeVLAError(f"unknown unnorm_key `{unnorm_key}` in {where}", f"known keys: {', '.join(keys)}")
+    a = norm_stats[unnorm_key].get("action") if isinstance(norm_stats[unnorm_key], dict) else None
+    if not isinstance(a, dict) or "q01" not in a or "q99" not in a:
+        raise EdgeVLAError(f"norm_stats[{unnorm_key!r}] in {where} lacks action q01/q99", "re-download config.json")
+    d = len(a["q01"])
+    stats = ActionStats(
+        q01=list(a["q01"]), q99=list(a["q99"]), mean=list(a.get("mean", [0.0] * d)), std=list(a.get("std", [1.0] * d)),
+        min=list(a.get("min", a["q01"])), max=list(a.get("max", a["q99"])),
+        # No snap: predict_action returns the gripper as the bins give it (a dataset's gripper
+        # convention is the evaluation's business, as in OpenVLA's own LIBERO script).
+        gripper_dim=None, count=int(norm_stats[unnorm_key].get("num_transitions", 0) or 0),
+        mask=[bool(m) for m in a["mask"]] if "mask" in a else None, bin_layout="openvla",
+        extra={"unnorm_key": unnorm_key},
+    )
+    return ActionStats.from_dict(stats.to_dict(), source=f"norm_stats[{unnorm_key!r}] in {where}"), unnorm_key
+
+
+# --- the OpenVLA Hugging Face layout ---------------------------------------------------------------------
+
+
+def _openvla_config(cfg: dict, sd: dict, where: Path) -> tuple[VLAConfig, int]:
+    from edge_vla.model.prismatic import BACKBONES, TIMM_TOWERS, tower_config
+
+    backbone = cfg.get("vision_backbone_id")
+    timm_ids = list(cfg.get("timm_model_ids") or BACKBONES.get(backbone, ()))
+    if not timm_ids:
+        raise EdgeVLAError(f"vision backbone `{backbone}` of {where} is not supported",
+                           f"supported: {', '.join(sorted(BACKBONES))}")
+    sizes = list(cfg.get("image_sizes") or [224] * len(timm_ids))
+    prefixes = ["vision_backbone.featurizer.", "vision_backbone.fused_featurizer."][:len(timm_ids)]
+    towers = [tower_config(t, sd, p, int(s)) for t, p, s in zip(timm_ids, prefixes, sizes)]
+    arch = str(cfg.get("arch_specifier", "no-align+gelu-mlp"))
+    projector = arch.split("+")[-1]
+    if projector not in ("gelu-mlp", "fused-gelu-mlp"):
+        raise EdgeVLAError(f"projector `{projector}` (arch_specifier {arch}) of {where} is not supported",
+                           "supported projectors: gelu-mlp, fused-gelu-mlp")
+    text = dict(cfg.get("text_config") or {})
+    if not text.get("model_type"):
+        raise EdgeVLAError(f"{where}/config.json has no text_config.model_type", "re-download config.json")
+    for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        text.pop(k, None)
+    lm_vocab = int(text.get("vocab_size") or sd["language_model.model.embed_tokens.weight"].shape[0])
+    end = lm_vocab - int(cfg.get("pad_to_multiple_of", 0) or 0)
+    strategy = str(cfg.get("image_resize_strategy", "letterbox"))
+    config = VLAConfig(
+        preset="openvla-released", vision=towers[0], fused_vision=towers[1] if len(towers) > 1 else {},
+        vision_backbone="prismatic",
+        tower_norms=[[list(TIMM_TOWERS[t]["mean"]), list(TIMM_TOWERS[t]["std"])] for t in timm_ids],
+        lm=text, image_size=int(sizes[0]), token_pool=1, cameras=("agentview",),
+        image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0), use_proprio=False,
+        projector_hidden=4 * sum(t["hidden_size"] for t in towers) if projector == "fused-gelu-mlp" else int(text.get("hidden_size", 0)),
+        projector=projector, resize_strategy=strategy, image_after_bos=True,
+        n_action_bins=int(cfg.get("n_action_bins", 256)),
+    )
+    return config, end
+
+
+def _openvla_weights(sd: dict, config: VLAConfig) -> dict:
+    from edge_vla.model.prismatic import timm_to_hf
+
+    out = {}
+    towers = [config.vision] + ([config.fused_vision] if config.fused_vision else [])
+    for i, (prefix, tcfg) in enumerate(zip(("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."), towers)):
+        try:
+            out.update({f"vision.towers.{i}.{k}": v for k, v in timm_to_hf(sd, prefix, tcfg).items()})
+        except KeyError as e:
+            raise EdgeVLAError(f"the checkpoint lacks {e.args[0]}", "download every shard of the checkpoint") from None
+    for k, v in sd.items():
+        if k.startswith("projector."):
+            out[k] = v
+        elif k.startswith("language_model."):
+            out["lm." + k[len("language_model."):]] = v
+    return out
+
+
+@dataclass
+class Released:
+    """A released checkpoint read into edge-vla's terms; VLA.from_released builds the model."""
+
+    config: VLAConfig
+    tokenizer: object  # TextTokenizer
+    stats: ActionStats
+    weights: dict  # edge-vla state-dict names -> float32 tensors
+    recipe_info: dict
+    path: Path
+
+
+def read_released(src, unnorm_key: str | None = None) -> Released:
+    """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
+    statistics, weights renamed to edge-vla's modules, and how to decode it."""
+    path = resolve(src)
+    family = detect(path)
+    if family == "edge-vla":
+        raise EdgeVLAError(f"{path} is already an edge-vla checkpoint", "load it with VLA.from_pretrained / pass it directly")
+    cfg = _read_config(path)
+    sd = read_safetensors(path)
+    config, end = _openvla_config(cfg, sd, path)
+    n_bins = config.n_action_bins
+    tokenizer = released_tokenizer(path, end - n_bins, n_bins)
+    emb = "language_model.model.embed_tokens.weight"
+    lm_rows = int(sd[emb].shape[0]) if emb in sd else 0
+    special = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
+    if end - n_bins < 0 or end > lm_rows or special & set(range(end - n_bins, end)):
+        raise EdgeVLAError(
+            f"the vocabulary of {path} has no room for {n_bins} action bins below id {end} "
+            f"(embedding rows {lm_rows}, special ids {sorted(special)})",
+            "check text_config.vocab_size and pad_to_multiple_of in config.json: the action tokens are the last "
+            f"{n_bins} ids of the base vocabulary")
+    stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, f"{path}/config.json")
+    config.action_dim = len(stats.q01)
+    config.validate(str(path))
+    weights = {k: v.float() for k, v in _openvla_weights(sd, config).items()}
+    recipe_info = {
+        "name": "vla", "options": {"released": "openvla-hf", "source": str(src), "unnorm_key": key},
+        "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
+        "inference_prefix_ids": [OPENVLA_EMPTY_TOKEN], "reasoning_prefix_ids": [],
+    }
+    return Released(config, tokenizer, stats, weights, recipe_info, path)
+
+
+__all__ = ["Released", "read_released", "is_released_layout", "detect", "resolve", "SUPPORTED"]

@@ -1,0 +1,432 @@
+"""Released OpenVLA-layout checkpoints in: import, reference parity, de-normalised actions, errors.
+
+A tiny random checkpoint is written the way OpenVLA publishes openvla-7b (config.json with
+OpenVLAForActionPrediction and norm_stats, sharded safetensors with timm key names for the fused
+DINOv2 + SigLIP featurizers, projector.fc1..3, language_model.*, tokenizer.json with a
+32000-token vocabulary and <PAD> at 32000, embeddings padded to 32064), sizes shrunk. The
+reference below is written from the published math (modeling_prismatic.py, timm's ViT block),
+independently of edge_vla.model.prismatic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_vla.errors import EdgeVLAError
+
+DINO = "vit_large_patch14_reg4_dinov2.lvd142m"
+SIGLIP = "vit_so400m_patch14_siglip_224"
+HEADS = 16  # what the timm ids imply, whatever the width
+D_DINO, D_SIG, DEPTH, PX, PATCH = 32, 48, 3, 28, 14
+VOCAB, PAD_TO = 32000, 64
+PROMPT_WORDS = "In: What action should the robot take to put the bowl on plate?".split() + ["Out:"]
+INSTRUCTION = "put the bowl on the plate"
+MEAN_DINO, STD_DINO = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+NORM_STATS = {
+    "bridge_orig": {"action": {
+        "q01": [-0.03, -0.04, -0.02, -0.1, -0.1, -0.2, 0.0], "q99": [0.03, 0.04, 0.03, 0.1, 0.12, 0.2, 1.0],
+        "mean": [0.0] * 7, "std": [0.01] * 7, "min": [-0.05] * 6 + [0.0], "max": [0.05] * 6 + [1.0],
+        "mask": [True] * 6 + [False]}, "num_transitions": 1000},
+    "libero_spatial_no_noops": {"action": {
+        "q01": [-0.7, -0.6, -0.9, -0.1, -0.15, -0.2, -1.0], "q99": [0.9, 0.8, 0.9, 0.1, 0.2, 0.3, 1.0],
+        "mean": [0.0] * 7, "std": [0.3] * 7, "min": [-0.9] * 6 + [-1.0], "max": [0.9] * 6 + [1.0],
+        "mask": [True] * 6 + [False]}, "num_transitions": 500},
+}
+
+
+def _timm_vit(g, dim, registers: int, cls: bool, attn_pool: bool) -> dict:
+    """A random timm ViT state dict (the key names timm and OpenVLA's checkpoints use)."""
+    def r(*shape, s=0.2):
+        return torch.randn(*shape, generator=g) * s
+
+    n = (PX // PATCH) ** 2
+    sd = {"patch_embed.proj.weight": r(dim, 3, PATCH, PATCH, s=0.05), "patch_embed.proj.bias": r(dim),
+          "pos_embed": r(1, n, dim), "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
+    if cls:
+        sd["cls_token"] = r(1, 1, dim)
+    if registers:
+        sd["reg_token"] = r(1, registers, dim)
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "norm2.weight": 1 + r(dim),
+                   b + "norm2.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
+                   b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                   b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+                   b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim)})
+        if registers:  # DINOv2's layer scale, named as OpenVLA's HF export patches it
+            sd[b + "ls1.scale_factor"] = 0.5 + r(dim)
+            sd[b + "ls2.scale_factor"] = 0.5 + r(dim)
+    if attn_pool:  # SigLIP's pooling head: in the release, never read by the VLA
+        sd.update({"attn_pool.latent": r(1, 1, dim), "attn_pool.q.weight": r(dim, dim), "attn_pool.q.bias": r(dim)})
+    return sd
+
+
+def _text_config() -> dict:
+    return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=VOCAB + PAD_TO, max_position_embeddings=256, rms_norm_eps=1e-6,
+                pad_token_id=VOCAB, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16", tie_word_embeddings=False)
+
+
+def _tokenizer(path: Path):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 29871}
+    for w in PROMPT_WORDS:
+        vocab.setdefault(w, len(vocab) + 10)
+    free = (i for i in range(VOCAB) if i not in set(vocab.values()))
+    for i in range(VOCAB - len(vocab)):
+        vocab[f"w{i}"] = next(free)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<PAD>", special=True)])
+    assert tok.token_to_id("<PAD>") == VOCAB
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": "<PAD>", "tokenizer_class": "LlamaTokenizer"}))
+
+
+def make_openvla_checkpoint(path: Path, seed: int = 0, resize: str = "resize-naive") -> dict:
+    """Write a tiny OpenVLA-layout checkpoint at `path`; return its full state dict (reference)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    sd.update({"vision_backbone.featurizer." + k: v for k, v in _timm_vit(g, D_DINO, 4, True, False).items()})
+    sd.update({"vision_backbone.fused_featurizer." + k: v for k, v in _timm_vit(g, D_SIG, 0, False, True).items()})
+    v = D_DINO + D_SIG
+    h = _text_config()["hidden_size"]
+    for name, shape in (("fc1", (4 * v, v)), ("fc2", (h, 4 * v)), ("fc3", (h, h))):
+        sd[f"projector.{name}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
+        sd[f"projector.{name}.bias"] = torch.randn(shape[0], generator=g) * 0.1
+    torch.manual_seed(seed)
+    tc = {k: v for k, v in _text_config().items() if k not in ("architectures", "torch_dtype")}
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tc))
+    for k, t in lm.state_dict().items():
+        sd["language_model." + k] = (t * 8 if "embed_tokens" in k or "lm_head" in k else t).clone()
+    # Stored in two shards with an index, as the 7B release is (bfloat16 there; float32 here so the
+    # reference and the import see the same numbers).
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, str(path / name))
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    cfg = {
+        "architectures": ["OpenVLAForActionPrediction"],
+        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                     "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+        "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px", "llm_backbone_id": "llama2-7b-pure",
+        "arch_specifier": "no-align+fused-gelu-mlp", "use_fused_vision_backbone": True,
+        "image_resize_strategy": resize, "text_config": _text_config(), "llm_max_length": 2048,
+        "pad_token_id": VOCAB, "pad_to_multiple_of": PAD_TO, "output_projector_states": False,
+        "timm_model_ids": [DINO, SIGLIP], "timm_override_act_layers": [None, None], "image_sizes": [PX, PX],
+        "hf_llm_id": "meta-llama/Llama-2-7b-hf", "n_action_bins": 256, "norm_stats": NORM_STATS,
+        "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    _tokenizer(path)
+    return sd
+
+
+# --- the reference, from the published math -------------------------------------------------------------
+
+
+def ref_featurizer(sd: dict, prefix: str, x: torch.Tensor, n_prefix_tokens: int) -> torch.Tensor:
+    """timm ViT, `get_intermediate_layers(n={depth - 2})`: the second-to-last block's output, no
+    final norm, prefix (class + register) tokens dropped."""
+    def p(k):
+        return sd[prefix + k]
+
+    tok = F.conv2d(x, p("patch_embed.proj.weight"), p("patch_embed.proj.bias"), stride=PATCH).flatten(2).transpose(1, 2)
+    if n_prefix_tokens:  # DINOv2 (no_embed_class): positions on the patches, then [cls][registers][patches]
+        b = tok.shape[0]
+        tok = torch.cat([p("cls_token").expand(b, -1, -1), p("reg_token").expand(b, -1, -1), tok + p("pos_embed")], 1)
+    else:
+        tok = tok + p("pos_embed")
+    dim = tok.shape[-1]
+    hd = dim // HEADS
+    for i in range(DEPTH - 1):
+        b = f"blocks.{i}."
+        y = F.layer_norm(tok, (dim,), p(b + "norm1.weight"), p(b + "norm1.bias"), eps=1e-6)
+        q, k, v = (y @ p(b + "attn.qkv.weight").T + p(b + "attn.qkv.bias")).unflatten(-1, (3, HEADS, hd)).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+        a = a.transpose(1, 2).flatten(2) @ p(b + "attn.proj.weight").T + p(b + "attn.proj.bias")
+        tok = tok + (p(b + "ls1.scale_factor") if prefix + b + "ls1.scale_factor" in sd else 1) * a
+        y = F.layer_norm(tok, (dim,), p(b + "norm2.weight"), p(b + "norm2.bias"), eps=1e-6)
+        m = F.gelu(y @ p(b + "mlp.fc1.weight").T + p(b + "mlp.fc1.bias")) @ p(b + "mlp.fc2.weight").T + p(b + "mlp.fc2.bias")
+        tok = tok + (p(b + "ls2.scale_factor") if prefix + b + "ls2.scale_factor" in sd else 1) * m
+    return tok[:, n_prefix_tokens:]
+
+
+def ref_pixels(image: np.ndarray) -> torch.Tensor:
+    """PrismaticImageProcessor for a 28 px frame (no resize): each tower's own normalisation, channel-stacked."""
+    x = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
+    dino = (x - torch.tensor(MEAN_DINO).view(1, 3, 1, 1)) / torch.tensor(STD_DINO).view(1, 3, 1, 1)
+    return torch.cat([dino, (x - 0.5) / 0.5], dim=1)
+
+
+def ref_embeddings(sd: dict, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """PrismaticForConditionalGeneration.forward up to the LM: [bos][projected patches][rest]."""
+    img, img_fused = torch.split(pixel_values, [3, 3], dim=1)
+    feats = torch.cat([ref_featurizer(sd, "vision_backbone.featurizer.", img, 5),
+                       ref_featurizer(sd, "vision_backbone.fused_featurizer.", img_fused, 0)], dim=2)
+    x = F.gelu(feats @ sd["projector.fc1.weight"].T + sd["projector.fc1.bias"])
+    x = F.gelu(x @ sd["projector.fc2.weight"].T + sd["projector.fc2.bias"])
+    patches = x @ sd["projector.fc3.weight"].T + sd["projector.fc3.bias"]
+    emb = F.embedding(input_ids, sd["language_model.model.embed_tokens.weight"])
+    return torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
+
+
+def ref_lm(sd: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tc = {k: v for k, v in _text_config().items() if k not in ("architectures", "torch_dtype")}
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tc))
+    lm.load_state_dict({k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")})
+    return lm.eval()
+
+
+def ref_predict_action(sd: dict, image: np.ndarray, unnorm_key: str) -> tuple[np.ndarray, list[int]]:
+    """OpenVLAForActionPrediction.predict_action: prompt + 29871, greedy 7 tokens, vocab - id
+    -> bin centre, de-normalised with q01/q99 where mask. Greedy over the 256 action ids (edge-vla's
+    runtime restricts action tokens to them; on a trained model the full argmax is one of them)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(sd["__path__"] / "tokenizer.json"))
+    prompt = f"In: What action should the robot take to {INSTRUCTION}?\nOut:"
+    ids = [1] + tok.encode(prompt, add_special_tokens=False).ids + [29871]
+    lm = ref_lm(sd)
+    vocab = VOCAB  # text_config.vocab_size - pad_to_multiple_of
+    out = []
+    with torch.no_grad():
+        embeds = ref_embeddings(sd, ref_pixels(image), torch.tensor([ids]))
+        for _ in range(7):
+            logits = lm(inputs_embeds=embeds).logits[0, -1]
+            t = int(torch.argmax(logits[vocab - 256:vocab])) + vocab - 256
+            out.append(t)
+            embeds = torch.cat([embeds, lm.get_input_embeddings()(torch.tensor([[t]]))], 1)
+    bins = np.linspace(-1, 1, 256)
+    centers = (bins[:-1] + bins[1:]) / 2.0
+    normalized = centers[np.clip(vocab - np.array(out) - 1, 0, centers.shape[0] - 1)]
+    a = NORM_STATS[unnorm_key]["action"]
+    action = np.where(a["mask"], 0.5 * (normalized + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]),
+                      normalized)
+    return action, out
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    path = tmp_path_factory.mktemp("openvla-7b-tiny")
+    sd = make_openvla_checkpoint(path)
+    sd["__path__"] = path
+    return path, sd
+
+
+@pytest.fixture(scope="module")
+def imported(released, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    src, _ = released
+    out = tmp_path_factory.mktemp("imported") / "ckpt"
+    res = CliRunner().invoke(main, ["import", str(src), "-o", str(out), "--unnorm-key", "libero_spatial_no_noops"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _image(seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (PX, PX, 3), dtype=np.uint8)
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+def test_fused_backbone_matches_the_published_featurizers(released):
+    """The converter (timm keys -> Dinov2WithRegistersModel + SiglipVisionModel, one block short)
+    gives the reference's second-to-last-block patch features, concatenated DINOv2 then SigLIP."""
+    from edge_vla.model.vla import VLA
+
+    src, sd = released
+    vla = VLA.from_released(src, unnorm_key="bridge_orig")
+    img = _image()
+    x = torch.from_numpy(img).float().permute(2, 0, 1)[None] / 255.0
+    with torch.no_grad():
+        ours = vla.vision(x).last_hidden_state
+        ref_pv = ref_pixels(img)
+        ref = torch.cat([ref_featurizer(sd, "vision_backbone.featurizer.", ref_pv[:, :3], 5),
+                         ref_featurizer(sd, "vision_backbone.fused_featurizer.", ref_pv[:, 3:], 0)], dim=2)
+    assert ours.shape == (1, (PX // PATCH) ** 2, D_DINO + D_SIG)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    # The last released block is never read: building it would only cost time and bundle bytes.
+    assert len(vla.vision.towers[0].encoder.layer) == DEPTH - 1
+
+
+def test_imported_logits_match_the_reference_at_every_position(released, imported):
+    from edge_vla.model.vla import VLA
+
+    src, sd = released
+    vla = VLA.from_pretrained(imported)
+    img = _image()
+    pv = torch.from_numpy(vla.processor.images({"agentview": img}))[None]
+    ids = vla.processor.prompt_ids(INSTRUCTION) + [29871]
+    ref_ids = torch.tensor([[1] + ids])
+    with torch.no_grad():
+        prefix = vla.encode_prefix(pv)
+        ours = vla(pv, torch.tensor([ids])).logits
+        ref_embeds = ref_embeddings(sd, ref_pixels(img), ref_ids)
+        ref = ref_lm(sd)(inputs_embeds=ref_embeds).logits
+    n_patches = (PX // PATCH) ** 2
+    # [bos][patches] is our prefix; the prompt ids follow it.
+    assert torch.allclose(prefix, ref_embeds[:, : 1 + n_patches], atol=1e-5)
+    assert ours.shape == (1, len(ids), VOCAB + PAD_TO)
+    assert torch.allclose(ours, ref[:, 1 + n_patches:], atol=1e-4), (ours - ref[:, 1 + n_patches:]).abs().max()
+
+
+def test_the_policy_returns_the_published_de_normalised_action(released, imported):
+    from edge_vla.runtime.policy import load_policy
+
+    _, sd = released
+    img = _image(2)
+    want, want_ids = ref_predict_action(sd, img, "libero_spatial_no_noops")
+    r = load_policy(imported, backend="torch").act({"images": {"agentview": img}, "instruction": INSTRUCTION})
+    assert r.action.shape == (7,)
+    np.testing.assert_allclose(r.action, want, atol=1e-6)
+    # the masked gripper stays a normalised value in [-1, 1], as predict_action returns it
+    assert -1.0 <= r.action[6] <= 1.0
+
+
+def test_from_pretrained_converts_a_released_directory_on_the_fly(released, imported):
+    from edge_vla.model.vla import VLA
+
+    src, _ = released
+    with pytest.raises(EdgeVLAError, match="holds statistics of 2 datasets.*bridge_orig, libero_spatial_no_noops"):
+        VLA.from_pretrained(src)  # two datasets: it must be told which statistics to use
+    a = VLA.from_pretrained(imported)
+    b = VLA.from_released(src, unnorm_key="libero_spatial_no_noops")
+    assert a.config.to_dict() == b.config.to_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.action_stats.to_dict() == b.action_stats.to_dict()
+    assert a.recipe_info["inference_prefix_ids"] == [29871]
+
+
+def test_info_describes_an_imported_checkpoint(imported):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    res = CliRunner().invoke(main, ["info", "--json", "--checkpoint", str(imported)])
+    assert res.exit_code == 0, res.output
+    c = json.loads(res.output)["checkpoint"]
+    assert c["lm"] == "llama" and c["image_size"] == PX and c["action_stats"]
+    assert c["vision"] == "prismatic: dinov2_with_registers + siglip_vision_model, fused-gelu-mlp projector"
+    assert c["action_tokens"] == "openvla: last 256 ids below 32000, reversed; unnorm_key libero_spatial_no_noops"
+
+
+def test_import_cli_writes_a_checkpoint_and_refuses_with_one_line(released, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    src, _ = released
+    out = tmp_path / "ck"
+    res = CliRunner().invoke(main, ["import", str(src), "-o", str(out), "--unnorm-key", "bridge_orig"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file() and (out / "action_stats.json").is_file()
+    assert json.loads((out / "action_stats.json").read_text())["bin_layout"] == "openvla"
+    res = CliRunner().invoke(main, ["import", str(src), "-o", str(tmp_path / "x"), "--unnorm-key", "nope"])
+    assert res.exit_code == 1
+    assert "unknown unnorm_key `nope`" in res.output and "known keys: bridge_orig, libero_spatial_no_noops" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_one_line_errors(released, tmp_path, monkeypatch):
+    from edge_vla.model.importers import read_released as load_released
+
+    src, _ = released
+    # a missing shard
+    d = _copy(src, tmp_path / "missing")
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(EdgeVLAError, match="shard model-00002-of-00002.safetensors listed in .* is missing"):
+        load_released(d, "bridge_orig")
+    # OpenVLA-OFT: same architecture name, extra heads
+    d = _copy(src, tmp_path / "oft")
+    (d / "action_head--150000_checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(EdgeVLAError, match="OpenVLA-OFT checkpoint .*supported: the OpenVLA family"):
+        load_released(d, "bridge_orig")
+    # another architecture
+    d = _copy(src, tmp_path / "llava")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlavaForConditionalGeneration"])))
+    with pytest.raises(EdgeVLAError, match="holds LlavaForConditionalGeneration, not a VLA layout.*supported"):
+        load_released(d, "bridge_orig")
+    # a vocabulary with no room for the bins: pad_to_multiple_of pushes the block past the table
+    d = _copy(src, tmp_path / "novocab")
+    (d / "config.json").write_text(json.dumps(dict(cfg, pad_to_multiple_of=-64)))
+    with pytest.raises(EdgeVLAError, match="no room for 256 action bins"):
+        load_released(d, "bridge_orig")
+    # a hub id with no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EdgeVLAError, match="could not fetch `openvla/openvla-7b`.*pass DIR"):
+        load_released("openvla/openvla-7b")
+
+
+def test_openvla_bins_round_trip_through_the_one_tokenizer():
+    """ActionTokenizer with bin_layout openvla encodes as OpenVLA's ActionTokenizer (vocab - digitize)
+    and decodes as predict_action, with the mask passing dims through."""
+    from edge_vla.tokens.action import ActionStats, ActionTokenizer
+
+    a = NORM_STATS["bridge_orig"]["action"]
+    stats = ActionStats(q01=a["q01"], q99=a["q99"], mean=a["mean"], std=a["std"], min=a["min"], max=a["max"],
+                        gripper_dim=None, mask=a["mask"], bin_layout="openvla")
+    tok = ActionTokenizer(stats, first_token_id=VOCAB - 256)
+    rng = np.random.default_rng(0)
+    act = rng.uniform(np.array(a["q01"]) * 1.2, np.array(a["q99"]) * 1.2)
+    act[6] = 0.37
+    ids = tok.encode(act)
+    low, high = np.array(a["q01"]), np.array(a["q99"])
+    norm = np.where(a["mask"], np.clip(2 * (act - low) / (high - low) - 1, -1, 1), np.clip(act, -1, 1))
+    edges = np.linspace(-1, 1, 256)
+    np.testing.assert_array_equal(ids, VOCAB - np.digitize(norm, edges))
+    centers = (edges[:-1] + edges[1:]) / 2
+    n = centers[np.clip(VOCAB - ids - 1, 0, 254)]
+    want = np.where(a["mask"], 0.5 * (n + 1) * (high - low) + low, n)
+    np.testing.assert_allclose(tok.decode(ids), want, atol=1e-12)
+
+
+def test_resize_strategies_make_the_frame_square_as_prismatic_does():
+    from edge_vla.model.processor import square
+
+    img = np.zeros((4, 8, 3), np.uint8)
+    img[:, :2] = 10  # left columns
+    img[:, 6:] = 200  # right columns
+    assert square(img, "resize-naive") is not None and square(img, "resize-naive").shape == (4, 8, 3)
+    lb = square(img, "letterbox", fill=(123, 116, 103))
+    assert lb.shape == (8, 8, 3)
+    assert (lb[:2] == (123, 116, 103)).all() and (lb[6:] == (123, 116, 103)).all()  # padded top and bottom
+    np.testing.assert_array_equal(lb[2:6], img)
+    rc = square(img, "resize-crop")
+    np.testing.assert_array_equal(rc, img[:, 2:6])  # the centre square: the side columns are gone
+    with pytest.raises(EdgeVLAError, match="unknown resize strategy"):
+        square(img, "squash")
