@@ -19,7 +19,12 @@ def test_bench_two_artifacts_writes_results_with_ratios(tmp_path, tiny_vla):
     res = CliRunner().invoke(main, ["bench", str(a), str(b), "--calls", "2", "--warmup", "1", "-o", str(tmp_path / "out"),
                                     "--target", "orin-agx-64"])
     assert res.exit_code == 0, res.output
-    assert "memory bandwidth" in res.output and "projected actions/s: orin-agx-64" in res.output
+    assert "memory bandwidth" in res.output and "PROJECTED (not measured) calls/s" in res.output
+    proj_line = next(ln for ln in res.output.splitlines() if "PROJECTED" in ln)
+    # A projection is printed to 2 significant figures: "orin-agx-64 ~150", never "~153.4"
+    import re
+    shown = re.search(r"orin-agx-64 ~([0-9.e+]+)", proj_line).group(1)
+    assert len(shown.replace(".", "").lstrip("0").rstrip("0") or "0") <= 2, proj_line
     files = sorted((tmp_path / "out").glob("bench-*.json"))
     assert [f.name for f in files] == ["bench-a-direct.json", "bench-b-direct.json"]
     doc = load_results(files[0])
@@ -32,7 +37,9 @@ def test_bench_two_artifacts_writes_results_with_ratios(tmp_path, tiny_vla):
     assert s["ratios_vs_first"]["speedup_per_action"] == 1.0 and s["ratios_vs_first"]["size"] == 1.0
     assert 0 < s["roofline_fraction"] and s["decoder_bytes"] > 0 and s["bundle_bytes"] > s["decoder_bytes"]
     assert s["peak_memory_mb"] > 0 and s["actions_per_s"] > 0 and s["tokens_per_action"] == 7
-    assert s["projected_hz"]["orin-agx-64"] > 0
+    # The tiny model is bound by the board's fixed costs (graph runs, kernel launches), not its bytes:
+    # no projection of a 1M-parameter model's call beats them (it once said 9,212/s).
+    assert 0 < s["projected_hz"]["orin-agx-64"] < 1000
     other = load_results(files[1])["summary"]["ratios_vs_first"]
     assert other["size"] == 1.0 and other["speedup_per_action"] > 0
 

@@ -280,8 +280,9 @@ def _ratio(a, b):
 
 
 def _project(row, s, bandwidth, targets) -> dict:
-    """Projected actions/s on each target: the target's roofline scaled by the fraction this CPU reached."""
-    from edge_vla.deploy.roofline import calibrate, project_latency
+    """Projected calls/s on each target: the target's roofline scaled by the fraction this CPU reached,
+    plus the target's assumed fixed costs, rounded to 2 significant figures (what the assumptions hold)."""
+    from edge_vla.deploy.roofline import calibrate, project_latency, round_significant
 
     measured = {"vision_ms": s["components_ms"]["vision"]["median"], "prefill_ms": s["components_ms"]["prefill"]["median"]}
     if s["decode_ms_per_token"]:
@@ -289,7 +290,7 @@ def _project(row, s, bandwidth, targets) -> dict:
     prec = row["precision"] if row["precision"] in ("fp32", "fp16", "int8", "int4") else "int8"
     cal = calibrate(measured, bandwidth, model=row["artifact"], precision=prec)
     mode = row["mode"] if row["mode"] in ("direct", "full") else "direct"
-    return {t: project_latency(row["artifact"], prec, mode, t, calibration=cal).hz for t in targets}
+    return {t: round_significant(project_latency(row["artifact"], prec, mode, t, calibration=cal).hz) for t in targets}
 
 
 def _write(rows, out_dir, bandwidth, calls, warmup) -> list[str]:
@@ -311,6 +312,8 @@ def _write(rows, out_dir, bandwidth, calls, warmup) -> list[str]:
 
 
 def format_table(result: dict) -> str:
+    from edge_vla.deploy.roofline import fmt_projected
+
     lines = [f"memory bandwidth (measured, 1 thread copy): {result['bandwidth_gbs']:.1f} GB/s;"
              f" {result['calls']} calls per artefact, 1 intra-op thread, fresh process each"]
     hdr = (f"{'artefact':28s} {'backend':11s} {'mode':8s} {'prec':6s} {'vision':>7s} {'prefill':>8s} {'ms/tok':>7s} "
@@ -334,7 +337,11 @@ def format_table(result: dict) -> str:
         elif s.get("head_compare_note"):
             lines.append(f"    head comparison: {s['head_compare_note']}")
         if s.get("projected_hz"):
-            lines.append("    projected actions/s: " + ", ".join(f"{t} {hz:.1f}" for t, hz in s["projected_hz"].items()))
+            lines.append(f"    PROJECTED (not measured) calls/s, measured here {f(1000 / s['latency_p50_ms'] if s['latency_p50_ms'] else None, '{:.1f}')}: "
+                         + ", ".join(f"{t} ~{fmt_projected(hz)}" for t, hz in s["projected_hz"].items()))
+    if any(r["summary"].get("projected_hz") for r in result["rows"]):
+        lines.append("projected = the target's roofline / the fraction of its own roofline this CPU reached + the target's "
+                     "assumed fixed costs per graph run and kernel launch (edge_vla/deploy/targets.py), 2 significant figures")
     return "\n".join(lines)
 
 

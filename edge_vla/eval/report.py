@@ -190,11 +190,17 @@ def _agreement(a) -> str:
     return f"{100 * a['free_running']:.1f}%" + (f" / {100 * tf:.1f}%" if tf is not None else "")
 
 
+def _projected(x) -> str:
+    from edge_vla.deploy.roofline import fmt_projected
+
+    return "–" if x is None else "~" + fmt_projected(x)
+
+
 def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], list[str]]:
     targets = sorted({t for v in variants for t in v.row["projected_hz"]})
     header = ["variant", "recipe", "mode", "precision", "backend", "target", "success (95% CI)", "vs baseline",
               "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "vs fp32 tokens", "peak MiB",
-              *[f"Hz @ {t}" for t in targets]]
+              *[f"projected Hz @ {t}" for t in targets]]
     rows = []
     for v in variants:
         r = v.row
@@ -203,7 +209,8 @@ def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], lis
             _success(r), _f(r["success_vs_baseline"], "{:.2f}×"), _f(r["latency_p50_ms"]), _f(r["latency_p95_ms"]),
             _f(r["speedup_vs_baseline"], "{:.1f}×"), _f(r["actions_per_s"]), _f(r["tokens_per_action"]),
             _size(r["bundle_bytes"]), _agreement(r["agreement_vs_fp32"]), _f(r["peak_memory_mb"], "{:.0f}"),
-            *[_f(r["projected_hz"].get(t), "{:.2f}") for t in targets],
+            # a projection to 2 significant figures: its assumed board efficiency and fixed costs hold no more
+            *[_projected(r["projected_hz"].get(t)) for t in targets],
         ])
     return header, rows, targets
 
@@ -295,6 +302,10 @@ def _notes(variants, base) -> list[str]:
         notes.append("`vs fp32 tokens`: a quantized bundle's action-token agreement with its fp32 export on held-out "
                      "samples, free-running / teacher-forced (fed the fp32 tokens, so one flipped bin cannot change "
                      "the rest of the chunk), from the export's accuracy report.")
+    if any(v.row.get("projected_hz") for v in variants):
+        notes.append("`projected Hz @ target`: PROJECTED, not measured: the target's roofline divided by the fraction "
+                     "of its own roofline this CPU reached, plus the target's assumed fixed costs per graph run and "
+                     "kernel launch (edge_vla/deploy/targets.py); 2 significant figures.")
     return notes
 
 
