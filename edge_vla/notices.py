@@ -20,6 +20,9 @@ NOTICES: dict[str, tuple[str, ...]] = {
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
     # ONNX Runtime's quantizer: advice per graph, and an INFO line per unquantized tensor.
     "": ("Please consider to run pre-processing before quantization", "Quantization parameters for tensor"),
+    # ...and its INT4 pass raises the graph's opset to 21 with a warning per graph (the graph is then
+    # loaded and checked against fp32 by the export's accuracy step).
+    "onnxruntime.quantization.matmul_nbits_quantizer": ("The opset of the input model is under 21",),
     # bitsandbytes on CPU: an optional kernels-community package for 4-bit GEMM.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
 }

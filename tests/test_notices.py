@@ -13,7 +13,7 @@ import pytest
 from edge_vla import notices
 
 KNOWN = ("No private macro file", "torchvision is not installed", "consider to run pre-processing",
-         "Quantization parameters for tensor", "kernels-community", "script_method")
+         "Quantization parameters for tensor", "kernels-community", "script_method", "opset of the input model")
 
 
 def test_silence_drops_the_known_notices_and_keeps_the_rest(caplog):
@@ -37,10 +37,12 @@ def _run(code: str, cwd) -> subprocess.CompletedProcess:
 
 def test_export_prints_only_our_lines(tmp_path, tiny_vla):
     ckpt = tiny_vla.save_pretrained(tmp_path / "ckpt")
-    r = _run("from edge_vla.cli import main; main(['export', 'ckpt', '--int8', '-o', 'b8'])", tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "wrote b8" in r.stdout
-    assert not [k for k in KNOWN if k in r.stderr + r.stdout], r.stderr[-2000:]
+    for precision in ("int8", "int4"):
+        r = _run(f"from edge_vla.cli import main; main(['export', 'ckpt', '--{precision}', '-o', '{precision}'])",
+                 tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"wrote {precision}" in r.stdout
+        assert not [k for k in KNOWN if k in r.stderr + r.stdout], r.stderr[-2000:]
     assert ckpt.exists()
 
 

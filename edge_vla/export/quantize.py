@@ -46,7 +46,7 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
     """Write `src` quantized to `precision` at `dst` (`calibration`: input feeds, int8-static only;
     `for_tensorrt`: int8 in ORT's MatMulInteger form, which the TensorRT lint recognises and refuses)."""
     check_precision(precision)
-    notices.silence("")
+    notices.silence("", "onnxruntime.quantization.matmul_nbits_quantizer")
     src, dst = Path(src), Path(dst)
     quantizer = _int8_dynamic if precision == "int8" and for_tensorrt else QUANTIZERS[precision]
     try:
