@@ -70,7 +70,7 @@ def _timm_vit(g, dim, registers: int, cls: bool, attn_pool: bool) -> dict:
 
 
 def _text_config() -> dict:
-    return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    return dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=VOCAB + PAD_TO, max_position_embeddings=256, rms_norm_eps=1e-6,
                 pad_token_id=VOCAB, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16", tie_word_embeddings=False)
 
@@ -81,7 +81,8 @@ def _tokenizer(path: Path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 29871}
     for w in PROMPT_WORDS:
         vocab.setdefault(w, len(vocab) + 10)
-    free = (i for i in range(VOCAB) if i not in set(vocab.values()))
+    taken = set(vocab.values())
+    free = (i for i in range(VOCAB) if i not in taken)
     for i in range(VOCAB - len(vocab)):
         vocab[f"w{i}"] = next(free)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -430,3 +431,42 @@ def test_resize_strategies_make_the_frame_square_as_prismatic_does():
     np.testing.assert_array_equal(rc, img[:, 2:6])  # the centre square: the side columns are gone
     with pytest.raises(EdgeVLAError, match="unknown resize strategy"):
         square(img, "squash")
+
+
+@pytest.fixture(scope="module")
+def bundles(imported, tmp_path_factory):
+    """fp32, INT8 and INT4 bundles of the imported checkpoint: export_bundle refuses to write one
+    whose graphs fail parity against PyTorch."""
+    from edge_vla.export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for precision in ("fp32", "int8", "int4"):
+        out[precision] = export_bundle(imported, root / precision, precision=precision, report=lambda *a, **k: None)
+    return out
+
+
+def test_exported_bundles_pass_parity_and_keep_the_conventions(bundles):
+    from edge_vla.artifacts.bundle import load_bundle
+
+    for precision, path in bundles.items():
+        b = load_bundle(path)
+        m = b.manifest
+        assert m["precision"] == precision
+        assert m["parity"]["passed"] and m["parity"]["token_agreement"] == 1.0, m["parity"]
+        assert m["parity"]["action_bin_agreement"] == 1.0, m["parity"]
+        assert b.action_stats.bin_layout == "openvla" and b.action_stats.mask == [True] * 6 + [False]
+        assert m["recipe"]["inference_prefix_ids"] == [29871]
+        assert m["model_config"]["image_after_bos"] and m["model_config"]["vision_backbone"] == "prismatic"
+
+
+def test_the_fp32_bundle_acts_as_the_published_model(released, bundles):
+    """Without torch in the loop: the prefix graph ([bos][patches]), the forced 29871, the restricted
+    head's OpenVLA bin table and the mask give predict_action's de-normalised action."""
+    from edge_vla.runtime.policy import load_policy
+
+    _, sd = released
+    img = _image(3)
+    want, _ = ref_predict_action(sd, img, "libero_spatial_no_noops")
+    r = load_policy(bundles["fp32"]).act({"images": {"agentview": img}, "instruction": INSTRUCTION})
+    np.testing.assert_allclose(r.action, want, atol=1e-5)

@@ -65,10 +65,12 @@ def tower_config(timm_id: str, sd: dict, prefix: str, image_size: int) -> dict:
                   num_hidden_layers=depth - 1, num_attention_heads=spec["heads"], image_size=image_size,
                   patch_size=patch, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6)
     if spec["kind"] == "dinov2":
-        ratio, rest = divmod(common.pop("intermediate_size"), dim)
+        ratio, rest = divmod(common["intermediate_size"], dim)
         if rest:
             raise EdgeVLAError(f"featurizer {prefix[:-1]}: MLP width is not a multiple of {dim}",
                                "Dinov2WithRegistersModel needs an integer mlp_ratio")
+        # mlp_ratio sizes the MLP; intermediate_size stays as an attribute so tools that size a
+        # tower by it (deploy's memory fit) read the same width.
         return dict(model_type="dinov2_with_registers", num_register_tokens=spec["registers"],
                     mlp_ratio=ratio, qkv_bias=True, **common)
     return dict(model_type="siglip_vision_model", vision_use_head=False, **common)
