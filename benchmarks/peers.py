@@ -1,0 +1,491 @@
+"""edge-vla's decoder against the runtimes a user would pick instead (issue #20), one run on this CPU.
+
+The same decoder weights through every runtime:
+
+    edge-vla fp32 / int8 / int4   the bundle's embed + decoder + lm_head graphs (ONNX Runtime), as a
+                                  bundle's free-token decode step runs them (no Python policy loop)
+    ort-genai int4 / int8         ONNX Runtime GenAI, its model builder's outputs from the HF weights
+    llama.cpp q8_0 / q4_0 / q4_k_m  llama-cpp-python; GGUF from llama.cpp's convert_hf_to_gguf.py,
+                                  then llama_model_quantize
+    torch eager                   PyTorch fp32, the HF model's forward with a DynamicCache in a greedy
+                                  loop (generate()'s inner loop, without its logits processors)
+    torch compile                 the same with torch.compile'd forward and a StaticCache
+
+Models (`--model`): `qwen0.5b` = Qwen2.5-0.5B's decoder layers (hidden 896, 24 layers, 14 heads /
+2 KV heads, MLP 4864) with random weights, built offline inside an edge-vla VLA (so its bundles
+export) whose vocabulary is the tiny preset's locally trained tokenizer, not Qwen's 151,936 tokens:
+the timings are the decoder layers'; `tiny` = the shipped tiny LM (pretrained/tiny-libero-butter/vla).
+No peer takes the VLA's image embeddings as a prefix, so every runtime, edge-vla included,
+prefills the same `--prompt` token ids (~280: the VLA's image + prompt prefix) and then decodes
+`--new` tokens greedily.
+
+Timing: one intra-op thread, a fresh process per runtime per repeat, repeats interleaved (runtime
+A, B, C, A, B, C, ...), ratios from this one run. Per runtime: prefill ms (median over repeats),
+decode ms/token (median, p95 over every token of every repeat), peak RSS of the process, bytes on
+disk, bits per weight (bytes on disk x 8 / decoder parameters), and the fraction of the measured
+single-thread copy-bandwidth roofline: (bytes on disk / bandwidth) / decode ms. Bytes on disk
+stand in for the bytes a step reads; they overcount where an embedding table is only gathered
+(one row per step), which on these small vocabularies is < 1% of the weights.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --model qwen0.5b --work /tmp/peers/qwen \\
+        --llama-src /path/to/llama.cpp [--peers edge-vla-int8,llama.cpp-q8_0] [--repeats 3] [--out peers.json]
+
+llama.cpp needs `pip install llama-cpp-python` (no wheel on this platform: a 20-40 minute build
+from source with cmake and a C++ compiler, so it is not in requirements.lock) and a llama.cpp
+source tree for its converter (`--llama-src`, or $LLAMA_CPP_SRC; the llama-cpp-python sdist's
+vendor/llama.cpp has it). A peer that is not installed is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CKPT = REPO / "pretrained" / "tiny-libero-butter" / "vla"
+QWEN05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+           "intermediate_size": 4864}
+PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int4", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
+         "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
+# Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
+FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit blocks of 256 + fp32 scale",
+               "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32",
+               "ort-genai-int4": "4-bit blocks of 32", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
+               "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
+               "torch-eager": "fp32", "torch-compile": "fp32"}
+
+
+# --- building every runtime's model from the same weights ------------------------------------------
+def build_checkpoint(model: str, work: Path) -> Path:
+    """The edge-vla checkpoint whose LM every peer runs."""
+    if model == "tiny":
+        return TINY_CKPT
+    path = work / "ckpt"
+    if (path / "config.json").exists():
+        return path
+    from edge_vla.model.vla import VLA
+    from edge_vla.tokens.action import ActionStats
+
+    rng = np.random.default_rng(0)
+    stats = ActionStats.from_actions(rng.uniform(-1, 1, (256, 7)))
+    overrides = [f"lm.{k}={v}" for k, v in QWEN05B.items()]
+    vla = VLA.from_preset("tiny", overrides, texts=["pick up the object and put it in the basket"], action_stats=stats)
+    vla.recipe_info = {"name": "ecot", "decode_mode": "full", "max_free_tokens": 250, "inference_prefix": " ACTION:"}
+    return vla.save_pretrained(path)
+
+
+def build_hf(ckpt: Path, work: Path) -> Path:
+    """The checkpoint's LM as a plain Hugging Face directory (what GenAI's builder and llama.cpp read)."""
+    out = work / "hf"
+    if (out / "config.json").exists():
+        return out
+    from edge_vla.model.vla import VLA
+
+    lm = VLA.from_pretrained(ckpt).lm.float().eval()
+    lm.config.bos_token_id, lm.config.eos_token_id = 1, 2
+    lm.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def n_params(hf: Path) -> int:
+    cfg = json.loads((hf / "config.json").read_text())
+    from safetensors import safe_open
+
+    total = 0
+    for f in hf.glob("*.safetensors"):
+        with safe_open(str(f), "np") as s:
+            for k in s.keys():
+                total += int(np.prod(s.get_slice(k).get_shape()))
+    return total if total else int(cfg.get("num_parameters", 0))
+
+
+def build_edge_vla(ckpt: Path, work: Path, prec: str) -> Path:
+    out = work / f"bundle-{prec}"
+    if not (out / "manifest.json").exists():
+        from edge_vla.export import export_bundle
+
+        export_bundle(ckpt, out, precision=prec, report=lambda *_: None)
+    return out
+
+
+def build_genai(hf: Path, work: Path, prec: str) -> Path:
+    out = work / f"genai-{prec}"
+    if not (out / "genai_config.json").exists():
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", prec,
+               "-e", "cpu", "-c", str(work / "genai-cache")]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+        if not (out / "genai_config.json").exists():
+            raise RuntimeError(f"GenAI builder failed: {(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # One intra-op thread, like every other runtime; greedy, no early stop at a random EOS.
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = 1
+    cfg["model"]["decoder"]["session_options"]["inter_op_num_threads"] = 1
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+FAKE_VOCAB = r"""
+# llama.cpp's converter reads the tokenizer to write a vocabulary; the edge-vla LM has its own tokenizer,
+# so the vocabulary is written as SentencePiece-style placeholders (the 256 byte tokens llama.cpp looks up,
+# then <tN> up to the model's size). Token ids are what the timing feeds, so the strings do not matter.
+import sys, runpy
+from pathlib import Path
+src = Path(sys.argv[1]); sys.path.insert(0, str(src)); sys.path.insert(1, str(src / "gguf-py"))
+import gguf
+from conversion import qwen
+def set_vocab(self):
+    n = self.hparams["vocab_size"]
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    toks += [f"<t{i}>" for i in range(len(toks), n)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (n - 259)
+    self.gguf_writer.add_tokenizer_model("llama")
+    self.gguf_writer.add_tokenizer_pre("default")
+    self.gguf_writer.add_token_list(toks[:n]); self.gguf_writer.add_token_scores([0.0] * n)
+    self.gguf_writer.add_token_types(types[:n])
+    self.gguf_writer.add_bos_token_id(1); self.gguf_writer.add_eos_token_id(2); self.gguf_writer.add_unk_token_id(0)
+qwen.Qwen2Model.set_vocab = set_vocab
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
+"""
+
+
+def build_gguf(hf: Path, work: Path, quant: str, llama_src: Path) -> Path:
+    f32 = work / "gguf" / "model-f32.gguf"
+    out = work / "gguf" / f"model-{quant}.gguf"
+    if out.exists():
+        return out
+    f32.parent.mkdir(parents=True, exist_ok=True)
+    if not f32.exists():
+        run = subprocess.run([sys.executable, "-c", FAKE_VOCAB, str(llama_src), str(hf), "--outfile", str(f32),
+                              "--outtype", "f32"], capture_output=True, text=True, env=_env())
+        if not f32.exists():
+            raise RuntimeError(f"convert_hf_to_gguf failed: {(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+    import llama_cpp
+
+    ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+             "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 1
+    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+    if rc != 0 or not out.exists():
+        raise RuntimeError(f"llama_model_quantize to {quant} returned {rc}")
+    return out
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def missing(peer: str, llama_src: Path | None) -> str | None:
+    """Why `peer` cannot run here, or None."""
+    import importlib.util
+
+    if peer.startswith("ort-genai") and importlib.util.find_spec("onnxruntime_genai") is None:
+        return "onnxruntime-genai is not installed (pip install onnxruntime-genai, or the `peers` extra)"
+    if peer.startswith("llama.cpp"):
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed (pip install llama-cpp-python: builds from source, 20-40 min)"
+        if llama_src is None or not (llama_src / "convert_hf_to_gguf.py").exists():
+            return "no llama.cpp source tree with convert_hf_to_gguf.py (pass --llama-src or set LLAMA_CPP_SRC)"
+    return None
+
+
+def prepare(peer: str, ckpt: Path, hf: Path, work: Path, llama_src: Path | None) -> Path:
+    """Build (or reuse) the model files `peer` runs; returns the path its worker loads."""
+    fmt = peer.rsplit("-", 1)[1]
+    if peer.startswith("edge-vla"):
+        return build_edge_vla(ckpt, work, fmt)
+    if peer.startswith("ort-genai"):
+        return build_genai(hf, work, fmt)
+    if peer.startswith("llama.cpp"):
+        return build_gguf(hf, work, peer.split("-", 1)[1], llama_src)
+    return hf
+
+
+def disk_bytes(peer: str, path: Path) -> int:
+    if peer.startswith("edge-vla"):  # the graphs a free-token step runs (the vision prefix is not the LM)
+        m = json.loads((path / "manifest.json").read_text())["graphs"]
+        files = [m[r]["file"] for r in ("embed", "decoder", "lm_head")]
+        return sum(f.stat().st_size for f in path.iterdir() if any(f.name.startswith(Path(x).stem) for x in files))
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data", ".safetensors", ".bin")
+               or f.name.endswith(".onnx.data"))
+
+
+# --- the worker: one runtime, one fresh process ----------------------------------------------------
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _time_edge_vla(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
+    import onnxruntime as ort
+
+    m = json.loads((path / "manifest.json").read_text())["graphs"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
+    sess = {r: ort.InferenceSession(str(path / m[r]["file"]), so, providers=["CPUExecutionProvider"])
+            for r in ("embed", "decoder", "lm_head")}
+    dec = m["decoder"]
+    n_past = len(dec["inputs"]) - 1
+    empty = np.zeros((1, dec["n_kv_heads"], 0, dec["head_dim"]), dtype=np.float32)
+
+    def step(tokens, past):
+        emb = sess["embed"].run(None, {"input_ids": np.asarray([tokens], dtype=np.int64)})[0]
+        out = sess["decoder"].run(None, {"inputs_embeds": emb, **dict(zip(dec["inputs"][1:], past))})
+        logits = sess["lm_head"].run(None, {"hidden": out[0]})[0]
+        return int(np.argmax(logits.reshape(-1, logits.shape[-1])[-1])), list(out[1:1 + n_past])
+
+    def run():
+        t = time.perf_counter()
+        tok, past = step(ids, [empty] * n_past)
+        prefill = (time.perf_counter() - t) * 1e3
+        steps, toks = [], [tok]
+        for _ in range(new):
+            t = time.perf_counter()
+            tok, past = step([tok], past)
+            steps.append((time.perf_counter() - t) * 1e3)
+            toks.append(tok)
+        return prefill, steps, toks
+
+    run()  # warm-up: ORT plans its kernels on the first runs
+    return run()
+
+
+def _time_genai(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+
+    def run():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new + 1, min_length=len(ids) + new + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))  # the prefill runs here
+        # The first call only picks the token from the prefill's logits; each later call runs the model on
+        # the last token, then picks: so the prefill's token belongs to the prefill, as in the other runtimes.
+        gen.generate_next_token()
+        prefill = (time.perf_counter() - t) * 1e3
+        steps = []
+        for _ in range(new):
+            t = time.perf_counter()
+            gen.generate_next_token()
+            steps.append((time.perf_counter() - t) * 1e3)
+        return prefill, steps, [int(x) for x in gen.get_sequence(0)[len(ids):]]
+
+    run()
+    return run()
+
+
+def _time_llama(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + new + 16, n_threads=1, n_threads_batch=1,
+                          n_batch=512, n_ubatch=512, verbose=False)
+
+    def run():
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        t = time.perf_counter()
+        llm.eval(ids)
+        prefill = (time.perf_counter() - t) * 1e3
+        steps, toks = [], []
+        for _ in range(new):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            toks.append(tok)
+            t = time.perf_counter()
+            llm.eval([tok])
+            steps.append((time.perf_counter() - t) * 1e3)
+        toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return prefill, steps, toks
+
+    run()
+    return run()
+
+
+def _time_torch(path: Path, ids: list[int], new: int, compiled: bool) -> tuple[float, list[float], list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if compiled:
+        from transformers import StaticCache
+
+        fwd = torch.compile(model.forward, dynamic=False)
+    else:
+        fwd = model.forward
+
+    def run():
+        if compiled:  # a static cache: fixed shapes, so one compiled graph for prefill, one for decode
+            cache = StaticCache(config=model.config, max_cache_len=len(ids) + new + 1)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            pos = torch.arange(len(ids))
+            t = time.perf_counter()
+            out = fwd(input_ids=x, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
+            tok = int(out.logits[0, -1].argmax())
+            prefill = (time.perf_counter() - t) * 1e3
+            steps, toks = [], [tok]
+            for i in range(new):
+                t = time.perf_counter()
+                out = fwd(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
+                          cache_position=torch.tensor([len(ids) + i]), logits_to_keep=1)
+                tok = int(out.logits[0, -1].argmax())
+                steps.append((time.perf_counter() - t) * 1e3)
+                toks.append(tok)
+        return prefill, steps, toks
+
+    run()  # warm-up (torch.compile compiles here)
+    return run()
+
+
+def worker(spec: dict) -> dict:
+    peer, path, ids, new = spec["peer"], Path(spec["path"]), spec["ids"], spec["new"]
+    t0 = time.perf_counter()
+    if peer.startswith("edge-vla"):
+        prefill, steps, toks = _time_edge_vla(path, ids, new)
+    elif peer.startswith("ort-genai"):
+        prefill, steps, toks = _time_genai(path, ids, new)
+    elif peer.startswith("llama.cpp"):
+        prefill, steps, toks = _time_llama(path, ids, new)
+    else:
+        prefill, steps, toks = _time_torch(path, ids, new, compiled=peer == "torch-compile")
+    # tokens: the greedy continuation (new + 1 tokens: the prefill's, then one per decode step)
+    return {"prefill_ms": prefill, "decode_ms": steps, "tokens": toks[:new + 1], "peak_rss_mb": peak_rss_mb(),
+            "wall_s": time.perf_counter() - t0}
+
+
+# --- the driver ----------------------------------------------------------------------------------
+def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", peers: tuple[str, ...] = PEERS,
+              prompt: int = 280, new: int = 16, repeats: int = 3, llama_src: str | Path | None = None,
+              log=print) -> dict:
+    """Build every available peer's model from the same weights, time them interleaved; returns the table."""
+    from edge_vla.deploy.roofline import measure_memory_bandwidth
+    from edge_vla.errors import EdgeVLAError
+
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise EdgeVLAError(f"unknown peer {unknown[0]}", f"use some of {', '.join(PEERS)}")
+    if model not in ("tiny", "qwen0.5b"):
+        raise EdgeVLAError(f"unknown model {model}", "use tiny or qwen0.5b")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = llama_src or os.environ.get("LLAMA_CPP_SRC")
+    src = Path(src) if src else None
+    ckpt = build_checkpoint(model, work)
+    hf = build_hf(ckpt, work)
+    params = n_params(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    # Prompt ids: deterministic, past the special tokens, inside every runtime's vocabulary.
+    ids = [int(x) for x in np.random.default_rng(0).integers(3, vocab, prompt)]
+    skipped, paths = {}, {}
+    for p in peers:
+        why = missing(p, src)
+        if why is None:
+            try:
+                t = time.time()
+                paths[p] = prepare(p, ckpt, hf, work, src)
+                log(f"# {p}: model ready ({time.time() - t:.0f} s)")
+            except Exception as e:  # a peer that fails to build is reported, not fatal to the others
+                why = f"build failed: {type(e).__name__}: {str(e)[:200]}"
+        if why is not None:
+            skipped[p] = why
+            log(f"# {p}: skipped: {why}")
+    bandwidth = measure_memory_bandwidth()
+    results: dict[str, list] = {p: [] for p in paths}
+    for r in range(repeats):
+        for p, path in paths.items():
+            spec = json.dumps({"peer": p, "path": str(path), "ids": ids, "new": new})
+            run = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
+                                 env=_env())
+            lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
+            if run.returncode or not lines:
+                err = [ln for ln in (run.stderr or "").splitlines() if ln.strip()]
+                skipped[p] = f"run failed: {err[-1][:200] if err else 'no output'}"
+                log(f"# {p}: {skipped[p]}")
+                continue
+            results[p].append(json.loads(lines[-1]))
+        bandwidth = max(bandwidth, measure_memory_bandwidth(repeats=2))
+    rows = {}
+    for p, runs in results.items():
+        if not runs or p in skipped:
+            continue
+        dec = np.concatenate([np.asarray(x["decode_ms"]) for x in runs])
+        size = disk_bytes(p, paths[p])
+        med = float(np.median(dec))
+        rows[p] = {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])), "decode_ms_median": med,
+                   "decode_ms_p95": float(np.percentile(dec, 95)), "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+                   "disk_bytes": size, "bits_per_weight": size * 8 / params,
+                   "roofline_fraction": size / (bandwidth * 1e9) * 1e3 / med, "format": FORMAT_BITS[p],
+                   "repeats": len(runs), "tokens": runs[0]["tokens"]}
+    if rows:
+        best_dec = min(r["decode_ms_median"] for r in rows.values())
+        best_pre = min(r["prefill_ms"] for r in rows.values())
+        for r in rows.values():
+            r["decode_vs_best"] = r["decode_ms_median"] / best_dec
+            r["prefill_vs_best"] = r["prefill_ms"] / best_pre
+    return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
+            "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "bandwidth_gbs": bandwidth,
+            "rows": rows, "skipped": skipped,
+            "note": "same token ids for every runtime (no peer takes image embeddings); 1 intra-op thread, a fresh "
+                    "process per runtime per repeat, repeats interleaved"}
+
+
+def format_table(res: dict) -> str:
+    lines = [f"model {res['model']}: {res['decoder_params'] / 1e6:.0f}M parameters {res['config']}; prompt "
+             f"{res['prompt_tokens']} tokens, {res['new_tokens']} generated, {res['repeats']} interleaved repeats, "
+             f"1 thread; copy bandwidth {res['bandwidth_gbs']:.1f} GB/s",
+             f"{'runtime':18s} {'prefill ms':>10s} {'x best':>6s} {'ms/tok p50':>10s} {'p95':>7s} {'x best':>6s} "
+             f"{'peak MB':>8s} {'disk MB':>8s} {'bits/w':>6s} {'roof%':>5s}  format"]
+    for p, r in sorted(res["rows"].items(), key=lambda kv: kv[1]["decode_ms_median"]):
+        lines.append(f"{p:18s} {r['prefill_ms']:10.1f} {r['prefill_vs_best']:6.2f} {r['decode_ms_median']:10.2f} "
+                     f"{r['decode_ms_p95']:7.2f} {r['decode_vs_best']:6.2f} {r['peak_rss_mb']:8.0f} "
+                     f"{r['disk_bytes'] / 1e6:8.1f} {r['bits_per_weight']:6.2f} {100 * r['roofline_fraction']:5.0f}  "
+                     f"{r['format']}")
+    for p, why in res["skipped"].items():
+        lines.append(f"{p:18s} skipped: {why}")
+    return "\n".join(lines)
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen0.5b", choices=["qwen0.5b", "tiny"])
+    ap.add_argument("--work", default=None, help="build directory (default /tmp/edge_vla_peers/MODEL)")
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of: " + ", ".join(PEERS))
+    ap.add_argument("--prompt", type=int, default=280)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-src", default=None)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args()
+    res = run_peers(a.model, a.work or f"/tmp/edge_vla_peers/{a.model}", tuple(a.peers.split(",")), a.prompt, a.new,
+                    a.repeats, a.llama_src)
+    print(format_table(res))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""benchmarks/peers.py on the shipped tiny LM: every installed peer runs the same weights on the same
+prompt; the table's ratios, sizes and bits are consistent; absent peers skip with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_vla.errors import EdgeVLAError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import peers  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not peers.TINY_CKPT.joinpath("model.safetensors").exists(),
+                                reason="the shipped tiny checkpoint is not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    chosen = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0")
+    res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), chosen, prompt=40, new=4, repeats=1,
+                          llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None)
+    return res
+
+
+def test_installed_peers_run_and_absent_ones_say_why(table):
+    rows, skipped = table["rows"], table["skipped"]
+    assert {"edge-vla-fp32", "torch-eager"} <= set(rows)  # always here: the project's own stack
+    for peer, module in (("ort-genai-int4", "onnxruntime_genai"), ("llama.cpp-q8_0", "llama_cpp")):
+        if importlib.util.find_spec(module) is None:
+            assert peer in skipped and "not installed" in skipped[peer]
+        elif peer not in rows:
+            assert skipped[peer]  # installed but not runnable here (e.g. no converter source): a reason
+    assert set(rows) | set(skipped) == {"edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0"}
+
+
+def test_rows_are_consistent(table):
+    rows = table["rows"]
+    assert min(r["decode_vs_best"] for r in rows.values()) == pytest.approx(1.0)
+    assert min(r["prefill_vs_best"] for r in rows.values()) == pytest.approx(1.0)
+    for r in rows.values():
+        assert 0 < r["decode_ms_median"] <= r["decode_ms_p95"] and r["prefill_ms"] > 0 and r["peak_rss_mb"] > 0
+        assert len(r["tokens"]) == 5  # the prefill's token + 4 decoded
+        assert 0 < r["roofline_fraction"]
+    # the fp32 graphs and the fp32 safetensors hold ~32 bits per weight; a 4-bit format far fewer
+    assert 30 < rows["edge-vla-fp32"]["bits_per_weight"] < 45 and 30 < rows["torch-eager"]["bits_per_weight"] < 34
+    if "ort-genai-int4" in rows:
+        assert rows["ort-genai-int4"]["bits_per_weight"] < 0.5 * rows["torch-eager"]["bits_per_weight"]
+    text = peers.format_table(table)
+    assert "edge-vla-fp32" in text and "ms/tok p50" in text and "x best" in text
+
+
+def test_same_weights_same_greedy_tokens(table):
+    # The fp32 ONNX graphs and PyTorch run the same weights: the greedy continuation must agree, which
+    # is what makes their times comparable (a broken conversion would decode something else, faster).
+    rows = table["rows"]
+    assert rows["edge-vla-fp32"]["tokens"] == rows["torch-eager"]["tokens"]
+
+
+def test_unknown_peer_and_model_are_refused(tmp_path):
+    with pytest.raises(EdgeVLAError, match="unknown peer"):
+        peers.run_peers("tiny", tmp_path, ("vllm",))
+    with pytest.raises(EdgeVLAError, match="unknown model"):
+        peers.run_peers("llama-70b", tmp_path, ("torch-eager",))
