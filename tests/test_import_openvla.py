@@ -94,19 +94,32 @@ def _tokenizer(path: Path):
         {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": "<PAD>", "tokenizer_class": "LlamaTokenizer"}))
 
 
-def make_openvla_checkpoint(path: Path, seed: int = 0, resize: str = "resize-naive") -> dict:
-    """Write a tiny OpenVLA-layout checkpoint at `path`; return its full state dict (reference)."""
+BACKBONE_TOWERS = {  # Prismatic backbone id -> (timm id, width, registers + class token) per featurizer
+    "dinosiglip-vit-so-224px": [(DINO, D_DINO, 5), (SIGLIP, D_SIG, 0)],
+    "siglip-vit-so400m": [(SIGLIP, D_SIG, 0)],
+    "dinov2-vit-l": [(DINO, D_DINO, 5)],
+}
+
+
+def make_openvla_checkpoint(path: Path, seed: int = 0, resize: str = "resize-naive",
+                            backbone: str = "dinosiglip-vit-so-224px") -> dict:
+    """Write a tiny OpenVLA-layout checkpoint at `path`; return its full state dict (reference).
+    Fused backbones take the `fused-gelu-mlp` projector, single ones `gelu-mlp`, as Prismatic's do."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    sd.update({"vision_backbone.featurizer." + k: v for k, v in _timm_vit(g, D_DINO, 4, True, False).items()})
-    sd.update({"vision_backbone.fused_featurizer." + k: v for k, v in _timm_vit(g, D_SIG, 0, False, True).items()})
-    v = D_DINO + D_SIG
+    towers = BACKBONE_TOWERS[backbone]
+    for prefix, (timm_id, dim, n_prefix) in zip(("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."), towers):
+        dino = timm_id == DINO
+        sd.update({prefix + k: v for k, v in _timm_vit(g, dim, 4 if dino else 0, dino, not dino).items()})
+    v = sum(dim for _, dim, _ in towers)
     h = _text_config()["hidden_size"]
-    for name, shape in (("fc1", (4 * v, v)), ("fc2", (h, 4 * v)), ("fc3", (h, h))):
+    fused = len(towers) == 2
+    shapes = (("fc1", (4 * v, v)), ("fc2", (h, 4 * v)), ("fc3", (h, h))) if fused else (("fc1", (h, v)), ("fc2", (h, h)))
+    for name, shape in shapes:
         sd[f"projector.{name}.weight"] = torch.randn(*shape, generator=g) / math.sqrt(shape[1])
         sd[f"projector.{name}.bias"] = torch.randn(shape[0], generator=g) * 0.1
     torch.manual_seed(seed)
@@ -126,11 +139,12 @@ def make_openvla_checkpoint(path: Path, seed: int = 0, resize: str = "resize-nai
         "architectures": ["OpenVLAForActionPrediction"],
         "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
                      "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
-        "model_type": "openvla", "vision_backbone_id": "dinosiglip-vit-so-224px", "llm_backbone_id": "llama2-7b-pure",
-        "arch_specifier": "no-align+fused-gelu-mlp", "use_fused_vision_backbone": True,
+        "model_type": "openvla", "vision_backbone_id": backbone, "llm_backbone_id": "llama2-7b-pure",
+        "arch_specifier": "no-align+fused-gelu-mlp" if fused else "gelu-mlp", "use_fused_vision_backbone": fused,
         "image_resize_strategy": resize, "text_config": _text_config(), "llm_max_length": 2048,
         "pad_token_id": VOCAB, "pad_to_multiple_of": PAD_TO, "output_projector_states": False,
-        "timm_model_ids": [DINO, SIGLIP], "timm_override_act_layers": [None, None], "image_sizes": [PX, PX],
+        "timm_model_ids": [t for t, _, _ in towers], "timm_override_act_layers": [None] * len(towers),
+        "image_sizes": [PX] * len(towers),
         "hf_llm_id": "meta-llama/Llama-2-7b-hf", "n_action_bins": 256, "norm_stats": NORM_STATS,
         "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
     }
@@ -169,21 +183,33 @@ def ref_featurizer(sd: dict, prefix: str, x: torch.Tensor, n_prefix_tokens: int)
     return tok[:, n_prefix_tokens:]
 
 
-def ref_pixels(image: np.ndarray) -> torch.Tensor:
-    """PrismaticImageProcessor for a 28 px frame (no resize): each tower's own normalisation, channel-stacked."""
+def _towers(sd: dict) -> list[tuple[str, int]]:
+    """(key prefix, prefix tokens dropped) of the featurizers present in `sd`."""
+    out = []
+    for prefix in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."):
+        if prefix + "pos_embed" in sd:
+            out.append((prefix, 5 if prefix + "reg_token" in sd else 0))
+    return out
+
+
+def ref_pixels(image: np.ndarray, sd: dict) -> torch.Tensor:
+    """PrismaticImageProcessor for a 28 px frame (no resize): each tower's own normalisation
+    (DINOv2: ImageNet's; SigLIP: 0.5), channel-stacked when fused."""
     x = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
     dino = (x - torch.tensor(MEAN_DINO).view(1, 3, 1, 1)) / torch.tensor(STD_DINO).view(1, 3, 1, 1)
-    return torch.cat([dino, (x - 0.5) / 0.5], dim=1)
+    return torch.cat([dino if n else (x - 0.5) / 0.5 for _, n in _towers(sd)], dim=1)
 
 
 def ref_embeddings(sd: dict, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """PrismaticForConditionalGeneration.forward up to the LM: [bos][projected patches][rest]."""
-    img, img_fused = torch.split(pixel_values, [3, 3], dim=1)
-    feats = torch.cat([ref_featurizer(sd, "vision_backbone.featurizer.", img, 5),
-                       ref_featurizer(sd, "vision_backbone.fused_featurizer.", img_fused, 0)], dim=2)
+    imgs = torch.split(pixel_values, 3, dim=1)
+    feats = torch.cat([ref_featurizer(sd, prefix, img, n) for (prefix, n), img in zip(_towers(sd), imgs)], dim=2)
     x = F.gelu(feats @ sd["projector.fc1.weight"].T + sd["projector.fc1.bias"])
-    x = F.gelu(x @ sd["projector.fc2.weight"].T + sd["projector.fc2.bias"])
-    patches = x @ sd["projector.fc3.weight"].T + sd["projector.fc3.bias"]
+    if "projector.fc3.weight" in sd:  # fused-gelu-mlp
+        x = F.gelu(x @ sd["projector.fc2.weight"].T + sd["projector.fc2.bias"])
+        patches = x @ sd["projector.fc3.weight"].T + sd["projector.fc3.bias"]
+    else:  # gelu-mlp
+        patches = x @ sd["projector.fc2.weight"].T + sd["projector.fc2.bias"]
     emb = F.embedding(input_ids, sd["language_model.model.embed_tokens.weight"])
     return torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
 
@@ -210,7 +236,7 @@ def ref_predict_action(sd: dict, image: np.ndarray, unnorm_key: str) -> tuple[np
     vocab = VOCAB  # text_config.vocab_size - pad_to_multiple_of
     out = []
     with torch.no_grad():
-        embeds = ref_embeddings(sd, ref_pixels(image), torch.tensor([ids]))
+        embeds = ref_embeddings(sd, ref_pixels(image, sd), torch.tensor([ids]))
         for _ in range(7):
             logits = lm(inputs_embeds=embeds).logits[0, -1]
             t = int(torch.argmax(logits[vocab - 256:vocab])) + vocab - 256
@@ -267,9 +293,10 @@ def test_fused_backbone_matches_the_published_featurizers(released):
     x = torch.from_numpy(img).float().permute(2, 0, 1)[None] / 255.0
     with torch.no_grad():
         ours = vla.vision(x).last_hidden_state
-        ref_pv = ref_pixels(img)
+        ref_pv = ref_pixels(img, sd)
         ref = torch.cat([ref_featurizer(sd, "vision_backbone.featurizer.", ref_pv[:, :3], 5),
                          ref_featurizer(sd, "vision_backbone.fused_featurizer.", ref_pv[:, 3:], 0)], dim=2)
+        assert not torch.allclose(ref[..., :D_DINO], ref_featurizer(sd, "vision_backbone.featurizer.", ref_pv[:, 3:], 5))
     assert ours.shape == (1, (PX // PATCH) ** 2, D_DINO + D_SIG)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     # The last released block is never read: building it would only cost time and bundle bytes.
@@ -288,7 +315,7 @@ def test_imported_logits_match_the_reference_at_every_position(released, importe
     with torch.no_grad():
         prefix = vla.encode_prefix(pv)
         ours = vla(pv, torch.tensor([ids])).logits
-        ref_embeds = ref_embeddings(sd, ref_pixels(img), ref_ids)
+        ref_embeds = ref_embeddings(sd, ref_pixels(img, sd), ref_ids)
         ref = ref_lm(sd)(inputs_embeds=ref_embeds).logits
     n_patches = (PX // PATCH) ** 2
     # [bos][patches] is our prefix; the prompt ids follow it.
@@ -470,3 +497,21 @@ def test_the_fp32_bundle_acts_as_the_published_model(released, bundles):
     want, _ = ref_predict_action(sd, img, "libero_spatial_no_noops")
     r = load_policy(bundles["fp32"]).act({"images": {"agentview": img}, "instruction": INSTRUCTION})
     np.testing.assert_allclose(r.action, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["siglip-vit-so400m", "dinov2-vit-l"])
+def test_single_tower_backbones_with_the_gelu_mlp_projector(backbone, tmp_path):
+    from edge_vla.model.vla import VLA
+
+    sd = make_openvla_checkpoint(tmp_path / "rel", seed=4, backbone=backbone)
+    sd["__path__"] = tmp_path / "rel"
+    vla = VLA.from_released(tmp_path / "rel", unnorm_key="bridge_orig")
+    assert vla.config.projector == "gelu-mlp" and not vla.config.fused_vision
+    img = _image(5)
+    pv = torch.from_numpy(vla.processor.images({"agentview": img}))[None]
+    ids = vla.processor.prompt_ids(INSTRUCTION) + [29871]
+    n_patches = (PX // PATCH) ** 2
+    with torch.no_grad():
+        ours = vla(pv, torch.tensor([ids])).logits
+        ref = ref_lm(sd)(inputs_embeds=ref_embeddings(sd, ref_pixels(img, sd), torch.tensor([[1] + ids]))).logits
+    assert torch.allclose(ours, ref[:, 1 + n_patches:], atol=1e-4), (ours - ref[:, 1 + n_patches:]).abs().max()
