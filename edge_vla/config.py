@@ -66,8 +66,11 @@ class VLAConfig:
     projector: str = "mlp"
     # How a frame becomes a square: "resize-naive" (stretch), "letterbox" (pad), "resize-crop" (centre crop).
     resize_strategy: str = "resize-naive"
-    # Prismatic splices the image patches after <bos>, not before it.
+    # Prismatic splices the image patches after the prompt's first token (<bos>; MiniVLA's <|im_start|>).
     image_after_bos: bool = False
+    # A released model's own prompt ("{instruction}" filled in, lower-cased as its code does);
+    # empty: edge-vla's (OpenVLA's) `In: What action should the robot take to ...?\nOut:`.
+    prompt_template: str = ""
     schema_version: int = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -162,6 +162,12 @@ def ref_featurizer(sd: dict, prefix: str, x: torch.Tensor, n_prefix_tokens: int)
     def p(k):
         return sd[prefix + k]
 
+    def layer_scale(k):  # DINOv2's LayerScale: timm's `gamma`, `scale_factor` in OpenVLA's HF export; none in SigLIP
+        for name in ("gamma", "scale_factor"):
+            if f"{prefix}{k}.{name}" in sd:
+                return sd[f"{prefix}{k}.{name}"]
+        return 1
+
     tok = F.conv2d(x, p("patch_embed.proj.weight"), p("patch_embed.proj.bias"), stride=PATCH).flatten(2).transpose(1, 2)
     if n_prefix_tokens:  # DINOv2 (no_embed_class): positions on the patches, then [cls][registers][patches]
         b = tok.shape[0]
@@ -176,10 +182,10 @@ def ref_featurizer(sd: dict, prefix: str, x: torch.Tensor, n_prefix_tokens: int)
         q, k, v = (y @ p(b + "attn.qkv.weight").T + p(b + "attn.qkv.bias")).unflatten(-1, (3, HEADS, hd)).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
         a = a.transpose(1, 2).flatten(2) @ p(b + "attn.proj.weight").T + p(b + "attn.proj.bias")
-        tok = tok + (p(b + "ls1.scale_factor") if prefix + b + "ls1.scale_factor" in sd else 1) * a
+        tok = tok + layer_scale(b + "ls1") * a
         y = F.layer_norm(tok, (dim,), p(b + "norm2.weight"), p(b + "norm2.bias"), eps=1e-6)
         m = F.gelu(y @ p(b + "mlp.fc1.weight").T + p(b + "mlp.fc1.bias")) @ p(b + "mlp.fc2.weight").T + p(b + "mlp.fc2.bias")
-        tok = tok + (p(b + "ls2.scale_factor") if prefix + b + "ls2.scale_factor" in sd else 1) * m
+        tok = tok + layer_scale(b + "ls2") * m
     return tok[:, n_prefix_tokens:]
 
 

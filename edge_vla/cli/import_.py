@@ -11,12 +11,16 @@ import click
 @click.option("--unnorm-key", default=None,
               help="Which dataset's action statistics de-normalise the actions (norm_stats key, e.g. "
                    "libero_spatial_no_noops); needed when the checkpoint holds several.")
+@click.option("--llm", default=None,
+              help="Prismatic training checkpoints (MiniVLA): the base LLM's directory (config + tokenizer), "
+                   "e.g. a local copy of Qwen/Qwen2.5-0.5B (default: its hub id).")
 @click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
-def import_(source, output, unnorm_key, half, overwrite):
+def import_(source, output, unnorm_key, llm, half, overwrite):
     """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
 
-    Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B).
+    Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B) and
+    Prismatic training checkpoints of MiniVLA (config.json + checkpoints/*.pt, with --llm).
     The result is an edge-vla checkpoint: export, bench, eval and serve take it unchanged.
     """
     from pathlib import Path
@@ -29,6 +33,6 @@ def import_(source, output, unnorm_key, half, overwrite):
 
     # Refused before the slow conversion: never the source, never a directory that is not ours.
     check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
-    vla = VLA.from_released(source, unnorm_key=unnorm_key)
+    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm)
     out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
     click.echo(f"imported {source} -> {out}")

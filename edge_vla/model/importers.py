@@ -6,6 +6,12 @@
 
 Layouts (what each computes is in edge_vla.model.prismatic):
 
+- Prismatic's training layout (MiniVLA): `config.json` whose `vla.base_vlm` names the base VLM
+  (PRISMATIC_VLMS), `dataset_statistics.json`, `checkpoints/*.pt` holding the `vision_backbone`,
+  `projector` and `llm_backbone` state dicts, read ONLY with torch.load(weights_only=True); the
+  LLM's config and tokenizer come from its own directory (`llm`, e.g. Qwen/Qwen2.5-0.5B), plus
+  the 256 `<|extra_i|>` tokens MiniVLA adds. Its prompt is Qwen's chat turn; the image follows
+  `<|im_start|>`; its action tokens are the last 256 ids of the tokenizer with the extras.
 - the OpenVLA family's Hugging Face layout: `config.json` with `OpenVLAForActionPrediction`,
   `model.safetensors` (or shards listed in `model.safetensors.index.json`) holding
   `vision_backbone.featurizer.*` / `.fused_featurizer.*` (timm key names), `projector.fc1..3`,
@@ -33,7 +39,7 @@ from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionStats
 
 SUPPORTED = ("the OpenVLA family's Hugging Face layout (OpenVLAForActionPrediction: openvla-7b, its LIBERO "
-             "fine-tunes, ECoT-7B)")
+             "fine-tunes, ECoT-7B) and Prismatic training checkpoints of MiniVLA (config.json + checkpoints/*.pt)")
 OPENVLA_ARCH = "OpenVLAForActionPrediction"
 # `predict_action` appends Llama's empty piece "▁" (id 29871) after "Out:" when the prompt lacks it.
 OPENVLA_EMPTY_TOKEN = 29871
@@ -107,6 +113,8 @@ def detect(path: Path) -> str:
                 "continuous action head is a different model that edge-vla does not import yet",
                 f"supported: {SUPPORTED}")
         return "openvla-hf"
+    if isinstance(cfg.get("vla"), dict) and (path / "checkpoints").is_dir():
+        return "prismatic-pt"
     what = arch[0] if arch else (cfg.get("model_type") or "an unknown model")
     raise EdgeVLAError(f"{path} holds {what}, not a VLA layout edge-vla imports", f"supported: {SUPPORTED}")
 
@@ -243,6 +251,120 @@ def _openvla_config(cfg: dict, sd: dict, where: Path) -> tuple[VLAConfig, int]:
     return config, end
 
 
+# --- Prismatic's training layout (MiniVLA) ---------------------------------------------------------------
+
+# Base VLM ids (prismatic/conf/models.py of openvla-mini) -> what their registry entry says.
+PRISMATIC_VLMS = {
+    "prism-qwen25-extra-dinosiglip-224px+0_5b": dict(vision_backbone_id="dinosiglip-vit-so-224px",
+                                                     image_resize_strategy="resize-naive",
+                                                     arch_specifier="no-align+fused-gelu-mlp",
+                                                     llm="Qwen/Qwen2.5-0.5B", extra_tokens=256),
+    "prism-qwen25-dinosiglip-224px+0_5b": dict(vision_backbone_id="dinosiglip-vit-so-224px",
+                                               image_resize_strategy="resize-naive",
+                                               arch_specifier="no-align+fused-gelu-mlp",
+                                               llm="Qwen/Qwen2.5-0.5B", extra_tokens=0),
+}
+# action_tokenizer name -> whether the action block ends at len(tokenizer) (with the extras) or
+# at the base vocabulary's size.
+PRISMATIC_ACTION_TOKENIZERS = {"action_tokenizer": False, "extra_action_tokenizer": True}
+# QwenPromptBuilder's one human turn, without its final "\n": edge-vla's Policy forces at least
+# one token after the prompt, and Qwen's pre-tokenizer always makes that newline its own token,
+# so it is forced instead (the same ids).
+QWEN_TEMPLATE = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                 "<|im_start|>user\nWhat action should the robot take to {instruction}?<|im_end|>\n<|im_start|>assistant")
+
+
+def read_pt(f: Path) -> dict:
+    """A Prismatic `.pt`, unpickling nothing but tensors and plain containers."""
+    import pickle
+
+    try:
+        obj = torch.load(str(f), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+        raise EdgeVLAError(
+            f"{f} needs more than tensors to load ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "edge-vla unpickles only tensors (torch.load weights_only=True)",
+            "where you trust the file, load it and save {'model': {name: state_dict}} with plain tensors "
+            "(or safetensors), then import that") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise EdgeVLAError(f"{f} is not a Prismatic checkpoint (no `model` dict of state dicts)",
+                           "pass the run directory written by Prismatic's training (checkpoints/*.pt)")
+    return obj["model"]
+
+
+def _read_prismatic(path: Path, llm) -> tuple[dict, dict, object, list[int]]:
+    """(HF-layout config dict, HF-layout state dict, tokenizer, forced ids) of a Prismatic run dir."""
+    from tokenizers import AddedToken
+
+    cfg = _read_config(path)
+    vla = cfg["vla"]
+    base = vla.get("base_vlm")
+    spec = PRISMATIC_VLMS.get(str(base))
+    if spec is None:
+        raise EdgeVLAError(f"{path}: base VLM `{base}` is not one edge-vla imports from Prismatic's training layout",
+                           f"supported base VLMs: {', '.join(sorted(PRISMATIC_VLMS))}")
+    tok_name = vla.get("action_tokenizer", "action_tokenizer")
+    if tok_name not in PRISMATIC_ACTION_TOKENIZERS:
+        raise EdgeVLAError(f"{path}: action tokenizer `{tok_name}` is not imported "
+                           "(VQ action chunks need the vqvae package's pickled model, which edge-vla does not unpickle)",
+                           f"supported: {', '.join(PRISMATIC_ACTION_TOKENIZERS)}")
+    if int(vla.get("image_sequence_len", 1) or 1) != 1 or vla.get("use_wrist_image"):
+        raise EdgeVLAError(f"{path}: this MiniVLA reads {vla.get('image_sequence_len')} images per step "
+                           "(history or wrist), which the importer does not build yet", "import a one-image MiniVLA")
+    stats_file = path / "dataset_statistics.json"
+    if not stats_file.is_file():
+        raise EdgeVLAError(f"{path} lacks dataset_statistics.json (the action statistics)", "download it with the run")
+    pts = sorted((path / "checkpoints").glob("*.pt"))
+    if not pts:
+        raise EdgeVLAError(f"{path}/checkpoints holds no .pt file", "download the run's checkpoint too")
+    pt = path / "checkpoints" / "latest-checkpoint.pt"
+    model = read_pt(pt if pt.is_file() else pts[-1])
+    if "vision_backbone" not in model:
+        raise EdgeVLAError(f"{pt if pt.is_file() else pts[-1]} carries no vision_backbone weights (trained frozen: they are "
+                           "timm's pretrained DINOv2/SigLIP, not in the file)",
+                           "import a checkpoint saved with its vision backbone")
+    sd: dict[str, torch.Tensor] = {}
+    vb = model["vision_backbone"]
+    fused = any(k.startswith("siglip_featurizer.") for k in vb)
+    renames = ({"dino_featurizer.": "featurizer.", "siglip_featurizer.": "fused_featurizer."} if fused
+               else {"featurizer.": "featurizer."})
+    for k, v in vb.items():
+        for old, new in renames.items():
+            if k.startswith(old):
+                sd["vision_backbone." + new + k[len(old):]] = v
+    for k, v in model.get("projector", {}).items():  # nn.Sequential: projector.0 / .2 / .4 are fc1 / fc2 / fc3
+        idx, rest = k[len("projector."):].split(".", 1)
+        sd[f"projector.fc{int(idx) // 2 + 1}.{rest}"] = v
+    for k, v in model.get("llm_backbone", {}).items():
+        if k.startswith("llm."):
+            sd["language_model." + k[len("llm."):]] = v
+    emb = sd.get("language_model.model.embed_tokens.weight")
+    if emb is None:
+        raise EdgeVLAError(f"{path}: the checkpoint lacks llm_backbone's llm.model.embed_tokens.weight",
+                           "pass a complete Prismatic checkpoint")
+    llm_dir = resolve(llm or spec["llm"])
+    text = _read_config(llm_dir)
+    if text is None:
+        raise EdgeVLAError(f"{llm_dir} has no config.json", f"pass --llm a local copy of {spec['llm']}")
+    tokenizer = released_tokenizer(llm_dir, 0, 256)
+    tok = tokenizer.tokenizer
+    base_len = tok.get_vocab_size(with_added_tokens=False)
+    if spec["extra_tokens"]:
+        tok.add_tokens([AddedToken(f"<|extra_{i}|>") for i in range(spec["extra_tokens"])])
+    end = tok.get_vocab_size(with_added_tokens=True) if PRISMATIC_ACTION_TOKENIZERS[tok_name] else base_len
+    first = tok.token_to_id("<|im_start|>")
+    if first is None:
+        raise EdgeVLAError(f"the tokenizer in {llm_dir} has no <|im_start|>", f"pass --llm a copy of {spec['llm']}")
+    tokenizer.bos_id = first  # the token the image follows (see QWEN_TEMPLATE)
+    text["vocab_size"] = int(emb.shape[0])
+    n_towers = 2 if fused else 1
+    patch = int(sd["vision_backbone.featurizer.patch_embed.proj.weight"].shape[-1])
+    side = int(round(sd["vision_backbone.featurizer.pos_embed"].shape[1] ** 0.5)) * patch
+    hf_cfg = dict(spec, text_config=text, pad_to_multiple_of=int(emb.shape[0]) - end, n_action_bins=256,
+                  image_sizes=[side] * n_towers, norm_stats=json.loads(stats_file.read_text()))
+    return hf_cfg, sd, tokenizer, tok.encode("\n", add_special_tokens=False).ids
+
+
 def _openvla_weights(sd: dict, config: VLAConfig) -> dict:
     from edge_vla.model.prismatic import timm_to_hf
 
@@ -273,18 +395,27 @@ class Released:
     path: Path
 
 
-def read_released(src, unnorm_key: str | None = None) -> Released:
+def read_released(src, unnorm_key: str | None = None, llm=None) -> Released:
     """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
-    statistics, weights renamed to edge-vla's modules, and how to decode it."""
+    statistics, weights renamed to edge-vla's modules, and how to decode it. `llm`: the base LLM's
+    directory (or hub id) for Prismatic training checkpoints, which do not carry its config."""
     path = resolve(src)
     family = detect(path)
     if family == "edge-vla":
         raise EdgeVLAError(f"{path} is already an edge-vla checkpoint", "load it with VLA.from_pretrained / pass it directly")
-    cfg = _read_config(path)
-    sd = read_safetensors(path)
-    config, end = _openvla_config(cfg, sd, path)
-    n_bins = config.n_action_bins
-    tokenizer = released_tokenizer(path, end - n_bins, n_bins)
+    if family == "prismatic-pt":
+        cfg, sd, tokenizer, prefix_ids = _read_prismatic(path, llm)
+        config, end = _openvla_config(cfg, sd, path)
+        config.prompt_template = QWEN_TEMPLATE
+        n_bins = config.n_action_bins
+        tokenizer.first_action_id = end - n_bins
+    else:
+        cfg = _read_config(path)
+        sd = read_safetensors(path)
+        config, end = _openvla_config(cfg, sd, path)
+        n_bins = config.n_action_bins
+        tokenizer = released_tokenizer(path, end - n_bins, n_bins)
+        prefix_ids = [OPENVLA_EMPTY_TOKEN]
     emb = "language_model.model.embed_tokens.weight"
     lm_rows = int(sd[emb].shape[0]) if emb in sd else 0
     special = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
@@ -294,14 +425,15 @@ def read_released(src, unnorm_key: str | None = None) -> Released:
             f"(embedding rows {lm_rows}, special ids {sorted(special)})",
             "check text_config.vocab_size and pad_to_multiple_of in config.json: the action tokens are the last "
             f"{n_bins} ids of the base vocabulary")
-    stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, f"{path}/config.json")
+    where = f"{path}/dataset_statistics.json" if family == "prismatic-pt" else f"{path}/config.json"
+    stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, where)
     config.action_dim = len(stats.q01)
     config.validate(str(path))
     weights = {k: v.float() for k, v in _openvla_weights(sd, config).items()}
     recipe_info = {
-        "name": "vla", "options": {"released": "openvla-hf", "source": str(src), "unnorm_key": key},
+        "name": "vla", "options": {"released": family, "source": str(src), "unnorm_key": key},
         "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
-        "inference_prefix_ids": [OPENVLA_EMPTY_TOKEN], "reasoning_prefix_ids": [],
+        "inference_prefix_ids": list(prefix_ids), "reasoning_prefix_ids": [],
     }
     return Released(config, tokenizer, stats, weights, recipe_info, path)
 

@@ -81,7 +81,16 @@ class VLAProcessor:
         return s
 
     def prompt_ids(self, instruction: str) -> list[int]:
-        ids = self.tokenizer.encode(build_prompt(instruction))
+        template = getattr(self.config, "prompt_template", "")
+        if template:
+            if not str(instruction).strip():
+                raise EdgeVLAError("the instruction is empty", "pass the task's language instruction")
+            ids = self.tokenizer.encode(template.format(instruction=str(instruction).lower()))
+        else:
+            ids = self.tokenizer.encode(build_prompt(instruction))
+        bos = self.tokenizer.bos_id
         if getattr(self.config, "image_after_bos", False):
-            return ids  # <bos> is the first prefix token, before the image (VLA.encode_prefix)
-        return ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + ids
+            # The first token is the first prefix token, before the image (VLA.encode_prefix); a
+            # template that writes it (MiniVLA's <|im_start|>) has it removed here.
+            return ids[1:] if ids and ids[0] == bos else ids
+        return ([bos] if bos is not None else []) + ids

@@ -117,11 +117,11 @@ class VLA(nn.Module):
         self.camera_embed = nn.Parameter(torch.zeros(len(config.cameras), l_hidden))
         self.proprio = nn.Linear(config.proprio_dim, l_hidden) if config.use_proprio else None
         rows = lm.get_input_embeddings().weight.shape[0]
-        appended = tokenizer.first_action_id + tokenizer.n_bins == tokenizer.vocab_size
-        # edge-vla's own tokenizers append the action tokens: the table is resized to match. A
-        # released model whose action tokens are the tail of its base vocabulary (OpenVLA) keeps
-        # its padded table (32064 rows for 32001 tokens): its weights are laid out for it.
-        if rows < tokenizer.vocab_size or (rows != tokenizer.vocab_size and appended):
+        # edge-vla's own models: the table is resized to the tokenizer. A released model (its
+        # actions binned by a released convention, e.g. OpenVLA's) keeps its padded table (32064
+        # rows for 32001 tokens): its weights are laid out for it.
+        released = action_stats is not None and getattr(action_stats, "bin_layout", "uniform") != "uniform"
+        if rows < tokenizer.vocab_size or (rows != tokenizer.vocab_size and not released):
             lm.resize_token_embeddings(tokenizer.vocab_size)
         self.action_stats = action_stats
         self.recipe_info: dict = {}
@@ -308,19 +308,24 @@ class VLA(nn.Module):
 
 
     @classmethod
-    def from_released(cls, src, unnorm_key: str | None = None) -> "VLA":
-        """A released checkpoint (edge_vla.model.importers: OpenVLA's Hugging Face layout), local
-        directory or hub id, converted to this class in memory (float32). `unnorm_key` picks the
-        dataset whose action statistics de-normalise the actions."""
+    def from_released(cls, src, unnorm_key: str | None = None, llm=None) -> "VLA":
+        """A released checkpoint (edge_vla.model.importers: OpenVLA's Hugging Face layout, Prismatic's
+        training layout), local directory or hub id, converted to this class in memory (float32).
+        `unnorm_key` picks the dataset whose action statistics de-normalise the actions; `llm` is
+        the base LLM's directory for a Prismatic training checkpoint."""
         from transformers import AutoModelForCausalLM
 
         from edge_vla.model.importers import read_released
 
-        r = read_released(src, unnorm_key)
+        r = read_released(src, unnorm_key, llm)
         lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
         model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
         weights = dict(r.weights, camera_embed=torch.zeros_like(model.camera_embed))  # released models have none
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shapes that disagree with the config
+            raise EdgeVLAError(f"the weights of {r.path} do not fit its config ({str(e).splitlines()[-1].strip()[:200]})",
+                               "download the config and the weights of the same release") from None
         # A tied LM head is the embedding itself: absent from the file by design.
         tied = getattr(lm.config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k == "lm.lm_head.weight")]
