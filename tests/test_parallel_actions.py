@@ -177,3 +177,50 @@ def test_both_decoder_forms_output_every_new_positions_hidden_state(tmp_path, fu
     np.testing.assert_allclose(out[HIDDEN_ALL][0], ref[:6], atol=1e-4)
     np.testing.assert_allclose(out2[HIDDEN_ALL][0], ref[6:], atol=1e-4)
     np.testing.assert_allclose(out2["hidden"][0], ref[-1], atol=1e-4)
+
+
+def test_ecot_with_parallel_actions_reasons_then_decodes_its_chunk_in_one_pass(tmp_path):
+    """The fair full-CoT baseline: `ecot` trained with model.parallel_actions=true writes its
+    reasoning token by token, then decodes the whole chunk in ONE decoder pass (the sequential
+    `ecot` takes one pass per action token), with validation and the export's parity working."""
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.export import export_bundle
+    from edge_vla.model.vla import VLA
+    from edge_vla.runtime.ort_backend import OrtBackend
+    from edge_vla.train.config import load_train_config
+    from edge_vla.train.trainer import train
+
+    data = make_samples(8, seed=3)
+    for i, s in enumerate(data):  # chunks of 2 actions: 14 action tokens
+        s.action = np.stack([s.action, np.roll(s.action, i)]).astype(np.float32)
+    # The documented command's overrides (docs/training.md), through the CLI's config loader.
+    cfg = load_train_config(None, ["steps=4", "batch_size=8", "warmup_steps=1", "lr=3e-3", "augment_shift=0",
+                                   "val_fraction=0.25", "val_max_samples=2", "action_chunk=2",
+                                   "model.parallel_actions=true"], recipe="ecot")
+    final = train(cfg, data, tmp_path / "run", show_progress=False)
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val/" in x]
+    assert val and "val/action_token_acc" in val[-1]  # validation decoded it (full mode, parallel chunk)
+
+    vla = VLA.from_pretrained(final)
+    assert vla.config.parallel_actions and vla.recipe_info["decode_mode"] == "full"
+    n = vla.config.n_action_tokens
+    obs = sample_to_obs(data[0])
+    r = Policy(TorchBackend(vla), max_free_tokens=12).act(obs)  # the recipe's own mode: full
+    assert r.info["mode"] == "full"
+    forced = int(r.info["forced_action_prefix"])
+    fed = r.tokens["reasoning"] - len(vla.recipe_info["reasoning_prefix_ids"])  # the prefix is in the prefill
+    assert r.tokens["action"] == n
+    # one body step per reasoning token fed (the forced action prefix is one more), then ONE for the chunk
+    assert len(r.timings["body"]) == fed + forced + 1
+    # The same weights decoded sequentially take a pass per action token after the first.
+    vla_seq = VLA.from_pretrained(final)
+    vla_seq.config.parallel_actions = False
+    s = Policy(TorchBackend(vla_seq), max_free_tokens=12).act(obs)
+    assert len(s.timings["body"]) == fed + int(s.info["forced_action_prefix"]) + n - 1
+    assert s.tokens["reasoning"] == r.tokens["reasoning"]  # the same reasoning, only the chunk differs
+
+    out = export_bundle(final, tmp_path / "b", precision="fp32", parity_samples=data[:2], report=lambda *_: None)
+    bundle = load_bundle(out)
+    assert bundle.manifest["parity"]["parallel_chunk_agreement"] == 1.0
+    b = Policy(OrtBackend(bundle), max_free_tokens=12).act(obs)
+    assert b.info["action_token_ids"] == r.info["action_token_ids"] and b.reasoning_text == r.reasoning_text

@@ -200,6 +200,43 @@ class Collate:
         return batch
 
 
+# --- no padding waste ------------------------------------------------------------------------------
+# What one extra forward + backward costs beyond its rows, in padded token-rows (measured on the
+# tiny preset on one CPU thread: ~10 ms of fixed per-call work against ~0.25 ms per token-row).
+GROUP_FIXED_COST = 64
+
+
+def length_groups(lengths, fixed_cost: int = GROUP_FIXED_COST) -> list[list[int]]:
+    """Partition a micro-batch's rows into groups of similar length, each to be run padded only to
+    its own longest row: the split that minimises sum(rows x longest row) + fixed_cost per group
+    (a DP over the rows sorted by length). A dropout batch of short and long rows becomes two
+    groups; rows of one length stay one group. Groups are lists of row positions, shortest first."""
+    lengths = [int(n) for n in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows i..j-1 form the last group, padded to the j-1-th's length
+            c = best[i] + (j - i) * lengths[order[j - 1]] + fixed_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def take_rows(batch: dict, rows: list[int]) -> dict:
+    """The rows `rows` of a right-padded batch, cut to their own longest row. Right padding sits
+    after every real token and attention is causal, so a row's logits do not depend on how much
+    padding follows it: the cut batch computes the same numbers for these rows."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    t = int(batch["attention_mask"][idx].sum(1).max())
+    return {k: (v[idx, :t] if k in ("input_ids", "labels", "attention_mask") else v[idx]) for k, v in batch.items()}
+
+
 def random_shift(pv: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
     """Shift every image (B, C, 3, S, S) by up to +-`shift` px, padding with edge pixels (DrQ)."""
     b, c, ch, s, _ = pv.shape
@@ -211,4 +248,4 @@ def random_shift(pv: torch.Tensor, shift: int, rng: np.random.Generator) -> torc
 
 
 __all__ = ["open_split", "split_samples", "dataset_stats", "dataset_texts", "has_reasoning", "check_data",
-           "MicroBatches", "RecipeDataset", "Collate", "random_shift"]
+           "MicroBatches", "RecipeDataset", "Collate", "random_shift", "length_groups", "take_rows", "GROUP_FIXED_COST"]

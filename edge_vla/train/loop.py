@@ -28,7 +28,7 @@ import torch
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text
-from edge_vla.train.data import Collate, MicroBatches
+from edge_vla.train.data import Collate, MicroBatches, length_groups, take_rows
 from edge_vla.train.state import STATE_FORMAT, read_state, write_state
 
 STATE_DIR = "state"
@@ -106,10 +106,17 @@ class Objective:
         extra terms are logged as train/<name>.
     validate(model, step) -> {name: number}, logged as val/<name>; runs on the main process, on
         the unwrapped model.
+    weight(batch) -> the number of terms `loss` averages over (e.g. supervised tokens), or None.
+        With a weight, the loop may run a micro-batch as groups of rows of similar length and
+        scale each group's loss by its share of the weight: the same loss and gradient as the
+        padded batch, without the work on padding. None: the batch always runs whole.
     """
 
     def loss(self, model, batch: dict, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def weight(self, batch: dict) -> int | None:
+        return None
 
     def validate(self, model, step: int) -> dict:
         return {}
@@ -136,6 +143,7 @@ class LoopSettings:
     save_every: int = 0
     bf16: str | bool = False
     lora_rank: int = 0
+    split_by_length: bool = False
 
     @classmethod
     def of(cls, cfg) -> "LoopSettings":
@@ -149,6 +157,14 @@ def make_accelerator(settings: LoopSettings):
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA:
     # accelerate forms a CPU process group (gloo) only when told cpu=True.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses another mixed precision in it: a second
+    # run in this process (a library user, the tests) with another bf16 setting resets it. The
+    # process group (PartialState) is kept.
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, _mixed_precision(settings)):
+        AcceleratorState._reset_state(reset_partial_state=False)
     # Some tower parameters (SigLIP's unused pooling head) get no gradient: DDP must know.
     return Accelerator(mixed_precision=_mixed_precision(settings), cpu=cpu,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -304,19 +320,42 @@ class TrainLoop:
         task = progress.add_task(self.title, total=self.s.steps, completed=self.step, loss=float("nan"), lr=self.s.lr)
         return progress, task
 
+    def _groups(self, batch: dict) -> list[tuple[list[int] | None, float]]:
+        """(rows, share of the micro-batch's loss) for each forward of this micro-batch: the whole
+        batch, or with split_by_length its rows grouped by length (edge_vla.train.data.length_groups),
+        each group weighted by its share of the objective's weight."""
+        whole = [(None, 1.0)]
+        if not self.s.split_by_length:
+            return whole
+        total = self.objective.weight(batch)
+        if not total:
+            return whole
+        groups = length_groups(batch["attention_mask"].sum(1).tolist())
+        if len(groups) == 1:
+            return whole
+        shares = [self.objective.weight(take_rows(batch, rows)) / total for rows in groups]
+        if min(shares) <= 0:  # a group with nothing to average would be 0 x NaN
+            return whole
+        return list(zip(groups, shares))
+
     def _micro_step(self, batch: dict, last: bool, sums: dict) -> None:
-        """Forward and backward of one micro-batch; DDP syncs gradients only on the last one."""
+        """Forward and backward of one micro-batch (one per length group with split_by_length);
+        DDP syncs gradients only on the last backward of the last one."""
         acc, k = self.accelerator, self.s.grad_accum
         index = batch.pop("index")
         batch = {name: v.to(acc.device) for name, v in batch.items()}
-        sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-        with sync, acc.autocast():
-            loss, extra = self.objective.loss(self.model, batch, index)
-            loss = loss / k
-            acc.backward(loss)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        for name, v in extra.items():
-            sums[name] = sums.get(name, 0.0) + float(v.detach()) / k
+        groups = self._groups(batch)
+        for g, (rows, share) in enumerate(groups):
+            part, part_index = (batch, index) if rows is None else (take_rows(batch, rows), index[rows])
+            final = last and g == len(groups) - 1
+            sync = contextlib.nullcontext() if final else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                loss, extra = self.objective.loss(self.model, part, part_index)
+                loss = loss * share / k if rows is not None else loss / k
+                acc.backward(loss)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for name, v in extra.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) * share / k
         self._samples += batch["input_ids"].shape[0]
 
     def _optimizer_step(self) -> float:

@@ -26,6 +26,7 @@ import torch
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
 from edge_vla.io import RUN_KIND, atomic_write_text, read_json, replace_output_dir
+from edge_vla.tokens.sequence import IGNORE
 from edge_vla.train.config import TrainConfig
 from edge_vla.train.data import RecipeDataset, check_data, dataset_stats, dataset_texts, open_split
 from edge_vla.train.evaluate import evaluate
@@ -88,6 +89,10 @@ class RecipeObjective(Objective):
     def loss(self, model, batch, index):
         return model(**batch).loss, {}
 
+    def weight(self, batch):
+        # The model's loss is the mean over the supervised next-token targets (labels shifted by one).
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
     def validate(self, model, step):
         if not len(self.val_ds):
             return {}
@@ -107,7 +112,8 @@ def _read_state(out: Path) -> dict | None:
 
 
 def _check_resume(saved: dict, cfg: TrainConfig, stats, tokenizer, out: Path) -> None:
-    mine, theirs = cfg.fingerprint(), saved["config_fingerprint"]
+    # A run saved before split_by_length existed ran every micro-batch whole.
+    mine, theirs = cfg.fingerprint(), {"split_by_length": False, **saved["config_fingerprint"]}
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if "init_from" in diff and _same_path(mine["init_from"], theirs.get("init_from")):
         diff.remove("init_from")  # one checkpoint, spelled another way (relative, through `..`)
