@@ -27,6 +27,9 @@ HEADS = 16  # what the timm ids imply, whatever the width
 D_DINO, D_SIG, DEPTH, PX, PATCH = 32, 48, 3, 28, 14
 VOCAB, PAD_TO = 32000, 64
 PROMPT_WORDS = "In: What action should the robot take to put the bowl on plate?".split() + ["Out:"]
+ECOT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the user's questions.")
+PROMPT_WORDS += (ECOT_SYSTEM + " USER: ASSISTANT: TASK: ACTION:").split()
 INSTRUCTION = "put the bowl on the plate"
 MEAN_DINO, STD_DINO = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -521,3 +524,59 @@ def test_single_tower_backbones_with_the_gelu_mlp_projector(backbone, tmp_path):
         ours = vla(pv, torch.tensor([ids])).logits
         ref = ref_lm(sd)(inputs_embeds=ref_embeddings(sd, ref_pixels(img, sd), torch.tensor([[1] + ids]))).logits
     assert torch.allclose(ours, ref[:, 1 + n_patches:], atol=1e-4), (ours - ref[:, 1 + n_patches:]).abs().max()
+
+
+def test_ecot_imports_with_its_prompt_and_reasons_in_full_mode(released, tmp_path):
+    """ECoT (embodied-CoT's Example.ipynb): `{system} USER: What action should the robot take to
+    {instruction}? ASSISTANT: TASK:`, no 29871, greedy free generation until the first action
+    token; the Policy's contract when the budget runs out first: force " ACTION:", then act."""
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer
+
+    from edge_vla.cli import main
+    from edge_vla.runtime.policy import load_policy
+
+    src, sd = released
+    out = tmp_path / "ecot"
+    res = CliRunner().invoke(main, ["import", str(src), "-o", str(out), "--ecot", "--unnorm-key", "bridge_orig"])
+    assert res.exit_code == 0, res.output
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    prompt = f"{ECOT_SYSTEM} USER: What action should the robot take to {INSTRUCTION.lower()}? ASSISTANT: TASK:"
+    ids = [1] + tok.encode(prompt, add_special_tokens=False).ids
+    policy = load_policy(out, backend="torch", max_free_tokens=6)
+    assert policy.mode == "full"
+    img = _image(4)
+    r = policy.act({"images": {"agentview": img}, "instruction": INSTRUCTION})
+
+    lm = ref_lm(sd)
+    free, actions = [], []
+    with torch.no_grad():
+        embeds = ref_embeddings(sd, ref_pixels(img, sd), torch.tensor([ids]))
+
+        def feed(t):
+            return torch.cat([embeds, lm.get_input_embeddings()(torch.tensor([[t]]))], 1)
+
+        reached = False
+        for _ in range(6):
+            t = int(lm(inputs_embeds=embeds).logits[0, -1].argmax())
+            if VOCAB - 256 <= t < VOCAB:
+                reached = True
+                break
+            if t == 2:
+                break
+            free.append(t)
+            embeds = feed(t)
+        if not reached:
+            for t in tok.encode(" ACTION:", add_special_tokens=False).ids:
+                embeds = feed(t)
+        for _ in range(7):
+            t = int(lm(inputs_embeds=embeds).logits[0, -1][VOCAB - 256:VOCAB].argmax()) + VOCAB - 256
+            actions.append(t)
+            embeds = feed(t)
+    assert r.tokens["reasoning"] == len(free) and free  # this seed reasons before acting
+    assert r.reasoning_text == tok.decode(free, skip_special_tokens=True).strip()
+    edges = np.linspace(-1, 1, 256)
+    n = ((edges[:-1] + edges[1:]) / 2)[np.clip(VOCAB - np.array(actions) - 1, 0, 254)]
+    a = NORM_STATS["bridge_orig"]["action"]
+    want = np.where(a["mask"], 0.5 * (n + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]), n)
+    np.testing.assert_allclose(r.action, want, atol=1e-6)

@@ -14,9 +14,12 @@ import click
 @click.option("--llm", default=None,
               help="Prismatic training checkpoints (MiniVLA): the base LLM's directory (config + tokenizer), "
                    "e.g. a local copy of Qwen/Qwen2.5-0.5B (default: its hub id).")
+@click.option("--ecot", is_flag=True,
+              help="The checkpoint is an ECoT policy (ecot-openvla-7b-*; same files as OpenVLA): its chat prompt "
+                   "and full-mode decoding (reasoning, then the action).")
 @click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
-def import_(source, output, unnorm_key, llm, half, overwrite):
+def import_(source, output, unnorm_key, llm, ecot, half, overwrite):
     """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
 
     Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B) and
@@ -33,6 +36,6 @@ def import_(source, output, unnorm_key, llm, half, overwrite):
 
     # Refused before the slow conversion: never the source, never a directory that is not ours.
     check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
-    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm)
+    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot)
     out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
     click.echo(f"imported {source} -> {out}")

@@ -43,6 +43,13 @@ SUPPORTED = ("the OpenVLA family's Hugging Face layout (OpenVLAForActionPredicti
 OPENVLA_ARCH = "OpenVLAForActionPrediction"
 # `predict_action` appends Llama's empty piece "▁" (id 29871) after "Out:" when the prompt lacks it.
 OPENVLA_EMPTY_TOKEN = 29871
+# ECoT-7B (embodied-CoT's README and Example.ipynb): Vicuna's chat turn, the reasoning started
+# with "TASK:", no 29871, then free generation (up to 1024 tokens) that ends with ACTION: and
+# the action tokens.
+ECOT_TEMPLATE = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions. USER: What action should the robot take to "
+                 "{instruction}? ASSISTANT: TASK:")
+ECOT_MAX_REASONING_TOKENS = 1024
 # Files that only OpenVLA-OFT checkpoints carry beside the OpenVLA layout (its continuous action
 # head, proprio projector, FiLM): a different model, refused rather than imported without them.
 OFT_MARKERS = ("action_head", "proprio_projector", "noisy_action_projector", "vision_backbone--")
@@ -395,14 +402,19 @@ class Released:
     path: Path
 
 
-def read_released(src, unnorm_key: str | None = None, llm=None) -> Released:
+def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False) -> Released:
     """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
     statistics, weights renamed to edge-vla's modules, and how to decode it. `llm`: the base LLM's
-    directory (or hub id) for Prismatic training checkpoints, which do not carry its config."""
+    directory (or hub id) for Prismatic training checkpoints, which do not carry its config.
+    `ecot`: an ECoT checkpoint in OpenVLA's layout (nothing in its files says so): its prompt, and
+    full-mode decoding (reasoning, then the actions)."""
     path = resolve(src)
     family = detect(path)
     if family == "edge-vla":
         raise EdgeVLAError(f"{path} is already an edge-vla checkpoint", "load it with VLA.from_pretrained / pass it directly")
+    if ecot and family != "openvla-hf":
+        raise EdgeVLAError(f"{path}: ECoT is imported from OpenVLA's Hugging Face layout only",
+                           "pass an ecot-openvla-7b-* directory, or drop --ecot")
     if family == "prismatic-pt":
         cfg, sd, tokenizer, prefix_ids = _read_prismatic(path, llm)
         config, end = _openvla_config(cfg, sd, path)
@@ -435,6 +447,12 @@ def read_released(src, unnorm_key: str | None = None, llm=None) -> Released:
         "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
         "inference_prefix_ids": list(prefix_ids), "reasoning_prefix_ids": [],
     }
+    if ecot:
+        # The prompt ends with "TASK:", the start of the reasoning; direct mode (asked for
+        # explicitly) forces " ACTION:" after it, ECoT-Lite's short path.
+        config.prompt_template = ECOT_TEMPLATE
+        recipe_info.update(name="ecot", decode_mode="full", max_free_tokens=ECOT_MAX_REASONING_TOKENS,
+                           inference_prefix_ids=[], options=dict(recipe_info["options"], released="ecot-hf"))
     return Released(config, tokenizer, stats, weights, recipe_info, path)
 
 
