@@ -580,3 +580,22 @@ def test_ecot_imports_with_its_prompt_and_reasons_in_full_mode(released, tmp_pat
     a = NORM_STATS["bridge_orig"]["action"]
     want = np.where(a["mask"], 0.5 * (n + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]), n)
     np.testing.assert_allclose(r.action, want, atol=1e-6)
+
+
+def test_the_policy_server_serves_an_imported_bundle(released, bundles):
+    """openpi's own client against `edge-vla serve`'s server on the imported model's fp32 bundle:
+    the action is predict_action's (one camera: the first openpi image)."""
+    pytest.importorskip("websockets")
+    pytest.importorskip("openpi_client")
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    from edge_vla.runtime.policy import load_policy
+    from edge_vla.runtime.server import PolicyServer
+
+    _, sd = released
+    img = _image(6)
+    want, _ = ref_predict_action(sd, img, "libero_spatial_no_noops")
+    with PolicyServer(load_policy(bundles["fp32"]), port=0, request_timeout_s=60) as server:
+        client = WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+        out = client.infer({"observation/image": img, "prompt": INSTRUCTION})
+    np.testing.assert_allclose(np.asarray(out["actions"]).reshape(-1, 7)[0], want, atol=1e-5)
