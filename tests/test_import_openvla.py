@@ -599,3 +599,13 @@ def test_the_policy_server_serves_an_imported_bundle(released, bundles):
         client = WebsocketClientPolicy(host="127.0.0.1", port=server.port)
         out = client.infer({"observation/image": img, "prompt": INSTRUCTION})
     np.testing.assert_allclose(np.asarray(out["actions"]).reshape(-1, 7)[0], want, atol=1e-5)
+
+
+def test_the_prefix_graph_holds_one_embedding_row_not_the_table(bundles):
+    """<bos> is the prefix's first row: its own (1, H) parameter, so prefix.onnx does not carry the
+    32064-row embedding table (525 MB in float32 for Llama-2 7B)."""
+    import onnx
+
+    m = onnx.load(str(bundles["int8"] / "prefix.onnx"))
+    biggest = max(int(np.prod(i.dims)) for i in m.graph.initializer)
+    assert biggest < VOCAB * 64 // 10, biggest

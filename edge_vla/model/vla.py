@@ -116,6 +116,11 @@ class VLA(nn.Module):
             self.projector = PrismaticProjector(config.projector, v_hidden, l_hidden)
         self.camera_embed = nn.Parameter(torch.zeros(len(config.cameras), l_hidden))
         self.proprio = nn.Linear(config.proprio_dim, l_hidden) if config.use_proprio else None
+        # With `image_after_bos` the prompt's first token is the prefix's first row. It has its own
+        # parameter (the importer copies that token's embedding into it) instead of a slice of the
+        # embedding table: a slice would put the whole table into the prefix graph (525 MB fp32 for
+        # Llama-2 7B), and the table's row is never read again (the prompt ids start after it).
+        self.first_token_embed = nn.Parameter(torch.zeros(1, l_hidden)) if config.image_after_bos else None
         rows = lm.get_input_embeddings().weight.shape[0]
         # edge-vla's own models: the table is resized to the tokenizer. A released model (its
         # actions binned by a released convention, e.g. OpenVLA's) keeps its padded table (32064
@@ -190,9 +195,8 @@ class VLA(nn.Module):
             if state is None:
                 raise EdgeVLAError("this model reads the proprio state but none was given", "pass `state`")
             prefix = torch.cat([prefix, self.proprio(state.to(prefix.dtype))[:, None, :]], dim=1)
-        if self.config.image_after_bos:
-            bos = self.processor.tokenizer.bos_id
-            row = self.lm.get_input_embeddings().weight[bos:bos + 1].to(prefix.dtype)
+        if self.first_token_embed is not None:
+            row = self.first_token_embed.to(prefix.dtype)
             prefix = torch.cat([row[None].expand(b, -1, -1), prefix], dim=1)
         return prefix
 
@@ -322,18 +326,27 @@ class VLA(nn.Module):
         lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
         model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
         weights = dict(r.weights, camera_embed=torch.zeros_like(model.camera_embed))  # released models have none
+
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shapes that disagree with the config
             raise EdgeVLAError(f"the weights of {r.path} do not fit its config ({str(e).splitlines()[-1].strip()[:200]})",
                                "download the config and the weights of the same release") from None
-        # A tied LM head is the embedding itself: absent from the file by design.
+        # A tied LM head is the embedding itself: absent from the file by design. The first prefix
+        # row is copied from the embedding table below.
         tied = getattr(lm.config, "tie_word_embeddings", False)
-        missing = [k for k in missing if not (tied and k == "lm.lm_head.weight")]
+        missing = [k for k in missing if not (tied and k == "lm.lm_head.weight") and k != "first_token_embed"]
         if missing or unexpected:
             raise EdgeVLAError(f"the weights of {r.path} do not match its config.json "
                                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
                                "download every shard, and the config.json of the same release")
+        if model.first_token_embed is not None:
+            first = r.tokenizer.bos_id
+            if first is None:
+                raise EdgeVLAError(f"{r.path}: the image follows the prompt's first token, but its tokenizer names none",
+                                   "download the tokenizer files of the same release")
+            with torch.no_grad():
+                model.first_token_embed.copy_(model.lm.get_input_embeddings().weight[first:first + 1])
         model.recipe_info = r.recipe_info
         return model.eval()
 
