@@ -260,6 +260,15 @@ def ref_predict_action(sd: dict, image: np.ndarray, unnorm_key: str) -> tuple[np
     return action, out
 
 
+def libero_gripper(action: np.ndarray) -> np.ndarray:
+    """run_libero_eval.py's post-processing for OpenVLA: normalize_gripper_action(binarize=True),
+    then invert_gripper_action."""
+    a = np.array(action, dtype=np.float64)
+    a[..., -1] = np.sign(2 * (a[..., -1] - 0.0) / (1.0 - 0.0) - 1)
+    a[..., -1] = a[..., -1] * -1.0
+    return a
+
+
 # --- fixtures ----------------------------------------------------------------------------------------------
 
 
@@ -341,9 +350,9 @@ def test_the_policy_returns_the_published_de_normalised_action(released, importe
     want, want_ids = ref_predict_action(sd, img, "libero_spatial_no_noops")
     r = load_policy(imported, backend="torch").act({"images": {"agentview": img}, "instruction": INSTRUCTION})
     assert r.action.shape == (7,)
-    np.testing.assert_allclose(r.action, want, atol=1e-6)
-    # the masked gripper stays a normalised value in [-1, 1], as predict_action returns it
-    assert -1.0 <= r.action[6] <= 1.0
+    # a libero* key: the gripper as OpenVLA's LIBERO evaluation sends it to the simulator
+    np.testing.assert_allclose(r.action, libero_gripper(want), atol=1e-6)
+    assert r.action[6] in (-1.0, 1.0)
 
 
 def test_from_pretrained_converts_a_released_directory_on_the_fly(released, imported):
@@ -505,7 +514,7 @@ def test_the_fp32_bundle_acts_as_the_published_model(released, bundles):
     img = _image(3)
     want, _ = ref_predict_action(sd, img, "libero_spatial_no_noops")
     r = load_policy(bundles["fp32"]).act({"images": {"agentview": img}, "instruction": INSTRUCTION})
-    np.testing.assert_allclose(r.action, want, atol=1e-5)
+    np.testing.assert_allclose(r.action, libero_gripper(want), atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["siglip-vit-so400m", "dinov2-vit-l"])
@@ -598,7 +607,7 @@ def test_the_policy_server_serves_an_imported_bundle(released, bundles):
     with PolicyServer(load_policy(bundles["fp32"]), port=0, request_timeout_s=60) as server:
         client = WebsocketClientPolicy(host="127.0.0.1", port=server.port)
         out = client.infer({"observation/image": img, "prompt": INSTRUCTION})
-    np.testing.assert_allclose(np.asarray(out["actions"]).reshape(-1, 7)[0], want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["actions"]).reshape(-1, 7)[0], libero_gripper(want), atol=1e-5)
 
 
 def test_the_prefix_graph_holds_one_embedding_row_not_the_table(bundles):
@@ -609,3 +618,22 @@ def test_the_prefix_graph_holds_one_embedding_row_not_the_table(bundles):
     m = onnx.load(str(bundles["int8"] / "prefix.onnx"))
     biggest = max(int(np.prod(i.dims)) for i in m.graph.initializer)
     assert biggest < VOCAB * 64 // 10, biggest
+
+
+def test_the_gripper_convention_is_part_of_the_one_de_normalisation(released, tmp_path):
+    """`--gripper raw` returns predict_action's value (bridge_orig: raw by default); the libero map
+    is applied by ActionTokenizer, so the fused kernel's value table carries it too."""
+    from edge_vla.kernels.reference import action_value_table
+    from edge_vla.model.vla import VLA
+
+    src, sd = released
+    raw = VLA.from_released(src, unnorm_key="libero_spatial_no_noops", gripper="raw")
+    assert raw.action_stats.gripper_map is None and raw.action_stats.gripper_dim is None
+    lib = VLA.from_released(src, unnorm_key="libero_spatial_no_noops")
+    ids = np.arange(VOCAB - 256, VOCAB)[[3, 200, 17, 90, 255, 0, 130]]
+    a_raw, a_lib = raw.action_tokenizer.decode(ids), lib.action_tokenizer.decode(ids)
+    np.testing.assert_allclose(a_lib, libero_gripper(a_raw), atol=1e-12)
+    values, low, high = action_value_table(lib.action_tokenizer)
+    assert set(np.unique(values[:, 6])) <= {-1.0, 0.0, 1.0} and low[6] == -1.0 and high[6] == 1.0
+    bridge = VLA.from_released(src, unnorm_key="bridge_orig")
+    assert bridge.action_stats.gripper_map is None

@@ -17,9 +17,12 @@ import click
 @click.option("--ecot", is_flag=True,
               help="The checkpoint is an ECoT policy (ecot-openvla-7b-*; same files as OpenVLA): its chat prompt "
                    "and full-mode decoding (reasoning, then the action).")
+@click.option("--gripper", type=click.Choice(["auto", "raw", "libero"]), default="auto", show_default=True,
+              help="raw: the gripper as predict_action returns it; libero: as OpenVLA's LIBERO evaluation sends it "
+                   "(-1 open / +1 close); auto: libero for a libero* --unnorm-key.")
 @click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
-def import_(source, output, unnorm_key, llm, ecot, half, overwrite):
+def import_(source, output, unnorm_key, llm, ecot, gripper, half, overwrite):
     """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
 
     Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B) and
@@ -36,6 +39,6 @@ def import_(source, output, unnorm_key, llm, ecot, half, overwrite):
 
     # Refused before the slow conversion: never the source, never a directory that is not ours.
     check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
-    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot)
+    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot, gripper=gripper)
     out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
     click.echo(f"imported {source} -> {out}")

@@ -190,8 +190,13 @@ def released_tokenizer(path: Path, first_action_id: int, n_bins: int):
                          pad_id=ids.get("pad_token", ids["eos_token"]), first_action_id=first_action_id, n_bins=n_bins)
 
 
-def released_stats(norm_stats: dict, unnorm_key: str | None, where: str) -> tuple[ActionStats, str]:
-    """OpenVLA's `norm_stats[unnorm_key]["action"]` as ActionStats (bin layout "openvla", its mask)."""
+def released_stats(norm_stats: dict, unnorm_key: str | None, where: str,
+                   gripper: str = "auto") -> tuple[ActionStats, str]:
+    """OpenVLA's `norm_stats[unnorm_key]["action"]` as ActionStats (bin layout "openvla", its mask).
+
+    `gripper`: "raw" returns the gripper as predict_action does; "libero" as OpenVLA's LIBERO
+    evaluation sends it to the simulator (-1 open / +1 close, edge-vla's Sample convention);
+    "auto": "libero" for a `libero*` dataset key, else "raw"."""
     if not isinstance(norm_stats, dict) or not norm_stats:
         raise EdgeVLAError(f"{where} has no norm_stats (action statistics)", "download the checkpoint's config.json")
     keys = sorted(norm_stats)
@@ -206,12 +211,18 @@ def released_stats(norm_stats: dict, unnorm_key: str | None, where: str) -> tupl
     if not isinstance(a, dict) or "q01" not in a or "q99" not in a:
         raise EdgeVLAError(f"norm_stats[{unnorm_key!r}] in {where} lacks action q01/q99", "re-download config.json")
     d = len(a["q01"])
+    if gripper not in ("auto", "raw", "libero"):
+        raise EdgeVLAError(f"unknown gripper convention `{gripper}`", "use auto, raw or libero")
+    libero = gripper == "libero" or (gripper == "auto" and unnorm_key.lower().startswith("libero"))
+    lo_g, hi_g = (-1.0, 1.0) if libero else (None, None)  # the command's range in the env's units
     stats = ActionStats(
         q01=list(a["q01"]), q99=list(a["q99"]), mean=list(a.get("mean", [0.0] * d)), std=list(a.get("std", [1.0] * d)),
-        min=list(a.get("min", a["q01"])), max=list(a.get("max", a["q99"])),
-        # No snap: predict_action returns the gripper as the bins give it (a dataset's gripper
-        # convention is the evaluation's business, as in OpenVLA's own LIBERO script).
-        gripper_dim=None, count=int(norm_stats[unnorm_key].get("num_transitions", 0) or 0),
+        min=list(a.get("min", a["q01"]))[:-1] + [lo_g] if libero else list(a.get("min", a["q01"])),
+        max=list(a.get("max", a["q99"]))[:-1] + [hi_g] if libero else list(a.get("max", a["q99"])),
+        # raw: no snap, the gripper as the bins give it (predict_action); libero: OpenVLA's LIBERO
+        # script's post-processing, in the one de-normalisation so every backend applies it.
+        gripper_dim=-1 if libero else None, gripper_map="openvla-libero" if libero else None,
+        count=int(norm_stats[unnorm_key].get("num_transitions", 0) or 0),
         mask=[bool(m) for m in a["mask"]] if "mask" in a else None, bin_layout="openvla",
         extra={"unnorm_key": unnorm_key},
     )
@@ -402,12 +413,12 @@ class Released:
     path: Path
 
 
-def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False) -> Released:
+def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False, gripper: str = "auto") -> Released:
     """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
     statistics, weights renamed to edge-vla's modules, and how to decode it. `llm`: the base LLM's
     directory (or hub id) for Prismatic training checkpoints, which do not carry its config.
     `ecot`: an ECoT checkpoint in OpenVLA's layout (nothing in its files says so): its prompt, and
-    full-mode decoding (reasoning, then the actions)."""
+    full-mode decoding (reasoning, then the actions). `gripper`: see released_stats."""
     path = resolve(src)
     family = detect(path)
     if family == "edge-vla":
@@ -438,7 +449,7 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
             "check text_config.vocab_size and pad_to_multiple_of in config.json: the action tokens are the last "
             f"{n_bins} ids of the base vocabulary")
     where = f"{path}/dataset_statistics.json" if family == "prismatic-pt" else f"{path}/config.json"
-    stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, where)
+    stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, where, gripper)
     config.action_dim = len(stats.q01)
     config.validate(str(path))
     weights = {k: v.float() for k, v in _openvla_weights(sd, config).items()}

@@ -31,6 +31,10 @@ from edge_vla.errors import EdgeVLAError
 ACTION_TOKEN_FORMAT = "<act_{}>"
 STATS_SCHEMA_VERSION = 1
 BIN_LAYOUTS = ("uniform", "openvla")
+# How a released model's gripper output becomes the environment's command (None: as decoded).
+# "openvla-libero": OpenVLA's LIBERO evaluation (normalize_gripper_action with binarize, then
+# invert_gripper_action): g in [0, 1] (0 = close) -> -sign(2g - 1), LIBERO's -1 open / +1 close.
+GRIPPER_MAPS = (None, "openvla-libero")
 
 
 def action_token_strings(n_bins: int = 256) -> list[str]:
@@ -55,6 +59,7 @@ class ActionStats:
     # (None = all), and how bins map to values ("uniform": 256 centres; "openvla": see above).
     mask: list[bool] | None = None
     bin_layout: str = "uniform"
+    gripper_map: str | None = None
 
     @property
     def dim(self) -> int:
@@ -99,6 +104,10 @@ class ActionStats:
         lengths = {len(stats.q01), len(stats.q99), len(stats.mean), len(stats.std), len(stats.min), len(stats.max)}
         if stats.mask is not None:
             lengths.add(len(stats.mask))
+        if stats.gripper_map not in GRIPPER_MAPS:
+            raise EdgeVLAError(f"{source} has unknown gripper_map {stats.gripper_map!r}", f"use one of {list(GRIPPER_MAPS)}")
+        if stats.gripper_map is not None and stats.gripper_dim is None:
+            raise EdgeVLAError(f"{source} maps the gripper but names no gripper_dim", "set gripper_dim (e.g. -1)")
         if stats.bin_layout not in BIN_LAYOUTS:
             raise EdgeVLAError(f"{source} has unknown bin_layout {stats.bin_layout!r}", f"use one of {list(BIN_LAYOUTS)}")
         if len(lengths) != 1:
@@ -204,6 +213,9 @@ class ActionTokenizer:
         tokenizer binarizes it: a half-open gripper is not a command the data has."""
         if self.binarize_gripper and self.stats.gripper_dim is not None:
             g = self.stats.gripper_dim
+            if getattr(self.stats, "gripper_map", None) == "openvla-libero":
+                actions[..., g] = -np.sign(2.0 * actions[..., g] - 1.0)
+                return actions
             actions[..., g] = np.where(actions[..., g] >= 0.5 * (self.low[g] + self.high[g]), self.high[g], self.low[g])
         return actions
 
