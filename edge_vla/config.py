@@ -71,6 +71,9 @@ class VLAConfig:
     # A released model's own prompt ("{instruction}" filled in, lower-cased as its code does);
     # empty: edge-vla's (OpenVLA's) `In: What action should the robot take to ...?\nOut:`.
     prompt_template: str = ""
+    # OpenVLA's LIBERO fine-tunes were trained with random crops and are run on the centre crop of
+    # this fraction of the frame's AREA, resized back (TF crop_and_resize); 1.0: no crop.
+    center_crop_scale: float = 1.0
     schema_version: int = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -109,6 +112,8 @@ class VLAConfig:
             raise EdgeVLAError(f"{source}: token_pool must be >= 1, got {self.token_pool}")
         if self.image_size <= 0 or self.action_dim <= 0 or self.action_chunk <= 0 or self.n_action_bins < 2:
             raise EdgeVLAError(f"{source}: image_size, action_dim, action_chunk must be positive and n_action_bins >= 2")
+        if not 0.0 < float(self.center_crop_scale) <= 1.0:
+            raise EdgeVLAError(f"{source}: center_crop_scale must be in (0, 1], got {self.center_crop_scale}")
         for name, value, valid in (("vision_backbone", self.vision_backbone, VISION_BACKBONES),
                                    ("projector", self.projector, PROJECTORS),
                                    ("resize_strategy", self.resize_strategy, RESIZE_STRATEGIES)):

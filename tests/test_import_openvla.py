@@ -201,6 +201,21 @@ def _towers(sd: dict) -> list[tuple[str, int]]:
     return out
 
 
+def ref_center_crop(image: np.ndarray, area: float = 0.9) -> np.ndarray:
+    """openvla_utils.get_vla_action(center_crop=True): TF crop_and_resize of the centre box with
+    side sqrt(0.9) back to the frame's size, then convert_image_dtype(uint8, saturate). Computed
+    here with torch's grid_sample (align_corners: TF samples y1 (H-1) + i (y2-y1)(H-1)/(S-1))."""
+    h, w = image.shape[:2]
+    side = math.sqrt(area)
+    lo, hi = (1 - side) / 2, (1 - side) / 2 + side
+    ys = torch.linspace(lo, hi, h) * 2 - 1  # normalised sampling positions, align_corners=True
+    xs = torch.linspace(lo, hi, w) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+    x = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
+    out = F.grid_sample(x, grid, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).clamp(0, 1)
+    return (out * 255.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
 def ref_pixels(image: np.ndarray, sd: dict) -> torch.Tensor:
     """PrismaticImageProcessor for a 28 px frame (no resize): each tower's own normalisation
     (DINOv2: ImageNet's; SigLIP: 0.5), channel-stacked when fused."""
@@ -244,6 +259,8 @@ def ref_predict_action(sd: dict, image: np.ndarray, unnorm_key: str) -> tuple[np
     lm = ref_lm(sd)
     vocab = VOCAB  # text_config.vocab_size - pad_to_multiple_of
     out = []
+    if unnorm_key.startswith("libero"):  # run_libero_eval: center_crop=True for the fine-tunes
+        image = ref_center_crop(image)
     with torch.no_grad():
         embeds = ref_embeddings(sd, ref_pixels(image, sd), torch.tensor([ids]))
         for _ in range(7):
@@ -333,7 +350,7 @@ def test_imported_logits_match_the_reference_at_every_position(released, importe
     with torch.no_grad():
         prefix = vla.encode_prefix(pv)
         ours = vla(pv, torch.tensor([ids])).logits
-        ref_embeds = ref_embeddings(sd, ref_pixels(img, sd), ref_ids)
+        ref_embeds = ref_embeddings(sd, ref_pixels(ref_center_crop(img), sd), ref_ids)  # a libero* import
         ref = ref_lm(sd)(inputs_embeds=ref_embeds).logits
     n_patches = (PX // PATCH) ** 2
     # [bos][patches] is our prefix; the prompt ids follow it.
@@ -637,3 +654,19 @@ def test_the_gripper_convention_is_part_of_the_one_de_normalisation(released, tm
     assert set(np.unique(values[:, 6])) <= {-1.0, 0.0, 1.0} and low[6] == -1.0 and high[6] == 1.0
     bridge = VLA.from_released(src, unnorm_key="bridge_orig")
     assert bridge.action_stats.gripper_map is None
+
+
+def test_the_libero_center_crop_follows_openvla_eval(released):
+    """The crop is part of the processor (every backend sees the same pixels) and matches the
+    reference sampling to one uint8 level; off for a bridge_orig import."""
+    from edge_vla.model.processor import center_crop
+    from edge_vla.model.vla import VLA
+
+    src, _ = released
+    img = np.random.default_rng(9).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    ours, ref = center_crop(img, 0.9, 224).astype(int), ref_center_crop(img).astype(int)
+    assert np.abs(ours - ref).max() <= 1 and (ours == ref).mean() > 0.99
+    assert not np.array_equal(ours, img.astype(int))
+    assert VLA.from_released(src, unnorm_key="libero_spatial_no_noops").config.center_crop_scale == 0.9
+    assert VLA.from_released(src, unnorm_key="bridge_orig").config.center_crop_scale == 1.0
+    assert VLA.from_released(src, unnorm_key="libero_spatial_no_noops", center_crop=False).config.center_crop_scale == 1.0

@@ -20,9 +20,12 @@ import click
 @click.option("--gripper", type=click.Choice(["auto", "raw", "libero"]), default="auto", show_default=True,
               help="raw: the gripper as predict_action returns it; libero: as OpenVLA's LIBERO evaluation sends it "
                    "(-1 open / +1 close); auto: libero for a libero* --unnorm-key.")
+@click.option("--center-crop/--no-center-crop", default=None,
+              help="Run on the centre 0.9 of each frame's area, as OpenVLA's LIBERO evaluation does for its "
+                   "fine-tunes (default: on for a libero* --unnorm-key of an OpenVLA checkpoint).")
 @click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
-def import_(source, output, unnorm_key, llm, ecot, gripper, half, overwrite):
+def import_(source, output, unnorm_key, llm, ecot, gripper, center_crop, half, overwrite):
     """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
 
     Supported: the OpenVLA family's Hugging Face layout (openvla-7b, its LIBERO fine-tunes, ECoT-7B) and
@@ -39,6 +42,7 @@ def import_(source, output, unnorm_key, llm, ecot, gripper, half, overwrite):
 
     # Refused before the slow conversion: never the source, never a directory that is not ours.
     check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
-    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot, gripper=gripper)
+    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot, gripper=gripper,
+                              center_crop=center_crop)
     out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
     click.echo(f"imported {source} -> {out}")

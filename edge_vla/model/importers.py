@@ -50,6 +50,7 @@ ECOT_TEMPLATE = ("A chat between a curious user and an artificial intelligence a
                  "detailed, and polite answers to the user's questions. USER: What action should the robot take to "
                  "{instruction}? ASSISTANT: TASK:")
 ECOT_MAX_REASONING_TOKENS = 1024
+LIBERO_CROP_AREA = 0.9  # run_libero_eval.py: center_crop with crop_scale 0.9
 # Files that only OpenVLA-OFT checkpoints carry beside the OpenVLA layout (its continuous action
 # head, proprio projector, FiLM): a different model, refused rather than imported without them.
 OFT_MARKERS = ("action_head", "proprio_projector", "noisy_action_projector", "vision_backbone--")
@@ -413,12 +414,15 @@ class Released:
     path: Path
 
 
-def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False, gripper: str = "auto") -> Released:
+def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False, gripper: str = "auto",
+                  center_crop: bool | None = None) -> Released:
     """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
     statistics, weights renamed to edge-vla's modules, and how to decode it. `llm`: the base LLM's
     directory (or hub id) for Prismatic training checkpoints, which do not carry its config.
     `ecot`: an ECoT checkpoint in OpenVLA's layout (nothing in its files says so): its prompt, and
-    full-mode decoding (reasoning, then the actions). `gripper`: see released_stats."""
+    full-mode decoding (reasoning, then the actions). `gripper`: see released_stats. `center_crop`:
+    run on the centre 0.9 of the frame's area (None: for OpenVLA's libero* fine-tunes, as their
+    evaluation does)."""
     path = resolve(src)
     family = detect(path)
     if family == "edge-vla":
@@ -450,6 +454,9 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
             f"{n_bins} ids of the base vocabulary")
     where = f"{path}/dataset_statistics.json" if family == "prismatic-pt" else f"{path}/config.json"
     stats, key = released_stats(cfg.get("norm_stats"), unnorm_key, where, gripper)
+    if center_crop is None:  # OpenVLA's LIBERO fine-tunes are evaluated with center_crop=True (0.9 of the area)
+        center_crop = family == "openvla-hf" and key.lower().startswith("libero")
+    config.center_crop_scale = LIBERO_CROP_AREA if center_crop else 1.0
     config.action_dim = len(stats.q01)
     config.validate(str(path))
     weights = {k: v.float() for k, v in _openvla_weights(sd, config).items()}

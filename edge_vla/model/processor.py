@@ -36,6 +36,31 @@ def square(image, strategy: str, fill=(0, 0, 0), name: str = "image") -> np.ndar
     raise EdgeVLAError(f"unknown resize strategy `{strategy}`", "use resize-naive, letterbox or resize-crop")
 
 
+def center_crop(image: np.ndarray, area: float, size: int) -> np.ndarray:
+    """OpenVLA's LIBERO test-time crop: the centre box of `area` of the frame (side sqrt(area)),
+    resized to size x size the way TF's crop_and_resize samples it (bilinear at
+    y1 (H-1) + i (y2-y1)(H-1)/(size-1)), in float32, then back to uint8 as TF's
+    convert_image_dtype(saturate) does (x * 255.5, truncated)."""
+    x = image.astype(np.float32) * np.float32(1.0 / 255.0)
+    side = np.float32(min(max(np.sqrt(np.float32(area)), 0.0), 1.0))
+    lo = (np.float32(1.0) - side) / np.float32(2.0)
+    hi = lo + side
+
+    def axis(n):
+        pos = lo * np.float32(n - 1) + np.arange(size, dtype=np.float32) * ((hi - lo) * np.float32(n - 1) / np.float32(size - 1))
+        a = np.floor(pos).astype(np.int64)
+        b = np.minimum(np.ceil(pos).astype(np.int64), n - 1)
+        return a, b, (pos - a).astype(np.float32)
+
+    t, b, yl = axis(x.shape[0])
+    l, r, xl = axis(x.shape[1])
+    xl = xl[None, :, None]
+    top = x[t][:, l] + (x[t][:, r] - x[t][:, l]) * xl
+    bottom = x[b][:, l] + (x[b][:, r] - x[b][:, l]) * xl
+    out = np.clip(top + (bottom - top) * yl[:, None, None], 0.0, 1.0)
+    return np.clip(out * np.float32(255.5), 0, 255).astype(np.uint8)
+
+
 class VLAProcessor:
     """Observation -> model inputs: images, prompt ids, proprio state. The one place it happens."""
 
@@ -56,6 +81,9 @@ class VLAProcessor:
             if len(frames) != len(cams):
                 raise EdgeVLAError(f"got {len(frames)} image(s), this model reads {len(cams)} ({list(cams)})")
         c = self.config
+        scale = float(getattr(c, "center_crop_scale", 1.0))
+        if scale < 1.0:
+            frames = [center_crop(check_image(f, f"image `{n}`"), scale, c.image_size) for f, n in zip(frames, cams)]
         strategy = getattr(c, "resize_strategy", "resize-naive")
         return np.stack([preprocess_image(square(f, strategy, self._fill(), name=f"image `{n}`"), c.image_size,
                                           c.image_mean, c.image_std, name=f"image `{n}`")

@@ -313,19 +313,20 @@ class VLA(nn.Module):
 
     @classmethod
     def from_released(cls, src, unnorm_key: str | None = None, llm=None, ecot: bool = False,
-                      gripper: str = "auto") -> "VLA":
+                      gripper: str = "auto", center_crop: bool | None = None) -> "VLA":
         """A released checkpoint (edge_vla.model.importers: OpenVLA's Hugging Face layout, Prismatic's
         training layout), local directory or hub id, converted to this class in memory (float32).
         `unnorm_key` picks the dataset whose action statistics de-normalise the actions; `llm` is
         the base LLM's directory for a Prismatic training checkpoint; `ecot` reads an OpenVLA-layout
         checkpoint as ECoT (its prompt, full-mode reasoning); `gripper` "raw" | "libero" | "auto"
         (libero for a libero* unnorm_key): the gripper as predict_action returns it, or as OpenVLA's
-        LIBERO evaluation sends it (-1 open / +1 close)."""
+        LIBERO evaluation sends it (-1 open / +1 close); `center_crop` (None: for libero* OpenVLA
+        fine-tunes) runs the model on the centre 0.9 of each frame's area, as their evaluation does."""
         from transformers import AutoModelForCausalLM
 
         from edge_vla.model.importers import read_released
 
-        r = read_released(src, unnorm_key, llm, ecot, gripper)
+        r = read_released(src, unnorm_key, llm, ecot, gripper, center_crop)
         lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
         model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
         weights = dict(r.weights, camera_embed=torch.zeros_like(model.camera_embed))  # released models have none
