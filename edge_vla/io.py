@@ -35,7 +35,9 @@ OUTPUT_ENTRIES = {
     # A training or distillation run directory (it has no marker file of its own).
     "edge-vla-run": ("train_config.json", "distill_config.json", "metrics.jsonl", "summary.json", "state", "final",
                      "checkpoint-*", "tensorboard", ".state.tmp", ".state.old", ".metrics.jsonl.*.tmp",
-                     ".summary.json.*.tmp", ".*_config.json.*.tmp"),
+                     ".summary.json.*.tmp", ".*_config.json.*.tmp",
+                     # a checkpoint save killed mid-write (its staging, or the one it moved aside)
+                     ".checkpoint-*.pid*.tmp", ".checkpoint-*.pid*.old", ".final.pid*.tmp", ".final.pid*.old"),
 }
 RUN_KIND = "edge-vla-run"
 
@@ -83,6 +85,11 @@ def replace_output_dir(path: str | os.PathLike, kind: str | None, overwrite: boo
     # Launched as several processes (torchrun, accelerate launch), one deletes: rank 0.
     if overwrite and p.is_dir() and any(p.iterdir()) and os.environ.get("RANK", "0") == "0":
         shutil.rmtree(p)
+    elif p.is_dir():
+        # What killed writers left inside (a checkpoint save's staging): the resumed run may never
+        # write that output again, so clean it now.
+        for name in {m.group(1) for e in p.iterdir() if (m := _STAGED_IN.match(e.name))}:
+            clean_staging(p / name)
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -123,6 +130,8 @@ def check_output_dir(path: str | os.PathLike, kind: str | None, overwrite: bool 
 _PID_NAMES = (re.compile(r"^(?:export\.)?pid(\d+)\.[a-z0-9_]{8}(?:\.tmp)?$"),  # staging of a writer
               re.compile(r"^pid(\d+)\.old$"),  # the previous output, moved aside for the swap
               re.compile(r"^old\.(\d+)$"))  # the same, as edge-vla 0.x named it
+# `.NAME.pidN...`: a writer's staging (or a moved-aside output) of the output NAME.
+_STAGED_IN = re.compile(r"^\.(.+?)\.(?:export\.)?pid\d+\.")
 # Staging as edge-vla 0.x named it (no writer pid): tempfile's 8 random characters.
 _OLD_NAMES = (re.compile(r"^export\.[a-z0-9_]{8}$"), re.compile(r"^[a-z0-9_]{8}\.tmp$"))
 

@@ -171,6 +171,7 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_weights(data, straight, tm
     final = train(TrainConfig(**cfg), data, run, resume=True, show_progress=False)
     assert _kept(run) == list(range(1, saved + 1))
     _same(straight, load_file(str(final / "model.safetensors")))
+    assert not [e.name for e in run.iterdir() if ".pid" in e.name]  # no killed writer's staging left inside
 
 
 # --- byte flips in the state files -----------------------------------------------------------------
