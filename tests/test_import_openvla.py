@@ -496,15 +496,29 @@ def test_resize_strategies_make_the_frame_square_as_prismatic_does():
 
 
 @pytest.fixture(scope="module")
-def bundles(imported, tmp_path_factory):
-    """fp32, INT8 and INT4 bundles of the imported checkpoint: export_bundle refuses to write one
-    whose graphs fail parity against PyTorch."""
+def bundles(released, imported, tmp_path_factory):
+    """fp32 and INT8 bundles of the imported checkpoint, and an INT4 bundle exported straight from
+    the released directory (`edge-vla export SRC --int4`, converted on the fly; a copy whose
+    norm_stats hold the one dataset, as a LIBERO fine-tune's do). export_bundle refuses to write a
+    bundle whose graphs fail parity against PyTorch."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
     from edge_vla.export import export_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     out = {}
-    for precision in ("fp32", "int8", "int4"):
+    for precision in ("fp32", "int8"):
         out[precision] = export_bundle(imported, root / precision, precision=precision, report=lambda *a, **k: None)
+    src = shutil.copytree(released[0], root / "openvla-7b-finetuned-libero-spatial")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["norm_stats"] = {"libero_spatial_no_noops": cfg["norm_stats"]["libero_spatial_no_noops"]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["export", str(src), "--int4", "-o", str(root / "int4")])
+    assert res.exit_code == 0, res.output
+    out["int4"] = root / "int4"
     return out
 
 
