@@ -80,3 +80,19 @@ def tiny_vla():
     s = make_samples()
     stats = ActionStats.from_actions(np.stack([x.action for x in s]))
     return VLA.from_preset("tiny", texts=INSTRUCTIONS, action_stats=stats)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_vla):
+    """tiny_vla saved as a checkpoint directory (read-only: copy it before changing it)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tiny_vla.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_ckpt):
+    """A direct-mode Policy over tiny_ckpt on the torch backend."""
+    from edge_vla.runtime.policy import load_policy
+
+    return load_policy(tiny_ckpt, backend="torch", mode="direct")

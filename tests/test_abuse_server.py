@@ -46,17 +46,8 @@ def raw_array(data: bytes, dtype: str, shape) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_vla):
-    path = tmp_path_factory.mktemp("abuse") / "tiny-ckpt"
-    tiny_vla.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(ckpt):
-    from edge_vla.runtime.policy import load_policy
-
-    return load_policy(ckpt, backend="torch", mode="direct")
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 def long_prompt(policy, n_tokens: int) -> str:

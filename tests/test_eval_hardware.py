@@ -22,15 +22,6 @@ def robot():
     r.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, tiny_vla):
-    from edge_vla.runtime.policy import load_policy
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    tiny_vla.save_pretrained(path)
-    return load_policy(path, backend="torch", mode="direct")
-
-
 def test_hardware_loop_through_server_records_hdf5(tmp_path, robot, tiny_policy):
     from edge_vla.data.libero_hdf5 import LiberoHDF5
 

@@ -16,13 +16,6 @@ SUITE = "libero_90"
 TASK = "LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket"
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_vla):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    tiny_vla.save_pretrained(path)
-    return path
-
-
 def test_episode_list_and_shards_are_deterministic():
     eps = lr.episode_list(SUITE, [TASK, "0"], trials=3)
     assert eps[:3] == [(TASK, 0), (TASK, 1), (TASK, 2)] and len(eps) == 6

@@ -17,10 +17,8 @@ from edge_vla.errors import EdgeVLAError
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_vla):
-    path = tmp_path_factory.mktemp("gates") / "tiny-ckpt"
-    tiny_vla.save_pretrained(path)
-    return path
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")

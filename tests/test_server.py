@@ -49,15 +49,6 @@ class ScriptedPolicy:
         self.resets += 1
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, tiny_vla):
-    from edge_vla.runtime.policy import load_policy
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    tiny_vla.save_pretrained(path)
-    return load_policy(path, backend="torch", mode="direct")
-
-
 def test_many_clients_with_bad_messages_mixed_in(tiny_policy):
     with PolicyServer(tiny_policy, port=0, max_message_bytes=256 * 1024, request_timeout_s=60) as server:
         uri = f"ws://127.0.0.1:{server.port}"
