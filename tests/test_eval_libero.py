@@ -1,6 +1,5 @@
 """LIBERO rollouts (real simulator): the scripted expert succeeds, a tiny policy runs, runs resume."""
 
-import json
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def test_tiny_policy_rollout_resumes_after_interruption(tmp_path, tiny_ckpt, mon
     monkeypatch.setattr(lr, "run_episode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lr.run_libero(cfg, progress=False)
-    path = lr.results_path(cfg, f"tiny-direct")
+    path = lr.results_path(cfg, "tiny-direct")
     doc = load_results(path)  # complete, valid file with the finished episode
     assert [r["trial"] for r in doc["records"]] == [0]
     monkeypatch.setattr(lr, "run_episode", real)
