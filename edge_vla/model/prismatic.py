@@ -101,7 +101,7 @@ def timm_to_hf(sd: dict, prefix: str, hf_cfg: dict) -> dict:
         layer, attn, o_proj, n1, n2 = "encoder.layer", "attention", "o_proj", "norm1", "norm2"
         final = "layernorm"
     else:
-        out["embeddings.position_embedding.weight"] = get("pos_embed")[0]
+        out["embeddings.position_embedding.weight"] = get("pos_embed")[0].clone()
         out["embeddings.patch_embedding.weight"] = get("patch_embed.proj.weight")
         out["embeddings.patch_embedding.bias"] = get("patch_embed.proj.bias")
         layer, attn, o_proj, n1, n2 = "encoder.layers", "self_attn", "out_proj", "layer_norm1", "layer_norm2"
@@ -111,7 +111,8 @@ def timm_to_hf(sd: dict, prefix: str, hf_cfg: dict) -> dict:
         for t, n in (("norm1", n1), ("norm2", n2)):
             out[h + n + ".weight"], out[h + n + ".bias"] = get(b + t + ".weight"), get(b + t + ".bias")
         for part in ("weight", "bias"):
-            q, k, v = get(b + "attn.qkv." + part).chunk(3, dim=0)
+            # clones, not views: each becomes its own parameter (VLA.from_released assigns them)
+            q, k, v = (t.clone() for t in get(b + "attn.qkv." + part).chunk(3, dim=0))
             out[h + f"{attn}.q_proj.{part}"], out[h + f"{attn}.k_proj.{part}"], out[h + f"{attn}.v_proj.{part}"] = q, k, v
             out[h + f"{attn}.{o_proj}.{part}"] = get(b + "attn.proj." + part)
             out[h + f"mlp.fc1.{part}"], out[h + f"mlp.fc2.{part}"] = get(b + "mlp.fc1." + part), get(b + "mlp.fc2." + part)

@@ -326,31 +326,41 @@ class VLA(nn.Module):
 
         from edge_vla.model.importers import read_released
 
-        r = read_released(src, unnorm_key, llm, ecot, gripper, center_crop)
-        lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
-        model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
-        weights = dict(r.weights, camera_embed=torch.zeros_like(model.camera_embed))  # released models have none
+        from accelerate import init_empty_weights
 
+        r = read_released(src, unnorm_key, llm, ecot, gripper, center_crop)
+        # Parameters are created on the meta device and the converted tensors become them
+        # (assign): no random init and no second float32 copy of a 7B model. Buffers (rotary
+        # frequencies, position ids, tower normalisation) are computed on the CPU as usual.
+        with init_empty_weights(include_buffers=False):
+            lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
+            model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
         try:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing, unexpected = model.load_state_dict(r.weights, strict=False, assign=True)
         except RuntimeError as e:  # shapes that disagree with the config
             raise EdgeVLAError(f"the weights of {r.path} do not fit its config ({str(e).splitlines()[-1].strip()[:200]})",
                                "download the config and the weights of the same release") from None
-        # A tied LM head is the embedding itself: absent from the file by design. The first prefix
-        # row is copied from the embedding table below.
         tied = getattr(lm.config, "tie_word_embeddings", False)
-        missing = [k for k in missing if not (tied and k == "lm.lm_head.weight") and k != "first_token_embed"]
+        if tied:  # the head is the embedding itself (absent from a file, or a copy of it)
+            lm.tie_weights()
+        # What a released model does not have: a camera embedding (zero), and the first prefix
+        # row, which is that token's embedding.
+        own = {"camera_embed", "first_token_embed"}
+        missing = [k for k in missing if not (tied and k == "lm.lm_head.weight") and k not in own]
         if missing or unexpected:
             raise EdgeVLAError(f"the weights of {r.path} do not match its config.json "
                                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
                                "download every shard, and the config.json of the same release")
+        model.camera_embed = nn.Parameter(torch.zeros(model.camera_embed.shape))
         if model.first_token_embed is not None:
             first = r.tokenizer.bos_id
             if first is None:
                 raise EdgeVLAError(f"{r.path}: the image follows the prompt's first token, but its tokenizer names none",
                                    "download the tokenizer files of the same release")
-            with torch.no_grad():
-                model.first_token_embed.copy_(model.lm.get_input_embeddings().weight[first:first + 1])
+            model.first_token_embed = nn.Parameter(model.lm.get_input_embeddings().weight[first:first + 1].detach().clone())
+        on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise EdgeVLAError(f"the weights of {r.path} leave {on_meta[:3]} unset", "download every shard of the release")
         model.recipe_info = r.recipe_info
         return model.eval()
 
