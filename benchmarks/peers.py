@@ -21,7 +21,7 @@ prefills the same `--prompt` token ids (~280: the VLA's image + prompt prefix) a
 
 Timing: one intra-op thread, a fresh process per runtime per repeat, repeats interleaved (runtime
 A, B, C, A, B, C, ...), ratios from this one run. Per runtime: prefill ms (median over repeats),
-decode ms/token (median, p95 over every token of every repeat), peak RSS of the process, bytes on
+decode ms/token (median, p95 over every token of every repeat; wall time and the process's CPU time), peak RSS of the process, bytes on
 disk, bits per weight (bytes on disk x 8 / decoder parameters), and the fraction of the measured
 single-thread copy-bandwidth roofline: (bytes on disk / bandwidth) / decode ms. Bytes on disk
 stand in for the bytes a step reads; they overcount where an embedding table is only gathered
@@ -223,6 +223,16 @@ def disk_bytes(peer: str, path: Path) -> int:
 
 
 # --- the worker: one runtime, one fresh process ----------------------------------------------------
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: tuple[float, float]) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms) since t0: every runtime computes on one thread, so CPU time is its
+    compute time without what the scheduler gave other processes on a shared machine."""
+    return (time.perf_counter() - t0[0]) * 1e3, (time.process_time() - t0[1]) * 1e3
+
+
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -249,14 +259,14 @@ def _time_edge_vla(path: Path, ids: list[int], new: int) -> tuple[float, list[fl
         return int(np.argmax(logits.reshape(-1, logits.shape[-1])[-1])), list(out[1:1 + n_past])
 
     def run():
-        t = time.perf_counter()
+        t = _now()
         tok, past = step(ids, [empty] * n_past)
-        prefill = (time.perf_counter() - t) * 1e3
+        prefill = _since(t)
         steps, toks = [], [tok]
         for _ in range(new):
-            t = time.perf_counter()
+            t = _now()
             tok, past = step([tok], past)
-            steps.append((time.perf_counter() - t) * 1e3)
+            steps.append(_since(t))
             toks.append(tok)
         return prefill, steps, toks
 
@@ -273,17 +283,17 @@ def _time_genai(path: Path, ids: list[int], new: int) -> tuple[float, list[float
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new + 1, min_length=len(ids) + new + 1, do_sample=False)
         gen = og.Generator(model, params)
-        t = time.perf_counter()
+        t = _now()
         gen.append_tokens(np.asarray([ids], dtype=np.int32))  # the prefill runs here
         # The first call only picks the token from the prefill's logits; each later call runs the model on
         # the last token, then picks: so the prefill's token belongs to the prefill, as in the other runtimes.
         gen.generate_next_token()
-        prefill = (time.perf_counter() - t) * 1e3
+        prefill = _since(t)
         steps = []
         for _ in range(new):
-            t = time.perf_counter()
+            t = _now()
             gen.generate_next_token()
-            steps.append((time.perf_counter() - t) * 1e3)
+            steps.append(_since(t))
         return prefill, steps, [int(x) for x in gen.get_sequence(0)[len(ids):]]
 
     run()
@@ -299,16 +309,16 @@ def _time_llama(path: Path, ids: list[int], new: int) -> tuple[float, list[float
     def run():
         llm.reset()
         llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
-        t = time.perf_counter()
+        t = _now()
         llm.eval(ids)
-        prefill = (time.perf_counter() - t) * 1e3
+        prefill = _since(t)
         steps, toks = [], []
         for _ in range(new):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             toks.append(tok)
-            t = time.perf_counter()
+            t = _now()
             llm.eval([tok])
-            steps.append((time.perf_counter() - t) * 1e3)
+            steps.append(_since(t))
         toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         return prefill, steps, toks
 
@@ -339,17 +349,17 @@ def _time_torch(path: Path, ids: list[int], new: int, compiled: bool) -> tuple[f
         with torch.no_grad():
             x = torch.tensor([ids])
             pos = torch.arange(len(ids))
-            t = time.perf_counter()
+            t = _now()
             out = fwd(input_ids=x, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
-            prefill = (time.perf_counter() - t) * 1e3
+            prefill = _since(t)
             steps, toks = [], [tok]
             for i in range(new):
-                t = time.perf_counter()
+                t = _now()
                 out = fwd(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
                           cache_position=torch.tensor([len(ids) + i]), logits_to_keep=1)
                 tok = int(out.logits[0, -1].argmax())
-                steps.append((time.perf_counter() - t) * 1e3)
+                steps.append(_since(t))
                 toks.append(tok)
         return prefill, steps, toks
 
@@ -369,7 +379,8 @@ def worker(spec: dict) -> dict:
     else:
         prefill, steps, toks = _time_torch(path, ids, new, compiled=peer == "torch-compile")
     # tokens: the greedy continuation (new + 1 tokens: the prefill's, then one per decode step)
-    return {"prefill_ms": prefill, "decode_ms": steps, "tokens": toks[:new + 1], "peak_rss_mb": peak_rss_mb(),
+    return {"prefill_ms": prefill[0], "prefill_cpu_ms": prefill[1], "decode_ms": [x[0] for x in steps],
+            "decode_cpu_ms": [x[1] for x in steps], "tokens": toks[:new + 1], "peak_rss_mb": peak_rss_mb(),
             "wall_s": time.perf_counter() - t0}
 
 
@@ -430,9 +441,13 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
         if not runs or p in skipped:
             continue
         dec = np.concatenate([np.asarray(x["decode_ms"]) for x in runs])
+        cpu = np.concatenate([np.asarray(x["decode_cpu_ms"]) for x in runs])
         size = disk_bytes(p, paths[p])
         med = float(np.median(dec))
         rows[p] = {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])), "decode_ms_median": med,
+                   "prefill_cpu_ms": float(np.median([x["prefill_cpu_ms"] for x in runs])),
+                   "decode_cpu_ms_median": float(np.median(cpu)),
+                   "cpu_roofline_fraction": size / (bandwidth * 1e9) * 1e3 / float(np.median(cpu)),
                    "decode_ms_p95": float(np.percentile(dec, 95)), "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
                    "disk_bytes": size, "bits_per_weight": size * 8 / params,
                    "roofline_fraction": size / (bandwidth * 1e9) * 1e3 / med, "format": FORMAT_BITS[p],
@@ -440,9 +455,11 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
     if rows:
         best_dec = min(r["decode_ms_median"] for r in rows.values())
         best_pre = min(r["prefill_ms"] for r in rows.values())
+        best_cpu = min(r["decode_cpu_ms_median"] for r in rows.values())
         for r in rows.values():
             r["decode_vs_best"] = r["decode_ms_median"] / best_dec
             r["prefill_vs_best"] = r["prefill_ms"] / best_pre
+            r["decode_cpu_vs_best"] = r["decode_cpu_ms_median"] / best_cpu
     return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
             "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "bandwidth_gbs": bandwidth,
             "rows": rows, "skipped": skipped,
@@ -455,12 +472,14 @@ def format_table(res: dict) -> str:
              f"{res['prompt_tokens']} tokens, {res['new_tokens']} generated, {res['repeats']} interleaved repeats, "
              f"1 thread; copy bandwidth {res['bandwidth_gbs']:.1f} GB/s",
              f"{'runtime':18s} {'prefill ms':>10s} {'x best':>6s} {'ms/tok p50':>10s} {'p95':>7s} {'x best':>6s} "
-             f"{'peak MB':>8s} {'disk MB':>8s} {'bits/w':>6s} {'roof%':>5s}  format"]
+             f"{'cpu ms/tok':>10s} {'x best':>6s} {'peak MB':>8s} {'disk MB':>8s} {'bits/w':>6s} {'roof%':>5s} "
+             f"{'cpu roof%':>9s}  format"]
     for p, r in sorted(res["rows"].items(), key=lambda kv: kv[1]["decode_ms_median"]):
         lines.append(f"{p:18s} {r['prefill_ms']:10.1f} {r['prefill_vs_best']:6.2f} {r['decode_ms_median']:10.2f} "
-                     f"{r['decode_ms_p95']:7.2f} {r['decode_vs_best']:6.2f} {r['peak_rss_mb']:8.0f} "
-                     f"{r['disk_bytes'] / 1e6:8.1f} {r['bits_per_weight']:6.2f} {100 * r['roofline_fraction']:5.0f}  "
-                     f"{r['format']}")
+                     f"{r['decode_ms_p95']:7.2f} {r['decode_vs_best']:6.2f} {r['decode_cpu_ms_median']:10.2f} "
+                     f"{r['decode_cpu_vs_best']:6.2f} {r['peak_rss_mb']:8.0f} "
+                     f"{r['disk_bytes'] / 1e6:8.1f} {r['bits_per_weight']:6.2f} {100 * r['roofline_fraction']:5.0f} "
+                     f"{100 * r['cpu_roofline_fraction']:9.0f}  {r['format']}")
     for p, why in res["skipped"].items():
         lines.append(f"{p:18s} skipped: {why}")
     return "\n".join(lines)
