@@ -459,7 +459,14 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
     config.center_crop_scale = LIBERO_CROP_AREA if center_crop else 1.0
     config.action_dim = len(stats.q01)
     config.validate(str(path))
-    weights = {k: v.float() for k, v in _openvla_weights(sd, config).items()}
+    renamed = _openvla_weights(sd, config)
+    sd.clear()
+    # One tensor at a time: the shards are memory-mapped (page cache, reclaimable), each released
+    # tensor is dropped once its float32 copy exists, so the process's own memory peaks at the
+    # float32 model (541M parameters: 3.4 GB peak RSS with the mapped 1.1 GB of bfloat16 shards).
+    weights = {}
+    for k in list(renamed):
+        weights[k] = renamed.pop(k).float()
     recipe_info = {
         "name": "vla", "options": {"released": family, "source": str(src), "unnorm_key": key},
         "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
