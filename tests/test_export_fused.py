@@ -95,6 +95,14 @@ def test_unsupported_architectures_say_why():
     assert "gpt2" in fused_decoder_unsupported(gpt2)
     scaled = SimpleNamespace(config=SimpleNamespace(model_type="llama", rope_parameters={"rope_type": "linear"}))
     assert "rope" in fused_decoder_unsupported(scaled)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(heads):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=heads, num_key_value_heads=heads))
+
+    assert "head size 24" in fused_decoder_unsupported(llama(2))
+    assert fused_decoder_unsupported(llama(3)) is None  # head size 16
 
 
 def test_export_graphs_picks_the_form_and_records_it(perturbed_vla, tmp_path):

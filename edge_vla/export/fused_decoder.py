@@ -46,6 +46,10 @@ def fused_decoder_unsupported(lm) -> str | None:
         return f"activation {c.hidden_act!r} (only SiLU-gated MLPs are fused)"
     if any(t != "full_attention" for t in (getattr(c, "layer_types", None) or [])):
         return "sliding-window layers"
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim % 16:
+        # ONNX Runtime's fused attention kernels refuse it at session creation.
+        return f"head size {head_dim} (ONNX Runtime's fused attention needs a multiple of 16)"
     layer = lm.get_decoder().layers[0]
     if getattr(layer.self_attn.o_proj, "bias", None) is not None or getattr(layer.mlp.down_proj, "bias", None) is not None:
         return "biased o_proj/MLP projections"
