@@ -684,3 +684,17 @@ def test_the_libero_center_crop_follows_openvla_eval(released):
     assert VLA.from_released(src, unnorm_key="libero_spatial_no_noops").config.center_crop_scale == 0.9
     assert VLA.from_released(src, unnorm_key="bridge_orig").config.center_crop_scale == 1.0
     assert VLA.from_released(src, unnorm_key="libero_spatial_no_noops", center_crop=False).config.center_crop_scale == 1.0
+
+
+def test_a_smaller_student_of_an_imported_model_keeps_its_backbone(imported):
+    """Size distillation builds the student's towers from the imported config: the fused Prismatic
+    backbone, not edge-vla's own tower."""
+    from edge_vla.model.vla import VLA
+    from edge_vla.train.distill import build_student
+
+    teacher = VLA.from_pretrained(imported)
+    n = teacher.config.lm["num_hidden_layers"]
+    student, copied = build_student(teacher, {"lm.num_hidden_layers": max(1, n - 1)})
+    assert type(student.vision) is type(teacher.vision)
+    assert student.vision.state_dict().keys() == teacher.vision.state_dict().keys()
+    assert copied > 0 and student.config.lm["num_hidden_layers"] == max(1, n - 1)

@@ -54,7 +54,7 @@ def hf_config(d: dict, what: str):
         raise EdgeVLAError(f"invalid {what} config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def _build_vision(config: VLAConfig):
+def build_vision_tower(config: VLAConfig):
     """The vision tower a config describes, at random init (weights are loaded after)."""
     if config.vision_backbone == "prismatic":
         from edge_vla.model.prismatic import build_backbone
@@ -144,7 +144,7 @@ class VLA(nn.Module):
         tok_path = config.tokenizer_path or config.lm_path
         tokenizer = (TextTokenizer.from_hf(tok_path, config.n_action_bins) if tok_path
                      else TextTokenizer.train_tiny(list(texts), config.tokenizer_vocab_size, config.n_action_bins))
-        vision = _load_pretrained("vision", config.vision_path) if config.vision_path else _build_vision(config)
+        vision = _load_pretrained("vision", config.vision_path) if config.vision_path else build_vision_tower(config)
         if config.lm_path:
             lm = _load_pretrained("lm", config.lm_path)
         else:
@@ -294,7 +294,7 @@ class VLA(nn.Module):
         config = load_config(p)
         tokenizer = TextTokenizer.load(p / TOKENIZER_DIR)
         stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
-        vision = _build_vision(config)
+        vision = build_vision_tower(config)
         lm = AutoModelForCausalLM.from_config(hf_config(config.lm, "language model"))
         model = cls(config, vision, lm, tokenizer, stats)
         try:
@@ -334,7 +334,7 @@ class VLA(nn.Module):
         # frequencies, position ids, tower normalisation) are computed on the CPU as usual.
         with init_empty_weights(include_buffers=False):
             lm = AutoModelForCausalLM.from_config(hf_config(r.config.lm, "language model"))
-            model = cls(r.config, _build_vision(r.config), lm, r.tokenizer, r.stats)
+            model = cls(r.config, build_vision_tower(r.config), lm, r.tokenizer, r.stats)
         try:
             missing, unexpected = model.load_state_dict(r.weights, strict=False, assign=True)
         except RuntimeError as e:  # shapes that disagree with the config

@@ -110,7 +110,7 @@ def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed
     """A VLA with the teacher's tokenizer and statistics and the teacher's config + `overrides`."""
     from transformers import AutoModelForCausalLM
 
-    from edge_vla.model.vla import VLA, _vision_from_config, hf_config
+    from edge_vla.model.vla import VLA, build_vision_tower, hf_config
 
     d = teacher.config.to_dict()
     d.update(vision_path=None, lm_path=None, tokenizer_path=None)
@@ -126,7 +126,7 @@ def build_student(teacher, overrides: dict, init_from_teacher: bool = True, seed
         raise EdgeVLAError("the student must decode the teacher's actions (same action_chunk and n_action_bins)")
     torch.manual_seed(seed)
     tok = teacher.processor.tokenizer
-    vision = _vision_from_config(hf_config(cfg.vision, "vision"))
+    vision = build_vision_tower(cfg)  # the fused Prismatic backbone too
     lm = AutoModelForCausalLM.from_config(hf_config(dict(cfg.lm, vocab_size=tok.vocab_size), "language model"))
     student = VLA(cfg, vision, lm, tok, teacher.action_stats)
     copied = init_from(student, teacher) if init_from_teacher else 0
