@@ -103,3 +103,19 @@ def test_a_constant_dimension_decodes_to_its_constant_from_every_bin():
     assert np.ptp(decoded[:, 0]) > 1.5  # the moving dims still span their range
     assert (tok.decode(tok.encode(acts))[:, 3:5] == acts[:, 3:5]).all()
     assert (tok.centers_env()[:, 3] == 0.0).all()
+
+
+def test_statistics_with_released_conventions_are_refused_by_readers_that_predate_them():
+    """edge-vla's own statistics stay schema 1 (every version reads them); a mask, OpenVLA bins or a
+    gripper map make them schema 2, which a reader of schema 1 alone refuses instead of decoding
+    them with uniform bins."""
+    from edge_vla.tokens.action import ActionStats
+
+    own = ActionStats.from_actions(np.random.default_rng(0).uniform(-1, 1, (50, 7)))
+    assert own.to_dict()["schema_version"] == 1
+    released = ActionStats.from_dict({**own.to_dict(), "bin_layout": "openvla", "mask": [True] * 6 + [False]})
+    d = released.to_dict()
+    assert d["schema_version"] == 2
+    assert ActionStats.from_dict(d).bin_layout == "openvla"  # this version reads both
+    with pytest.raises(EdgeVLAError, match="schema version 3"):
+        ActionStats.from_dict({**d, "schema_version": 3})

@@ -30,6 +30,10 @@ from edge_vla.errors import EdgeVLAError
 
 ACTION_TOKEN_FORMAT = "<act_{}>"
 STATS_SCHEMA_VERSION = 1
+# Statistics that use a released checkpoint's conventions (mask, OpenVLA bins, a gripper map) are
+# written as version 2: an edge-vla that predates those fields refuses them instead of decoding
+# with uniform bins. edge-vla's own statistics stay version 1, readable by every version.
+RELEASED_CONVENTIONS_SCHEMA_VERSION = 2
 BIN_LAYOUTS = ("uniform", "openvla")
 # How a released model's gripper output becomes the environment's command (None: as decoded).
 # "openvla-libero": OpenVLA's LIBERO evaluation (normalize_gripper_action with binarize, then
@@ -86,17 +90,24 @@ class ActionStats:
             count=int(a.shape[0]),
         )
 
+    @property
+    def uses_released_conventions(self) -> bool:
+        return self.mask is not None or self.bin_layout != "uniform" or self.gripper_map is not None
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["schema_version"] = (RELEASED_CONVENTIONS_SCHEMA_VERSION if self.uses_released_conventions
+                               else STATS_SCHEMA_VERSION)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "action statistics") -> "ActionStats":
         try:
             version = d.get("schema_version", STATS_SCHEMA_VERSION)
-            if version != STATS_SCHEMA_VERSION:
+            if version not in (STATS_SCHEMA_VERSION, RELEASED_CONVENTIONS_SCHEMA_VERSION):
                 raise EdgeVLAError(
-                    f"{source} has schema version {version}, this edge-vla reads {STATS_SCHEMA_VERSION}",
-                    "recompute the statistics with this version",
+                    f"{source} has schema version {version}, this edge-vla reads {STATS_SCHEMA_VERSION} and "
+                    f"{RELEASED_CONVENTIONS_SCHEMA_VERSION}", "upgrade edge-vla, or recompute the statistics with this version",
                 )
             stats = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
         except (TypeError, KeyError, AttributeError) as e:
