@@ -306,6 +306,12 @@ def _time_llama(path: Path, ids: list[int], new: int) -> tuple[float, list[float
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + new + 16, n_threads=1, n_threads_batch=1,
                           n_batch=512, n_ubatch=512, verbose=False)
 
+    def last_argmax() -> int:
+        # llama-cpp-python keeps logits in .scores only with logits_all=True (which would compute every
+        # prompt position's logits): read the last position's from the context instead.
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     def run():
         llm.reset()
         llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
@@ -314,12 +320,12 @@ def _time_llama(path: Path, ids: list[int], new: int) -> tuple[float, list[float
         prefill = _since(t)
         steps, toks = [], []
         for _ in range(new):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
             toks.append(tok)
             t = _now()
             llm.eval([tok])
             steps.append(_since(t))
-        toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        toks.append(last_argmax())
         return prefill, steps, toks
 
     run()

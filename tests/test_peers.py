@@ -59,6 +59,8 @@ def test_same_weights_same_greedy_tokens(table):
     # is what makes their times comparable (a broken conversion would decode something else, faster).
     rows = table["rows"]
     assert rows["edge-vla-fp32"]["tokens"] == rows["torch-eager"]["tokens"]
+    if "llama.cpp-q8_0" in rows:  # the GGUF conversion kept the weights: the trained model's first pick holds at 8 bits
+        assert rows["llama.cpp-q8_0"]["tokens"][0] == rows["edge-vla-fp32"]["tokens"][0]
 
 
 def test_unknown_peer_and_model_are_refused(tmp_path):
