@@ -698,3 +698,17 @@ def test_a_smaller_student_of_an_imported_model_keeps_its_backbone(imported):
     assert type(student.vision) is type(teacher.vision)
     assert student.vision.state_dict().keys() == teacher.vision.state_dict().keys()
     assert copied > 0 and student.config.lm["num_hidden_layers"] == max(1, n - 1)
+
+
+def test_memory_fit_sizes_the_imported_fused_backbone_and_projector(imported):
+    """--target memory fit counts both towers and the fused projector of an imported model, as the
+    loaded model holds them."""
+    from edge_vla.deploy.memory_fit import model_shape
+    from edge_vla.model.vla import VLA
+
+    vla = VLA.from_pretrained(imported)
+    shape = model_shape(imported)
+    held = sum(p.numel() for p in vla.vision.parameters())
+    assert shape.vision_matrix_params + shape.vision_other_params == held
+    assert shape.projector_params == sum(p.numel() for p in vla.projector.parameters())
+    assert shape.vision_layers == sum(t.config.num_hidden_layers for t in vla.vision.towers)

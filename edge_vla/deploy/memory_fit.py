@@ -153,6 +153,28 @@ def _build_on_meta(vision_cfg: dict, lm_cfg: dict):
     return vision, lm
 
 
+def _prismatic_vision_shape(config: VLAConfig, llm_hidden: int) -> dict:
+    """The ModelShape vision fields of a released Prismatic backbone (one tower, or DINOv2 + SigLIP
+    fused) and its projector, counted on the meta device. Two towers run one after the other:
+    their layers add up, and the width is the layer-weighted mean (attention work is linear in
+    layers x width)."""
+    import torch
+
+    from edge_vla.model.prismatic import PrismaticProjector, build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(config)
+        projector = PrismaticProjector(config.projector, backbone.config.hidden_size, llm_hidden)
+    towers = [t.config for t in backbone.towers]
+    layers = sum(t.num_hidden_layers for t in towers)
+    matrix, other = _split_params(backbone)
+    return dict(vision_hidden=round(sum(t.num_hidden_layers * t.hidden_size for t in towers) / layers),
+                vision_layers=layers, vision_heads=max(t.num_attention_heads for t in towers),
+                vision_intermediate=max(t.intermediate_size for t in towers), vision_matrix_params=matrix,
+                vision_other_params=other, patch=backbone.config.patch_size,
+                projector_params=sum(p.numel() for p in projector.parameters()))
+
+
 def shape_from_config(config: VLAConfig) -> ModelShape:
     vision_cfg = _hf_dict(config.vision, config.vision_path, "vision tower")
     lm_cfg = _hf_dict(config.lm, config.lm_path, "language model")
@@ -161,26 +183,31 @@ def shape_from_config(config: VLAConfig) -> ModelShape:
         # (A hub model's published vocab_size is used as is: the action tokens change it by < 0.2%.)
         lm_cfg["vocab_size"] = config.tokenizer_vocab_size + config.n_action_bins
     vision, lm = _build_on_meta(vision_cfg, lm_cfg)
-    vcfg, lcfg = vision.config, lm.config
+    lcfg = lm.config
     emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     lm_matrix, lm_other = _split_params(lm, emb, head)
-    # SigLIP's attention-pooling head is never run (the VLA reads every patch), so no graph holds it.
-    v_matrix, v_other = _split_params(vision, skip_prefix="vision_model.head.")
-    patch = getattr(vcfg, "patch_size", None)
+    hidden = lcfg.hidden_size
+    heads = lcfg.num_attention_heads
+    if config.vision_backbone == "prismatic":
+        v = _prismatic_vision_shape(config, hidden)
+    else:
+        # SigLIP's attention-pooling head is never run (the VLA reads every patch), so no graph holds it.
+        v_matrix, v_other = _split_params(vision, skip_prefix="vision_model.head.")
+        vcfg = vision.config
+        v = dict(vision_hidden=vcfg.hidden_size, vision_layers=vcfg.num_hidden_layers,
+                 vision_heads=vcfg.num_attention_heads, vision_intermediate=vcfg.intermediate_size,
+                 vision_matrix_params=v_matrix, vision_other_params=v_other, patch=getattr(vcfg, "patch_size", None),
+                 projector_params=vcfg.hidden_size * config.projector_hidden + config.projector_hidden
+                 + config.projector_hidden * hidden + hidden)
+    patch = v.pop("patch")
     if not patch:
         raise EdgeVLAError("cannot size the vision tower: its config has no patch_size")
     per_cam = (config.image_size // patch) ** 2
-    hidden = lcfg.hidden_size
-    heads = lcfg.num_attention_heads
-    proj = vcfg.hidden_size * config.projector_hidden + config.projector_hidden + config.projector_hidden * hidden + hidden
     extra = len(config.cameras) * hidden + ((config.proprio_dim + 1) * hidden if config.use_proprio else 0)
     return ModelShape(
         n_cameras=len(config.cameras), image_tokens_per_camera=per_cam, proprio_tokens=1 if config.use_proprio else 0,
-        n_action_tokens=config.n_action_tokens,
-        vision_hidden=vcfg.hidden_size, vision_layers=vcfg.num_hidden_layers, vision_heads=vcfg.num_attention_heads,
-        vision_intermediate=vcfg.intermediate_size, vision_matrix_params=v_matrix, vision_other_params=v_other,
-        projector_params=proj, projector_hidden=config.projector_hidden, extra_float_params=extra,
+        n_action_tokens=config.n_action_tokens, **v, projector_hidden=config.projector_hidden, extra_float_params=extra,
         hidden=hidden, layers=lcfg.num_hidden_layers, heads=heads,
         kv_heads=getattr(lcfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(lcfg, "head_dim", None) or hidden // heads,
