@@ -215,7 +215,8 @@ class TensorRTBackend:
         # adaptive mode prefills twice from one prefix.
         self._prefix_buf = cuda.mem_alloc(self.max_total * row_bytes)
         self._row_bytes = row_bytes
-        vocab = int(self.processor.tokenizer.vocab_size)
+        # The LM head's rows, which a released model pads past its tokenizer (OpenVLA: 32064 vs 32001).
+        vocab = int(bundle.config.lm.get("vocab_size") or self.processor.tokenizer.vocab_size)
         self._host_hidden = cuda.pagelocked_empty(self._hidden, dec.dtypes["hidden"])
         self._dev_hidden = cuda.mem_alloc(self._host_hidden.nbytes)
         head = self.engines["lm_head"]
