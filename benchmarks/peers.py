@@ -56,8 +56,8 @@ PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int4", "ort-genai-int8", "o
          "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
 FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit blocks of 256 + fp32 scale",
-               "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32",
-               "ort-genai-int4": "4-bit blocks of 32", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
+               "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",
+               "ort-genai-int4": "4-bit blocks of 32 + fp32 scale", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
                "torch-eager": "fp32", "torch-compile": "fp32"}
 
