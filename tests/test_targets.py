@@ -67,3 +67,15 @@ def test_vision_precision_default_for_int4_exports():
     assert default_vision_precision("cpu", "int4") == "int8"
     assert default_vision_precision("orin-nano-8", "int4") == "fp16"  # ORT dynamic INT8 does not parse in TensorRT
     assert default_vision_precision("orin-nano-8", "fp16") == "fp16"
+
+
+def test_gpu_targets_carry_a_fixed_floor_and_the_cpu_none():
+    # The floor per graph run and per kernel launch is what keeps small models' projections physical.
+    for name in ("orin-agx-64", "orin-nx-16", "orin-nano-8", "cuda-gpu"):
+        t = get_target(name)
+        assert t.graph_run_us > 0 and t.kernel_launch_us > 0
+    # Orin's Arm host launches more slowly than a desktop x86 host (assumed, stated in the profile)
+    assert get_target("orin-nano-8").kernel_launch_us > get_target("cuda-gpu").kernel_launch_us
+    cpu = get_target("cpu")
+    assert cpu.graph_run_us == 0 and cpu.kernel_launch_us == 0  # bench measures the CPU's own fixed costs
+    assert get_target("orin-agx-64", ["kernel_launch_us=5"]).kernel_launch_us == 5
