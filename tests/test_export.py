@@ -54,6 +54,10 @@ def test_int8_bundle_manifest_records_parity_and_accuracy(int8_bundle, trained):
     assert m["schema_version"] == 2 and m["parity"]["action_bin_agreement"] == 1.0  # the restricted head is checked too
     assert m["accuracy"]["direct"]["action_token_agreement"] >= 0.95  # trained model: INT8 keeps the argmax
     assert m["accuracy"]["direct"]["action_token_agreement_tf"] >= 0.95  # and per token, fed the fp32 tokens
+    # The action vectors, as users compare a deployed VLA: fp32 graphs vs PyTorch, INT8 vs fp32.
+    assert m["parity"]["action_cosine"] > 0.99999 and m["parity"]["action_max_abs_err"] < 1e-4
+    acc = m["accuracy"]["direct"]
+    assert 0.9 < acc["action_cosine"] <= 1.0 + 1e-9 and acc["action_max_abs_err"] >= max(acc["per_dim_max"]) - 1e-9
     assert set(m["files"]) >= {"decoder.onnx", "lm_head.onnx", "prefix.onnx", "embed.onnx", "action_head.onnx",
                                "tokenizer/tokenizer.json"}
     assert m["graphs"]["action_head"]["precision"] == "fp32"
@@ -358,3 +362,12 @@ def test_bundle_action_head_stops_at_bins_and_the_kernel_tables_decode_as_the_to
     assert (bins == g_bins).all()
     want = ActionTokenizer(bundle.action_stats, tok.first_action_id, tok.n_bins).decode(g_bins + tok.first_action_id)
     np.testing.assert_allclose(acts, np.asarray(want).reshape(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_action_similarity_is_cosine_and_max_error_of_the_action_vectors():
+    from edge_vla.export.accuracy import action_similarity
+
+    same = action_similarity([np.array([1.0, 0.0, 2.0])], [np.array([1.0, 0.0, 2.0])])
+    assert same["action_cosine"] == pytest.approx(1.0) and same["action_max_abs_err"] == 0.0
+    r = action_similarity([np.array([[1.0, 0.0]]), np.zeros(2)], [np.array([[0.0, 1.0]]), np.zeros(2)])
+    assert r["action_cosine"] == pytest.approx(0.5) and r["action_max_abs_err"] == 1.0  # orthogonal, then equal zeros

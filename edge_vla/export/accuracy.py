@@ -93,6 +93,19 @@ def teacher_forced(test_policy, obs, ref_result) -> tuple[list[int], list[int]]:
     return free_pred, pol._action_tokens(hidden, logits, cache, timings, feed=actions)[0]
 
 
+def action_similarity(ref_actions, test_actions) -> dict:
+    """How users compare a deployed VLA with its reference: the mean cosine similarity of each
+    observation's action vector (the whole chunk, flattened) and the largest absolute error, in
+    env units. Two zero vectors count as identical."""
+    cos, worst = [], 0.0
+    for a, b in zip(ref_actions, test_actions):
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        cos.append(1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
+        worst = max(worst, float(np.abs(a - b).max()) if a.size else 0.0)
+    return {"action_cosine": float(np.mean(cos)) if cos else 1.0, "action_max_abs_err": worst}
+
+
 def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:
     """Action-token agreement (free-running and teacher-forced), action L1 (env units), per-dim error;
     reasoning-token agreement in full mode."""
@@ -100,9 +113,11 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
     for mode in modes:
         ref_policy.mode = test_policy.mode = mode
         act_eq = act_n = reason_eq = reason_n = tf_eq = tf_reason_eq = tf_reason_n = 0
-        errs = []
+        errs, ref_actions, test_actions = [], [], []
         for obs in observations:
             a, b = ref_policy.act(obs), test_policy.act(obs)
+            ref_actions.append(a.action)
+            test_actions.append(b.action)
             ia, ib = np.array(a.info["action_token_ids"]), np.array(b.info["action_token_ids"])
             act_eq += int((ia == ib).sum())
             act_n += ia.size
@@ -121,7 +136,7 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
         r = {"action_token_agreement": act_eq / max(act_n, 1), "action_token_agreement_tf": tf_eq / max(act_n, 1),
              "action_l1": float(e.mean()) if e.size else 0.0,
              "per_dim_l1": e.mean(0).tolist() if e.size else [], "per_dim_max": e.max(0).tolist() if e.size else [],
-             "n_action_tokens": act_n}
+             "n_action_tokens": act_n, **action_similarity(ref_actions, test_actions)}
         if mode == "full":
             r["reasoning_token_agreement"] = reason_eq / reason_n if reason_n else 1.0
             r["reasoning_token_agreement_tf"] = tf_reason_eq / tf_reason_n if tf_reason_n else 1.0
@@ -139,6 +154,8 @@ def format_report(report: dict) -> str:
                 + (f", {100 * tf:.2f}% teacher-forced" if tf is not None else "")
                 + f"  action L1 {r['action_l1']:.5f} (env units)  per-dim L1 "
                 + " ".join(f"{x:.4f}" for x in r["per_dim_l1"]))
+        if "action_cosine" in r:
+            line += f"  action cosine {r['action_cosine']:.5f}, max error {r['action_max_abs_err']:.4f}"
         if "reasoning_token_agreement" in r:
             line += f"  reasoning-token agreement {100 * r['reasoning_token_agreement']:.2f}%"
             if "reasoning_token_agreement_tf" in r:

@@ -66,8 +66,13 @@ def check_parity(vla, fp32_backend, observations: list[dict], atol: float, repor
 
     torch_backend = TorchBackend(vla)
     par = acc.parity(torch_backend, fp32_backend, observations, atol=atol, rtol=atol)
+    # The actions each side decodes in the recipe's own mode, compared as vectors.
+    ref_p, test_p = Policy(torch_backend), Policy(fp32_backend)
+    par.update(acc.action_similarity([ref_p.act(o).action for o in observations],
+                                     [test_p.act(o).action for o in observations]))
     report(f"parity vs PyTorch: max logit diff {par['max_logit_diff']:.2e} (logit scale {par['logit_scale']:.1f}), "
-           f"greedy-token agreement {100 * par['token_agreement']:.1f}% over {par['n_tokens']} tokens")
+           f"greedy-token agreement {100 * par['token_agreement']:.1f}% over {par['n_tokens']} tokens, "
+           f"action cosine {par['action_cosine']:.6f}, max action error {par['action_max_abs_err']:.2e}")
     if vla.config.parallel_actions:  # the one-pass chunk (hidden_all) must decode what PyTorch decodes
         ref_p, test_p = Policy(torch_backend, mode="direct"), Policy(fp32_backend, mode="direct")
         same = [ref_p.act(o).info["action_token_ids"] == test_p.act(o).info["action_token_ids"] for o in observations]
