@@ -93,6 +93,8 @@ def _nbits(model, bits: int, block: int, op_types=("MatMul",), nodes_to_exclude=
     """MatMulNBits (and GatherBlockQuantized for "Gather") of every constant-weight op of `op_types`."""
     import logging
 
+    import numpy as np
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     for i, n in enumerate(model.graph.node):  # the quantizer selects nodes by name
@@ -109,7 +111,10 @@ def _nbits(model, bits: int, block: int, op_types=("MatMul",), nodes_to_exclude=
             q = MatMulNBitsQuantizer(model, bits=bits, block_size=b, is_symmetric=True, accuracy_level=INT_COMPUTE,
                                      op_types_to_quantize=tuple(op_types) if b == block else ("MatMul",),
                                      nodes_to_exclude=sorted(skip), quant_axes=(("MatMul", 0), ("Gather", 1)))
-            q.process()
+            # All-zero rows (a released vocabulary padded past its tokenizer) divide 0 by a 0 scale:
+            # numpy warns, the rows are never looked up.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q.process()
             model = q.model.model
     finally:
         log.setLevel(level)
