@@ -153,7 +153,8 @@ class ReasoningDropoutRecipe(Recipe):
     on demand (decode in `full` mode). With `per_tag=True` each ECoT tag is dropped on its own
     with probability p instead (a sample can keep e.g. the plan but lose the boxes). With
     `per_batch=True` the draw is shared by a whole micro-batch: a batch is then all-short or
-    all-long, where per-sample draws pad nearly every batch to the reasoning length.
+    all-long. (Per-sample draws no longer pad short rows to the reasoning length: the training
+    loop's split_by_length runs each micro-batch's short and long rows as separate groups.)
     """
 
     name = "ecot-lite-dropout"
