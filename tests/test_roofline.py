@@ -146,3 +146,21 @@ def test_projections_print_to_two_significant_figures():
     assert fmt_projected(9212.3) == "9200" and fmt_projected(153.4) == "150"
     assert fmt_projected(3.456) == "3.5" and fmt_projected(0.01234) == "0.012" and fmt_projected(None) == "-"
     assert round_significant(153.4) == 150 and round_significant(0.0) == 0
+
+
+def test_parallel_chunk_decoding_is_one_prefill_pass_in_direct_mode():
+    # The shipped tiny checkpoints decode their 4-action chunk (28 tokens) in one pass: the placeholders
+    # ride in the direct-mode prefill, so no decode step (and no per-step floor) follows it.
+    from edge_vla.config import preset
+
+    par = preset("tiny", ["parallel_actions=true", "action_chunk=4"])
+    seq = preset("tiny", ["action_chunk=4"])
+    p = project_latency(par, "int4", "direct", "orin-agx-64")
+    s = project_latency(seq, "int4", "direct", "orin-agx-64")
+    assert p.decode_steps == 0 and p.phases_ms["decode"] == 0
+    assert s.decode_steps == 27 and s.total_ms > 5 * p.total_ms
+    shape = model_shape(par)
+    bare = phase_costs(shape, "int4", "direct", get_target("orin-agx-64"), 32 + 28)
+    assert p.roofline_ms["prefill"] > 0 and bare["prefill"].flops > phase_costs(
+        shape, "int4", "direct", get_target("orin-agx-64"))["prefill"].flops  # the 28 placeholders are prefilled
+    assert project_latency(par, "int4", "full", "orin-agx-64").decode_steps > 250  # full mode still decodes

@@ -152,6 +152,19 @@ def _phase_ms(cost: PhaseCost, tflops: float, bandwidth_gbs: float) -> tuple[flo
     return (memory, "memory") if memory >= compute else (compute, "compute")
 
 
+def _parallel_actions(model) -> bool:
+    """Whether `model` (checkpoint/bundle dir, VLAConfig or config dict) decodes its action chunk in one pass."""
+    from pathlib import Path
+
+    if isinstance(model, dict):
+        return bool(model.get("parallel_actions"))
+    if isinstance(model, (str, Path)) and Path(model).is_dir():
+        from edge_vla.artifacts import open_artifact
+
+        model = open_artifact(model).config()
+    return bool(getattr(model, "parallel_actions", False))
+
+
 def fixed_floor(shape: ModelShape, target: Target, decode_steps: int) -> dict:
     """Per phase: (kernel-launch bound ms, graph-run cost ms) from the target's assumed fixed costs."""
     lm_kernels = shape.layers * KERNELS_PER_LAYER + KERNELS_OUTSIDE_LAYERS
@@ -170,7 +183,14 @@ def project_latency(model, precision: str, mode: str = "direct", target: str | T
     t = get_target(target)
     t.check_precision(precision)
     shape = model_shape(model)
-    costs = phase_costs(shape, precision, mode, t, prompt_tokens, reasoning_tokens)
+    if mode == "direct" and _parallel_actions(model):
+        # A parallel-decoding model's action placeholders ride in the direct-mode prefill: the whole chunk
+        # comes out of that one pass, no decode step follows (full mode still decodes its reasoning first,
+        # and is projected as sequential: an overestimate of its last pass).
+        costs = phase_costs(shape, precision, mode, t, prompt_tokens + shape.n_action_tokens, reasoning_tokens)
+        costs["decode"], costs["decode_steps"] = PhaseCost(0.0, 0.0), 0
+    else:
+        costs = phase_costs(shape, precision, mode, t, prompt_tokens, reasoning_tokens)
     tflops = t.compute_tflops(precision)
     # The vision tower of an int4 export runs at int8 (see memory_fit's precision policy).
     vision_tflops = t.compute_tflops("int8" if precision == "int4" else precision)
