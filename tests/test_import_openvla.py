@@ -712,3 +712,21 @@ def test_memory_fit_sizes_the_imported_fused_backbone_and_projector(imported):
     assert shape.vision_matrix_params + shape.vision_other_params == held
     assert shape.projector_params == sum(p.numel() for p in vla.projector.parameters())
     assert shape.vision_layers == sum(t.config.num_hidden_layers for t in vla.vision.towers)
+
+
+@pytest.mark.libero
+def test_eval_libero_rolls_out_an_imported_checkpoint(imported, tmp_path):
+    """An imported OpenVLA-layout checkpoint runs LIBERO's evaluation for an episode, as the
+    OpenVLA fine-tunes expect it (one 3rd-person camera, no proprio, their gripper convention)."""
+    pytest.importorskip("libero.libero")
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+    from edge_vla.eval.results import load_results
+
+    res = CliRunner().invoke(main, ["eval", "libero", str(imported), "--tasks", "0", "--trials", "1",
+                                    "--max-steps", "3", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (path,) = tmp_path.glob("*.json")
+    (rec,) = load_results(path)["records"]
+    assert rec["steps"] == 3 and rec["success"] is False and len(rec["latency_ms"]) >= 1
