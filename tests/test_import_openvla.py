@@ -730,3 +730,41 @@ def test_eval_libero_rolls_out_an_imported_checkpoint(imported, tmp_path):
     (path,) = tmp_path.glob("*.json")
     (rec,) = load_results(path)["records"]
     assert rec["steps"] == 3 and rec["success"] is False and len(rec["latency_ms"]) >= 1
+
+
+def test_an_imported_ecot_teacher_distils_into_a_direct_student(released, tmp_path):
+    """`edge-vla distill` (reasoning mode) from an imported ECoT checkpoint: the teacher reasons
+    through the deployed decoder on the teacher's one camera, and the student acts directly."""
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+    from edge_vla.data.ecot_json import EcotAnnotations
+    from edge_vla.data.libero_hdf5 import write_libero_hdf5
+    from edge_vla.runtime.policy import load_policy
+    from edge_vla.tokens.reasoning import Reasoning
+
+    src, _ = released
+    teacher = tmp_path / "ecot"
+    res = CliRunner().invoke(main, ["import", str(src), "-o", str(teacher), "--ecot", "--unnorm-key", "bridge_orig"])
+    assert res.exit_code == 0, res.output
+    st = json.loads((teacher / "action_stats.json").read_text())
+    lo, hi = np.maximum(st["q01"], st["min"]), np.minimum(st["q99"], st["max"])
+    rng = np.random.default_rng(0)
+    rel = "bridge/put_the_spoon_on_the_towel_demo.hdf5"
+    demos = [{"actions": (lo + (hi - lo) * rng.uniform(0.1, 0.9, (5, 7))).astype(np.float32),
+              "images": {"agentview": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)}} for _ in range(3)]
+    write_libero_hdf5(tmp_path / "data" / rel, demos, INSTRUCTION)  # one camera, as the teacher sees
+    ann = EcotAnnotations({})
+    for e in range(3):
+        ann.set_episode(rel, e, [Reasoning(task=INSTRUCTION, plan="1. grasp 2. place", move="move down")] * 5,
+                        [(10, 20)] * 5)
+    ann.save(tmp_path / "data" / "reasoning.json")
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"files": [rel], "reasoning": "reasoning.json"}))
+    res = CliRunner().invoke(main, ["distill", "--teacher", str(teacher), "--data", str(tmp_path / "data"),
+                                    "--out", str(tmp_path / "run"), "--set", "steps=2", "--set", "batch_size=2",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    student = load_policy(tmp_path / "run" / "final", backend="torch")
+    assert student.mode == "direct"
+    r = student.act({"images": {"agentview": _image(2)}, "instruction": INSTRUCTION})
+    assert r.reasoning_text is None and r.tokens["reasoning"] == 0 and r.action.shape == (7,)

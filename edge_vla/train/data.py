@@ -22,15 +22,17 @@ from edge_vla.tokens.sequence import IGNORE, parallel_action_inputs, placeholder
 
 
 # --- opening and splitting -----------------------------------------------------------------------
-def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_noops: bool, seed: int = 0):
-    """A path (read with edge_vla.data.dataset.open_dataset) or an in-memory sequence of Samples."""
+def open_split(data, split: str, val_fraction: float, action_chunk: int, drop_noops: bool, seed: int = 0,
+               cameras=("agentview", "wrist")):
+    """A path (read with edge_vla.data.dataset.open_dataset, `cameras` from it) or an in-memory
+    sequence of Samples."""
     if isinstance(data, (str, Path)):
         if not Path(data).exists():
             raise EdgeVLAError(f"dataset not found: {data}", "pass --data with an existing dataset path")
         if split == "val" and val_fraction <= 0:
             return []
         return open_dataset(str(data), split=split, val_fraction=val_fraction, action_chunk=action_chunk,
-                            drop_noops=drop_noops, seed=seed)
+                            drop_noops=drop_noops, seed=seed, cameras=tuple(cameras))
     if type(data) in (list, tuple):
         return split_samples(list(data), split, val_fraction, seed)
     # A dataset object (e.g. open_dataset's) keeps its precomputed statistics: it is used whole

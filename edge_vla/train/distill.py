@@ -396,8 +396,9 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
         raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out, or pass --overwrite")
     teacher, recipe = _open_teacher(teacher, cfg.mode)
     k = teacher.config.action_chunk
-    train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
-    val_ds = list(open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed))
+    cams = teacher.config.cameras  # what the teacher sees (a released VLA: one 3rd-person camera)
+    train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams))
+    val_ds = list(open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams))
     check_data(train_ds, teacher.action_stats, recipe, k, "distillation data")
     if cfg.mode == "reasoning":
         check_data(train_ds, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
