@@ -66,3 +66,16 @@ def test_errors():
 def test_prompt_is_openvla_ecot_template():
     assert build_prompt("Put the butter in the basket.") == \
         "In: What action should the robot take to put the butter in the basket?\nOut:"
+
+
+def test_generated_reasoning_parses_with_the_tag_its_prompt_ended_in():
+    """ECoT's own prompt ends in `TASK:`: what the model writes starts with the task's value."""
+    from edge_vla.tokens.reasoning import Reasoning
+
+    written = " put the spoon on the towel PLAN: 1. grasp the spoon 2. place it GRIPPER POSITION: [10, 20, 11, 21]"
+    r = Reasoning.from_generated(written, "What action should the robot take to put the spoon? ASSISTANT: TASK:")
+    assert r.task == "put the spoon on the towel" and r.plan == "1. grasp the spoon 2. place it"
+    assert r.gripper == [(10, 20), (11, 21)]
+    same = Reasoning.from_generated("TASK:" + written, "ASSISTANT:")  # the tag written by the model itself
+    assert same == r
+    assert Reasoning.from_generated("no tags at all", "Out:") is None  # an untrained model's babble

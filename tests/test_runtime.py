@@ -10,6 +10,7 @@ from edge_vla.errors import EdgeVLAError
 from edge_vla.data.observations import sample_to_obs
 from edge_vla.runtime.policy import BACKENDS, ActionResult, Policy, backend_class, load_policy
 from edge_vla.runtime.torch_backend import TorchBackend
+from edge_vla.tokens.reasoning import Reasoning
 from edge_vla.tokens.sequence import action_prefix_ids
 from _reference_decode import reference_decode
 
@@ -201,6 +202,7 @@ def test_full_mode_starts_the_reasoning_of_a_model_that_learned_to_write_it(tiny
     obs = sample_to_obs(samples[0])
     r = Policy(be, mode="full", max_free_tokens=4).act(obs)
     assert r.info["free_token_ids"][:len(forced)] == forced and r.reasoning_text.startswith("TASK:")
+    assert r.reasoning == Reasoning.from_text(r.reasoning_text)  # the written reasoning, parsed
     assert Policy(be, mode="direct").reasoning_prefix_ids == forced  # kept for adaptive's fallback
     plain = Policy(be, mode="full", max_free_tokens=4, reasoning_prefix="").act(obs)
     assert plain.info["free_token_ids"][:len(forced)] != forced or not plain.info["free_token_ids"]

@@ -27,6 +27,7 @@ import numpy as np
 
 from edge_vla.errors import EdgeVLAError
 from edge_vla.tokens.action import ActionTokenizer, entropy_and_margin
+from edge_vla.tokens.reasoning import Reasoning
 from edge_vla.tokens.sequence import ACTION_PREFIX, WRITES_REASONING, placeholder_id, reasoning_prefix_ids
 
 MODES = ("full", "direct", "adaptive")
@@ -37,6 +38,7 @@ DEFAULT_MAX_FREE_TOKENS = 512
 class ActionResult:
     action: np.ndarray  # (D,) or (K, D) in env units
     reasoning_text: str | None = None
+    reasoning: Reasoning | None = None  # reasoning_text parsed into ECoT's fields (None: no tag in it)
     # ms: vision, prefill, decode_tokens [..], action_decode, total; body [..] (each decoder step) and
     # head [..] (each head evaluation: full logits for free tokens, the action head for action tokens)
     timings: dict[str, Any] = field(default_factory=dict)
@@ -195,7 +197,9 @@ class Policy:
         self.calls += 1
         tokens = {"prompt": len(prompt), "reasoning": len(res["free_ids"]), "action": len(res["action_ids"])}
         text = res.get("text")
-        return ActionResult(action=action.astype(np.float32), reasoning_text=text, timings=timings, tokens=tokens,
+        parsed = None if text is None else Reasoning.from_generated(text, self.tokenizer.decode(prompt[-4:]))
+        return ActionResult(action=action.astype(np.float32), reasoning_text=text, reasoning=parsed, timings=timings,
+                            tokens=tokens,
                             info=info | {"action_token_ids": list(map(int, res["action_ids"])),
                                          "free_token_ids": list(map(int, res["free_ids"])),
                                          "forced_action_prefix": bool(res.get("forced_action_prefix"))})

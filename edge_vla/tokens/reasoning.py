@@ -100,6 +100,15 @@ class Reasoning:
             values[name] = cls._parse_value(name, raw)
         return cls(**values)
 
+    @classmethod
+    def from_generated(cls, text: str, prompt_tail: str = "") -> "Reasoning | None":
+        """What a model wrote, as Reasoning: None when it holds no ECoT tag. A prompt that ends in a
+        tag (ECoT's own ends in `TASK:`) leaves that tag out of the text: `prompt_tail` puts it back."""
+        tail = prompt_tail.rstrip()
+        lead = next((t for t in _FIELD_BY_TAG if tail.endswith(t)), "")
+        text = f"{lead} {text}" if lead and not text.lstrip().startswith(lead) else text
+        return cls.from_text(text) if _TAG_RE.search(text) else None
+
     @staticmethod
     def _parse_value(name: str, raw: str):
         if name == "visible_objects":
