@@ -7,6 +7,7 @@ installed on the exact logger that emits the notice, before the code that emits 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -48,4 +49,18 @@ def silence(*loggers: str) -> None:
         warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
 
 
-__all__ = ["NOTICES", "silence"]
+@contextlib.contextmanager
+def root_logger_kept():
+    """Undo what a library does to the root logger while inside: importing ONNX Runtime's quantizer
+    calls `logging.basicConfig(level=INFO)`, after which every library's INFO lines (onnxscript's
+    optimizer passes, hundreds per export) reached the terminal."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+__all__ = ["NOTICES", "root_logger_kept", "silence"]

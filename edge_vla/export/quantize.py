@@ -50,7 +50,8 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
     src, dst = Path(src), Path(dst)
     quantizer = _int8_dynamic if precision == "int8" and for_tensorrt else QUANTIZERS[precision]
     try:
-        quantizer(src, dst, calibration)
+        with notices.root_logger_kept():
+            quantizer(src, dst, calibration)
     except EdgeVLAError:
         raise
     except Exception as e:
