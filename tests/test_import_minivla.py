@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_vla.errors import EdgeVLAError
-from test_import_openvla import D_DINO, D_SIG, NORM_STATS, PATCH, PX, _image, _timm_vit, libero_gripper, ref_featurizer
+from test_import_openvla import (D_DINO, D_SIG, NORM_STATS, PATCH, PX, _image, _timm_vit, libero_gripper,
+                                 ref_action_tokens, ref_featurizer, ref_unnormalize)
 
 INSTRUCTION = "Put the Bowl on the plate"
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -145,19 +146,8 @@ def test_minivla_logits_and_action_match_the_published_model(minivla, tmp_path):
     assert torch.allclose(got, want[:, 1 + n_patches:], atol=1e-4), (got - want[:, 1 + n_patches:]).abs().max()
 
     # predict_action with the extra action tokenizer: tokenizer_len = len(tokenizer) with the 256 extras
-    acts = []
-    with torch.no_grad():
-        for _ in range(7):
-            logits = lm(inputs_embeds=embeds).logits[0, -1]
-            t = int(torch.argmax(logits[n_tok - 256:n_tok])) + n_tok - 256
-            acts.append(t)
-            embeds = torch.cat([embeds, lm.get_input_embeddings()(torch.tensor([[t]]))], 1)
-    edges = np.linspace(-1, 1, 256)
-    centers = (edges[:-1] + edges[1:]) / 2
-    normalized = centers[np.clip(n_tok - np.array(acts) - 1, 0, 254)]
-    a = NORM_STATS["libero_spatial_no_noops"]["action"]
-    expected = np.where(a["mask"], 0.5 * (normalized + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]),
-                        normalized)
+    acts = ref_action_tokens(lm, embeds, n_tok)
+    expected = ref_unnormalize(acts, n_tok, NORM_STATS["libero_spatial_no_noops"]["action"])
     r = load_policy(out, backend="torch").act({"images": {"agentview": img}, "instruction": INSTRUCTION})
     np.testing.assert_allclose(r.action, libero_gripper(expected), atol=1e-6)  # libero_90: LIBERO's gripper
 

@@ -258,23 +258,33 @@ def ref_predict_action(sd: dict, image: np.ndarray, unnorm_key: str) -> tuple[np
     ids = [1] + tok.encode(prompt, add_special_tokens=False).ids + [29871]
     lm = ref_lm(sd)
     vocab = VOCAB  # text_config.vocab_size - pad_to_multiple_of
-    out = []
     if unnorm_key.startswith("libero"):  # run_libero_eval: center_crop=True for the fine-tunes
         image = ref_center_crop(image)
     with torch.no_grad():
         embeds = ref_embeddings(sd, ref_pixels(image, sd), torch.tensor([ids]))
-        for _ in range(7):
-            logits = lm(inputs_embeds=embeds).logits[0, -1]
-            t = int(torch.argmax(logits[vocab - 256:vocab])) + vocab - 256
+        out = ref_action_tokens(lm, embeds, vocab)
+    return ref_unnormalize(out, vocab, NORM_STATS[unnorm_key]["action"]), out
+
+
+def ref_action_tokens(lm, embeds: torch.Tensor, top: int, n: int = 7) -> list[int]:
+    """predict_action's greedy action tokens: the argmax over the 256 ids below `top` (the vocabulary
+    size, or len(tokenizer) for MiniVLA's extra tokens), each fed back."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(torch.argmax(lm(inputs_embeds=embeds).logits[0, -1][top - 256:top])) + top - 256
             out.append(t)
             embeds = torch.cat([embeds, lm.get_input_embeddings()(torch.tensor([[t]]))], 1)
+    return out
+
+
+def ref_unnormalize(tokens: list[int], top: int, a: dict) -> np.ndarray:
+    """top - id -> bin centre of 256 uniform edges in [-1, 1], then q01/q99 where `mask`."""
     bins = np.linspace(-1, 1, 256)
     centers = (bins[:-1] + bins[1:]) / 2.0
-    normalized = centers[np.clip(vocab - np.array(out) - 1, 0, centers.shape[0] - 1)]
-    a = NORM_STATS[unnorm_key]["action"]
-    action = np.where(a["mask"], 0.5 * (normalized + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]),
-                      normalized)
-    return action, out
+    normalized = centers[np.clip(top - np.array(tokens) - 1, 0, centers.shape[0] - 1)]
+    return np.where(a["mask"], 0.5 * (normalized + 1) * (np.array(a["q99"]) - np.array(a["q01"])) + np.array(a["q01"]),
+                    normalized)
 
 
 def libero_gripper(action: np.ndarray) -> np.ndarray:
