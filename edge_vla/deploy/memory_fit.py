@@ -138,18 +138,21 @@ def _split_params(module, embedding=None, head=None, skip_prefix: str | None = N
     return matrix, other
 
 
-def _build_on_meta(vision_cfg: dict, lm_cfg: dict):
+def _build_on_meta(vision_cfg: dict | None, lm_cfg: dict):
+    """(vision tower | None, LM) built on the meta device: shapes and parameter counts, no memory."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     from edge_vla.model.vla import hf_config
 
-    vc, lc = hf_config(vision_cfg, "vision"), hf_config(lm_cfg, "language model")
-    if getattr(vc, "model_type", "") == "siglip":  # a full SigLIP config: take its vision half
-        vc = vc.vision_config
+    vision = None
     with torch.device("meta"):
-        vision = SiglipVisionModel(vc) if isinstance(vc, SiglipVisionConfig) else AutoModel.from_config(vc)
-        lm = AutoModelForCausalLM.from_config(lc)
+        if vision_cfg is not None:
+            vc = hf_config(vision_cfg, "vision")
+            if getattr(vc, "model_type", "") == "siglip":  # a full SigLIP config: take its vision half
+                vc = vc.vision_config
+            vision = SiglipVisionModel(vc) if isinstance(vc, SiglipVisionConfig) else AutoModel.from_config(vc)
+        lm = AutoModelForCausalLM.from_config(hf_config(lm_cfg, "language model"))
     return vision, lm
 
 
@@ -176,7 +179,8 @@ def _prismatic_vision_shape(config: VLAConfig, llm_hidden: int) -> dict:
 
 
 def shape_from_config(config: VLAConfig) -> ModelShape:
-    vision_cfg = _hf_dict(config.vision, config.vision_path, "vision tower")
+    prismatic = config.vision_backbone == "prismatic"  # its towers are sized by _prismatic_vision_shape
+    vision_cfg = None if prismatic else _hf_dict(config.vision, config.vision_path, "vision tower")
     lm_cfg = _hf_dict(config.lm, config.lm_path, "language model")
     if "vocab_size" not in lm_cfg:
         # A fresh tiny model takes the locally trained tokenizer's vocabulary plus the action tokens.
@@ -189,7 +193,7 @@ def shape_from_config(config: VLAConfig) -> ModelShape:
     lm_matrix, lm_other = _split_params(lm, emb, head)
     hidden = lcfg.hidden_size
     heads = lcfg.num_attention_heads
-    if config.vision_backbone == "prismatic":
+    if prismatic:
         v = _prismatic_vision_shape(config, hidden)
     else:
         # SigLIP's attention-pooling head is never run (the VLA reads every patch), so no graph holds it.
