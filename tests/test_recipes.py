@@ -172,3 +172,23 @@ def test_per_batch_dropout_shares_one_draw_per_micro_batch(tiny_vla):
     assert all(uniform)
     assert 8 < sum(first) < 32  # both kinds of batch occur
     assert not all(kinds[False][0])  # per-sample draws mix lengths inside a batch
+
+
+def test_reasoning_budget_is_recorded_for_every_recipe_that_writes_reasoning(parts, tiny_vla):
+    """A dropout model acts directly but reasons on demand (full/adaptive mode): its budget is its
+    own max_reasoning_tokens, not the runtime's generic default; recipes without reasoning get none."""
+    from edge_vla.runtime.policy import Policy
+    from edge_vla.runtime.torch_backend import TorchBackend
+
+    tok = parts[0]
+    assert get_recipe("ecot-lite-dropout", max_reasoning_tokens=300).info(tok)["max_free_tokens"] == 300
+    assert get_recipe("ecot", max_reasoning_tokens=200).max_free_tokens == 200
+    assert get_recipe("ecot-lite-pretrain").max_free_tokens > 0
+    assert get_recipe("vla").max_free_tokens == 0 and get_recipe("thinking-tokens").max_free_tokens == 0
+    # A checkpoint written before (dropout recorded 0) still gets its options' budget in the Policy.
+    old = get_recipe("ecot-lite-dropout", max_reasoning_tokens=300).info(tok) | {"max_free_tokens": 0}
+    tiny_vla.recipe_info = old
+    try:
+        assert Policy(TorchBackend(tiny_vla), mode="full").max_free_tokens == 300
+    finally:
+        tiny_vla.recipe_info = {}

@@ -131,7 +131,10 @@ class Policy:
         self.mode = mode or recipe.get("decode_mode") or "direct"
         if self.mode not in MODES:
             raise EdgeVLAError(f"unknown decode mode `{self.mode}`", f"use one of {list(MODES)}")
-        self.max_free_tokens = int(max_free_tokens or recipe.get("max_free_tokens") or DEFAULT_MAX_FREE_TOKENS)
+        # Checkpoints written before recipes recorded a reasoning budget for direct-mode recipes
+        # (dropout: max_free_tokens 0) still carry it in their options.
+        self.max_free_tokens = int(max_free_tokens or recipe.get("max_free_tokens")
+                                   or (recipe.get("options") or {}).get("max_reasoning_tokens") or DEFAULT_MAX_FREE_TOKENS)
         self.min_free_tokens = int(min_free_tokens)
         self.entropy_threshold = entropy_threshold
         self.margin_threshold = margin_threshold

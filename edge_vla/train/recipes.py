@@ -81,8 +81,12 @@ class Recipe:
     # --- test-time decoding ----------------------------------------------------------------------
     @property
     def max_free_tokens(self) -> int:
-        """How many tokens the runtime may decode freely (reasoning) before the action tokens."""
-        return 0
+        """How many tokens the runtime may decode freely (reasoning) before the action tokens: the
+        reasoning budget of any recipe whose model learns to write reasoning, full mode on demand
+        (a dropout model) included; 0 for the others."""
+        if not self.writes_reasoning:
+            return 0
+        return int(self.options.get("max_reasoning_tokens", DEFAULT_MAX_REASONING_TOKENS))
 
     def inference_prefix_ids(self, tokenizer) -> list[int]:
         """What is forced after the prompt at test time."""
@@ -140,10 +144,6 @@ class ECoTRecipe(Recipe):
 
     def middle(self, sample, tokenizer, rng, stage):
         return reasoning_ids(tokenizer, sample.reasoning), True
-
-    @property
-    def max_free_tokens(self) -> int:
-        return self.options["max_reasoning_tokens"]
 
 
 class ReasoningDropoutRecipe(Recipe):
