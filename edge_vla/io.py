@@ -124,7 +124,7 @@ def check_output_dir(path: str | os.PathLike, kind: str | None, overwrite: bool 
     label = {RUN_KIND: "run directory"}.get(kind, (kind or "output").removeprefix("edge-vla-"))
     holds = f"it is a {found.removeprefix('edge-vla-')}" if found else "it is not an edge-vla output"
     raise EdgeVLAError(f"{p} is not empty and is not a previous {label} ({holds}); nothing was written",
-                       "choose another output directory, or pass --overwrite to replace it")
+                       "choose another output directory, or pass --overwrite (overwrite=True in Python) to replace it")
 
 
 _PID_NAMES = (re.compile(r"^(?:export\.)?pid(\d+)\.[a-z0-9_]{8}(?:\.tmp)?$"),  # staging of a writer

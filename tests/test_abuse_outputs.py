@@ -109,10 +109,13 @@ def test_save_pretrained_replaces_a_checkpoint_but_not_a_bundle_or_a_folder(tiny
     assert _tree(bundle) == before
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
-    with pytest.raises(EdgeVLAError):
+    with pytest.raises(EdgeVLAError, match=r"overwrite=True in Python"):
         tiny_vla.save_pretrained(tmp_path / "notes")
     assert (tmp_path / "notes" / "a.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]
+    # The fix the message names works: asked for, the folder is replaced by a checkpoint.
+    VLA.from_pretrained(tiny_vla.save_pretrained(tmp_path / "notes", overwrite=True))
+    assert not (tmp_path / "notes" / "a.txt").exists()
 
 
 # --- staging of killed writers -------------------------------------------------------------------

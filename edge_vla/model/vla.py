@@ -255,11 +255,12 @@ class VLA(nn.Module):
         return pv, ids, st
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
         """Write the checkpoint directory atomically: config, safetensors weights, tokenizer, stats.
 
         `dtype` (e.g. torch.float16) stores the weights at that precision, half the file for a
-        shipped checkpoint; from_pretrained casts them back to float32 on load."""
+        shipped checkpoint; from_pretrained casts them back to float32 on load. `path` may be missing,
+        empty or a checkpoint (replaced); any other directory only with `overwrite`."""
         import copy
 
         from safetensors.torch import save_model
@@ -268,7 +269,7 @@ class VLA(nn.Module):
 
         path = Path(path)
         weights = self if dtype is None else copy.deepcopy(self).to(dtype)
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, overwrite=overwrite) as tmp:
             meta = {"format": CHECKPOINT_FORMAT, **self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
