@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.model.image import check_image, preprocess_image
+from edge_vla.model.image import check_image, preprocess_image, resize_pil_bicubic
 from edge_vla.tokens.reasoning import build_prompt
 from edge_vla.tokens.text import TextTokenizer
 
@@ -61,6 +61,36 @@ def center_crop(image: np.ndarray, area: float, size: int) -> np.ndarray:
     return np.clip(out * np.float32(255.5), 0, 255).astype(np.uint8)
 
 
+def prismatic_frame(image, size: int, strategy: str, fill=(0, 0, 0), name: str = "image") -> np.ndarray:
+    """A frame as Prismatic's image transform hands it to ToTensor (uint8 size x size): its resize
+    strategy with torchvision's transforms on a PIL image, every resize Pillow's bicubic.
+
+    resize-naive   Resize((size, size))
+    letterbox      LetterboxPad (int((max - w) / 2) columns and int((max - h) / 2) rows of `fill` on
+                   both sides: an odd difference leaves the frame one pixel short of square, which
+                   the resize then stretches), then Resize((size, size))
+    resize-crop    timm's eval transform at crop_pct 1.0: Resize(size) of the short side (the long
+                   side int(size * long / short)), then CenterCrop(size) (offsets rounded)"""
+    a = check_image(image, name)
+    h, w = a.shape[:2]
+    if strategy == "letterbox":
+        side = max(h, w)
+        ph, pv = int((side - w) / 2), int((side - h) / 2)
+        out = np.empty((h + 2 * pv, w + 2 * ph, 3), np.uint8)
+        out[:] = np.asarray(fill, np.uint8)
+        out[pv:pv + h, ph:ph + w] = a
+        a, strategy = out, "resize-naive"
+    if strategy == "resize-naive":
+        return resize_pil_bicubic(a, size, size)
+    if strategy == "resize-crop":
+        short, long = min(h, w), max(h, w)
+        long = int(size * long / short)
+        a = resize_pil_bicubic(a, *((long, size) if h > w else (size, long)))
+        top, left = int(round((a.shape[0] - size) / 2.0)), int(round((a.shape[1] - size) / 2.0))
+        return a[top:top + size, left:left + size]
+    raise EdgeVLAError(f"unknown resize strategy `{strategy}`", "use resize-naive, letterbox or resize-crop")
+
+
 class VLAProcessor:
     """Observation -> model inputs: images, prompt ids, proprio state. The one place it happens."""
 
@@ -85,6 +115,12 @@ class VLAProcessor:
         if scale < 1.0:
             frames = [center_crop(check_image(f, f"image `{n}`"), scale, c.image_size) for f, n in zip(frames, cams)]
         strategy = getattr(c, "resize_strategy", "resize-naive")
+        if getattr(c, "vision_backbone", "hf") == "prismatic":
+            # Imported OpenVLA / ECoT / MiniVLA: Prismatic's own transform (Pillow bicubic), exact
+            # at any frame size; a frame already at the model's size passes unchanged.
+            frames = [f if np.shape(f)[:2] == (c.image_size, c.image_size) else
+                      prismatic_frame(f, c.image_size, strategy, self._fill(), name=f"image `{n}`")
+                      for f, n in zip(frames, cams)]
         return np.stack([preprocess_image(square(f, strategy, self._fill(), name=f"image `{n}`"), c.image_size,
                                           c.image_mean, c.image_std, name=f"image `{n}`")
                          for f, n in zip(frames, cams)])
