@@ -10,7 +10,7 @@ matrix products. Two filters:
   torchvision's Resize(BICUBIC) on a PIL image, i.e. Pillow's bicubic resample (a = -0.5, support
   widened when downscaling) in Pillow's own fixed-point arithmetic: 22-bit integer weights, the
   horizontal pass first, rounded and clipped to uint8, then the vertical pass. Bit-exact with
-  Pillow (tests/test_image_resize.py), so a frame at any size enters as Prismatic feeds it.
+  Pillow (tests/test_prismatic_image.py), so a frame at any size enters as Prismatic feeds it.
 """
 
 from __future__ import annotations
