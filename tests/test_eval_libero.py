@@ -141,3 +141,126 @@ def test_temporal_ensembling_queries_every_step_and_is_recorded(tmp_path, tiny_c
     assert doc["config"]["temporal_ensemble"] == 0.01
     with pytest.raises(EdgeVLAError, match="exclude each other"):
         lr.run_libero(lr.RolloutConfig(**{**cfg.__dict__, "execute_k": 2, "out": str(tmp_path / "b")}), progress=False)
+
+
+# --- the five-task scene, the lifted-object metric, adaptive mode, LIBERO-PRO ----------------------
+BASKET_SET = "living-room-scene2-basket"
+MILK = "LIVING_ROOM_SCENE2_pick_up_the_milk_and_put_it_in_the_basket"
+
+
+def test_task_set_expands_to_the_five_basket_tasks():
+    from edge_vla.sim.expert import ScriptedExpert
+
+    eps = lr.episode_list(SUITE, [BASKET_SET], trials=2, first_trial=40)
+    tasks = list(dict.fromkeys(t for t, _ in eps))
+    assert len(tasks) == 5 and TASK in tasks and MILK in tasks and len(eps) == 10
+    assert {trial for _, trial in eps} == {40, 41}
+    assert all(t.startswith("LIVING_ROOM_SCENE2_pick_up_the_") and ScriptedExpert.covers(SUITE, t) for t in tasks)
+    # a set and one of its members: each task once
+    assert lr.episode_list(SUITE, [TASK, BASKET_SET], trials=1)[0] == (TASK, 0)
+    assert len(lr.episode_list(SUITE, [TASK, BASKET_SET], trials=1)) == 5
+    with pytest.raises(EdgeVLAError, match="living-room-scene2-basket"):  # a typo names the sets too
+        lr.episode_list(SUITE, ["living-room-scene2-baskets"], trials=1)
+
+
+def test_lifted_object_says_right_wrong_placement(tmp_path):
+    """The expert lifts the butter (success); the expert of the milk task in the butter task's scene
+    lifts the milk (wrong object); stopped after the lift, the right object was lifted but not
+    placed (placement failure); stopped before, nothing was lifted (grasp failure)."""
+    from edge_vla.sim.env import LiberoEnv
+
+    def episode(goal_object=None, max_steps=400):
+        env = LiberoEnv(SUITE, TASK, cameras=(), max_steps=max_steps)
+        try:
+            return lr.run_episode(env, lr.ExpertPolicy(goal_object), 40)
+        finally:
+            env.close()
+
+    right = episode()
+    assert right["success"] and right["outcome"] == "success"
+    assert right["lifted"] == right["target_object"] == "butter_1" and right["lifted_objects"] == ["butter_1"]
+    assert right["max_rise_m"]["butter_1"] > 0.1 and right["max_rise_m"]["milk_1"] < 0.01
+    wrong = episode("milk_1", max_steps=90)
+    assert not wrong["success"] and wrong["outcome"] == "wrong_object" and wrong["lifted"] == "milk_1"
+    assert wrong["max_rise_m"]["butter_1"] < 0.01
+    dropped = episode(max_steps=60)  # lifted at ~step 41 (after 10 settle steps), placed at ~84
+    assert dropped["outcome"] == "placement_failure" and dropped["lifted"] == "butter_1"
+    assert episode(max_steps=15)["outcome"] == "grasp_failure"
+
+
+def test_five_task_eval_reports_per_task_pooled_and_failures(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+    from edge_vla.eval.report import build_report
+
+    out = tmp_path / "runs"
+    r = CliRunner().invoke(main, ["eval", "libero", "expert", "--tasks", BASKET_SET, "--trials", "1",
+                                  "--first-trial", "40", "--max-steps", "15", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "success 0/5" in r.output and "grasp failure 5" in r.output and f"{MILK}: 0/1" in r.output
+    doc = load_results(out / "scripted-expert.json")
+    per_task = doc["summary"]["per_task"]
+    assert len(per_task) == 5 and all(t["episodes"] == 1 and t["success_ci95"][1] > 0.7 for t in per_task.values())
+    assert doc["summary"]["wrong_object"]["count"] == 0 and doc["summary"]["outcomes"] == {"grasp_failure": 5}
+    assert {rec["target_object"] for rec in doc["records"]} == {"alphabet_soup_1", "butter_1", "milk_1",
+                                                                  "orange_juice_1", "tomato_sauce_1"}
+    build_report([out], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "all tasks (pooled)" in md and "0/5 [0–43%]" in md and "## Why episodes failed" in md
+
+
+def test_adaptive_mode_records_how_often_it_reasons(tmp_path, tiny_ckpt):
+    """direct never reasons, adaptive reasons when its action tokens are uncertain (a threshold below
+    any entropy: every call; above any: none), and the report shows the rate and both latencies."""
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+    from edge_vla.eval.report import build_report
+
+    out = tmp_path / "runs"
+    common = [str(tiny_ckpt), "--tasks", TASK, "--trials", "1", "--max-steps", "2", "--out", str(out),
+              "--max-free-tokens", "4", "--no-progress"]
+    r = CliRunner().invoke(main, ["eval", "libero", *common, "--mode", "direct,adaptive", "--entropy-threshold", "-1"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("reasoned on") == 1 and "reasoned on 100% of 2 calls" in r.output  # direct: no line
+    direct = load_results(out / "tiny-direct.json")
+    adaptive = load_results(out / "tiny-adaptive.json")
+    assert direct["records"][0]["reasoned"] == [False, False] and direct["summary"]["reasoning_rate"] == 0
+    rec = adaptive["records"][0]
+    assert rec["reasoned"] == [True, True] and len(rec["latency_ms"]) == 2
+    assert rec["tokens_generated"] > 2 * 7  # reasoning tokens on top of the action tokens
+    assert adaptive["summary"]["latency_by_path"]["reasoned"]["calls"] == 2
+    # above any entropy: adaptive stays direct, and the record says it did not reason
+    from edge_vla.runtime.policy import load_policy
+
+    never = load_policy(tiny_ckpt, backend="torch", mode="adaptive", entropy_threshold=1e9, max_free_tokens=4)
+    rng = np.random.default_rng(0)
+    obs = {"images": {c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in ("agentview", "wrist")},
+           "state": np.zeros(8, np.float32), "instruction": "pick up the butter and put it in the basket"}
+    res = never.act(obs)
+    assert res.info["adaptive"]["reasoned"] is False and lr._reasoned(never, res) is False
+    assert res.tokens["reasoning"] == 0
+    build_report([out], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Reasoning per call" in md and "| tiny-adaptive | adaptive | 2 | 100% |" in md
+
+
+def test_libero_pro_perturbations_are_listed_and_rolled_out(tmp_path, tiny_ckpt):
+    from edge_vla.sim.env import perturbations
+
+    assert perturbations(SUITE) == ()  # LIBERO-PRO perturbs none of LIBERO-90's tasks
+    assert {"swap", "lan", "object", "task"} <= set(perturbations("libero_10"))
+    with pytest.raises(EdgeVLAError, match="no runnable perturbation of libero_90.*libero_10 \\("):
+        lr.RolloutConfig(policy="expert", perturbation="swap").run_suite
+    with pytest.raises(EdgeVLAError, match="valid: .*swap"):
+        lr.RolloutConfig(policy="expert", suite="libero_10", perturbation="swapped").run_suite
+    task = "LIVING_ROOM_SCENE2_put_both_the_alphabet_soup_and_the_tomato_sauce_in_the_basket"
+    cfg = lr.RolloutConfig(policy=str(tiny_ckpt), suite="libero_10", perturbation="swap", tasks=[task], trials=1,
+                           max_steps=2, out=str(tmp_path), mode="direct")
+    r = lr.run_libero(cfg, progress=False)
+    doc = load_results(r["path"])
+    (rec,) = doc["records"]
+    assert rec["suite"] == "libero_10_swap" and rec["id"].startswith("libero_10_swap/") and rec["steps"] == 2
+    assert doc["config"]["variant"]["perturbation"] == "swap" and r["path"].endswith("tiny-direct-swap.json")
+    assert rec["outcome"] is None  # two objects to move: no single target to judge the lift by

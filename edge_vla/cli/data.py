@@ -16,7 +16,8 @@ def data():
 @click.option("--out", "out_dir", default=None, type=click.Path(), help="Output directory (resumes if it exists).")
 @click.option("--suite", default="libero_90", show_default=True, help="LIBERO suite.")
 @click.option("--tasks", default=None,
-              help="Comma-separated task names or indices (default: every task the scripted expert covers).")
+              help="Comma-separated task names, indices or task sets, e.g. living-room-scene2-basket (its five "
+                   "basket tasks; default: every task the scripted expert covers).")
 @click.option("--demos-per-task", default=10, show_default=True, type=int, help="Successful demos to keep per task.")
 @click.option("--image-size", default=64, show_default=True, type=int, help="Rendered image size (square).")
 @click.option("--workers", default=2, show_default=True, type=int, help="Parallel simulator processes.")
@@ -27,7 +28,7 @@ def data():
               help="DART: add Gaussian noise of this std to the executed x/y/z moves (labels stay the expert's), "
                    "so demos show recoveries from off-path states.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--list-tasks", is_flag=True, help="Print the tasks the scripted expert covers and exit.")
+@click.option("--list-tasks", is_flag=True, help="Print the tasks the scripted expert covers, and the task sets, and exit.")
 @click.option("--overwrite", is_flag=True,
               help="Delete OUT and start over (without it, OUT must be empty or a dataset this command wrote).")
 def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, init_states, action_noise, no_progress,
@@ -36,8 +37,12 @@ def generate(out_dir, suite, tasks, demos_per_task, image_size, workers, seed, i
     from edge_vla.sim.expert import covered_tasks
 
     if list_tasks:
+        from edge_vla.sim.env import TASK_SETS
+
         for t in covered_tasks(suite):
             click.echo(t)
+        for name, members in TASK_SETS.get(suite, {}).items():
+            click.echo(f"{name} (task set): {', '.join(members)}")
         return
     from edge_vla.data.generate import generate_dataset
     from edge_vla.errors import EdgeVLAError

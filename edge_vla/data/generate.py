@@ -149,7 +149,7 @@ def generate_dataset(
 
     `out_dir` may be missing, empty or a dataset this writes (resumed); anything else is refused
     unless `overwrite`, which deletes it and starts over."""
-    from edge_vla.sim.env import list_tasks, resolve_task
+    from edge_vla.sim.env import expand_tasks
     from edge_vla.sim.expert import ScriptedExpert, covered_tasks
 
     out = Path(out_dir)
@@ -161,9 +161,8 @@ def generate_dataset(
     if not 0.0 <= action_noise <= 1.0:
         raise EdgeVLAError(f"action_noise must be a std in [0, 1] (actions span [-1, 1]), got {action_noise}",
                            "try 0.1-0.3")
-    tasks = list(tasks) if tasks else covered_tasks(suite)
-    names = list_tasks(suite)
-    task_names = [names[resolve_task(suite, t)] for t in tasks]
+    # names, indices or task sets (`living-room-scene2-basket`: LIVING_ROOM_SCENE2's five basket tasks)
+    task_names = expand_tasks(suite, list(tasks) if tasks else covered_tasks(suite))
     uncovered = [t for t in task_names if not ScriptedExpert.covers(suite, t)]
     if uncovered:
         raise EdgeVLAError(f"the scripted expert does not cover: {', '.join(uncovered)}",

@@ -18,10 +18,12 @@ processor), N trials per task.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +55,7 @@ class RolloutConfig:
     name: str | None = None  # variant name (default: policy dir name + mode)
     backend: str = "auto"
     mode: str | None = None
-    workers: int = 1
+    workers: int | None = 1  # None: 1 here, or one Ray actor per CPU of the cluster with `ray`
     shard: tuple[int, int] = (0, 1)
     execute_k: int | None = None  # actions executed per chunk before re-planning (None: the whole chunk)
     temporal_ensemble: float | None = None  # ACT's weight m: query every step, average the chunks (eval.chunking)
@@ -63,17 +65,29 @@ class RolloutConfig:
     settle_steps: int = 10
     video_dir: str | None = None
     image_size: int | None = None  # env render size; None: the policy's input size (64 for the expert)
+    perturbation: str | None = None  # LIBERO-PRO: roll out on `<suite>_<perturbation>` (edge_vla.sim.env.perturbations)
+    entropy_threshold: float | None = None  # adaptive mode: reason when the action tokens' mean entropy is above
+    max_free_tokens: int | None = None  # full/adaptive: cap on reasoning tokens per call (None: the Policy's default)
+    ray: str | None = None  # Ray cluster address ("local", "auto", host:port, ray://...): shard episodes over it
     extra: dict = field(default_factory=dict)
+
+    @property
+    def run_suite(self) -> str:
+        """The suite episodes run in: the perturbed one when a perturbation is asked for."""
+        if not self.perturbation:
+            return self.suite
+        from edge_vla.sim.env import perturbed_suite
+
+        return perturbed_suite(self.suite, self.perturbation)
 
 
 # --- the episode list and sharding ------------------------------------------------------------------
 def episode_list(suite: str, tasks: list[str] | None, trials: int, first_trial: int = 0) -> list[tuple[str, int]]:
-    """Every (task name, init state) of the run, in a fixed order (suite's task order, then trial)."""
-    from edge_vla.sim.env import init_states, list_tasks, resolve_task
+    """Every (task name, init state) of the run, in a fixed order (the tasks as given, task sets
+    expanded, or the suite's order; then trial)."""
+    from edge_vla.sim.env import expand_tasks, init_states, list_tasks
 
-    names = list_tasks(suite)
-    chosen = [names[resolve_task(suite, t)] for t in tasks] if tasks else names
-    chosen = list(dict.fromkeys(chosen))
+    chosen = expand_tasks(suite, tasks) if tasks else list_tasks(suite)
     out = []
     for name in chosen:
         n = len(init_states(suite, name))
@@ -149,13 +163,17 @@ class ReuseReasoning:
 
 
 class ExpertPolicy:
-    """The scripted expert behind the Policy interface (it reads privileged state from the env)."""
+    """The scripted expert behind the Policy interface (it reads privileged state from the env).
+
+    `goal_object`: move this object of the scene instead of the task's (the expert of a sibling
+    task in the same scene): a known wrong-object episode for checking edge_vla.sim.lift."""
 
     mode = EXPERT
 
-    def __init__(self):
+    def __init__(self, goal_object: str | None = None):
         self.env = None
         self.expert = None
+        self.goal_object = goal_object
 
     def bind(self, env):
         from edge_vla.sim.expert import ScriptedExpert
@@ -166,6 +184,8 @@ class ExpertPolicy:
     def reset(self):
         if self.expert is not None:
             self.expert.reset()
+            if self.goal_object is not None:
+                self.expert.object = self.goal_object
 
     def act(self, obs):
         from edge_vla.runtime.policy import ActionResult
@@ -179,7 +199,8 @@ def load_rollout_policy(cfg: RolloutConfig):
         return ExpertPolicy()
     from edge_vla.runtime.policy import load_policy
 
-    policy = load_policy(cfg.policy, backend=cfg.backend, mode=cfg.mode)
+    opts = {k: getattr(cfg, k) for k in ("entropy_threshold", "max_free_tokens") if getattr(cfg, k) is not None}
+    policy = load_policy(cfg.policy, backend=cfg.backend, mode=cfg.mode, **opts)
     pc = policy.processor.config
     if int(pc.action_dim) != ACTION_DIM:
         raise EdgeVLAError(f"policy {cfg.policy} acts in {pc.action_dim}-D, LIBERO takes {ACTION_DIM}-D actions",
@@ -201,8 +222,10 @@ def _dir_bytes(p: Path) -> int:
 
 def variant_info(cfg: RolloutConfig, policy) -> dict:
     """What the report groups and labels by: recipe, mode, precision, backend, target, size."""
+    tag = f"-{cfg.perturbation}" if cfg.perturbation else ""  # a perturbed run is its own variant
     if cfg.policy == EXPERT:
-        return {"name": cfg.name or "scripted-expert", "recipe": "scripted-expert", "mode": EXPERT, "backend": "sim"}
+        return {"name": cfg.name or f"scripted-expert{tag}", "recipe": "scripted-expert", "mode": EXPERT,
+                "backend": "sim", "perturbation": cfg.perturbation}
     inner = getattr(policy, "policy", policy)
     backend = inner.backend
     recipe = dict(getattr(inner, "recipe", {}) or {})
@@ -214,8 +237,9 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
         "backend": getattr(backend, "name", cfg.backend),
         "target": manifest.get("target") or "cpu",  # where it ran; a bundle names its target
         "bundle_bytes": _dir_bytes(Path(cfg.policy)),
+        "perturbation": cfg.perturbation,
     }
-    info["name"] = cfg.name or f"{Path(cfg.policy).name}-{info['mode'].replace('/', '-')}"
+    info["name"] = cfg.name or f"{Path(cfg.policy).name}-{info['mode'].replace('/', '-')}{tag}"
     return info
 
 
@@ -223,19 +247,23 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
 def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, video_path: Path | None = None) -> dict:
     """Roll one episode from benchmark init state `trial` (`chunks`: how action chunks are executed,
     default whole); returns its results record."""
+    from edge_vla.sim.lift import LiftTracker, outcome
+
     obs, _ = env.reset(options={"init_state": trial})
     if isinstance(policy, ExpertPolicy):
         policy.bind(env)
     policy.reset()
+    lift = LiftTracker(env)
     chunks = chunks or ChunkExecutor()
     chunks.reset()
-    latency, generated, samples, frames = [], 0, [], []
+    latency, reasoned, generated, samples, frames = [], [], 0, [], []
     reasoning, steps, success, executed = None, 0, False, 0
     t_episode = time.perf_counter()
     while True:
         if chunks.needs_query():
             res, a, ms = query_chunk(policy, obs, "LIBERO", "evaluate a policy trained on LIBERO data")
             latency.append(ms)
+            reasoned.append(_reasoned(policy, res))
             chunks.add(a)
             tok = res.tokens or {}
             generated += int(tok.get("reasoning", 0)) + int(tok.get("action", 0))
@@ -250,6 +278,7 @@ def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, vi
             caption = f"step {steps}  action {np.array2string(action, precision=2, suppress_small=True)}"
             frames.append(compose_frame(obs["images"], caption, reasoning))
         obs, _, success, truncated, _ = env.step(action)
+        lift.update()
         steps += 1
         executed += 1
         if success or truncated:
@@ -258,9 +287,22 @@ def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, vi
         from edge_vla.eval.video import write_mp4
 
         write_mp4(video_path, frames)
+    lifted = lift.result()
     return {"success": bool(success), "steps": steps, "actions_executed": executed, "latency_ms": latency,
+            "reasoned": reasoned, "reasoning_rate": round(sum(reasoned) / len(reasoned), 4) if reasoned else None,
+            "lifted": lifted["lifted"], "lifted_objects": lifted["lifted_objects"], "target_object": lifted["target"],
+            "max_rise_m": lifted["max_rise_m"], "outcome": outcome(success, lifted),
             "tokens_generated": generated, "reasoning_samples": samples,
             "wall_s": round(time.perf_counter() - t_episode, 3), "video": str(video_path) if video_path else None}
+
+
+def _reasoned(policy, res) -> bool:
+    """Whether this call reasoned: adaptive says so per call; full mode always does (unless it
+    reused the last reasoning, --reason-every); direct and the expert never."""
+    adaptive = (res.info or {}).get("adaptive")
+    if adaptive is not None:
+        return bool(adaptive.get("reasoned"))
+    return getattr(policy, "mode", None) == "full" and not (res.info or {}).get("reused_reasoning")
 
 
 def _env_for(cfg: RolloutConfig, policy, task: str):
@@ -270,7 +312,9 @@ def _env_for(cfg: RolloutConfig, policy, task: str):
     pconf = getattr(getattr(inner, "processor", None), "config", None)
     size = cfg.image_size or (pconf.image_size if pconf is not None else 64)
     cameras = tuple(pconf.cameras) if pconf is not None else ("agentview", "wrist")
-    return LiberoEnv(cfg.suite, task, image_size=size, cameras=cameras, max_steps=cfg.max_steps,
+    if isinstance(policy, ExpertPolicy) and not cfg.video_dir:
+        cameras = ()  # the expert reads simulator state: no frames to render (~17x faster steps)
+    return LiberoEnv(cfg.run_suite, task, image_size=size, cameras=cameras, max_steps=cfg.max_steps,
                      settle_steps=cfg.settle_steps, seed=cfg.seed)
 
 
@@ -291,11 +335,18 @@ def run_episodes(cfg: RolloutConfig, episodes: list[tuple[str, int]], emit, poli
         env = _env_for(cfg, policy, task)
         try:
             for trial in trials:
-                rec = run_episode(env, policy, trial, chunks, _video_path(cfg, variant, task, trial))
-                emit({"id": episode_id(cfg.suite, task, trial), "suite": cfg.suite, "task": task, "trial": trial,
-                      "init_state": trial, "instruction": env.instruction, **rec})
+                emit(episode_record(cfg, env, policy, task, trial, chunks, variant))
         finally:
             env.close()
+
+
+def episode_record(cfg: RolloutConfig, env, policy, task: str, trial: int, chunks: ChunkExecutor, variant: str) -> dict:
+    """One episode of `task` from init state `trial`, as the record the results file keeps (the
+    same for local workers and Ray actors)."""
+    rec = run_episode(env, policy, trial, chunks, _video_path(cfg, variant, task, trial))
+    return {"id": episode_id(cfg.run_suite, task, trial), "suite": cfg.run_suite, "task": task, "trial": trial,
+            "init_state": trial, "instruction": env.instruction, **rec,
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (Ray: which node)
 
 
 def _worker(cfg: RolloutConfig, episodes, variant: str, out_q) -> None:  # runs in a spawned process
@@ -327,6 +378,8 @@ def results_path(cfg: RolloutConfig, variant: str) -> Path:
 def _run_config(cfg: RolloutConfig, variant: dict) -> dict:
     d = asdict(cfg)
     d.pop("out")
+    d.pop("ray")  # where it ran, not what it ran: a Ray run and a local one resume each other
+    d["run_suite"] = cfg.run_suite
     d["shard"] = f"{cfg.shard[0]}/{cfg.shard[1]}"
     # a path whose contents changed (re-exported, re-trained) is another policy: never resume across it
     d["policy_sha256"] = content_digest(cfg.policy) if Path(cfg.policy).exists() else None
@@ -345,8 +398,8 @@ def _set_aside(path: Path, prev: dict) -> Path:
 
 
 def _check_resumable(prev: dict, config: dict, path: Path) -> None:
-    keys = ("policy", "policy_sha256", "suite", "mode", "backend", "execute_k", "temporal_ensemble", "reason_every", "seed",
-            "settle_steps", "max_steps")
+    keys = ("policy", "policy_sha256", "suite", "perturbation", "mode", "backend", "execute_k", "temporal_ensemble",
+            "reason_every", "entropy_threshold", "max_free_tokens", "seed", "settle_steps", "max_steps")
     diff = [k for k in keys if prev["config"].get(k) != config.get(k)]
     if diff:
         changed = " (the policy at that path has other contents now)" if "policy_sha256" in diff else ""
@@ -363,7 +416,8 @@ def run_libero(cfg: RolloutConfig, progress: bool = True, set_aside_stale: bool 
     ChunkExecutor(cfg.execute_k, cfg.temporal_ensemble)  # checks both before any episode
     if cfg.reason_every < 1:
         raise EdgeVLAError(f"--reason-every {cfg.reason_every} must be at least 1")
-    all_eps = episode_list(cfg.suite, cfg.tasks, cfg.trials, cfg.first_trial)
+    suite = cfg.run_suite
+    all_eps = episode_list(suite, cfg.tasks, cfg.trials, cfg.first_trial)
     mine = shard_of(all_eps, cfg.shard)
     policy = load_rollout_policy(cfg)  # loaded here too: fail fast, and name the variant
     variant = variant_info(cfg, policy)
@@ -379,7 +433,7 @@ def run_libero(cfg: RolloutConfig, progress: bool = True, set_aside_stale: bool 
             _check_resumable(prev, config, path)
             records = list(prev["records"])
     done = {r["id"] for r in records}
-    todo = [e for e in mine if episode_id(cfg.suite, *e) not in done]
+    todo = [e for e in mine if episode_id(suite, *e) not in done]
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_results(path, "libero", config, records, created=created)
 
@@ -389,19 +443,34 @@ def run_libero(cfg: RolloutConfig, progress: bool = True, set_aside_stale: bool 
 
     bar = _Progress(len(mine), len(mine) - len(todo), sum(bool(r["success"]) for r in records), variant["name"],
                     enabled=progress)
-    with bar:
+    with contextlib.ExitStack() as stack:
+        ray = None
+        if cfg.ray and todo:  # connected before the bar: a cluster that is not there is one line, no bar
+            from edge_vla.eval.ray_rollout import ray_session
+
+            ray = stack.enter_context(ray_session(cfg.ray, cfg.workers))
+        stack.enter_context(bar)
+
         def emit(rec):
             save(rec)
             bar.advance(rec["success"])
 
-        workers = max(1, min(cfg.workers, len(todo)))
-        if workers == 1:
-            run_episodes(cfg, todo, emit, policy=policy, variant=variant["name"])
-        else:
+        if cfg.ray:
+            from edge_vla.eval.ray_rollout import run_on_ray
+
             del policy
-            _run_parallel(cfg, todo, workers, variant["name"], emit)
+            if todo:
+                run_on_ray(ray, cfg, todo, variant["name"], emit,
+                           {"load_policy": load_rollout_policy, "make_env": _env_for, "record": episode_record})
+        else:
+            workers = max(1, min(cfg.workers or 1, len(todo)))
+            if workers == 1:
+                run_episodes(cfg, todo, emit, policy=policy, variant=variant["name"])
+            else:
+                del policy
+                _run_parallel(cfg, todo, workers, variant["name"], emit)
     return {"path": str(path), "summary": summarize("libero", records), "ran": len(todo), "skipped": len(mine) - len(todo),
-            "set_aside": aside}
+            "set_aside": aside, "variant": variant}
 
 
 def _run_parallel(cfg, todo, workers, variant, emit) -> None:

@@ -126,6 +126,10 @@ def _row(var: Variant) -> dict:
         "peak_memory_mb": info.get("peak_memory_mb") or b.get("peak_memory_mb"),
         "projected_hz": dict(info.get("projected_hz") or b.get("projected_hz") or {}),
         "baseline": var.is_baseline,
+        "outcomes": s.get("outcomes") or {}, "outcome_episodes": s.get("outcome_episodes", 0),
+        "wrong_object": s.get("wrong_object"), "reasoning_rate": s.get("reasoning_rate"),
+        "latency_by_path": s.get("latency_by_path"),
+        "perturbation": info.get("perturbation"),
     }
     if row["actions_per_s"] is None and row["latency_p50_ms"]:
         row["actions_per_s"] = 1000.0 / row["latency_p50_ms"]
@@ -146,6 +150,59 @@ def add_ratios(variants: list[Variant]) -> Variant | None:
         if r["latency_p50_ms"] and b["latency_p50_ms"]:
             r["speedup_vs_baseline"] = b["latency_p50_ms"] / r["latency_p50_ms"]
     return base
+
+
+def _wrong_object(r) -> str:
+    w = r.get("wrong_object")
+    if not w or w.get("rate") is None:
+        return "–"
+    lo, hi = w["ci95"]
+    return f"{100 * w['rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+FAILURE_NOTE = ("From simulator state (edge_vla/sim/lift.py): an object is lifted once it rises 5 cm above its rest "
+                "height while touching the gripper. **wrong object**: the task failed, another object was lifted and "
+                "the target never was (grounding); **placement failure**: the target was lifted, the task not done; "
+                "**grasp failure**: nothing was lifted.")
+REASONING_NOTE = ("Per policy call: whether it reasoned (full mode always, direct never, adaptive when the direct "
+                  "action tokens are uncertain) and the latency of the calls on each path.")
+FAILURE_HEADER = ["variant", "recipe", "mode", "episodes", "success", "wrong object", "placement failure",
+                  "grasp failure", "wrong-object rate (95% CI)"]
+
+
+def failure_rows(variants: list[Variant]) -> list[list[str]]:
+    """Why each variant's episodes failed (edge_vla.sim.lift), for variants whose records say."""
+    rows = []
+    for v in variants:
+        r = v.row
+        if not r.get("outcome_episodes"):
+            continue
+        o = r["outcomes"]
+        rows.append([v.name, str(r["recipe"] or "–"), str(r["mode"] or "–"), str(r["outcome_episodes"]),
+                     *[str(o.get(k, 0)) for k in ("success", "wrong_object", "placement_failure", "grasp_failure")],
+                     _wrong_object(r)])
+    return rows
+
+
+REASONING_HEADER = ["variant", "mode", "calls", "reasons (% of calls)", "p50 ms reasoning", "p50 ms direct",
+                    "p50 ms all"]
+
+
+def reasoning_rows(variants: list[Variant]) -> list[list[str]]:
+    """How often each variant reasoned and what a call costs either way (adaptive decides per call)."""
+    rows = []
+    for v in variants:
+        r, paths = v.row, v.row.get("latency_by_path")
+        if not paths or r.get("reasoning_rate") is None:
+            continue
+        calls = sum(p["calls"] for p in paths.values())
+        rows.append([v.name, str(r["mode"] or "–"), str(calls), _pct(r["reasoning_rate"]),
+                     _f(paths["reasoned"]["p50_ms"]), _f(paths["direct"]["p50_ms"]), _f(r["latency_p50_ms"])])
+    return rows
 
 
 def per_task(variants: list[Variant]) -> tuple[list[str], dict]:
@@ -199,14 +256,15 @@ def _projected(x) -> str:
 def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]], list[str]]:
     targets = sorted({t for v in variants for t in v.row["projected_hz"]})
     header = ["variant", "recipe", "mode", "precision", "backend", "target", "success (95% CI)", "vs baseline",
-              "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "vs fp32 tokens", "peak MiB",
+              "wrong object (95% CI)", "reasons", "p50 ms", "p95 ms", "speed-up", "actions/s", "tokens/action", "bundle", "vs fp32 tokens", "peak MiB",
               *[f"projected Hz @ {t}" for t in targets]]
     rows = []
     for v in variants:
         r = v.row
         rows.append([
             v.name + (" (baseline)" if r["baseline"] else ""), *[str(r[k] or "–") for k in VARIANT_FIELDS],
-            _success(r), _f(r["success_vs_baseline"], "{:.2f}×"), _f(r["latency_p50_ms"]), _f(r["latency_p95_ms"]),
+            _success(r), _f(r["success_vs_baseline"], "{:.2f}×"), _wrong_object(r), _pct(r["reasoning_rate"]),
+            _f(r["latency_p50_ms"]), _f(r["latency_p95_ms"]),
             _f(r["speedup_vs_baseline"], "{:.1f}×"), _f(r["actions_per_s"]), _f(r["tokens_per_action"]),
             _size(r["bundle_bytes"]), _agreement(r["agreement_vs_fp32"]), _f(r["peak_memory_mb"], "{:.0f}"),
             # a projection to 2 significant figures: its assumed board efficiency and fixed costs hold no more
@@ -277,15 +335,22 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _cell(k: int, n: int) -> str:
+    if not n:
+        return "–"
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]"
+
+
 def _task_rows(variants):
+    """One row per task and, with several tasks, a pooled row: successes/episodes [Wilson 95%]."""
     tasks, table = per_task(variants)
     rows = []
     for t in tasks:
-        cells = []
-        for v in variants:
-            k, n = table[v.name].get(t, (0, 0))
-            cells.append(f"{k}/{n}" if n else "–")
-        rows.append([t, *cells])
+        rows.append([t, *[_cell(*table[v.name].get(t, (0, 0))) for v in variants]])
+    if len(tasks) > 1:
+        pooled = [[sum(c[i] for c in table[v.name].values()) for i in (0, 1)] for v in variants]
+        rows.append(["all tasks (pooled)", *[_cell(k, n) for k, n in pooled]])
     return ["task", *[v.name for v in variants]], rows
 
 
@@ -351,6 +416,11 @@ def render_markdown(variants, base, has_plot: bool, models: list[dict] | None = 
         parts += ["## Success vs latency", "", "![Pareto plot: success vs latency](pareto.png)", ""]
     if tr:
         parts += ["## Success per task", "", _md_table(th, tr), ""]
+    fr, rr = failure_rows(variants), reasoning_rows(variants)
+    if fr:
+        parts += ["## Why episodes failed", "", FAILURE_NOTE, "", _md_table(FAILURE_HEADER, fr), ""]
+    if rr:
+        parts += ["## Reasoning per call", "", REASONING_NOTE, "", _md_table(REASONING_HEADER, rr), ""]
     parts += ["## Sources", ""] + [f"- {v.name}: " + ", ".join(f"`{s}`" for s in v.sources) for v in variants] + [""]
     return "\n".join(parts)
 
@@ -388,6 +458,11 @@ def render_html(variants, base, png: bytes | None, models: list[dict] | None = N
                  f'<img alt="Pareto plot: success vs latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
     if tr:
         body += ["<h2>Success per task</h2>", _html_table(th, tr)]
+    fr, rr = failure_rows(variants), reasoning_rows(variants)
+    if fr:
+        body += ["<h2>Why episodes failed</h2>", f"<p>{md_inline(FAILURE_NOTE)}</p>", _html_table(FAILURE_HEADER, fr)]
+    if rr:
+        body += ["<h2>Reasoning per call</h2>", f"<p>{md_inline(REASONING_NOTE)}</p>", _html_table(REASONING_HEADER, rr)]
     body += ["<h2>Sources</h2><ul>"] + [f"<li>{html.escape(v.name)}: " + ", ".join(f"<code>{html.escape(s)}</code>"
                                                                                    for s in v.sources) + "</li>"
                                           for v in variants] + ["</ul>"]

@@ -147,6 +147,9 @@ class EpisodeRecord(_Open):
     actions_executed: Optional[Count] = None
     latency_ms: Optional[list[Optional[Number]]] = None
     tokens_generated: Optional[Number] = None
+    reasoned: Optional[list[StrictBool]] = None  # per policy call, beside latency_ms
+    outcome: Optional[Literal["success", "wrong_object", "placement_failure", "grasp_failure"]] = None
+    lifted: Optional[StrictStr] = None
 
 
 class BenchRecord(_Open):
@@ -282,4 +285,57 @@ def summarize(kind: str, records: list[dict]) -> dict:
         "actions_per_s": actions / policy_s if policy_s > 0 else None,
         "tokens_per_action": tokens / actions if actions else None,
         "mean_steps": float(np.mean([r.get("steps") or 0 for r in done])) if done else None,
+        **outcome_summary(done),
+        **reasoning_summary(done),
+        "per_task": per_task_summary(done),
     }
+
+
+def _rate(k: int, n: int) -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"count": k, "rate": k / n if n else None, "ci95": [lo, hi]}
+
+
+def outcome_summary(records: list[dict]) -> dict:
+    """Why episodes failed (edge_vla.sim.lift): counts of each outcome, and the wrong-object rate
+    (failed episodes in which another object was lifted and the target never was: grounding
+    errors) with its Wilson interval, over the episodes that carry an outcome."""
+    judged = [r for r in records if r.get("outcome")]
+    counts: dict[str, int] = {}
+    for r in judged:
+        counts[str(r["outcome"])] = counts.get(str(r["outcome"]), 0) + 1
+    wrong = counts.get("wrong_object", 0)
+    return {"outcomes": counts, "outcome_episodes": len(judged),
+            "wrong_object": _rate(wrong, len(judged)) if judged else None}
+
+
+def reasoning_summary(records: list[dict]) -> dict:
+    """How often the policy reasoned (adaptive mode decides per call), and the latency of the calls
+    that reasoned and of those that did not."""
+    flags, by_path = [], {"reasoned": [], "direct": []}
+    for r in records:
+        lat, why = r.get("latency_ms") or [], r.get("reasoned")
+        if not isinstance(why, list) or len(why) != len(lat):
+            continue
+        flags += [bool(x) for x in why]
+        for x, reasoned in zip(lat, why):
+            by_path["reasoned" if reasoned else "direct"].append(x)
+    if not flags:
+        return {"reasoning_rate": None, "latency_by_path": None}
+    return {"reasoning_rate": sum(flags) / len(flags),
+            "latency_by_path": {k: {"calls": len(v), "p50_ms": percentile(v, 50), "p95_ms": percentile(v, 95)}
+                                for k, v in by_path.items()}}
+
+
+def per_task_summary(records: list[dict]) -> dict:
+    """suite/task -> successes, episodes, rate with its Wilson interval, and the outcome counts."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(f"{r.get('suite', '?')}/{r.get('task', '?')}", []).append(r)
+    out = {}
+    for key, rs in sorted(groups.items()):
+        k = sum(bool(r["success"]) for r in rs)
+        out[key] = {"episodes": len(rs), "successes": k, **{f"success_{a}": b for a, b in _rate(k, len(rs)).items()
+                                                             if a != "count"},
+                    "outcomes": outcome_summary(rs)["outcomes"]}
+    return out

@@ -87,6 +87,47 @@ def list_suites() -> list[str]:
     return list(SUITE_MAX_STEPS)
 
 
+def base_suite(suite: str) -> str:
+    """The standard suite a LIBERO-PRO perturbed suite perturbs (`libero_10_swap` -> `libero_10`)."""
+    return max((s for s in SUITE_MAX_STEPS if suite == s or suite.startswith(s + "_")), key=len, default=suite)
+
+
+@lru_cache(maxsize=None)
+def perturbations(suite: str) -> tuple[str, ...]:
+    """LIBERO-PRO perturbations of a standard suite that the installed package can run: the
+    `<suite>_<perturbation>` suites whose every task has its BDDL file and init states (the
+    package registers more, e.g. the *_ood and *_temp suites, without their files)."""
+    benchmark, get_libero_path, _ = _libero()
+    bddl, init = get_libero_path("bddl_files"), get_libero_path("init_states")
+    found = []
+    for name, cls in benchmark.get_benchmark_dict().items():
+        if name == suite or base_suite(name) != suite or not name.startswith(suite + "_"):
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            tasks = list(cls().tasks)
+        if tasks and all(os.path.isfile(os.path.join(bddl, t.problem_folder, t.bddl_file))
+                         and _init_file(init, t) for t in tasks):
+            found.append(name[len(suite) + 1:])
+    return tuple(sorted(found))
+
+
+def _init_file(root: str, task) -> bool:
+    p = os.path.join(root, task.problem_folder, task.init_states_file)
+    return os.path.isfile(p) or os.path.isfile(p + ".npz")
+
+
+def perturbed_suite(suite: str, perturbation: str) -> str:
+    """`libero_10` + `swap` -> `libero_10_swap`; an unknown perturbation names the ones that exist."""
+    available = perturbations(suite)
+    if perturbation not in available:
+        if not available:
+            raise EdgeVLAError(f"LIBERO-PRO has no runnable perturbation of {suite} (asked for `{perturbation}`)",
+                               "perturbed suites exist for " + ", ".join(
+                                   f"{s} ({', '.join(perturbations(s))})" for s in SUITE_MAX_STEPS if perturbations(s)))
+        raise unknown_name_error(f"LIBERO-PRO perturbation of {suite}", perturbation, available)
+    return f"{suite}_{perturbation}"
+
+
 @lru_cache(maxsize=None)
 def _benchmark(suite: str):
     benchmark, _, _ = _libero()
@@ -95,6 +136,37 @@ def _benchmark(suite: str):
         raise unknown_name_error("LIBERO suite", suite, list_suites())
     with contextlib.redirect_stdout(io.StringIO()):
         return suites[suite]()
+
+
+# Named task sets: one name for several tasks of a suite (`--tasks living-room-scene2-basket`).
+# LIVING_ROOM_SCENE2's five basket tasks share one scene (the same seven groceries and the
+# basket); only the instruction says which object to move, so a policy has to ground it.
+TASK_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "libero_90": {
+        "living-room-scene2-basket": tuple(
+            f"LIVING_ROOM_SCENE2_pick_up_the_{o}_and_put_it_in_the_basket"
+            for o in ("alphabet_soup", "butter", "milk", "orange_juice", "tomato_sauce")),
+    },
+}
+
+
+def expand_tasks(suite: str, tasks) -> list[str]:
+    """Task names, instructions, indices or task-set names -> the suite's task names, in the given
+    order, without repeats."""
+    names = list_tasks(suite)
+    sets = TASK_SETS.get(base_suite(suite), {})
+    out: list[str] = []
+    for t in tasks:
+        if isinstance(t, str) and t in sets:
+            out += [names[resolve_task(suite, m)] for m in sets[t]]
+            continue
+        try:
+            out.append(names[resolve_task(suite, t)])
+        except EdgeVLAError:
+            if not sets or (isinstance(t, str) and t.isdigit()):
+                raise
+            raise unknown_name_error(f"{suite} task or task set", t, [*names, *sets]) from None
+    return list(dict.fromkeys(out))
 
 
 def list_tasks(suite: str) -> list[str]:
@@ -191,7 +263,7 @@ class LiberoEnv:
             raise EdgeVLAError(f"image_size {image_size} is too small", "use 8 pixels or more (64 or 128 are usual)")
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
-        self.max_steps = int(max_steps) if max_steps is not None else SUITE_MAX_STEPS.get(suite, 400)
+        self.max_steps = int(max_steps) if max_steps is not None else SUITE_MAX_STEPS.get(base_suite(suite), 400)
         self.settle_steps = int(settle_steps)
         self.seed = int(seed)
         _, get_libero_path, ControlEnv = _libero()
@@ -426,5 +498,6 @@ class LiberoEnv:
         }
 
 
-__all__ = ["LiberoEnv", "list_suites", "list_tasks", "resolve_task", "init_states", "SUITE_MAX_STEPS",
+__all__ = ["LiberoEnv", "list_suites", "list_tasks", "resolve_task", "init_states", "SUITE_MAX_STEPS", "TASK_SETS",
+           "expand_tasks", "base_suite", "perturbations", "perturbed_suite",
            "NOOP_ACTION", "CAMERAS", "CameraModel", "quat_to_axis_angle"]
