@@ -264,3 +264,15 @@ def test_libero_pro_perturbations_are_listed_and_rolled_out(tmp_path, tiny_ckpt)
     assert rec["suite"] == "libero_10_swap" and rec["id"].startswith("libero_10_swap/") and rec["steps"] == 2
     assert doc["config"]["variant"]["perturbation"] == "swap" and r["path"].endswith("tiny-direct-swap.json")
     assert rec["outcome"] is None  # two objects to move: no single target to judge the lift by
+
+
+def test_data_generate_takes_task_sets(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    r = CliRunner().invoke(main, ["data", "generate", "--list-tasks"])
+    assert r.exit_code == 0 and f"{BASKET_SET} (task set): " in r.output and MILK in r.output
+    r = CliRunner().invoke(main, ["data", "generate", "--out", str(tmp_path / "d"), "--tasks", BASKET_SET + "s",
+                                  "--no-progress"])
+    assert r.exit_code == 1 and f"did you mean `{BASKET_SET}`" in r.output and "Traceback" not in r.output

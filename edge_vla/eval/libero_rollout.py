@@ -6,9 +6,14 @@ processor), N trials per task.
 
 - one results file per policy (edge_vla.eval.results), rewritten after every episode, so an
   interrupted run resumes where it stopped (episodes already in the file are skipped);
+- `tasks` may name task sets (`living-room-scene2-basket`: edge_vla.sim.env.TASK_SETS);
 - `shard=(i, N)`: a deterministic 1/N of the episode list (index % N == i), so a SLURM array or a
   Ray job spreads a suite over machines and `edge-vla report` merges the shard files;
-- `workers`: parallel processes on this machine (spawned: MuJoCo/EGL and torch do not fork well);
+- `workers`: parallel processes on this machine (spawned: MuJoCo/EGL and torch do not fork well),
+  or, with `ray=ADDRESS`, Ray actors on a cluster (edge_vla.eval.ray_rollout; same file, same resume);
+- every episode records which object was lifted and why a failure failed (edge_vla.sim.lift), and
+  per policy call whether it reasoned (adaptive mode decides per call);
+- `perturbation`: a LIBERO-PRO perturbed version of the suite (edge_vla.sim.env.perturbations);
 - action chunks: a (K, 7) answer executes its first `execute_k` actions before re-planning, or, with
   `temporal_ensemble=m`, the policy is asked every step and the chunks' predictions are averaged
   (ACT's temporal ensembling; edge_vla.eval.chunking);
