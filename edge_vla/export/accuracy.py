@@ -106,21 +106,34 @@ def action_similarity(ref_actions, test_actions) -> dict:
     return {"action_cosine": float(np.mean(cos)) if cos else 1.0, "action_max_abs_err": worst}
 
 
-def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) -> dict:
+def reference_results(ref_policy, observations, modes=("direct",)) -> dict:
+    """{mode: [ActionResult]}: the reference policy's decodes, computed once when several bundles are
+    scored against the same reference (`accuracy_report(..., reference=)`)."""
+    out = {}
+    for mode in modes:
+        ref_policy.mode = mode
+        out[mode] = [ref_policy.act(obs) for obs in observations]
+    return out
+
+
+def accuracy_report(ref_policy, test_policy, observations, modes=("direct",), reference: dict | None = None) -> dict:
     """Action-token agreement (free-running and teacher-forced), action L1 (env units), per-dim error;
-    reasoning-token agreement in full mode."""
+    reasoning-token agreement in full mode. `reference`: `reference_results` of `ref_policy` on the
+    same observations (else decoded here)."""
     report: dict = {"n_observations": len(observations)}
     for mode in modes:
         ref_policy.mode = test_policy.mode = mode
         act_eq = act_n = reason_eq = reason_n = tf_eq = tf_reason_eq = tf_reason_n = 0
-        errs, ref_actions, test_actions = [], [], []
-        for obs in observations:
-            a, b = ref_policy.act(obs), test_policy.act(obs)
+        errs, ref_actions, test_actions, per_obs = [], [], [], []
+        for i, obs in enumerate(observations):
+            a = reference[mode][i] if reference else ref_policy.act(obs)
+            b = test_policy.act(obs)
             ref_actions.append(a.action)
             test_actions.append(b.action)
             ia, ib = np.array(a.info["action_token_ids"]), np.array(b.info["action_token_ids"])
             act_eq += int((ia == ib).sum())
             act_n += ia.size
+            per_obs.append(float((ia == ib).mean()) if ia.size else 1.0)
             free_pred, act_pred = teacher_forced(test_policy, obs, a)
             tf_eq += int((np.array(act_pred) == ia).sum())
             decoded = a.info["free_token_ids"][len(test_policy.reasoning_prefix_ids):] if free_pred else []
@@ -136,7 +149,9 @@ def accuracy_report(ref_policy, test_policy, observations, modes=("direct",)) ->
         r = {"action_token_agreement": act_eq / max(act_n, 1), "action_token_agreement_tf": tf_eq / max(act_n, 1),
              "action_l1": float(e.mean()) if e.size else 0.0,
              "per_dim_l1": e.mean(0).tolist() if e.size else [], "per_dim_max": e.max(0).tolist() if e.size else [],
-             "n_action_tokens": act_n, **action_similarity(ref_actions, test_actions)}
+             "n_action_tokens": act_n, **action_similarity(ref_actions, test_actions),
+             # how far the free-running figure may move with another draw of observations
+             "action_token_agreement_se": float(np.std(per_obs, ddof=1) / np.sqrt(len(per_obs))) if len(per_obs) > 1 else 0.0}
         if mode == "full":
             r["reasoning_token_agreement"] = reason_eq / reason_n if reason_n else 1.0
             r["reasoning_token_agreement_tf"] = tf_reason_eq / tf_reason_n if tf_reason_n else 1.0

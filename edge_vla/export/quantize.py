@@ -90,36 +90,130 @@ def _matmul_blocks(model, block: int) -> dict[str, int]:
     return out
 
 
-def _nbits(model, bits: int, block: int, op_types=("MatMul",), nodes_to_exclude=None):
-    """MatMulNBits (and GatherBlockQuantized for "Gather") of every constant-weight op of `op_types`."""
+# Weight-only algorithms of ONNX Runtime's MatMulNBitsQuantizer (`algo`): "default" rounds each block to
+# the nearest level of a max-abs scale; "hqq" (half-quadratic, asymmetric with zero points) and "k_quant"
+# (llama.cpp-style search for the scale) fit the scale without data; "rtn" is round-to-nearest through ORT's
+# vendored Intel Neural Compressor code; "gptq" corrects the rounding error column by column on the
+# Hessian of calibration inputs (`calibration`: the graph's recorded feeds).
+NBITS_ALGOS = ("default", "hqq", "rtn", "k_quant", "gptq")
+
+
+def _nbits(model, bits: int, block: int, op_types=("MatMul",), nodes_to_exclude=None, algo: str = "default",
+           symmetric: bool = True, node_bits: dict[str, int] | None = None, calibration: list[dict] | None = None,
+           accuracy_level: int = INT_COMPUTE):
+    """MatMulNBits (and GatherBlockQuantized for "Gather") of every constant-weight op of `op_types`, in
+    `bits`-bit blocks of `block` with `algo`; `node_bits` names nodes (by ONNX node name) quantized at other
+    widths (mixed precision: e.g. the most sensitive MatMuls at 8 bits), always with the default algorithm.
+    `accuracy_level`: MatMulNBits' compute (4: int8 activations and dot products; 0: float)."""
+    if algo not in NBITS_ALGOS:
+        from edge_vla.config import unknown_name_error
+
+        raise unknown_name_error("weight-only algorithm", algo, list(NBITS_ALGOS))
+    for i, n in enumerate(model.graph.node):  # the quantizer selects nodes by name
+        n.name = n.name or f"node_{n.op_type}_{i}"
+    exclude = set(nodes_to_exclude or [])
+    other = {n: b for n, b in (node_bits or {}).items() if b != bits}
+    unknown = set(other) - {n.name for n in model.graph.node}
+    if unknown:
+        raise EdgeVLAError(f"no node named {sorted(unknown)[0]!r} in the graph to quantize at {other[sorted(unknown)[0]]} bits",
+                           "name MatMul nodes of the graph (onnx.load(path).graph.node)")
+    model = _nbits_pass(model, bits, block, op_types, exclude | set(other), algo, symmetric, calibration)
+    for b in sorted(set(other.values()), reverse=True):
+        names = {n for n, x in other.items() if x == b}
+        rest = {n.name for n in model.graph.node} - names
+        model = _nbits_pass(model, b, block, ("MatMul", "Gather"), rest | exclude, "default", True, None)
+    for n in model.graph.node:  # one compute for every algorithm (HQQ and GPTQ leave it unset: float compute)
+        if n.op_type == "MatMulNBits":
+            _set_int_attr(n, "accuracy_level", accuracy_level)
+    return model
+
+
+def _set_int_attr(node, name: str, value: int) -> None:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _nbits_pass(model, bits, block, op_types, exclude, algo, symmetric, calibration):
+    """One quantizer run per block size: `block` first (Gather too), then MatMuls whose K is below it."""
+    import contextlib
+    import io
     import logging
+    import warnings
 
     import numpy as np
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    for i, n in enumerate(model.graph.node):  # the quantizer selects nodes by name
-        n.name = n.name or f"node_{n.op_type}_{i}"
     blocks = _matmul_blocks(model, block)
-    exclude = set(nodes_to_exclude or [])
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    # It logs every node it visits at INFO; the vendored Neural Compressor code (rtn, k_quant, gptq) logs a
+    # "consider cupy" line per node and prints a progress bar; HQQ warns that torch wraps a read-only array.
+    logs = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.WARNING)
     try:
-        # One pass per block size: the requested one first (with Gather), then any smaller-K MatMuls.
         for b in sorted(set(blocks.values()) | {block}, reverse=True):
-            skip = exclude | {name for name, nb in blocks.items() if nb != b}
-            q = MatMulNBitsQuantizer(model, bits=bits, block_size=b, is_symmetric=True, accuracy_level=INT_COMPUTE,
-                                     op_types_to_quantize=tuple(op_types) if b == block else ("MatMul",),
-                                     nodes_to_exclude=sorted(skip), quant_axes=(("MatMul", 0), ("Gather", 1)))
-            # All-zero rows (a released vocabulary padded past its tokenizer) divide 0 by a 0 scale:
-            # numpy warns, the rows are never looked up.
-            with np.errstate(divide="ignore", invalid="ignore"):
-                q.process()
-            model = q.model.model
+            skip = set(exclude) | {name for name, nb in blocks.items() if nb != b}
+            ops = tuple(op_types) if b == block else ("MatMul",)
+            # The named algorithms quantize MatMuls; an embedding Gather always takes the default blocks.
+            passes = [(algo, ("MatMul",)), ("default", ("Gather",))] if algo != "default" else [("default", ops)]
+            for a, o in passes:
+                o = tuple(x for x in o if x in ops)
+                if not o:
+                    continue
+                q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=b, is_symmetric=symmetric,
+                                             accuracy_level=INT_COMPUTE, nodes_to_exclude=sorted(skip),
+                                             op_types_to_quantize=o, quant_axes=(("MatMul", 0), ("Gather", 1)),
+                                             algo_config=_algo_config(a, bits, b, o, calibration))
+                # All-zero rows (a released vocabulary padded past its tokenizer) divide 0 by a 0 scale:
+                # numpy warns, the rows are never looked up.
+                with np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stdout(io.StringIO()), \
+                        warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    q.process()
+                model = q.model.model if hasattr(q.model, "model") else q.model
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     return model
+
+
+def _algo_config(algo, bits, block, op_types, calibration):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if algo == "default":
+        return None  # the quantizer builds DefaultWeightOnlyQuantConfig from its own arguments
+    if algo == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=op_types)
+    if bits != 4:
+        raise EdgeVLAError(f"the {algo} algorithm writes 4-bit weights only", "use algo default or hqq for 8 bits")
+    if algo == "rtn":
+        return mnq.RTNWeightOnlyQuantConfig(op_types_to_quantize=op_types)
+    if algo == "k_quant":
+        return mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=op_types)
+    if not calibration:
+        raise EdgeVLAError("GPTQ needs calibration inputs", "record the graph's feeds on held-out data")
+    return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration), op_types_to_quantize=op_types)
+
+
+def quantize_nbits(src: Path, dst: Path, bits: int = 4, block: int = 32, algo: str = "default",
+                   symmetric: bool = True, gather: bool = True, node_bits: dict[str, int] | None = None,
+                   calibration: list[dict] | None = None, accuracy_level: int = INT_COMPUTE) -> None:
+    """Write `src` with its constant MatMul weights (and the embedding Gather with `gather`) as `bits`-bit
+    blocks: the levers the INT4 format is tuned with (benchmarks/int4_accuracy.py)."""
+    import onnx
+
+    notices.silence("", "onnxruntime.quantization.matmul_nbits_quantizer")
+    with notices.root_logger_kept():
+        model = _nbits(onnx.load(str(src)), bits, block, ("MatMul", "Gather") if gather else ("MatMul",),
+                       algo=algo, symmetric=symmetric, node_bits=node_bits, calibration=calibration,
+                       accuracy_level=accuracy_level)
+    onnx.save(model, str(dst))
 
 
 def _int8_blocks(src, dst, _):
@@ -139,13 +233,17 @@ def _int8_blocks(src, dst, _):
 
 
 class _Feeds:
-    """onnxruntime CalibrationDataReader over a list of input dicts."""
+    """onnxruntime CalibrationDataReader over a list of input dicts (iterable too: GPTQ iterates a copy)."""
 
     def __init__(self, feeds):
-        self._it = iter(feeds)
+        self._feeds = list(feeds)
+        self._it = iter(self._feeds)
 
     def get_next(self):
         return next(self._it, None)
+
+    def __iter__(self):
+        return iter(self._feeds)
 
 
 def _int8_static(src, dst, calibration):
