@@ -19,6 +19,17 @@ No peer takes the VLA's image embeddings as a prefix, so every runtime, edge-vla
 prefills the same `--prompt` token ids (~280: the VLA's image + prompt prefix) and then decodes
 `--new` tokens greedily.
 
+The action row (`--rows action`): what one robot action costs, measured as an action. edge-vla runs
+`Policy.act` on a direct-mode bundle of a model that decodes its action chunk in parallel (the vision
+prefix graph, then one prefill of prefix + prompt + placeholder positions, the chunk's bins through the
+restricted action head), on a synthetic observation; each peer prefills the same number of prefix +
+prompt positions and then decodes the 7 action tokens one by one through its full head, as OpenVLA does
+(prefill + 6 decode steps). `qwen0.5b`'s action model is the same decoder with a one-camera 128 px
+vision tower that yields 256 image positions (no pooling) and a one-step chunk (7 tokens, as OpenVLA);
+`tiny`'s is the shipped `vla` checkpoint itself (33 prefix positions, chunk of 4 x 7 tokens). edge-vla
+pays for its vision tower inside the action; the peers get token ids and no vision. CPU time of each
+process (one thread) is the figure; ratios are against the best peer.
+
 Timing: one intra-op thread, a fresh process per runtime per repeat, repeats interleaved (runtime
 A, B, C, A, B, C, ...), ratios from this one run. Per runtime: prefill ms (median over repeats),
 decode ms/token (median, p95 over every token of every repeat; wall time and the process's CPU time), peak RSS of the process, bytes on
@@ -28,7 +39,8 @@ stand in for the bytes a step reads; they overcount where an embedding table is 
 (one row per step), which on these small vocabularies is < 1% of the weights.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --model qwen0.5b --work /tmp/peers/qwen \\
-        --llama-src /path/to/llama.cpp [--peers edge-vla-int8,llama.cpp-q8_0] [--repeats 3] [--out peers.json]
+        --llama-src /path/to/llama.cpp [--peers edge-vla-int8,llama.cpp-q8_0] [--rows decode,action] \\
+        [--repeats 3] [--out peers.json]
 
 llama.cpp needs `pip install llama-cpp-python` (no wheel on this platform: a 20-40 minute build
 from source with cmake and a C++ compiler, so it is not in requirements.lock) and a llama.cpp
@@ -81,6 +93,30 @@ def build_checkpoint(model: str, work: Path) -> Path:
     return vla.save_pretrained(path)
 
 
+# The action model of `qwen0.5b`: one 128 px camera, no token pooling: 256 image positions + proprio + prompt
+# (~280, OpenVLA's 256 patches + prompt); parallel action decoding of one 7-token action.
+ACTION_OVERRIDES = ["image_size=128", "token_pool=1", 'cameras=["agentview"]', "parallel_actions=true", "action_chunk=1"]
+OPENVLA_ACTION_TOKENS = 7
+
+
+def build_action_checkpoint(model: str, work: Path) -> Path:
+    """The direct-mode, parallel-decoding checkpoint whose action the action row times."""
+    if model == "tiny":
+        return TINY_CKPT
+    path = work / "ckpt-action"
+    if (path / "config.json").exists():
+        return path
+    from edge_vla.model.vla import VLA
+    from edge_vla.tokens.action import ActionStats
+
+    rng = np.random.default_rng(0)
+    stats = ActionStats.from_actions(rng.uniform(-1, 1, (256, 7)))
+    overrides = [f"lm.{k}={v}" for k, v in QWEN05B.items()] + ACTION_OVERRIDES
+    vla = VLA.from_preset("tiny", overrides, texts=["pick up the object and put it in the basket"], action_stats=stats)
+    vla.recipe_info = {"name": "vla", "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": " ACTION:"}
+    return vla.save_pretrained(path)
+
+
 def build_hf(ckpt: Path, work: Path) -> Path:
     """The checkpoint's LM as a plain Hugging Face directory (what GenAI's builder and llama.cpp read)."""
     out = work / "hf"
@@ -106,8 +142,8 @@ def n_params(hf: Path) -> int:
     return total if total else int(cfg.get("num_parameters", 0))
 
 
-def build_edge_vla(ckpt: Path, work: Path, prec: str) -> Path:
-    out = work / f"bundle-{prec}"
+def build_edge_vla(ckpt: Path, work: Path, prec: str, name: str = "bundle") -> Path:
+    out = work / f"{name}-{prec}"
     if not (out / "manifest.json").exists():
         from edge_vla.export import export_bundle
 
@@ -274,6 +310,39 @@ def _time_edge_vla(path: Path, ids: list[int], new: int) -> tuple[float, list[fl
     return run()
 
 
+def _time_edge_vla_action(path: Path, actions: int) -> tuple[list[tuple[float, float]], dict]:
+    """`actions` direct-mode actions of the bundle's Policy on one synthetic observation, after a warm-up."""
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.data.observations import synthetic_observations
+    from edge_vla.runtime.policy import load_policy
+
+    pol = load_policy(str(path), mode="direct")
+    obs = synthetic_observations(load_bundle(path).config, n=1)[0]
+    r = pol.act(obs)  # warm-up: ORT plans its kernels on the first runs
+    times = []
+    for _ in range(actions):
+        t = _now()
+        r = pol.act(obs)
+        times.append(_since(t))
+    return times, {"tokens": [int(x) for x in r.info["action_token_ids"]]}
+
+
+def action_positions(bundle: Path) -> dict:
+    """The positions a direct-mode action of `bundle` prefills: vision/proprio prefix, prompt, the inference
+    prefix (" ACTION:"), and the chunk's placeholders (all but the first action token ride in the prefill)."""
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.data.observations import synthetic_observations
+    from edge_vla.runtime.policy import load_policy
+
+    pol = load_policy(str(bundle), mode="direct")
+    obs = synthetic_observations(load_bundle(bundle).config, n=1)[0]
+    pv, state, prompt = pol._inputs(obs)
+    prefix = pol.backend.encode_prefix(pv, state)
+    n_prefix = int(np.asarray(prefix).shape[-2])
+    return {"prefix": n_prefix, "prompt": len(prompt) + len(pol.inference_prefix_ids),
+            "action_tokens": pol.n_action_tokens}
+
+
 def _time_genai(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
     import onnxruntime_genai as og
 
@@ -376,6 +445,8 @@ def _time_torch(path: Path, ids: list[int], new: int, compiled: bool) -> tuple[f
 def worker(spec: dict) -> dict:
     peer, path, ids, new = spec["peer"], Path(spec["path"]), spec["ids"], spec["new"]
     t0 = time.perf_counter()
+    if spec.get("row") == "action":
+        return action_worker(spec)
     if peer.startswith("edge-vla"):
         prefill, steps, toks = _time_edge_vla(path, ids, new)
     elif peer.startswith("ort-genai"):
@@ -390,11 +461,35 @@ def worker(spec: dict) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
+def action_worker(spec: dict) -> dict:
+    """One process: warm-up, then `actions` actions; each action's wall and CPU ms."""
+    peer, path, actions = spec["peer"], Path(spec["path"]), spec["actions"]
+    if peer.startswith("edge-vla"):
+        times, info = _time_edge_vla_action(path, actions)
+    else:
+        # A peer's action: prefill of the prefix positions, then the action tokens one by one (the prefill
+        # yields the first, each decode step one more). Each timed run is a fresh prefill after a warm-up run.
+        times, info = [], {}
+        for _ in range(actions):
+            new = spec["tokens"] - 1
+            if peer.startswith("ort-genai"):
+                prefill, steps, toks = _time_genai(path, spec["ids"], new)
+            elif peer.startswith("llama.cpp"):
+                prefill, steps, toks = _time_llama(path, spec["ids"], new)
+            else:
+                prefill, steps, toks = _time_torch(path, spec["ids"], new, compiled=peer == "torch-compile")
+            times.append((prefill[0] + sum(x[0] for x in steps), prefill[1] + sum(x[1] for x in steps)))
+            info = {"tokens": toks[:spec["tokens"]]}
+    return {"action_ms": [t[0] for t in times], "action_cpu_ms": [t[1] for t in times],
+            "peak_rss_mb": peak_rss_mb(), **info}
+
+
 # --- the driver ----------------------------------------------------------------------------------
 def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", peers: tuple[str, ...] = PEERS,
               prompt: int = 280, new: int = 16, repeats: int = 3, llama_src: str | Path | None = None,
-              log=print) -> dict:
-    """Build every available peer's model from the same weights, time them interleaved; returns the table."""
+              log=print, rows: tuple[str, ...] = ("decode",)) -> dict:
+    """Build every available peer's model from the same weights, time them interleaved; returns the table
+    (`rows`: "decode", the prefill + decode table; "action", one measured action per runtime)."""
     from edge_vla.deploy.roofline import measure_memory_bandwidth
     from edge_vla.errors import EdgeVLAError
 
@@ -403,6 +498,8 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
         raise EdgeVLAError(f"unknown peer {unknown[0]}", f"use some of {', '.join(PEERS)}")
     if model not in ("tiny", "qwen0.5b"):
         raise EdgeVLAError(f"unknown model {model}", "use tiny or qwen0.5b")
+    if not rows or set(rows) - {"decode", "action"}:
+        raise EdgeVLAError(f"unknown rows {','.join(rows)}", "use decode, action or both")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     src = llama_src or os.environ.get("LLAMA_CPP_SRC")
@@ -427,6 +524,13 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
         if why is not None:
             skipped[p] = why
             log(f"# {p}: skipped: {why}")
+    action = None
+    if "action" in rows:
+        action = prepare_action(model, work, peers, paths, skipped, log)
+    if "decode" not in rows:
+        return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
+                "repeats": repeats, "rows": {}, "skipped": skipped,
+                "action": run_actions(action, repeats, skipped, log) if action else None}
     bandwidth = measure_memory_bandwidth()
     results: dict[str, list] = {p: [] for p in paths}
     for r in range(repeats):
@@ -468,9 +572,89 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
             r["decode_cpu_vs_best"] = r["decode_cpu_ms_median"] / best_cpu
     return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
             "prompt_tokens": prompt, "new_tokens": new, "repeats": repeats, "bandwidth_gbs": bandwidth,
-            "rows": rows, "skipped": skipped,
+            "rows": rows, "skipped": skipped, "action": run_actions(action, repeats, skipped, log) if action else None,
             "note": "same token ids for every runtime (no peer takes image embeddings); 1 intra-op thread, a fresh "
                     "process per runtime per repeat, repeats interleaved"}
+
+
+def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, log) -> dict:
+    """What the action row runs: edge-vla's direct-mode bundles of the action checkpoint, and the peers' models
+    (the decode table's) with the same number of prefix + prompt positions as token ids."""
+    ckpt = build_action_checkpoint(model, work)
+    specs = {}
+    for p in peers:
+        if p in skipped or p not in paths:
+            continue
+        if p.startswith("edge-vla") and ckpt == build_checkpoint(model, work):
+            specs[p] = {"path": str(paths[p])}  # `tiny`: the decode table's bundle is the action model's
+        elif p.startswith("edge-vla"):
+            try:
+                specs[p] = {"path": str(build_edge_vla(ckpt, work, p.rsplit("-", 1)[1], name="action-bundle"))}
+            except Exception as e:
+                skipped[p + " (action)"] = f"build failed: {type(e).__name__}: {str(e)[:200]}"
+        else:
+            specs[p] = {"path": str(paths[p])}
+    probe = next((v["path"] for k, v in specs.items() if k.startswith("edge-vla")), None)
+    if probe is None:  # positions come from an edge-vla bundle of the action checkpoint
+        probe = str(build_edge_vla(ckpt, work, "fp32", name="action-bundle"))
+    pos = action_positions(Path(probe))
+    n = pos["prefix"] + pos["prompt"]
+    vocab = json.loads((build_hf(build_checkpoint(model, work), work) / "config.json").read_text())["vocab_size"]
+    ids = [int(x) for x in np.random.default_rng(1).integers(3, vocab, n)]
+    log(f"# action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla decodes "
+        f"{pos['action_tokens']} action tokens in the prefill, peers {OPENVLA_ACTION_TOKENS} one by one")
+    return {"positions": pos, "ids": ids, "specs": specs}
+
+
+def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int = 1) -> dict:
+    """Each runtime's action in fresh one-thread processes, repeats interleaved; CPU ms per action."""
+    runs: dict[str, list] = {p: [] for p in action["specs"]}
+    for _ in range(repeats):
+        for p, sp in action["specs"].items():
+            spec = json.dumps({"row": "action", "peer": p, "path": sp["path"], "ids": action["ids"], "new": 0,
+                               "tokens": OPENVLA_ACTION_TOKENS, "actions": per_process})
+            run = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
+                                 env=_env())
+            lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
+            if run.returncode or not lines:
+                err = [ln for ln in (run.stderr or "").splitlines() if ln.strip()]
+                skipped[p + " (action)"] = f"run failed: {err[-1][:200] if err else 'no output'}"
+                log(f"# {p} action: {skipped[p + ' (action)']}")
+                continue
+            runs[p].append(json.loads(lines[-1]))
+    rows = {}
+    for p, rs in runs.items():
+        if not rs:
+            continue
+        cpu = np.concatenate([r["action_cpu_ms"] for r in rs])
+        wall = np.concatenate([r["action_ms"] for r in rs])
+        rows[p] = {"action_cpu_ms": float(np.median(cpu)), "action_ms": float(np.median(wall)),
+                   "action_cpu_ms_min": float(cpu.min()), "action_cpu_ms_max": float(cpu.max()),
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "actions": int(cpu.size),
+                   "tokens": rs[0].get("tokens"), "format": FORMAT_BITS[p]}
+    peers_only = [r["action_cpu_ms"] for p, r in rows.items() if not p.startswith("edge-vla")]
+    best_peer = min(peers_only) if peers_only else None
+    for r in rows.values():
+        r["vs_best_peer"] = best_peer / r["action_cpu_ms"] if best_peer else None  # > 1: faster than the best peer
+    return {**{k: v for k, v in action.items() if k != "specs" and k != "ids"}, "rows": rows,
+            "best_peer_cpu_ms": best_peer, "repeats": repeats}
+
+
+def format_action_table(res: dict) -> str:
+    a = res.get("action")
+    if not a:
+        return ""
+    pos = a["positions"]
+    lines = [f"one action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla: Policy.act, direct "
+             f"mode, {pos['action_tokens']} action tokens in one parallel pass through the restricted head (vision "
+             f"tower included); peers: prefill + {OPENVLA_ACTION_TOKENS} tokens one by one (no vision); "
+             f"{a['repeats']} interleaved fresh processes, 1 thread",
+             f"{'runtime':18s} {'cpu ms':>9s} {'min':>9s} {'max':>9s} {'wall ms':>9s} {'best peer / this':>16s}  format"]
+    for p, r in sorted(a["rows"].items(), key=lambda kv: kv[1]["action_cpu_ms"]):
+        ratio = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-"
+        lines.append(f"{p:18s} {r['action_cpu_ms']:9.1f} {r['action_cpu_ms_min']:9.1f} {r['action_cpu_ms_max']:9.1f} "
+                     f"{r['action_ms']:9.1f} {ratio:>16s}  {r['format']}")
+    return "\n".join(lines)
 
 
 def format_table(res: dict) -> str:
@@ -503,11 +687,15 @@ def main():
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-src", default=None)
+    ap.add_argument("--rows", default="decode,action", help="decode (prefill + decode table), action, or both")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     res = run_peers(a.model, a.work or f"/tmp/edge_vla_peers/{a.model}", tuple(a.peers.split(",")), a.prompt, a.new,
-                    a.repeats, a.llama_src)
-    print(format_table(res))
+                    a.repeats, a.llama_src, rows=tuple(a.rows.split(",")))
+    if res["rows"]:
+        print(format_table(res))
+    if res.get("action"):
+        print(format_action_table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
 

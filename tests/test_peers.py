@@ -1,5 +1,6 @@
 """benchmarks/peers.py on the shipped tiny LM: every installed peer runs the same weights on the same
-prompt; the table's ratios, sizes and bits are consistent; absent peers skip with the reason."""
+prompt; the table's ratios, sizes and bits are consistent; absent peers skip with the reason; the action
+row times one action per runtime."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not peers.TINY_CKPT.joinpath("model.safetensors"
 def table(tmp_path_factory):
     chosen = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0")
     res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), chosen, prompt=40, new=4, repeats=1,
-                          llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None)
+                          llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None, rows=("decode", "action"))
     return res
 
 
@@ -63,8 +64,32 @@ def test_same_weights_same_greedy_tokens(table):
         assert rows["llama.cpp-q8_0"]["tokens"][0] == rows["edge-vla-fp32"]["tokens"][0]
 
 
+def test_action_row_is_measured_per_runtime(table):
+    # The action row: edge-vla's direct-mode Policy.act (the shipped parallel-decoding checkpoint: its
+    # whole 4 x 7 chunk from one prefill) against each peer's prefill + 7 tokens one by one, on the same
+    # number of prefix + prompt positions.
+    a = table["action"]
+    rows, pos = a["rows"], a["positions"]
+    assert {"edge-vla-fp32", "torch-eager"} <= set(rows)
+    assert pos["prefix"] == 33 and pos["prompt"] > 2 and pos["action_tokens"] == 28  # 2 cameras x 16 + proprio
+    assert len(rows["edge-vla-fp32"]["tokens"]) == 28
+    for p, r in rows.items():
+        assert 0 < r["action_cpu_ms_min"] <= r["action_cpu_ms"] <= r["action_cpu_ms_max"] and r["actions"] == 1
+        if not p.startswith("edge-vla"):
+            assert len(r["tokens"]) == peers.OPENVLA_ACTION_TOKENS
+    # ratios against the best peer (edge-vla is not a peer of itself): the best peer scores exactly 1
+    best = min(r["action_cpu_ms"] for p, r in rows.items() if not p.startswith("edge-vla"))
+    assert a["best_peer_cpu_ms"] == best
+    for r in rows.values():
+        assert r["vs_best_peer"] == pytest.approx(best / r["action_cpu_ms"])
+    text = peers.format_action_table(table)
+    assert "edge-vla-fp32" in text and "best peer / this" in text
+
+
 def test_unknown_peer_and_model_are_refused(tmp_path):
     with pytest.raises(EdgeVLAError, match="unknown peer"):
         peers.run_peers("tiny", tmp_path, ("vllm",))
     with pytest.raises(EdgeVLAError, match="unknown model"):
         peers.run_peers("llama-70b", tmp_path, ("torch-eager",))
+    with pytest.raises(EdgeVLAError, match="unknown rows"):
+        peers.run_peers("tiny", tmp_path, ("torch-eager",), rows=("latency",))
