@@ -264,6 +264,11 @@ def test_libero_pro_perturbations_are_listed_and_rolled_out(tmp_path, tiny_ckpt)
     assert rec["suite"] == "libero_10_swap" and rec["id"].startswith("libero_10_swap/") and rec["steps"] == 2
     assert doc["config"]["variant"]["perturbation"] == "swap" and r["path"].endswith("tiny-direct-swap.json")
     assert rec["outcome"] is None  # two objects to move: no single target to judge the lift by
+    # the language perturbation's instruction is its BDDL's, not the file name the benchmark reads
+    from edge_vla.sim.env import LiberoEnv
+
+    with LiberoEnv("libero_10_lan", task, cameras=()) as env:
+        assert env.instruction == "place alphabet soup and tomato sauce into basket" != env.task.language
 
 
 def test_data_generate_takes_task_sets(tmp_path):

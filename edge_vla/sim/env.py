@@ -294,6 +294,14 @@ class LiberoEnv:
                 ) from e
             raise
         self._env.seed(self.seed)
+        if base_suite(suite) != suite:
+            # LIBERO-PRO's instruction perturbations (`*_lan`) live in the BDDL's (:language ...), but
+            # the benchmark names a task by its file name: the perturbed instruction is the BDDL's.
+            language = self._env.env.parsed_problem.get("language_instruction")
+            if isinstance(language, (list, tuple)):
+                language = " ".join(map(str, language))
+            if isinstance(language, str) and language.strip():
+                self.instruction = language.strip()
         self._raw_obs: dict | None = None
         self.steps = 0
         self._init_states = None
