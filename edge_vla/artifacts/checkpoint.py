@@ -51,3 +51,65 @@ def load_config(path: str | Path) -> VLAConfig:
         raise EdgeVLAError(f"{p} is not an edge-vla checkpoint (config.json lacks format={CHECKPOINT_FORMAT!r})",
                            "pass a directory written by VLA.save_pretrained / edge-vla train")
     return VLAConfig.from_dict(meta, source=str(cfg_file))
+
+
+# safetensors dtype names of the tensors a checkpoint holds (the file format's own spelling).
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64", "int32": "I32",
+                      "uint8": "U8", "int8": "I8", "bool": "BOOL", "float64": "F64"}
+
+
+def write_safetensors_streaming(path: str | Path, entries, metadata: dict | None = None) -> int:
+    """Write a safetensors file tensor by tensor: `entries` is a list of (name, dtype name, shape,
+    produce) where `produce()` returns that tensor (torch, or numpy). Only one produced tensor is
+    alive at a time, so a 7B checkpoint is written without holding it: the header (names, shapes,
+    offsets) is known before any tensor is read. Returns the bytes written. Writers call it inside
+    edge_vla.io.atomic_directory, which makes the file appear whole or not at all."""
+    import json
+    import math
+
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    sizes = []
+    for name, dtype, shape, _ in entries:
+        st = SAFETENSORS_DTYPES.get(str(dtype).replace("torch.", ""))
+        if st is None:
+            raise EdgeVLAError(f"tensor {name} has dtype {dtype}, which a checkpoint does not store",
+                               f"use one of {', '.join(SAFETENSORS_DTYPES)}")
+        n = math.prod(int(d) for d in shape) * _ITEMSIZE[st]
+        header[name] = {"dtype": st, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+        offset += n
+        sizes.append(n)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, dtype, shape, produce), n in zip(entries, sizes):
+            data = _raw_bytes(produce(), dtype, shape, name)
+            if len(data) != n:
+                raise EdgeVLAError(f"tensor {name} produced {len(data)} bytes, its header says {n}",
+                                   "report this: the writer's plan and the tensor disagree")
+            f.write(data)
+    return 8 + len(blob) + offset
+
+
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1, "F64": 8}
+
+
+def _raw_bytes(t, dtype, shape, name) -> memoryview:
+    if hasattr(t, "detach"):  # torch: bfloat16 has no numpy dtype, its bytes are viewed as uint8
+        import torch
+
+        want = getattr(torch, str(dtype).replace("torch.", ""))
+        t = t.detach().to("cpu", want).contiguous()
+        if tuple(t.shape) != tuple(shape):
+            raise EdgeVLAError(f"tensor {name} has shape {tuple(t.shape)}, its header says {tuple(shape)}",
+                               "report this: the writer's plan and the tensor disagree")
+        return memoryview(t.view(torch.uint8).numpy() if t.numel() else b"").cast("B")
+    import numpy as np
+
+    a = np.ascontiguousarray(t, dtype=str(dtype))
+    if tuple(a.shape) != tuple(shape):
+        raise EdgeVLAError(f"tensor {name} has shape {a.shape}, its header says {tuple(shape)}",
+                           "report this: the writer's plan and the tensor disagree")
+    return memoryview(a).cast("B")

@@ -26,10 +26,14 @@ import click
 @click.option("--min-agreement", type=float, default=None,
               help="Refuse the bundle when its action-token agreement with fp32 (free-running, in the recipe's own "
                    "decode mode) is below this fraction (e.g. 0.99).")
+@click.option("--streaming/--no-streaming", default=None,
+              help="Export without loading the model: weights read from the shards one at a time, the decoder "
+                   "quantized as it is built, parity per layer and against a streamed PyTorch reference "
+                   "(int4, int8, fp32; ONNX Runtime targets). Default: for checkpoints over 2B parameters.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT even when it is not a bundle (a bundle is replaced without it; "
                    "the checkpoint and --data never are).")
-def export(checkpoint, output, precision, vision_precision, target, data, min_agreement, overwrite):
+def export(checkpoint, output, precision, vision_precision, target, data, min_agreement, streaming, overwrite):
     """Export CHECKPOINT to an ONNX bundle that runs without PyTorch.
 
     Every export checks parity against PyTorch (logit difference, greedy-token agreement) and
@@ -44,4 +48,4 @@ def export(checkpoint, output, precision, vision_precision, target, data, min_ag
         click.echo(f"precision: {precision} (the default for target {target})")
     export_bundle(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
                   target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
-                  report=click.echo, overwrite=overwrite)
+                  report=click.echo, overwrite=overwrite, streaming=streaming)

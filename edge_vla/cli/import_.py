@@ -23,7 +23,9 @@ import click
 @click.option("--center-crop/--no-center-crop", default=None,
               help="Run on the centre 0.9 of each frame's area, as OpenVLA's LIBERO evaluation does for its "
                    "fine-tunes (default: on for a libero* --unnorm-key of an OpenVLA checkpoint).")
-@click.option("--float16", "half", is_flag=True, help="Store the weights as float16 (half the file; loaded as float32).")
+@click.option("--float16", "half", is_flag=True,
+              help="Store the weights as float16 (half the file; loaded as float32). Without it the released dtype "
+                   "is kept (bfloat16 for openvla-7b): the weights are written one tensor at a time, never all in memory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT even when it is not an edge-vla checkpoint.")
 def import_(source, output, unnorm_key, llm, ecot, gripper, center_crop, half, overwrite):
     """Import SOURCE (a local directory, or a Hugging Face hub id where there is network) into OUTPUT.
@@ -34,15 +36,12 @@ def import_(source, output, unnorm_key, llm, ecot, gripper, center_crop, half, o
     """
     from pathlib import Path
 
-    import torch
-
     from edge_vla.artifacts.checkpoint import CHECKPOINT_FORMAT
     from edge_vla.io import check_output_dir
-    from edge_vla.model.vla import VLA
+    from edge_vla.model.released_import import import_released
 
     # Refused before the slow conversion: never the source, never a directory that is not ours.
     check_output_dir(output, CHECKPOINT_FORMAT, overwrite, [source] if Path(source).exists() else [])
-    vla = VLA.from_released(source, unnorm_key=unnorm_key, llm=llm, ecot=ecot, gripper=gripper,
-                              center_crop=center_crop)
-    out = vla.save_pretrained(output, dtype=torch.float16 if half else None)
+    out = import_released(source, output, unnorm_key=unnorm_key, llm=llm, ecot=ecot, gripper=gripper,
+                          center_crop=center_crop, dtype="float16" if half else None, overwrite=overwrite)
     click.echo(f"imported {source} -> {out}")

@@ -144,19 +144,11 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
     out.mkdir(parents=True, exist_ok=True)
     vla = vla.float().eval()
     cfg = vla.config
-    n_cams, s = len(cfg.cameras), cfg.image_size
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=1, max=8192)
 
-    pv = torch.zeros(2, n_cams, 3, s, s)
     graphs: dict[str, dict] = {}
-    if vla.proprio is not None:
-        args, names, dyn = (pv, torch.zeros(2, cfg.proprio_dim)), ["pixel_values", "state"], {
-            "pixel_values": {0: batch}, "state": {0: batch}}
-    else:
-        args, names, dyn = (pv,), ["pixel_values"], {"pixel_values": {0: batch}}
-    _export(PrefixEncoder(vla), args, out / PREFIX_GRAPH, names, ["prefix_embeds"], dyn, "vision tower + projector")
-    graphs["prefix"] = {"file": PREFIX_GRAPH, "inputs": names, "outputs": ["prefix_embeds"]}
+    graphs["prefix"] = export_prefix(PrefixEncoder(vla), cfg, vla.proprio is not None, out)
 
     ids = torch.zeros(2, 5, dtype=torch.long)
     _export(TokenEmbed(vla), (ids,), out / EMBED_GRAPH, ["input_ids"], ["token_embeds"],
@@ -189,6 +181,20 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
     if vla.action_stats is not None:
         graphs["action_head"] = export_action_head(vla, out / ACTION_HEAD_GRAPH)
     return graphs
+
+
+def export_prefix(module, cfg, proprio: bool, out: Path) -> dict:
+    """prefix.onnx of `module` (pixel_values [, state] -> prefix_embeds): a PrefixEncoder, or the
+    streaming export's vision-only module (no language model in memory)."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    pv = torch.zeros(2, len(cfg.cameras), 3, cfg.image_size, cfg.image_size)
+    if proprio:
+        args, names, dyn = (pv, torch.zeros(2, cfg.proprio_dim)), ["pixel_values", "state"], {
+            "pixel_values": {0: batch}, "state": {0: batch}}
+    else:
+        args, names, dyn = (pv,), ["pixel_values"], {"pixel_values": {0: batch}}
+    _export(module, args, Path(out) / PREFIX_GRAPH, names, ["prefix_embeds"], dyn, "vision tower + projector")
+    return {"file": PREFIX_GRAPH, "inputs": names, "outputs": ["prefix_embeds"]}
 
 
 def export_full_decoder(vla, path: Path) -> tuple[list[str], list[str]]:
@@ -234,22 +240,28 @@ def export_action_head(vla, path: Path) -> dict:
     logits) built from the action-token rows of the LM head: 256 rows instead of the whole vocabulary.
     It stops at the bins: the Policy de-normalises them with the checkpoint's ActionTokenizer, the
     same for every backend and mode."""
-    import onnx
-
-    from edge_vla.kernels.onnx_graph import build_action_head_graph
     from edge_vla.kernels.reference import action_head_rows
 
     tok = vla.processor.tokenizer
     head = vla.lm.get_output_embeddings()
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().numpy()
     weight, bias = action_head_rows(head.weight.detach().float().numpy(), tok.first_action_id, tok.n_bins, bias)
+    return write_action_head(weight, bias, tok.n_bins, path)
+
+
+def write_action_head(weight, bias, n_bins: int, path: Path) -> dict:
+    """action_head.onnx from the action-token rows (n_bins, H) of the LM head (and their bias)."""
+    import onnx
+
+    from edge_vla.kernels.onnx_graph import build_action_head_graph
+
     model = build_action_head_graph(weight, None, None, None, bias, actions_name=None)
     # Expose the 256 action logits too (adaptive mode's entropy/margin, the parity check): the graph
     # computes them anyway, so the restricted head serves every mode.
     logits = "action_head/logits_b" if bias is not None else "action_head/logits"
     model.graph.node.append(onnx.helper.make_node("Identity", [logits], [ACTION_LOGITS], name="action_head/logits_out"))
     model.graph.output.append(onnx.helper.make_tensor_value_info(ACTION_LOGITS, onnx.TensorProto.FLOAT,
-                                                                 ["rows", tok.n_bins]))
+                                                                 ["rows", n_bins]))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return {"file": path.name, "inputs": ["hidden", "dim"], "outputs": ["bins", ACTION_LOGITS]}

@@ -150,7 +150,7 @@ def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recip
 
 def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=None, target: str = "cpu",
                   parity_samples=None, vision_precision: str | None = None, min_action_agreement: float | None = None,
-                  parity_atol: float = 1e-3, report=print, overwrite: bool = False) -> Path:
+                  parity_atol: float = 1e-3, report=print, overwrite: bool = False, streaming: bool | None = None) -> Path:
     """Export the checkpoint `ckpt_dir` to a bundle at `out_dir` (the steps above, in order).
 
     `parity_samples` (Samples, obs dicts or a dataset path; synthetic observations when None) check
@@ -159,6 +159,8 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     `precision`; the vision graph `vision_precision` (default: the target's choice for `precision`).
     `out_dir` may be missing, empty or a bundle; another directory only with `overwrite`; never
     the checkpoint or the data (edge_vla.io.check_output_dir, refused before the slow steps).
+    `streaming` (None: above STREAM_ABOVE_PARAMS parameters) exports without loading the model
+    (edge_vla.export.streaming: weights read from the shards, graphs quantized as they are built).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -180,6 +182,21 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     get_target(target)  # an unknown name is refused with the close ones
     vision_precision = check_precision(vision_precision or default_vision_precision(target, precision),
                                        "vision precision")
+    if streaming is None:
+        from edge_vla.export.streaming import STREAM_ABOVE_PARAMS, checkpoint_params
+
+        streaming = (checkpoint_params(ckpt_dir) or 0) > STREAM_ABOVE_PARAMS
+    if streaming:
+        from edge_vla.export import streaming as st
+
+        src = st.open_source(ckpt_dir)
+        parity_obs = (load_observations(parity_samples, src.config, limit=PARITY_OBSERVATIONS)
+                      or synthetic_observations(src.config))
+        held_out = load_observations(calibration_data, src.config, limit=HELD_OUT_OBSERVATIONS) or parity_obs
+        return st.export_bundle_streaming(src, ckpt_dir, out, precision,
+                                          graph_precisions({r: {} for r in st.ROLES}, precision, vision_precision),
+                                          target, parity_obs, held_out, min_action_agreement, parity_atol, report,
+                                          overwrite, inputs, _jsonable)
     vla = load_checkpoint(ckpt_dir, target)
     memory_fit = check_export_fits(vla, precision, target, report)  # refuses before the slow export
     parity_obs = (load_observations(parity_samples, vla.config, limit=PARITY_OBSERVATIONS)

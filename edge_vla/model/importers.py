@@ -29,6 +29,8 @@ Weights are read from safetensors directly; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +132,126 @@ def detect(path: Path) -> str:
 # --- weights -----------------------------------------------------------------------------------------
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, memory-mapped, by name."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class ShardedTensors(Mapping):
+    """The tensors of a (possibly sharded) safetensors checkpoint by name, read one at a time.
 
+    Nothing is read at construction but the shards' headers; `t[name]` reads that tensor, in its
+    stored dtype, with one positioned read into a buffer of its own; `shape(name)` / `dtype(name)`
+    read the header only; `rows(name, a, b)` reads those rows alone. Positioned reads rather than a
+    memory map: the kernel's page cache still serves repeated reads, but no page of a 15 GB shard
+    set is ever mapped into (and counted in) the process, which holds only the tensors it was
+    given. `on_read(name)` (optional) is called for every tensor read."""
+
+    def __init__(self, path: Path, files: dict[str, Path], on_read=None):
+        self.path, self.on_read = path, on_read
+        self._files: dict[str, Path] = {}
+        self._meta: dict[str, tuple[str, dict, int]] = {}  # name -> (shard, header entry, data start)
+        for name, f in files.items():
+            if not f.is_file():
+                raise EdgeVLAError(f"shard {name} listed in model.safetensors.index.json is missing from {path}",
+                                   "download every shard of the checkpoint (huggingface-cli download resumes)")
+            header, start = _safetensors_header(f)
+            self._files[name] = f
+            for k, v in header.items():
+                if k != "__metadata__":
+                    self._meta[k] = (name, v, start)
+
+    def _entry(self, name: str):
+        if name not in self._meta:
+            raise KeyError(name)
+        return self._meta[name]
+
+    def _read(self, name: str, begin: int, end: int):
+        shard, _, start = self._entry(name)
+        buf = bytearray(end - begin)
+        with open(self._files[shard], "rb") as f:
+            n = os.preadv(f.fileno(), [buf], start + begin)
+        if n != len(buf):
+            raise EdgeVLAError(f"shard {self._files[shard]} ends inside tensor {name}",
+                               "re-download it: the file is truncated or damaged")
+        return buf
+
+    def _tensor(self, name: str, buf, shape) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype(name))
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def __getitem__(self, name: str):
+        _, e, _ = self._entry(name)
+        if self.on_read is not None:
+            self.on_read(name)
+        begin, end = e["data_offsets"]
+        return self._tensor(name, self._read(name, begin, end), self.shape(name))
+
+    def __iter__(self):
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __contains__(self, name) -> bool:
+        return name in self._meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._entry(name)[1]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as torch names it (bfloat16, float32, ...)."""
+        st = self._entry(name)[1]["dtype"]
+        if st not in _SAFETENSORS_TORCH:
+            raise EdgeVLAError(f"tensor {name} in {self.path} has dtype {st}, which edge-vla does not read",
+                               f"store it as one of {', '.join(sorted(_SAFETENSORS_TORCH))}")
+        return _SAFETENSORS_TORCH[st]
+
+    def rows(self, name: str, start: int, stop: int):
+        """Rows [start, stop) of a tensor, read alone (one embedding row, without the table)."""
+        import math
+
+        if self.on_read is not None:
+            self.on_read(name)
+        shape = self.shape(name)
+        row = math.prod(shape[1:]) * _ITEMSIZE[self.dtype(name)]
+        begin = self._entry(name)[1]["data_offsets"][0]
+        return self._tensor(name, self._read(name, begin + start * row, begin + stop * row), (stop - start, *shape[1:]))
+
+    def nbytes(self) -> int:
+        import math
+
+        return sum(math.prod(self.shape(k)) * _ITEMSIZE[self.dtype(k)] for k in self._meta)
+
+
+def _safetensors_header(f: Path) -> tuple[dict, int]:
+    """(header, byte offset of the data) of a safetensors file, checked against the file's size."""
+    damaged = EdgeVLAError(f"shard {f} does not load (its safetensors header is damaged)",
+                           "re-download it: the file is truncated or damaged")
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n < 2 or n > min(size - 8, 100 << 20):
+                raise damaged
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        raise damaged from None
+    if not isinstance(header, dict):
+        raise damaged
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise EdgeVLAError(f"shard {f} is truncated ({size} bytes, its header lists {8 + n + end})",
+                           "re-download it: the file is truncated or damaged")
+    return header, 8 + n
+
+
+_SAFETENSORS_TORCH = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
+             "bool": 1}
+
+
+def read_safetensors(path: Path, on_read=None) -> ShardedTensors:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, memory-mapped and read on access."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -147,18 +264,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     else:
         raise EdgeVLAError(f"{path} has no model.safetensors nor model.safetensors.index.json",
                            "download the weights too (the safetensors files)")
-    sd: dict[str, torch.Tensor] = {}
-    for name in shards:
-        f = path / name
-        if not f.is_file():
-            raise EdgeVLAError(f"shard {name} listed in {index.name} is missing from {path}",
-                               "download every shard of the checkpoint (huggingface-cli download resumes)")
-        try:
-            sd.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise EdgeVLAError(f"shard {f} does not load ({str(e).splitlines()[0][:160]})",
-                               "re-download it: the file is truncated or damaged") from None
-    return sd
+    return ShardedTensors(path, {name: path / name for name in shards}, on_read)
 
 
 # --- tokenizer and statistics -------------------------------------------------------------------------
@@ -254,7 +360,7 @@ def _openvla_config(cfg: dict, sd: dict, where: Path) -> tuple[VLAConfig, int]:
         raise EdgeVLAError(f"{where}/config.json has no text_config.model_type", "re-download config.json")
     for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         text.pop(k, None)
-    lm_vocab = int(text.get("vocab_size") or sd["language_model.model.embed_tokens.weight"].shape[0])
+    lm_vocab = int(text.get("vocab_size") or _shape(sd, "language_model.model.embed_tokens.weight")[0])
     end = lm_vocab - int(cfg.get("pad_to_multiple_of", 0) or 0)
     strategy = str(cfg.get("image_resize_strategy", "letterbox"))
     config = VLAConfig(
@@ -384,22 +490,63 @@ def _read_prismatic(path: Path, llm) -> tuple[dict, dict, object, list[int]]:
     return hf_cfg, sd, tokenizer, tok.encode("\n", add_special_tokens=False).ids
 
 
-def _openvla_weights(sd: dict, config: VLAConfig) -> dict:
-    from edge_vla.model.prismatic import timm_to_hf
+def _shape(sd, name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it where the source can (safetensors headers)."""
+    return sd.shape(name) if isinstance(sd, ShardedTensors) else tuple(sd[name].shape)
 
-    out = {}
-    towers = [config.vision] + ([config.fused_vision] if config.fused_vision else [])
-    for i, (prefix, tcfg) in enumerate(zip(("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."), towers)):
-        try:
-            out.update({f"vision.towers.{i}.{k}": v for k, v in timm_to_hf(sd, prefix, tcfg).items()})
-        except KeyError as e:
-            raise EdgeVLAError(f"the checkpoint lacks {e.args[0]}", "download every shard of the checkpoint") from None
-    for k, v in sd.items():
-        if k.startswith("projector."):
-            out[k] = v
-        elif k.startswith("language_model."):
-            out["lm." + k[len("language_model."):]] = v
-    return out
+
+class RenamedWeights(Mapping):
+    """A released checkpoint's weights under edge-vla's state-dict names, in their stored dtype.
+
+    The vision towers (renamed and split by timm_to_hf: qkv chunks, padded positions) are
+    converted when this is built (~0.7B parameters at OpenVLA's size); the projector and the
+    language model are renames, read from the shards only when asked for, one at a time."""
+
+    def __init__(self, sd, config: VLAConfig):
+        from edge_vla.model.prismatic import timm_to_hf
+
+        self.sd = sd
+        self.vision: dict = {}
+        towers = [config.vision] + ([config.fused_vision] if config.fused_vision else [])
+        for i, (prefix, tcfg) in enumerate(zip(("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."), towers)):
+            try:
+                self.vision.update({f"vision.towers.{i}.{k}": v for k, v in timm_to_hf(sd, prefix, tcfg).items()})
+            except KeyError as e:
+                raise EdgeVLAError(f"the checkpoint lacks {e.args[0]}", "download every shard of the checkpoint") from None
+        self.renames = {}
+        for k in sd:
+            if k.startswith("projector."):
+                self.renames[k] = k
+            elif k.startswith("language_model."):
+                self.renames["lm." + k[len("language_model."):]] = k
+
+    def __getitem__(self, name: str):
+        if name in self.vision:
+            return self.vision[name]
+        return self.sd[self.renames[name]]
+
+    def __iter__(self):
+        yield from self.vision
+        yield from self.renames
+
+    def __len__(self) -> int:
+        return len(self.vision) + len(self.renames)
+
+    def __contains__(self, name) -> bool:
+        return name in self.vision or name in self.renames
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.vision[name].shape) if name in self.vision else _shape(self.sd, self.renames[name])
+
+    def dtype(self, name: str) -> str:
+        if name in self.vision:
+            return str(self.vision[name].dtype).replace("torch.", "")
+        src = self.renames[name]
+        return self.sd.dtype(src) if isinstance(self.sd, ShardedTensors) else str(self.sd[src].dtype).replace("torch.", "")
+
+    def rows(self, name: str, start: int, stop: int):
+        src = self.renames[name]
+        return self.sd.rows(src, start, stop) if isinstance(self.sd, ShardedTensors) else self.sd[src][start:stop]
 
 
 @dataclass
@@ -409,20 +556,21 @@ class Released:
     config: VLAConfig
     tokenizer: object  # TextTokenizer
     stats: ActionStats
-    weights: dict  # edge-vla state-dict names -> float32 tensors
+    weights: dict  # edge-vla state-dict names -> float32 tensors (a RenamedWeights, read on access, when lazy)
     recipe_info: dict
     path: Path
 
 
 def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = False, gripper: str = "auto",
-                  center_crop: bool | None = None) -> Released:
+                  center_crop: bool | None = None, lazy: bool = False) -> Released:
     """The released checkpoint at `src` (local directory or hub id), converted: config, tokenizer,
     statistics, weights renamed to edge-vla's modules, and how to decode it. `llm`: the base LLM's
     directory (or hub id) for Prismatic training checkpoints, which do not carry its config.
     `ecot`: an ECoT checkpoint in OpenVLA's layout (nothing in its files says so): its prompt, and
     full-mode decoding (reasoning, then the actions). `gripper`: see released_stats. `center_crop`:
     run on the centre 0.9 of the frame's area (None: for OpenVLA's libero* fine-tunes, as their
-    evaluation does)."""
+    evaluation does). `lazy`: the weights stay in the shards (RenamedWeights, stored dtype, read one
+    tensor at a time): how the streaming import and export read a 7B checkpoint."""
     path = resolve(src)
     family = detect(path)
     if family == "edge-vla":
@@ -444,7 +592,7 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
         tokenizer = released_tokenizer(path, end - n_bins, n_bins)
         prefix_ids = [OPENVLA_EMPTY_TOKEN]
     emb = "language_model.model.embed_tokens.weight"
-    lm_rows = int(sd[emb].shape[0]) if emb in sd else 0
+    lm_rows = int(_shape(sd, emb)[0]) if emb in sd else 0
     special = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
     if end - n_bins < 0 or end > lm_rows or special & set(range(end - n_bins, end)):
         raise EdgeVLAError(
@@ -459,14 +607,14 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
     config.center_crop_scale = LIBERO_CROP_AREA if center_crop else 1.0
     config.action_dim = len(stats.q01)
     config.validate(str(path))
-    renamed = _openvla_weights(sd, config)
-    sd.clear()
-    # One tensor at a time: the shards are memory-mapped (page cache, reclaimable), each released
-    # tensor is dropped once its float32 copy exists, so the process's own memory peaks at the
-    # float32 model (541M parameters: 3.4 GB peak RSS with the mapped 1.1 GB of bfloat16 shards).
-    weights = {}
-    for k in list(renamed):
-        weights[k] = renamed.pop(k).float()
+    renamed = RenamedWeights(sd, config)
+    if lazy:
+        weights = renamed
+    else:
+        # One tensor at a time: the shards are memory-mapped (page cache, reclaimable), each released
+        # tensor is read and converted alone, so the process's own memory peaks at the float32 model.
+        weights = {k: renamed[k].float() for k in list(renamed)}
+        sd = renamed = None
     recipe_info = {
         "name": "vla", "options": {"released": family, "source": str(src), "unnorm_key": key},
         "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
@@ -481,4 +629,4 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
     return Released(config, tokenizer, stats, weights, recipe_info, path)
 
 
-__all__ = ["Released", "read_released", "is_released_layout", "detect", "resolve", "SUPPORTED"]
+__all__ = ["Released", "read_released", "ShardedTensors", "RenamedWeights", "is_released_layout", "detect", "resolve", "SUPPORTED"]
