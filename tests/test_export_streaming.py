@@ -205,3 +205,17 @@ def test_a_truncated_shard_is_named_before_anything_is_read(released, tmp_path):
     shard.write_bytes(b"\x10\x00")
     with pytest.raises(EdgeVLAError, match="does not load .*header is damaged"):
         read_safetensors(src)
+
+
+def test_memory_fit_refuses_a_7b_config_for_a_small_board_before_reading_weights(released, tmp_path):
+    """`--target orin-*` applies to imported/released models on the streaming path too: sized from the
+    config (here a Llama-2-7B text config over the tiny weights, which are never read)."""
+    from edge_vla.export import export_bundle
+
+    src = shutil.copytree(released[0], tmp_path / "big")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"].update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=32)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgeVLAError, match=r"int8 direct needs .* GiB.*orin-nano-8 has .* GiB usable"):
+        export_bundle(src, tmp_path / "b", precision="int8", target="orin-nano-8", streaming=True, report=_quiet)
