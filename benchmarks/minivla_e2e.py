@@ -252,7 +252,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge_vla.cli", *args]
 
 
-def prepare(work: Path, shape: str, lock: str | None, log) -> dict:
+def prepare(work: Path, shape: str, lock: str | None, log, precisions=PRECISIONS) -> dict:
     """Run dir -> imported checkpoint -> three bundles, each step measured once; reused when present
     (its measurements are kept in work/prepare.json)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,7 @@ def prepare(work: Path, shape: str, lock: str | None, log) -> dict:
         m.pop("stdout")
         done["import"] = {**m, "bytes": _dir_bytes(ckpt)}
         record.write_text(json.dumps(done, indent=2))
-    for prec in PRECISIONS:
+    for prec in precisions:
         key, out = f"export-{prec}", work / f"bundle-{prec}"
         if key not in done:
             log(f"# edge-vla export --{prec} ...")
@@ -455,21 +455,28 @@ def run_benchmark(work: str | Path = "/tmp/minivla_e2e", shape: str = "minivla",
         raise SystemExit(f"unknown shape {shape}: use one of {', '.join(SHAPES)}")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    prep = prepare(work, shape, lock, log)
+    unknown = [rt for rt in runtimes if rt not in RUNTIMES]
+    if unknown:
+        raise SystemExit(f"unknown runtime {unknown[0]}: use some of {', '.join(RUNTIMES)}")
+    precisions = [p for p in PRECISIONS if f"edge-vla-{p}" in runtimes]
+    prep = prepare(work, shape, lock, log, precisions)
     paths = {"torch-fp32": work / "ckpt", **{f"edge-vla-{p}": work / f"bundle-{p}" for p in PRECISIONS}}
     skipped = {rt: prep[f"export-{rt.rsplit('-', 1)[1]}"]["error"] for rt in runtimes
                if rt != "torch-fp32" and "error" in prep[f"export-{rt.rsplit('-', 1)[1]}"]}
     runtimes = [rt for rt in runtimes if rt not in skipped]
     runs: dict[str, list] = {rt: [] for rt in runtimes}
-    for r in range(repeats):
-        for rt in runtimes:
-            spec = {"kind": rt, "path": str(paths[rt]), "reasoning": reasoning_tokens}
-            m = measured([sys.executable, __file__, "--worker", json.dumps(spec)], lock if rt in HEAVY else None, log)
-            got = json.loads(m["stdout"].strip().splitlines()[-1])
-            runs[rt].append(got)
-            log(f"# repeat {r + 1}/{repeats} {rt}: direct {got['direct_ms']:.0f} ms ({got['direct_ms_cpu']:.0f} CPU), "
-                f"full {got['full_ms'] / 1e3:.1f} s ({got['full_ms_cpu'] / 1e3:.1f} CPU), "
-                f"{got['decode_ms_per_token']:.1f} ms/token, peak {got['peak_rss_mb']:.0f} MB")
+    # One lock for the whole timing phase when a heavy runtime is in it: the repeats stay interleaved
+    # (another heavy job cannot take the machine between them) and no heavy job competes for memory.
+    with heavy_lock(lock if HEAVY & set(runtimes) else None, log):
+        for r in range(repeats):
+            for rt in runtimes:
+                spec = {"kind": rt, "path": str(paths[rt]), "reasoning": reasoning_tokens}
+                m = measured([sys.executable, __file__, "--worker", json.dumps(spec)], None, log)
+                got = json.loads(m["stdout"].strip().splitlines()[-1])
+                runs[rt].append(got)
+                log(f"# repeat {r + 1}/{repeats} {rt}: direct {got['direct_ms']:.0f} ms ({got['direct_ms_cpu']:.0f} CPU), "
+                    f"full {got['full_ms'] / 1e3:.1f} s ({got['full_ms_cpu'] / 1e3:.1f} CPU), "
+                    f"{got['decode_ms_per_token']:.1f} ms/token, peak {got['peak_rss_mb']:.0f} MB")
     rows = {}
     for rt, rr in runs.items():
         row = {k + s: float(np.median([x[k + s] for x in rr])) for k in COMPONENTS for s in ("", "_cpu")}
@@ -490,7 +497,7 @@ def run_benchmark(work: str | Path = "/tmp/minivla_e2e", shape: str = "minivla",
             row["speedup_vs_torch"] = {k + s: base[k + s] / row[k + s] for k in COMPONENTS for s in ("", "_cpu")}
             row["size_vs_torch"] = row["disk_bytes"] / base["disk_bytes"]
     steps = {k: {kk: v for kk, v in prep[k].items() if kk in ("wall_s", "cpu_s", "peak_rss_mb", "bytes", "error")}
-             for k in ("run", "import", *[f"export-{p}" for p in PRECISIONS])}
+             for k in ("run", "import", *[f"export-{p}" for p in precisions])}
     steps["run"]["bytes"] = prep["run"]["pt_bytes"]
     return {"shape": shape, "config": SHAPES[shape], "released_params": prep["run"]["released_params"],
             "reasoning_tokens": reasoning_tokens, "repeats": repeats, "runtimes": list(runtimes), "rows": rows,
@@ -541,7 +548,9 @@ def main():
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     if a.prepare_only:
-        print(json.dumps(prepare(Path(a.work), a.shape, a.lock or None, print), indent=2))
+        rts = a.runtimes.split(",")
+        print(json.dumps(prepare(Path(a.work), a.shape, a.lock or None, print,
+                                 [p for p in PRECISIONS if f"edge-vla-{p}" in rts]), indent=2))
         return
     res = run_benchmark(a.work, a.shape, a.repeats, a.reasoning_tokens, a.lock or None, tuple(a.runtimes.split(",")))
     print(format_report(res))
