@@ -50,12 +50,15 @@ generate - prefill). Peak RSS is the process's VmHWM; bytes on disk are the chec
 (torch) or the bundle's files.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/minivla_e2e.py --work /tmp/minivla_e2e \\
-        [--repeats 3] [--reasoning-tokens 250] [--out results.json] [--lock /tmp/edge-vla-heavy.lock]
+        [--runtimes torch-fp32,edge-vla-int8,edge-vla-int4,edge-vla-fp32] [--repeats 3] \\
+        [--reasoning-tokens 250] [--out results.json] [--lock /tmp/edge-vla-heavy.lock]
 
-Heavy steps (writing the run, import, export, the fp32 runtimes: > 4 GB each at this size) take
-the lock file's exclusive flock(2) first, the same lock `flock /tmp/edge-vla-heavy.lock CMD`
-takes, so they never overlap another engineer's heavy job. `--shape tiny` runs the same code path
-on a tiny model (tests/test_minivla_bench.py).
+Heavy steps (writing the run, import, each export: 5-12 GB at this size) take the lock file's
+exclusive flock(2) first, the same lock `flock /tmp/edge-vla-heavy.lock CMD` takes, so they never
+overlap another engineer's heavy job; so does the whole timing phase when it includes an fp32
+runtime (~5.5 GB), which also keeps the repeats interleaved. The work directory is reused: what
+exists there is not rebuilt (its measurements are kept in prepare.json). `--shape tiny` runs the
+same code path on a tiny model (tests/test_minivla_bench.py).
 """
 
 from __future__ import annotations
