@@ -40,19 +40,29 @@ def released(tmp_path_factory):
     return path, sd
 
 
-@pytest.fixture(scope="module")
-def bundles(released, tmp_path_factory):
+def _export_pairs(src, root, precisions, fp32: bool) -> dict:
     from edge_vla.export import export_bundle
 
-    root = tmp_path_factory.mktemp("stream_bundles")
     out = {}
-    for precision in ("fp32", "int4", "int8"):
-        out[precision] = export_bundle(released[0], root / f"stream_{precision}", precision=precision, streaming=True,
+    if fp32:
+        out["fp32"] = export_bundle(src, root / "stream_fp32", precision="fp32", streaming=True, report=_quiet)
+    for precision in precisions:
+        out[precision] = export_bundle(src, root / f"stream_{precision}", precision=precision, streaming=True,
                                        report=_quiet)
-    for precision in ("int4", "int8"):
-        out[f"memory_{precision}"] = export_bundle(released[0], root / f"memory_{precision}", precision=precision,
+        out[f"memory_{precision}"] = export_bundle(src, root / f"memory_{precision}", precision=precision,
                                                    streaming=False, report=_quiet)
     return out
+
+
+@pytest.fixture(scope="module")
+def bundles(released, tmp_path_factory):
+    """Streamed fp32 and INT4 bundles, and the in-memory INT4 bundle of the same checkpoint."""
+    return _export_pairs(released[0], tmp_path_factory.mktemp("stream_bundles"), ("int4",), fp32=True)
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(released, tmp_path_factory):
+    return _export_pairs(released[0], tmp_path_factory.mktemp("stream_int8"), ("int8",), fp32=False)
 
 
 def _obs(img):
@@ -76,10 +86,18 @@ def test_a_streamed_fp32_bundle_acts_as_the_published_model(released, bundles):
     np.testing.assert_allclose(load_policy(bundles["fp32"]).act(_obs(img)).action, libero_gripper(want), atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_streamed_and_in_memory_quantized_bundles_hold_the_same_weights(bundles, precision):
+def test_streamed_and_in_memory_int4_bundles_hold_the_same_weights(bundles):
     """Packed weight by weight (edge_vla.export.nbits) or by ORT's MatMulNBitsQuantizer over the whole fp32
     graph: the same MatMulNBits / embedding bytes, the same nodes, the same action tokens."""
+    _same_weights_and_tokens(bundles, "int4")
+
+
+@pytest.mark.slow
+def test_streamed_and_in_memory_int8_bundles_hold_the_same_weights(int8_bundles):
+    _same_weights_and_tokens(int8_bundles, "int8")
+
+
+def _same_weights_and_tokens(bundles, precision):
     import onnx
     from onnx import numpy_helper
 
@@ -105,10 +123,11 @@ def test_streamed_and_in_memory_quantized_bundles_hold_the_same_weights(bundles,
         assert pa.act(o).info["action_token_ids"] == pb.act(o).info["action_token_ids"]
 
 
-def test_the_quantized_streamed_bundle_reports_parity_per_layer_and_whole(bundles):
+@pytest.mark.slow
+def test_the_int8_streamed_bundle_reports_parity_per_layer_and_whole(int8_bundles):
     from edge_vla.artifacts.bundle import load_bundle
 
-    p = load_bundle(bundles["int8"]).manifest["parity"]
+    p = load_bundle(int8_bundles["int8"]).manifest["parity"]
     assert all(0.99 < r["update_cosine"] <= 1.0 + 1e-9 for r in p["per_layer"]["layers"])
     assert p["whole_graph"]["n_tokens"] > 0 and 0.0 <= p["whole_graph"]["action_bin_agreement"] <= 1.0
     assert p["whole_graph"]["action_cosine"] > 0.99  # 8-bit blocks of 256 on this tiny random model

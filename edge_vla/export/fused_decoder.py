@@ -172,7 +172,7 @@ def build_decoder_graph(c, weights, sink, bits: int | None = None, layers=None, 
         from onnx import TensorProto, helper
     except ImportError:
         raise MissingDependencyError("onnx", "the fused decoder graph", "pip install 'edge-vla[export]'") from None
-    from edge_vla.export.nbits import matmul_nbits_node, pack_matmul
+    from edge_vla.export.nbits import matmul_nbits_node, pack_matmul, weight_kn
 
     layer_ids = list(range(c.num_hidden_layers) if layers is None else layers)
     n_heads = c.num_attention_heads
@@ -237,8 +237,8 @@ def build_decoder_graph(c, weights, sink, bits: int | None = None, layers=None, 
                  [p + "x", "", "", p + "res"], domain=MS, epsilon=eps)
             x, residual = p + "x", p + "res"
         att = src + "self_attn."
-        qkv_w = np.concatenate([weights(att + f"{n}_proj.weight") for n in "qkv"], 0)
-        qkv = matmul(x, p + "qkv_w", qkv_w.T, p + "qkv_mm")
+        qkv_w = weight_kn(*(weights(att + f"{n}_proj.weight") for n in "qkv"))
+        qkv = matmul(x, p + "qkv_w", qkv_w, p + "qkv_mm")
         del qkv_w
         if has(att + "q_proj.bias"):
             qkv_b = np.concatenate([weights(att + f"{n}_proj.bias") for n in "qkv"], 0)
@@ -251,22 +251,20 @@ def build_decoder_graph(c, weights, sink, bits: int | None = None, layers=None, 
              [p + "attn", pk, pv], domain=MS, num_heads=n_heads, kv_num_heads=n_kv, do_rotary=1,
              rotary_interleaved=0, scale=float(head_dim ** -0.5))
         present += [pk, pv]
-        matmul(p + "attn", p + "o_w", weights(att + "o_proj.weight").T, p + "o")
+        matmul(p + "attn", p + "o_w", weight_kn(weights(att + "o_proj.weight")), p + "o")
         node("SkipSimplifiedLayerNormalization", [p + "o", residual, const(p + "ln_post", weights(src + "post_attention_layernorm.weight"))],
              [p + "x2", "", "", p + "res2"], domain=MS, epsilon=eps)
         residual = p + "res2"
-        gate = weights(src + "mlp.gate_proj.weight")
-        n_inter = gate.shape[0]
-        gu_w = np.concatenate([gate, weights(src + "mlp.up_proj.weight")], 0)
-        del gate
-        matmul(p + "x2", p + "gate_up_w", gu_w.T, p + "gate_up")
+        gu_w = weight_kn(weights(src + "mlp.gate_proj.weight"), weights(src + "mlp.up_proj.weight"))
+        n_inter = gu_w.shape[1] // 2
+        matmul(p + "x2", p + "gate_up_w", gu_w, p + "gate_up")
         del gu_w
         node("Split", [p + "gate_up", const(p + "gu_split", np.array([n_inter] * 2, np.int64))],
              [p + "gate", p + "up"], axis=-1)
         node("Sigmoid", [p + "gate"], [p + "gate_sig"])
         node("Mul", [p + "gate", p + "gate_sig"], [p + "silu"])
         node("Mul", [p + "silu", p + "up"], [p + "act"])
-        prev_out = matmul(p + "act", p + "down_w", weights(src + "mlp.down_proj.weight").T, p + "down")
+        prev_out = matmul(p + "act", p + "down_w", weight_kn(weights(src + "mlp.down_proj.weight")), p + "down")
         if on_layer is not None:
             on_layer(i)
 

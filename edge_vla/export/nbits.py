@@ -40,6 +40,21 @@ class Packed:
     block: int
 
 
+def weight_kn(*parts: np.ndarray) -> np.ndarray:
+    """The MatMul weight (K, N), contiguous, of Linear weights (N_i, K) stacked along N (fused QKV,
+    gate|up): one strided copy through torch, ~3x faster than numpy's transpose on this CPU (1.0 vs
+    3.4 s for 11008 x 4096 x 2)."""
+    import torch
+
+    k = parts[0].shape[1]
+    out = np.empty((k, sum(p.shape[0] for p in parts)), np.float32)
+    o, off = torch.from_numpy(out), 0
+    for p in parts:
+        o[:, off:off + p.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(p, np.float32)).t())
+        off += p.shape[0]
+    return out
+
+
 def pack_matmul(weight_kn: np.ndarray, bits: int) -> Packed:
     """Symmetric block quantization of the MatMul weight `weight_kn` (K, N) float32, as
     MatMulNBitsQuantizer(bits, block, is_symmetric=True) writes it."""
@@ -78,7 +93,7 @@ def pack_gather_int4(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return data, scales, block
 
 
-__all__ = ["Packed", "pack_matmul", "pack_gather_int4", "matmul_nbits_node", "nbits_block", "BLOCKS"]
+__all__ = ["Packed", "pack_matmul", "weight_kn", "pack_gather_int4", "matmul_nbits_node", "nbits_block", "BLOCKS"]
 
 
 def pack_gather_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

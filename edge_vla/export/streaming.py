@@ -246,12 +246,12 @@ def write_lm_head(weight: np.ndarray, bias, out: Path, bits: int | None) -> dict
     from onnx import TensorProto, helper
 
     from edge_vla.export.fused_decoder import ExternalInitializers
-    from edge_vla.export.nbits import matmul_nbits_node, pack_matmul
+    from edge_vla.export.nbits import matmul_nbits_node, pack_matmul, weight_kn
     from edge_vla.export.onnx_export import LM_HEAD_GRAPH
 
     sink = ExternalInitializers(out / (LM_HEAD_GRAPH + ".data"))
     mm_out = "lm_head/logits" if bias is not None else "logits"
-    wt = np.ascontiguousarray(weight.T)
+    wt = weight_kn(weight)
     if bits is None:
         nodes = [helper.make_node("MatMul", ["hidden", sink.add("lm_head/weight_t", wt)], [mm_out], name="lm_head/matmul")]
     else:
