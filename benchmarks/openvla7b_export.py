@@ -11,11 +11,11 @@
            model.safetensors.index.json, norm_stats of one dataset, a 32000-word Llama-style
            tokenizer (WordLevel: the vocabulary's size and special ids, not Llama's merges).
            Random weights, written shard by shard, tensor by tensor: never the model in memory.
-2. import: `edge-vla import SRC -o CKPT` in a fresh process.
-3. export: `edge-vla export SRC --int4|--int8 -o BUNDLE` in a fresh process each (the streaming
+2. export: `edge-vla export SRC --int4|--int8 -o BUNDLE` in a fresh process each (the streaming
            export: edge_vla.export.streaming), from the released directory.
-4. step:   one decode step of the bundle's decoder graph (ONNX Runtime, one intra-op thread, a fresh
+3. step:   one decode step of the bundle's decoder graph (ONNX Runtime, one intra-op thread, a fresh
            process), 256 image + ~20 prompt tokens of context, median of 5 after a warm-up.
+4. import: `edge-vla import SRC -o CKPT` in a fresh process (the checkpoint written tensor by tensor).
 
 Every child is run under /usr/bin/time -v: wall time and its peak RSS (the bar: under 16 GB on this
 23 GB machine). Bundle bytes on disk, and the export's own parity figures from its manifest.
@@ -235,12 +235,6 @@ def main():
             res["checkpoint"] = write_checkpoint(src)
             res["checkpoint"]["write_s"] = round(time.perf_counter() - t0, 1)
             print(f"checkpoint: {res['checkpoint']}", flush=True)
-        if "import" in steps:
-            ckpt = a.work / "imported"
-            shutil.rmtree(ckpt, ignore_errors=True)
-            res["import"] = timed([*edge, "import", str(src), "-o", str(ckpt)], "import")
-            res["import"]["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-            shutil.rmtree(ckpt, ignore_errors=True)
         for prec in a.precisions.split(","):
             if "export" not in steps:
                 break
@@ -256,11 +250,17 @@ def main():
             res[f"export_{prec}"] = r
             print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}, indent=1, default=str), flush=True)
             shutil.rmtree(out, ignore_errors=True)
+        if "import" in steps:
+            ckpt = a.work / "imported"
+            shutil.rmtree(ckpt, ignore_errors=True)
+            res["import"] = timed([*edge, "import", str(src), "-o", str(ckpt)], "import")
+            res["import"]["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            shutil.rmtree(ckpt, ignore_errors=True)
     finally:
         if not a.keep:
             shutil.rmtree(a.work, ignore_errors=True)
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=2, default=str))
+        if a.out:  # what was measured, also when a later step failed
+            a.out.write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps(res, indent=2, default=str))
 
 
