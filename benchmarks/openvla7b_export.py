@@ -1,7 +1,7 @@
 """An OpenVLA-7B-shaped random checkpoint in the released layout, imported and exported (issue #19).
 
     flock /tmp/edge-vla-heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openvla7b_export.py \\
-        --work /tmp/openvla7b [--precisions int4,int8] [--steps write,import,export] [--keep] [--out r.json]
+        --work /tmp/openvla7b [--precisions int4,int8] [--steps write,export-int4,import,export-int8] [--keep] [--out r.json]
 
 1. write:  openvla/openvla-7b's config.json fields (Llama-2-7b text config: hidden 4096, 32 layers,
            32 heads, MLP 11008, vocabulary 32064 = 32000 + pad to a multiple of 64;
@@ -235,27 +235,31 @@ def main():
             res["checkpoint"] = write_checkpoint(src)
             res["checkpoint"]["write_s"] = round(time.perf_counter() - t0, 1)
             print(f"checkpoint: {res['checkpoint']}", flush=True)
-        for prec in a.precisions.split(","):
-            if "export" not in steps:
-                break
-            out = a.work / f"bundle-{prec}"
-            shutil.rmtree(out, ignore_errors=True)
-            r = timed([*edge, "export", str(src), f"--{prec}", "-o", str(out)], f"export --{prec}")
-            r["bundle_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            r["graph_bytes"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
-            m = json.loads((out / "manifest.json").read_text())
-            r["parity"], r["streaming"] = m.get("parity"), m.get("streaming")
-            step = timed([sys.executable, "-c", STEP_SCRIPT, str(out), "276"], f"decode step {prec}")
-            r["decode_step"] = json.loads(step["log_tail"][-1]) | {"peak_rss_gb": step["peak_rss_gb"]}
-            res[f"export_{prec}"] = r
-            print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}, indent=1, default=str), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-        if "import" in steps:
-            ckpt = a.work / "imported"
-            shutil.rmtree(ckpt, ignore_errors=True)
-            res["import"] = timed([*edge, "import", str(src), "-o", str(ckpt)], "import")
-            res["import"]["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-            shutil.rmtree(ckpt, ignore_errors=True)
+        # Steps run in the order given: "export" expands to one export per --precisions entry.
+        order = [x for st in steps for x in ([f"export-{p}" for p in a.precisions.split(",")] if st == "export" else [st])]
+        for st in order:
+            if st.startswith("export-"):
+                prec = st[len("export-"):]
+                out = a.work / f"bundle-{prec}"
+                shutil.rmtree(out, ignore_errors=True)
+                r = timed([*edge, "export", str(src), f"--{prec}", "-o", str(out)], f"export --{prec}")
+                r["bundle_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+                r["graph_bytes"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+                m = json.loads((out / "manifest.json").read_text())
+                r["parity"], r["streaming"] = m.get("parity"), m.get("streaming")
+                res[f"export_{prec}"] = r
+                step = timed([sys.executable, "-c", STEP_SCRIPT, str(out), "276"], f"decode step {prec}")
+                r["decode_step"] = json.loads(step["log_tail"][-1]) | {"peak_rss_gb": step["peak_rss_gb"]}
+                print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}, indent=1, default=str), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            elif st == "import":
+                ckpt = a.work / "imported"
+                shutil.rmtree(ckpt, ignore_errors=True)
+                res["import"] = timed([*edge, "import", str(src), "-o", str(ckpt)], "import")
+                res["import"]["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                shutil.rmtree(ckpt, ignore_errors=True)
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=2, default=str))
     finally:
         if not a.keep:
             shutil.rmtree(a.work, ignore_errors=True)
