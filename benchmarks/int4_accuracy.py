@@ -35,6 +35,10 @@ Variants (`--variants`, default all):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/int4_accuracy.py --data demo_out/data --n-obs 96 \\
         [--recipes ecot,vla] [--variants int4,int4-head8] [--out int4.json]
 
+`--margins` (ecot): the fp32 reasoning tokens' top-1/top-2 logit margins and the INT4/INT8 logit error and
+argmax flips at the same positions: why full mode's free-running figure falls so far below the per-token one.
+`--peer-formats`: llama.cpp's and ONNX Runtime GenAI's formats, measured on their weights (see below).
+
 Data: `--data` is a dataset of `edge-vla data generate` whose validation episodes are the held-out
 observations (spread evenly; the shipped checkpoints were trained on seed 0, so the demo's seed-1 data is
 held out for them). `--generate` writes one where `--data` is missing, with the demo's own settings
@@ -461,6 +465,42 @@ def run_peer_formats(recipes, formats, data: Path, n_obs: int, n_cal: int, work:
     return results
 
 
+def reasoning_margins(recipe: str, data: Path, n_obs: int, work: Path, variants=("int4", "int8"), log=print) -> dict:
+    """Why full mode drifts: the fp32 reasoning tokens' top-1/top-2 logit margins, and each variant's logit
+    error and argmax flips at the same positions (teacher-forced on the fp32 tokens)."""
+    from edge_vla.runtime.ort_backend import OrtBackend
+    from edge_vla.runtime.policy import Policy
+
+    obs, _ = observations(recipe, data, n_obs, 0)
+    fp32 = fp32_bundle(recipe, work, obs)
+    backends = {"fp32": OrtBackend(fp32)}
+    for v in variants:
+        backends[v] = OrtBackend(build_variant(fp32, v, work / recipe / "margins", {}, []))
+    pol = Policy(backends["fp32"], mode="full")
+    logits: dict[str, list] = {k: [] for k in backends}
+    for o in obs:
+        r = pol.act(o)
+        pv, state, prompt = pol._inputs(o)
+        forced = list(pol.reasoning_prefix_ids)
+        for name, be in backends.items():
+            h, _, c = be.prefill(be.encode_prefix(pv, state), prompt + forced)
+            for tok in r.info["free_token_ids"][len(forced):]:
+                logits[name].append(np.asarray(be.lm_logits(h), np.float64))
+                h, _, c = be.step([tok], c)
+    ref = np.array(logits["fp32"])
+    top = np.sort(ref, axis=1)
+    margin = top[:, -1] - top[:, -2]
+    out = {"positions": int(margin.size), "per_observation": margin.size / len(obs),
+           "margin_below": {str(t): float((margin < t).mean()) for t in (0.05, 0.1, 0.25, 0.5, 1.0)}}
+    for v in variants:
+        q = np.array(logits[v])
+        err = np.abs(q - ref).max(1)
+        out[v] = {"logit_err_median": float(np.median(err)), "logit_err_p95": float(np.percentile(err, 95)),
+                  "flips": int((q.argmax(1) != ref.argmax(1)).sum())}
+    log(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="demo_out/data")
@@ -475,6 +515,8 @@ def main(argv=None):
                     help="instead of the variants: these peer formats' weights, dequantized, comma-separated from "
                          + ", ".join(PEER_FORMATS))
     ap.add_argument("--llama-src", default=None, help="llama.cpp source tree with convert_hf_to_gguf.py")
+    ap.add_argument("--margins", action="store_true",
+                    help="instead of the variants: full mode's reasoning margins and the int4/int8 logit error (ecot)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from edge_vla.errors import EdgeVLAError
@@ -483,6 +525,11 @@ def main(argv=None):
     if unknown:
         raise SystemExit(str(EdgeVLAError(f"unknown variant {unknown[0]}", f"use some of {', '.join(VARIANTS)}")))
     data = held_out(Path(a.data), a.generate)
+    if a.margins:
+        res = reasoning_margins("ecot", data, a.n_obs, Path(a.work))
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=2))
+        return
     if a.peer_formats:
         res = run_peer_formats(a.recipes.split(","), a.peer_formats.split(","), data, a.n_obs, a.n_cal, Path(a.work),
                                Path(a.llama_src) if a.llama_src else None)

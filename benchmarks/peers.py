@@ -20,15 +20,16 @@ prefills the same `--prompt` token ids (~280: the VLA's image + prompt prefix) a
 `--new` tokens greedily.
 
 The action row (`--rows action`): what one robot action costs, measured as an action. edge-vla runs
-`Policy.act` on a direct-mode bundle of a model that decodes its action chunk in parallel (the vision
-prefix graph, then one prefill of prefix + prompt + placeholder positions, the chunk's bins through the
-restricted action head), on a synthetic observation; each peer prefills the same number of prefix +
-prompt positions and then decodes the 7 action tokens one by one through its full head, as OpenVLA does
-(prefill + 6 decode steps). `qwen0.5b`'s action model is the same decoder with a one-camera 128 px
-vision tower that yields 256 image positions (no pooling) and a one-step chunk (7 tokens, as OpenVLA);
-`tiny`'s is the shipped `vla` checkpoint itself (33 prefix positions, chunk of 4 x 7 tokens). edge-vla
-pays for its vision tower inside the action; the peers get token ids and no vision. CPU time of each
-process (one thread) is the figure; ratios are against the best peer.
+`Policy.act` in direct mode on a bundle (the vision prefix graph, one prefill of prefix + prompt positions,
+the action tokens through the restricted action head) on a synthetic observation; each peer prefills the
+same number of prefix + prompt positions as token ids and decodes the 7 action tokens one by one through
+its full head, as OpenVLA does (prefill + 6 decode steps). `tiny`: the shipped `vla` checkpoint, which
+decodes its whole 4 x 7 chunk in parallel inside the prefill (33 prefix positions). `qwen0.5b`: the decode
+table's bundles with a one-camera 128 px vision tower swapped in (256 image positions + proprio + prompt,
+~285 in all); this checkpoint is not parallel-decoding, so edge-vla too decodes its 7 action tokens one by
+one, through the restricted head (build_action_bundle). edge-vla pays for its vision tower inside the
+action; the peers get token ids and no vision. CPU time of each process (one thread) is the figure;
+ratios are against the best peer.
 
 Timing: one intra-op thread, a fresh process per runtime per repeat, repeats interleaved (runtime
 A, B, C, A, B, C, ...), ratios from this one run. Per runtime: prefill ms (median over repeats),
@@ -93,28 +94,55 @@ def build_checkpoint(model: str, work: Path) -> Path:
     return vla.save_pretrained(path)
 
 
-# The action model of `qwen0.5b`: one 128 px camera, no token pooling: 256 image positions + proprio + prompt
-# (~280, OpenVLA's 256 patches + prompt); parallel action decoding of one 7-token action.
-ACTION_OVERRIDES = ["image_size=128", "token_pool=1", 'cameras=["agentview"]', "parallel_actions=true", "action_chunk=1"]
+# The action model of `qwen0.5b`: the decode table's bundle with a one-camera 128 px vision tower, no token
+# pooling: 256 image positions + proprio + prompt (~280, OpenVLA's 256 patches + prompt).
+ACTION_VISION = ["image_size=128", "vision.image_size=128", "token_pool=1", 'cameras=["agentview"]']
 OPENVLA_ACTION_TOKENS = 7
 
 
-def build_action_checkpoint(model: str, work: Path) -> Path:
-    """The direct-mode, parallel-decoding checkpoint whose action the action row times."""
+def build_action_bundle(model: str, ckpt: Path, work: Path, fmt: str) -> Path:
+    """The bundle whose direct-mode action the action row times. `tiny`: the decode table's bundle of the
+    shipped parallel-decoding `vla` checkpoint. `qwen0.5b`: the decode table's bundle (embed, decoder, lm_head,
+    action head: the same graphs) with its vision prefix graph replaced by ACTION_VISION's, exported alone
+    (a small tower; re-exporting the 359M decoder as a parallel-decoding model needs ~4 GB more than this
+    swap); its action tokens decode one by one through the restricted head (the checkpoint is not parallel)."""
+    base = build_edge_vla(ckpt, work, fmt)
     if model == "tiny":
-        return TINY_CKPT
-    path = work / "ckpt-action"
-    if (path / "config.json").exists():
-        return path
+        return base
+    out = work / f"action-bundle-{fmt}"
+    if (out / "manifest.json").exists():
+        return out
+    import shutil
+    import tempfile
+
+    from edge_vla.artifacts.bundle import load_bundle, write_bundle
+    from edge_vla.export.onnx_export import PrefixEncoder, export_prefix
+    from edge_vla.export.quantize import quantize_graph
     from edge_vla.model.vla import VLA
     from edge_vla.tokens.action import ActionStats
 
-    rng = np.random.default_rng(0)
-    stats = ActionStats.from_actions(rng.uniform(-1, 1, (256, 7)))
-    overrides = [f"lm.{k}={v}" for k, v in QWEN05B.items()] + ACTION_OVERRIDES
-    vla = VLA.from_preset("tiny", overrides, texts=["pick up the object and put it in the basket"], action_stats=stats)
-    vla.recipe_info = {"name": "vla", "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": " ACTION:"}
-    return vla.save_pretrained(path)
+    b = load_bundle(base)
+    stats = ActionStats.from_actions(np.random.default_rng(0).uniform(-1, 1, (256, 7)))
+    # Only the vision tower and projector are exported: a one-layer LM of the same width suffices.
+    lm = [f"lm.{k}={v}" for k, v in QWEN05B.items() if k != "num_hidden_layers"] + ["lm.num_hidden_layers=1"]
+    light = VLA.from_preset("tiny", lm + ACTION_VISION, texts=["pick up the object"], action_stats=stats)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        staging, fp32 = Path(tmp) / "staging", Path(tmp) / "fp32"
+        staging.mkdir(), fp32.mkdir()
+        for f in b.path.iterdir():
+            if f.name not in ("manifest.json", "prefix.onnx"):
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+        g = export_prefix(PrefixEncoder(light), light.config, light.proprio is not None, fp32)
+        prec = b.graphs["prefix"].get("precision", "fp32")
+        quantize_graph(fp32 / g["file"], staging / g["file"], prec)
+        manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
+        cfg = light.config.to_dict()
+        manifest["model_config"] = {**b.manifest["model_config"], **{k: cfg[k] for k in (
+            "image_size", "token_pool", "cameras", "vision")}}
+        manifest["graphs"] = {**b.graphs, "prefix": {**g, "precision": prec}}
+        manifest["recipe"] = {**b.recipe, "decode_mode": "direct", "inference_prefix": " ACTION:"}
+        write_bundle(out, staging, manifest)
+    return out
 
 
 def build_hf(ckpt: Path, work: Path) -> Path:
@@ -340,7 +368,7 @@ def action_positions(bundle: Path) -> dict:
     prefix = pol.backend.encode_prefix(pv, state)
     n_prefix = int(np.asarray(prefix).shape[-2])
     return {"prefix": n_prefix, "prompt": len(prompt) + len(pol.inference_prefix_ids),
-            "action_tokens": pol.n_action_tokens}
+            "action_tokens": pol.n_action_tokens, "parallel": bool(pol.parallel)}
 
 
 def _time_genai(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
@@ -578,31 +606,29 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
 
 
 def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, log) -> dict:
-    """What the action row runs: edge-vla's direct-mode bundles of the action checkpoint, and the peers' models
-    (the decode table's) with the same number of prefix + prompt positions as token ids."""
-    ckpt = build_action_checkpoint(model, work)
+    """What the action row runs: edge-vla's action bundles (build_action_bundle), and the peers' models (the
+    decode table's) with the same number of prefix + prompt positions as token ids."""
+    ckpt = build_checkpoint(model, work)
     specs = {}
     for p in peers:
         if p in skipped or p not in paths:
             continue
-        if p.startswith("edge-vla") and ckpt == build_checkpoint(model, work):
-            specs[p] = {"path": str(paths[p])}  # `tiny`: the decode table's bundle is the action model's
-        elif p.startswith("edge-vla"):
+        if p.startswith("edge-vla"):
             try:
-                specs[p] = {"path": str(build_edge_vla(ckpt, work, p.rsplit("-", 1)[1], name="action-bundle"))}
+                specs[p] = {"path": str(build_action_bundle(model, ckpt, work, p.rsplit("-", 1)[1]))}
             except Exception as e:
                 skipped[p + " (action)"] = f"build failed: {type(e).__name__}: {str(e)[:200]}"
         else:
             specs[p] = {"path": str(paths[p])}
     probe = next((v["path"] for k, v in specs.items() if k.startswith("edge-vla")), None)
-    if probe is None:  # positions come from an edge-vla bundle of the action checkpoint
-        probe = str(build_edge_vla(ckpt, work, "fp32", name="action-bundle"))
+    if probe is None:  # positions come from an edge-vla action bundle
+        probe = str(build_action_bundle(model, ckpt, work, "fp32"))
     pos = action_positions(Path(probe))
     n = pos["prefix"] + pos["prompt"]
-    vocab = json.loads((build_hf(build_checkpoint(model, work), work) / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((build_hf(ckpt, work) / "config.json").read_text())["vocab_size"]
     ids = [int(x) for x in np.random.default_rng(1).integers(3, vocab, n)]
     log(f"# action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla decodes "
-        f"{pos['action_tokens']} action tokens in the prefill, peers {OPENVLA_ACTION_TOKENS} one by one")
+        f"{pos['action_tokens']} action tokens, peers {OPENVLA_ACTION_TOKENS} one by one")
     return {"positions": pos, "ids": ids, "specs": specs}
 
 
@@ -645,8 +671,9 @@ def format_action_table(res: dict) -> str:
     if not a:
         return ""
     pos = a["positions"]
+    how = "in one parallel pass" if pos.get("parallel") else "one by one"
     lines = [f"one action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla: Policy.act, direct "
-             f"mode, {pos['action_tokens']} action tokens in one parallel pass through the restricted head (vision "
+             f"mode, {pos['action_tokens']} action tokens {how} through the restricted head (vision "
              f"tower included); peers: prefill + {OPENVLA_ACTION_TOKENS} tokens one by one (no vision); "
              f"{a['repeats']} interleaved fresh processes, 1 thread",
              f"{'runtime':18s} {'cpu ms':>9s} {'min':>9s} {'max':>9s} {'wall ms':>9s} {'best peer / this':>16s}  format"]

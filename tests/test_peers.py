@@ -72,6 +72,7 @@ def test_action_row_is_measured_per_runtime(table):
     rows, pos = a["rows"], a["positions"]
     assert {"edge-vla-fp32", "torch-eager"} <= set(rows)
     assert pos["prefix"] == 33 and pos["prompt"] > 2 and pos["action_tokens"] == 28  # 2 cameras x 16 + proprio
+    assert pos["parallel"]
     assert len(rows["edge-vla-fp32"]["tokens"]) == 28
     for p, r in rows.items():
         assert 0 < r["action_cpu_ms_min"] <= r["action_cpu_ms"] <= r["action_cpu_ms_max"] and r["actions"] == 1
