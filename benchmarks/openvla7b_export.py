@@ -1,7 +1,7 @@
 """An OpenVLA-7B-shaped random checkpoint in the released layout, imported and exported (issue #19).
 
     flock /tmp/edge-vla-heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openvla7b_export.py \\
-        --work /tmp/openvla7b [--precisions int4,int8] [--steps write,export-int4,import,export-int8] [--keep] [--out r.json]
+        --work /tmp/openvla7b [--precisions int4,int8] [--steps write,export-int4,import,export-int8,decode-int4] [--keep] [--out r.json]
 
 1. write:  openvla/openvla-7b's config.json fields (Llama-2-7b text config: hidden 4096, 32 layers,
            32 heads, MLP 11008, vocabulary 32064 = 32000 + pad to a multiple of 64;
@@ -189,7 +189,13 @@ def timed(cmd: list[str], what: str) -> dict:
         print("\n".join(tail[-40:]), flush=True)
         raise SystemExit(f"{what} failed")
     out["log_tail"] = [line for line in tail if not line.startswith("\t")][-30:]
+    out["stdout"] = p.stdout
     return out
+
+
+def decode_step(out: Path, prec: str) -> dict:
+    step = timed([sys.executable, "-c", STEP_SCRIPT, str(out), "276"], f"decode step {prec}")
+    return json.loads(step["stdout"].strip().splitlines()[-1]) | {"peak_rss_gb": step["peak_rss_gb"]}
 
 
 STEP_SCRIPT = r"""
@@ -248,10 +254,14 @@ def main():
                 m = json.loads((out / "manifest.json").read_text())
                 r["parity"], r["streaming"] = m.get("parity"), m.get("streaming")
                 res[f"export_{prec}"] = r
-                step = timed([sys.executable, "-c", STEP_SCRIPT, str(out), "276"], f"decode step {prec}")
-                r["decode_step"] = json.loads(step["log_tail"][-1]) | {"peak_rss_gb": step["peak_rss_gb"]}
-                print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}, indent=1, default=str), flush=True)
-                shutil.rmtree(out, ignore_errors=True)
+                r["decode_step"] = decode_step(out, prec)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("log_tail", "stdout")}, indent=1, default=str),
+                      flush=True)
+                if not a.keep:
+                    shutil.rmtree(out, ignore_errors=True)
+            elif st.startswith("decode-"):  # the decode step of a bundle kept from an earlier run (--keep)
+                res[f"decode_{st[len('decode-'):]}"] = decode_step(a.work / f"bundle-{st[len('decode-'):]}", st)
+                print(res[f"decode_{st[len('decode-'):]}"], flush=True)
             elif st == "import":
                 ckpt = a.work / "imported"
                 shutil.rmtree(ckpt, ignore_errors=True)
