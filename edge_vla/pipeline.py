@@ -88,10 +88,19 @@ class Stage:
         atomic_write_text(self.file, json.dumps(self.done, indent=2))
 
 
+def with_task_names(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with its tasks as the suite's task names: a task set (living-room-scene2-basket), an
+    index or an instruction names the same tasks as in `edge-vla data generate` and `eval libero`."""
+    from edge_vla.sim.env import expand_tasks
+
+    return dataclasses.replace(cfg, tasks=tuple(expand_tasks(cfg.suite, cfg.tasks)))
+
+
 def run_demo(cfg: DemoConfig, console=None) -> dict:
     from rich.console import Console
 
     console = console or Console()
+    cfg = with_task_names(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "demo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -134,3 +134,14 @@ def test_the_demo_re_exports_a_checkpoint_whose_contents_changed(tmp_path, monke
     (ckpt / "model.safetensors").write_bytes(b"new")
     pipeline.stage_export(cfg, tmp_path / "demo", {"ecot": ckpt}, tmp_path / "data", pipeline.Stage(tmp_path / "demo"))
     assert exported == ["int8", "int8"]
+
+
+def test_demo_takes_task_sets_and_names_a_wrong_task():
+    from edge_vla.pipeline import DemoConfig, with_task_names
+
+    cfg = with_task_names(DemoConfig(tasks=("living-room-scene2-basket",)))
+    assert len(cfg.tasks) == 5 and all(t.startswith("LIVING_ROOM_SCENE2_pick_up_the_") for t in cfg.tasks)
+    assert DEMO_TASKS[0] in cfg.tasks
+    assert with_task_names(DemoConfig()).tasks == tuple(DEMO_TASKS)
+    with pytest.raises(EdgeVLAError, match="living-room-scene2-basket"):
+        with_task_names(DemoConfig(tasks=("living-room-scene2-baskets",)))

@@ -14,7 +14,8 @@ import click
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Use this dataset (from `edge-vla data generate`) instead of generating one.")
 @click.option("--task", "tasks", multiple=True,
-              help="A LIBERO-90 task to use (repeatable; default: the demo's basket tasks). With --data, the tasks in it.")
+              help="A LIBERO-90 task or task set to use, e.g. living-room-scene2-basket (repeatable; default: the "
+                   "demo's basket task). With --data, the tasks in it.")
 def demo(quick, out, workers, pretrained, trials, train_steps, demos_per_task, data, tasks):
     """Run the whole pipeline on CPU: LIBERO demos with reasoning -> train vla / ecot /
     ecot-lite-dropout -> export fp32/int8/int4 -> bench -> LIBERO rollouts -> trade-off report."""
