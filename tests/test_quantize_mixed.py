@@ -129,3 +129,19 @@ def test_accuracy_report_reuses_reference_decodes():
     b = acc.accuracy_report(ref, test, obs)["direct"]
     assert a["action_token_agreement"] == b["action_token_agreement"] == 1.0
     assert a["action_token_agreement_se"] == 0.0 and a["n_action_tokens"] == 3 * 28
+
+
+def test_fp32_copy_brings_the_external_data_side_file(graph, tmp_path):
+    """A graph over protobuf's 2 GB cap (a MiniVLA vision tower) keeps its weights in a side file:
+    the fp32 "quantizer" must copy it too, or the bundle cannot be opened."""
+    from edge_vla.export.quantize import external_data_files, quantize_graph
+
+    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
+    src_dir.mkdir(), dst_dir.mkdir()
+    onnx.save(onnx.load(str(graph)), str(src_dir / "g.onnx"), save_as_external_data=True, location="g.onnx.data",
+              size_threshold=0)
+    assert external_data_files(src_dir / "g.onnx") == ["g.onnx.data"]
+    quantize_graph(src_dir / "g.onnx", dst_dir / "g.onnx", "fp32")
+    assert sorted(p.name for p in dst_dir.iterdir()) == ["g.onnx", "g.onnx.data"]
+    np.testing.assert_array_equal(_run(dst_dir / "g.onnx"), _run(graph))
+    assert external_data_files(graph) == []

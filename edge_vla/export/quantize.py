@@ -59,8 +59,20 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
                            f"{str(e).splitlines()[0][:200] if str(e) else ''})", "try another precision") from None
 
 
+def external_data_files(path: Path) -> list[str]:
+    """The side files (relative to the graph's folder) holding the weights of a graph saved with
+    external data, the form a graph over protobuf's 2 GB cap takes (a MiniVLA vision tower)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                   for e in t.external_data if e.key == "location"})
+
+
 def _copy(src, dst, _):
     shutil.copyfile(src, dst)
+    for name in external_data_files(src):
+        shutil.copyfile(Path(src).parent / name, Path(dst).parent / name)
 
 
 def _fp16(src, dst, _):
