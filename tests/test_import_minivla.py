@@ -150,6 +150,9 @@ def test_minivla_logits_and_action_match_the_published_model(minivla, tmp_path):
     expected = ref_unnormalize(acts, n_tok, NORM_STATS["libero_spatial_no_noops"]["action"])
     r = load_policy(out, backend="torch").act({"images": {"agentview": img}, "instruction": INSTRUCTION})
     np.testing.assert_allclose(r.action, libero_gripper(expected), atol=1e-6)  # libero_90: LIBERO's gripper
+    # Full mode (a reasoning MiniVLA) starts writing after the published prompt too, newline included.
+    full = load_policy(out, backend="torch", mode="full", max_free_tokens=2)
+    assert vla.processor.prompt_ids(INSTRUCTION) + full.reasoning_prefix_ids == ref_ids[1:]
 
 
 def test_a_pickle_that_needs_more_than_tensors_is_refused(minivla, tmp_path):

@@ -618,14 +618,17 @@ def read_released(src, unnorm_key: str | None = None, llm=None, ecot: bool = Fal
     recipe_info = {
         "name": "vla", "options": {"released": family, "source": str(src), "unnorm_key": key},
         "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": "",
-        "inference_prefix_ids": list(prefix_ids), "reasoning_prefix_ids": [],
+        # What the family's prompt ends with (OpenVLA's 29871, MiniVLA's newline) is forced in
+        # either mode: full mode (a reasoning MiniVLA such as ECoT-Lite's) starts after it too.
+        "inference_prefix_ids": list(prefix_ids), "reasoning_prefix_ids": list(prefix_ids),
     }
     if ecot:
         # The prompt ends with "TASK:", the start of the reasoning; direct mode (asked for
         # explicitly) forces " ACTION:" after it, ECoT-Lite's short path.
         config.prompt_template = ECOT_TEMPLATE
         recipe_info.update(name="ecot", decode_mode="full", max_free_tokens=ECOT_MAX_REASONING_TOKENS,
-                           inference_prefix_ids=[], options=dict(recipe_info["options"], released="ecot-hf"))
+                           inference_prefix_ids=[], reasoning_prefix_ids=[],
+                           options=dict(recipe_info["options"], released="ecot-hf"))
     return Released(config, tokenizer, stats, weights, recipe_info, path)
 
 
