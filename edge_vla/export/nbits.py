@@ -16,16 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_vla.export.quantize import INT4_BLOCK, INT8_BLOCK, INT_COMPUTE
+from edge_vla.export.quantize import INT4_BLOCK, INT8_BLOCK, INT_COMPUTE, block_for
 
 MS = "com.microsoft"
 BLOCKS = {4: INT4_BLOCK, 8: INT8_BLOCK}
-
-
-def nbits_block(k: int, block: int) -> int:
-    """The block size a K-row weight gets: `block`, or the largest power of two <= K (>= 16) when K is
-    smaller (edge_vla.export.quantize._matmul_blocks, the whole-graph path, picks the same)."""
-    return block if k >= block else max(16, 1 << (int(k).bit_length() - 1))
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ def pack_matmul(weight_kn: np.ndarray, bits: int) -> Packed:
 
     w = np.ascontiguousarray(weight_kn, dtype=np.float32)
     k, n = w.shape
-    block = nbits_block(k, BLOCKS[bits])
+    block = block_for(k, BLOCKS[bits])
     k_blocks = (k + block - 1) // block
     if k_blocks * block != k:
         w = np.pad(w, ((0, k_blocks * block - k), (0, 0)))
@@ -93,7 +87,7 @@ def pack_gather_int4(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return data, scales, block
 
 
-__all__ = ["Packed", "pack_matmul", "weight_kn", "pack_gather_int4", "matmul_nbits_node", "nbits_block", "BLOCKS"]
+__all__ = ["Packed", "pack_matmul", "weight_kn", "pack_gather_int4", "matmul_nbits_node", "BLOCKS"]
 
 
 def pack_gather_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

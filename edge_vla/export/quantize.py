@@ -90,15 +90,20 @@ def _int8_dynamic(src, dst, _, op_types=("MatMul", "Gemm", "Conv", "Gather")):
                      op_types_to_quantize=list(op_types), extra_options={"MatMulConstBOnly": True})
 
 
+def block_for(k: int, block: int) -> int:
+    """The block size a K-row weight gets: `block`, or the largest power of two <= K (>= 16) where K is
+    smaller (ORT's quantizer leaves a MatMul whose K is below the block size in float). The
+    whole-graph quantizer here and the weight-by-weight packer (edge_vla.export.nbits) both use it."""
+    return block if k >= block else max(16, 1 << (int(k).bit_length() - 1))
+
+
 def _matmul_blocks(model, block: int) -> dict[str, int]:
-    """Block size per constant-weight MatMul: `block`, or the largest power of two <= K (>= 16) where K is
-    smaller (ORT's quantizer leaves a MatMul whose K is below the block size in float)."""
+    """Block size per constant-weight MatMul (block_for)."""
     inits = {i.name: i.dims for i in model.graph.initializer}
     out = {}
     for n in model.graph.node:
         if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]]) == 2:
-            k = int(inits[n.input[1]][0])
-            out[n.name] = block if k >= block else max(16, 1 << (k.bit_length() - 1))
+            out[n.name] = block_for(int(inits[n.input[1]][0]), block)
     return out
 
 
