@@ -415,8 +415,11 @@ def worker_bundle(bundle: str, reasoning: int) -> dict:
 
     rd, (d_wall, d_cpu), cd = act(direct)
     rf, (f_wall, f_cpu), cf = act(full)
-    if rf.tokens["reasoning"] != reasoning:
-        raise RuntimeError(f"full mode wrote {rf.tokens['reasoning']} reasoning tokens, not {reasoning}")
+    # The Policy counts what it forces at the start of full mode (MiniVLA's prompt-ending newline) as
+    # reasoning; it is prefilled, not decoded.
+    forced = len(full.reasoning_prefix_ids)
+    if rf.tokens["reasoning"] != reasoning + forced:
+        raise RuntimeError(f"full mode wrote {rf.tokens['reasoning'] - forced} reasoning tokens, not {reasoning}")
 
     def component(calls, names, i):  # summed ms (i: 1 wall, 2 CPU) of the calls named
         return sum(c[i] for c in calls if c[0] in names)
