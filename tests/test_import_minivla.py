@@ -203,3 +203,21 @@ def test_an_imported_minivla_exports_to_int8_and_int4_bundles(minivla, tmp_path)
                                       report=lambda *a, **k: None))
         assert b.manifest["parity"]["passed"] and b.manifest["parity"]["action_bin_agreement"] == 1.0
         assert b.manifest["model_config"]["prompt_template"].startswith("<|im_start|>system")
+
+
+def test_an_imported_minivla_exports_streaming_with_its_tied_head(minivla, tmp_path):
+    """Qwen2.5 ties its input embedding and head: the checkpoint stores the pair once (under the
+    head's name); the streaming export reads the embedding from it and decodes as PyTorch does."""
+    from safetensors import safe_open
+
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.export import export_bundle
+    from edge_vla.model.vla import VLA
+
+    run, llm, *_ = minivla
+    ckpt = VLA.from_released(run, llm=llm).save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        stored = {k for k in f.keys() if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    assert len(stored) == 1  # the tied pair, once
+    b = load_bundle(export_bundle(ckpt, tmp_path / "int8", precision="int8", streaming=True, report=lambda *a, **k: None))
+    assert b.manifest["parity"]["passed"] and b.manifest["parity"]["action_bin_agreement"] == 1.0

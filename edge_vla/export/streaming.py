@@ -87,6 +87,12 @@ def open_source(ckpt_dir, on_read=None) -> Source:
     stats = ActionStats.load(p / STATS_FILE) if (p / STATS_FILE).exists() else None
     recipe = json.loads((p / RECIPE_FILE).read_text()) if (p / RECIPE_FILE).exists() else {}
     weights = ShardedTensors(p, {WEIGHTS_FILE: p / WEIGHTS_FILE}, on_read)
+    if config.lm.get("tie_word_embeddings", False):
+        # safetensors saves a tied pair once, under either name (MiniVLA's Qwen2.5: the head's).
+        emb, head = "lm.model.embed_tokens.weight", "lm.lm_head.weight"
+        for name, stored in ((emb, head), (head, emb)):
+            if name not in weights and stored in weights:
+                weights.alias(name, stored)
     return Source(p, "edge-vla", config, TextTokenizer.load(p / TOKENIZER_DIR), stats, recipe, weights)
 
 

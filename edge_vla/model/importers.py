@@ -146,6 +146,7 @@ class ShardedTensors(Mapping):
         self.path, self.on_read = path, on_read
         self._files: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, dict, int]] = {}  # name -> (shard, header entry, data start)
+        self._aliases: dict[str, str] = {}  # name -> the stored name holding its tensor (tied weights)
         for name, f in files.items():
             if not f.is_file():
                 raise EdgeVLAError(f"shard {name} listed in model.safetensors.index.json is missing from {path}",
@@ -157,9 +158,16 @@ class ShardedTensors(Mapping):
                     self._meta[k] = (name, v, start)
 
     def _entry(self, name: str):
+        name = self._aliases.get(name, name)
         if name not in self._meta:
             raise KeyError(name)
         return self._meta[name]
+
+    def alias(self, name: str, stored: str) -> None:
+        """Read `name` as the stored tensor `stored`: tied weights (a tied LM's input embedding and
+        head) are saved once, under one of their names. Iteration lists the stored tensor once."""
+        self._entry(stored)
+        self._aliases[name] = stored
 
     def _read(self, name: str, begin: int, end: int):
         shard, _, start = self._entry(name)
@@ -191,7 +199,7 @@ class ShardedTensors(Mapping):
         return len(self._meta)
 
     def __contains__(self, name) -> bool:
-        return name in self._meta
+        return name in self._meta or name in self._aliases
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._entry(name)[1]["shape"])
