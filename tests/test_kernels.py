@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -170,7 +171,10 @@ def test_triton_kernel_compiles_ahead_of_time_for_gpus(capability, has_bias):
     pytest.importorskip("triton")
     from edge_vla.kernels.triton_kernel import compile_for
 
-    out = compile_for(capability, has_bias=has_bias)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compile_for(capability, has_bias=has_bias)
+    assert not [w for w in caught if "FP_FUSION" in str(w.message)]  # fusion asked for, not defaulted
     assert ".entry action_decode_kernel" in out["ptx"] and len(out["cubin"]) > 1000
     assert f".target sm_{capability}" in out["ptx"]
 
