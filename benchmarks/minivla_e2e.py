@@ -78,6 +78,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from peers import _now as _clock, _since, peak_rss_mb as _peak_rss_mb  # noqa: E402  (the one set of timing helpers)
+
 HEAVY_LOCK = "/tmp/edge-vla-heavy.lock"
 RUNTIMES = ("torch-fp32", "edge-vla-fp32", "edge-vla-int8", "edge-vla-int4")
 PRECISIONS = ("int8", "int4", "fp32")  # the issue's bar first: PyTorch fp32 vs the INT8 and INT4 bundles
@@ -299,22 +302,6 @@ def _bundle_bytes(path: Path) -> int:
 
 
 # --- the workers: one runtime, one fresh process ---------------------------------------------------
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _since(t0: tuple[float, float]) -> tuple[float, float]:
-    """(wall ms, this process's CPU ms) since t0."""
-    return (time.perf_counter() - t0[0]) * 1e3, (time.process_time() - t0[1]) * 1e3
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def _observation(config) -> dict:
     from edge_vla.data.observations import synthetic_observations
 
