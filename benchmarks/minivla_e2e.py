@@ -421,7 +421,7 @@ def worker_bundle(bundle: str, reasoning: int) -> dict:
         res["prefill_ms" + k] = component(cd, ("prefill",), i)
         res["action_ms" + k] = sum(c[i] for c in after_prefill)
         res["decode_ms_per_token" + k] = float(np.median([s[i] + h[i] for s, h in zip(steps, heads)]))
-    return {**res, "reasoning_tokens": rf.tokens["reasoning"], "action_tokens": rd.tokens["action"],
+    return {**res, "reasoning_tokens": rf.tokens["reasoning"] - forced, "action_tokens": rd.tokens["action"],
             "context_tokens": None, "load_s": load_s}
 
 
