@@ -14,6 +14,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,8 +35,8 @@ OUTPUT_ENTRIES = {
     "edge-vla-libero-dataset": ("manifest.json", "reasoning.json", "parts", "libero_*"),
     # A training or distillation run directory (it has no marker file of its own).
     "edge-vla-run": ("train_config.json", "distill_config.json", "metrics.jsonl", "summary.json", "state", "final",
-                     "checkpoint-*", "tensorboard", ".state.tmp", ".state.old", ".metrics.jsonl.*.tmp",
-                     ".summary.json.*.tmp", ".*_config.json.*.tmp",
+                     "teacher_targets", "checkpoint-*", "tensorboard", ".state.tmp", ".state.old",
+                     ".metrics.jsonl.*.tmp", ".summary.json.*.tmp", ".*_config.json.*.tmp",
                      # a checkpoint save killed mid-write (its staging, or the one it moved aside)
                      ".checkpoint-*.pid*.tmp", ".checkpoint-*.pid*.old", ".final.pid*.tmp", ".final.pid*.old"),
 }
@@ -234,3 +235,23 @@ def read_json(path: str | os.PathLike, fix: str):
         raise EdgeVLAError(f"{p} is not valid JSON ({e.msg}, line {e.lineno})", fix) from None
     except UnicodeDecodeError:
         raise EdgeVLAError(f"{p} is not valid JSON (not UTF-8 text)", fix) from None
+
+
+def jsonable(x):
+    """A value as plain JSON: numpy scalars and arrays, tuples and paths to lists, numbers and
+    strings; NaN/Inf to None (JSON has no NaN); anything else unknown to its str()."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)

@@ -85,3 +85,107 @@ def test_a_dropout_teacher_asked_to_reason_writes_from_the_forced_reasoning_pref
         assert target.reasoning_ids[:len(start)] == start and target.reasoning_ids[-len(act):] == act
         assert len(target.reasoning_ids) <= len(start) + 16 + len(act)  # the recipe's reasoning budget
         assert target.action_logp.shape == (teacher.config.n_action_tokens, tok.n_bins)
+
+
+# --- capped, resumable teacher targets and resumable training ----------------------------------------
+def test_the_teacher_subset_is_seeded_and_spread_over_the_samples():
+    from edge_vla.train.teacher_targets import draw_subset
+
+    a = draw_subset(1000, 50, seed=0)
+    assert a == draw_subset(1000, 50, seed=0) and a != draw_subset(1000, 50, seed=1)
+    # One from each twentieth of the sequence (datasets are ordered by task, demo, frame), not the first 50.
+    assert [i // 20 for i in a] == list(range(50)) and a != list(range(50))
+    assert draw_subset(10, None, 0) == draw_subset(10, 99, 0) == list(range(10))
+    with pytest.raises(EdgeVLAError, match="size distillation runs the teacher online"):
+        DistillConfig(mode="size", teacher_samples=100).validate()
+    with pytest.raises(EdgeVLAError, match="teacher_samples must be a positive integer"):
+        DistillConfig(teacher_samples=0).validate()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n):
+    def progress(done, total):
+        if done >= n:
+            raise _Stop
+    return progress
+
+
+def test_interrupted_teacher_targets_continue_to_the_uninterrupted_ones(tmp_path, teacher_dir, data):
+    from edge_vla.train.distill import teacher_targets
+
+    teacher = VLA.from_pretrained(teacher_dir)
+    splits = {"train": data[:5], "val": data[5:7]}
+    whole, stats = teacher_targets(teacher, splits, tmp_path / "whole", chunk=2, show_progress=False)
+    assert stats["computed"] == 7 and stats["seconds"] > 0
+
+    with pytest.raises(_Stop):  # killed during the second chunk: the first is on disk, the second is not
+        teacher_targets(teacher, splits, tmp_path / "cut", 2, False, progress=_stop_after(3))
+    assert (tmp_path / "cut" / "train-000000.json").is_file() and not (tmp_path / "cut" / "train-000001.json").exists()
+    seen = []
+    again, stats = teacher_targets(teacher, splits, tmp_path / "cut", 2, False, progress=lambda d, t: seen.append(d))
+    assert stats["computed"] == 5 and seen[0] == 2 and seen[-1] == 7  # only the rest was computed
+    for name in splits:
+        assert len(again[name]) == len(whole[name]) == len(splits[name])
+        for a, b in zip(again[name], whole[name]):
+            assert a.reasoning_ids == b.reasoning_ids and torch.equal(a.action_logp, b.action_logp)
+
+    # Targets of another teacher or of other samples are refused, not mixed in.
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.projector[0].weight.add_(0.01)
+    with pytest.raises(EdgeVLAError, match="another teacher"):
+        teacher_targets(other, splits, tmp_path / "cut", 2, False)
+    with pytest.raises(EdgeVLAError, match="other train samples"):
+        teacher_targets(teacher, {"train": data[1:6], "val": data[5:7]}, tmp_path / "cut", 2, False)
+    with pytest.raises(EdgeVLAError, match="teacher_chunk=2"):
+        teacher_targets(teacher, splits, tmp_path / "cut", 3, False)
+
+
+def _weights(final):
+    from safetensors.torch import load_file
+
+    return load_file(str(final / "model.safetensors"))
+
+
+def test_capped_distillation_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, teacher_dir, data):
+    cfg = DistillConfig(mode="reasoning", teacher_samples=8, teacher_chunk=3, steps=4, batch_size=4, lr=2e-3,
+                        warmup_steps=1, val_fraction=0.25, val_max_samples=4, log_every=1, seed=3)
+    whole = distill(cfg, str(teacher_dir), data, tmp_path / "whole", show_progress=False)
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["n_train"] == 8 and summary["teacher_targets"]["computed"] == 8 + 4
+    assert json.loads((tmp_path / "whole" / "distill_config.json").read_text())["teacher_samples"] == 8
+
+    out = tmp_path / "cut"
+    with pytest.raises(_Stop):  # killed while the teacher reasons
+        distill(cfg, str(teacher_dir), data, out, show_progress=False, teacher_progress=_stop_after(7))
+    # Re-run: the finished chunks are kept; then pre-empted after 2 of 4 steps.
+    assert distill(cfg, str(teacher_dir), data, out, show_progress=False, stop_at_step=2).name == "state"
+    with pytest.raises(EdgeVLAError, match="pass --resume"):
+        distill(cfg, str(teacher_dir), data, out, show_progress=False)
+    changed = copy.deepcopy(cfg)
+    changed.lr = 1e-3
+    with pytest.raises(EdgeVLAError, match="config differs.*lr"):
+        distill(changed, str(teacher_dir), data, out, show_progress=False, resume=True)
+    with pytest.raises(EdgeVLAError, match="training samples differ"):
+        distill(cfg, str(teacher_dir), data[:-3], out, show_progress=False, resume=True)
+    other = VLA.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        other.projector[0].weight.add_(0.01)
+    with pytest.raises(EdgeVLAError, match="teacher differs"):
+        distill(cfg, other, data, out, show_progress=False, resume=True)
+
+    final = distill(cfg, str(teacher_dir), data, out, show_progress=False, resume=True)
+    a, b = _weights(whole), _weights(final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["teacher_targets"]["computed"] == 0 and resumed["teacher_targets"]["samples"] == 12
+    assert resumed["val_kl_before"] == summary["val_kl_before"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(2) == 1  # the resumed log repeats no step
+    # A resume of the finished run is a no-op; a plain re-run is refused.
+    assert distill(cfg, str(teacher_dir), data, out, show_progress=False, resume=True) == final
+    with pytest.raises(EdgeVLAError, match="already holds a distilled checkpoint"):
+        distill(cfg, str(teacher_dir), data, out, show_progress=False)

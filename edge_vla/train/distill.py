@@ -9,12 +9,20 @@ Two modes (`DistillConfig.mode`):
   action tokens; the student, a direct-mode policy (the `vla` sequence: prompt ->
   " ACTION:" -> actions), learns that action distribution (KL on the action block). The fast path
   inherits what reasoning adds. The teacher's targets are computed once per sample, before
-  training (reasoning is the expensive part). The student starts as a copy of the teacher.
+  training (reasoning is the expensive part), and written to OUT/teacher_targets as they are
+  made (edge_vla.train.teacher_targets: a re-run computes only what is missing);
+  `teacher_samples` caps them to a seeded subset of the training samples spread over every demo,
+  and the student trains on that subset. The student starts as a copy of the teacher.
 - `size`: a smaller student (the teacher's model config with `student_model` overrides, e.g.
   fewer LM layers or a narrower projector) learns the teacher's full next-token distributions on
   the teacher's own recipe sequences, online. It starts from the teacher's tensors wherever the
   shapes allow: same-named tensors of the same shape are copied, and a student with fewer layers
   takes evenly spaced teacher layers (first and last kept).
+
+Resume: the run keeps the training loop's state (OUT/state, every `save_every` steps and at the
+end) with what a resume must match (the config, the teacher's weights, the samples), so a run
+killed anywhere and resumed (`resume=True`, `edge-vla distill --resume`) ends with the weights an
+uninterrupted run ends with.
 
 Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the labels,
 minimised by the one training loop (edge_vla.train.loop) with a distillation objective.
@@ -37,9 +45,11 @@ from edge_vla.errors import EdgeVLAError
 from edge_vla.io import RUN_KIND, atomic_write_text, replace_output_dir
 from edge_vla.tokens.sequence import IGNORE, action_prefix_ids
 from edge_vla.train.data import Collate, RecipeDataset, check_data, open_split
-from edge_vla.train.loop import (LoopSettings, MetricsLog, Objective, TrainLoop, lr_lambda_for, make_accelerator,
-                                 save_checkpoint)
+from edge_vla.train.loop import (STATE_DIR, LoopSettings, MetricsLog, Objective, TrainLoop, lr_lambda_for,
+                                 make_accelerator, save_checkpoint)
 from edge_vla.train.recipes import DEFAULT_MAX_REASONING_TOKENS, get_recipe
+from edge_vla.train.teacher_targets import (TARGETS_DIR, TeacherTarget, draw_subset, samples_digest, stored_targets,
+                                            teacher_digest)
 
 MODES = ("reasoning", "size")
 # Recipes whose checkpoints write reasoning when decoded in full mode.
@@ -65,19 +75,41 @@ class DistillConfig:
     val_max_samples: int = 32
     drop_noops: bool = True
     log_every: int = 10
+    save_every: int = 0  # training state + checkpoint every N steps; 0 = the state only at the end
+    # Reasoning mode: the teacher reasons on this many training samples (a seeded subset spread over
+    # the demos; the student trains on it), None = all of them.
+    teacher_samples: int | None = None
+    teacher_chunk: int = 256  # teacher targets are written every this many samples
     seed: int = 0
+
+    # Keys that may change between a run and its resume (as for training).
+    RESUMABLE_CHANGES = ("steps", "save_every", "log_every")
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise unknown_name_error("distillation mode", self.mode, MODES)
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
             raise EdgeVLAError(f"distill: alpha must be in [0, 1] and temperature > 0 (got {self.alpha}, {self.temperature})")
-        for k in ("batch_size", "steps"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+        for k in ("batch_size", "steps", "teacher_chunk"):
+            if not _is_int(getattr(self, k)) or getattr(self, k) < 1:
                 raise EdgeVLAError(f"distill: {k} must be a positive integer, got {getattr(self, k)!r}")
+        for k in ("save_every", "log_every"):
+            if not _is_int(getattr(self, k)) or getattr(self, k) < 0:
+                raise EdgeVLAError(f"distill: {k} must be an integer >= 0, got {getattr(self, k)!r}")
+        if self.teacher_samples is not None and (not _is_int(self.teacher_samples) or self.teacher_samples < 1):
+            raise EdgeVLAError(f"distill: teacher_samples must be a positive integer or null (all), got "
+                               f"{self.teacher_samples!r}")
         if self.mode == "reasoning" and self.student_model:
             raise EdgeVLAError("distill: student_model overrides apply to size distillation",
                                "use --mode size, or drop the student overrides")
+        if self.mode == "size" and self.teacher_samples is not None:
+            raise EdgeVLAError("distill: teacher_samples caps reasoning distillation's precomputed teacher targets; "
+                               "size distillation runs the teacher online, on every training batch",
+                               "drop teacher_samples (steps and batch_size set the teacher's work in size mode)")
+
+    def fingerprint(self) -> dict:
+        """The part of the config a resumed run must share with the run it resumes."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE_CHANGES}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DistillConfig":
@@ -88,6 +120,10 @@ class DistillConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def load_distill_config(path=None, overrides=(), **base) -> DistillConfig:
@@ -171,14 +207,6 @@ def init_from(student, teacher) -> int:
 
 
 # --- teacher targets -------------------------------------------------------------------------------
-@dataclass
-class TeacherTarget:
-    """What the student learns from one sample: the teacher's action belief after its own reasoning."""
-
-    reasoning_ids: list[int]  # the teacher's reasoning: the forced reasoning prefix first, " ACTION:" last
-    action_logp: torch.Tensor  # (K*D, n_bins) log-probs of the action tokens at temperature T
-
-
 def reasoning_policy(teacher):
     """The teacher as deployed, asked to reason: the Policy in full mode over the teacher itself
     (its recipe's reasoning prefix forced, " ACTION:" forced when its reasoning budget runs out)."""
@@ -201,11 +229,11 @@ def _own_reasoning(policy, sample) -> list[int]:
 
 
 @torch.no_grad()
-def reasoning_targets(teacher, samples, temperature: float = 1.0, progress=None) -> list[TeacherTarget]:
+def reasoning_targets(teacher, samples, temperature: float = 1.0, progress=None, policy=None) -> list[TeacherTarget]:
     """For each sample: the teacher's own reasoning (decoded by `reasoning_policy`) and its
     action-block log-probs after it, the target actions teacher-forced, so the student learns the
-    teacher's belief at every action position."""
-    policy = reasoning_policy(teacher)
+    teacher's belief at every action position. `progress()` is called after each sample."""
+    policy = policy or reasoning_policy(teacher)
     tok = teacher.processor.tokenizer
     first, n_bins = tok.first_action_id, tok.n_bins
     out = []
@@ -366,34 +394,102 @@ def _open_student(cfg: DistillConfig, teacher, recipe, student):
     return student, copied
 
 
-def _teacher_targets(teacher, train_ds, val_samples, temperature: float, show_progress: bool):
+def _progress_bar(show: bool, description: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), disable=not show_progress)
-    with progress:
-        task = progress.add_task("teacher reasons", total=len(train_ds) + len(val_samples))
-        advance = lambda: progress.advance(task)  # noqa: E731
-        return (reasoning_targets(teacher, train_ds, temperature, advance),
-                reasoning_targets(teacher, val_samples, temperature, advance))
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not show)
 
 
+def teacher_targets(teacher, splits: dict[str, list], directory, chunk: int, show_progress: bool = True,
+                    progress=None, teacher_fp: str | None = None):
+    """The teacher's targets (temperature 1) for every split ({name: samples}), through the
+    resumable store in `directory` (edge_vla.train.teacher_targets). `progress(done, total)` is
+    called after every sample (a test stops the computation from it). Returns (targets per split,
+    {"samples", "computed", "seconds"})."""
+    policy = reasoning_policy(teacher)
+    bar = _progress_bar(show_progress, "teacher reasons")
+    with bar:
+        task = bar.add_task("teacher reasons", total=sum(len(v) for v in splits.values()))
+
+        def report(done, total):
+            bar.update(task, completed=done)
+            if progress is not None:
+                progress(done, total)
+
+        return stored_targets(directory, splits, teacher_fp or teacher_digest(teacher), chunk,
+                              lambda part, advance: reasoning_targets(teacher, part, 1.0, advance, policy), report)
+
+
+def _at_temperature(targets: list[TeacherTarget], temperature: float) -> list[TeacherTarget]:
+    """Targets stored at temperature 1, re-softened: log_softmax(logp / T) is the teacher's
+    log-probs at T (logp differs from the logits by a per-row constant)."""
+    if temperature == 1.0:
+        return targets
+    return [TeacherTarget(t.reasoning_ids, F.log_softmax(t.action_logp / temperature, -1)) for t in targets]
+
+
+# --- resume ---------------------------------------------------------------------------------------
+def _open_run(out: Path, resume: bool, overwrite: bool, inputs) -> dict | None:
+    """The run's saved state (its trainer.json) when resuming; refuses what train refuses."""
+    from edge_vla.train.trainer import _read_state
+
+    if overwrite and resume:
+        raise EdgeVLAError("--overwrite starts the run over and --resume continues it", "pass one of them")
+    replace_output_dir(out, RUN_KIND, overwrite, inputs)
+    saved = None if overwrite else _read_state(out)
+    if (out / "final").exists() and not (resume and saved is not None):
+        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out, or pass --overwrite")
+    if saved is not None and not resume:
+        raise EdgeVLAError(f"{out} holds a resumable distillation state",
+                           "pass --resume to continue it, --overwrite to start over, or choose another --out")
+    return saved
+
+
+def _check_resume(saved: dict, mine: dict, out: Path) -> None:
+    """`mine`: the state meta of this run (config fingerprint, teacher, samples)."""
+    if "distill_fingerprint" not in saved:
+        raise EdgeVLAError(f"cannot resume {out}: its state is a training run's, not a distillation's",
+                           "resume it with `edge-vla train --resume`, or distil into a new --out")
+    a, b = saved["distill_fingerprint"], mine["distill_fingerprint"]
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+        raise EdgeVLAError(f"cannot resume {out}: the config differs from the run's ({detail})",
+                           f"resume with the same config (only {', '.join(DistillConfig.RESUMABLE_CHANGES)} may "
+                           "change), or distil into a new --out")
+    if saved.get("teacher_digest") != mine["teacher_digest"]:
+        raise EdgeVLAError(f"cannot resume {out}: the teacher differs from the run's (its weights, statistics or "
+                           "recipe)", "resume with the same --teacher, or distil into a new --out")
+    if saved.get("train_samples_digest") != mine["train_samples_digest"]:
+        raise EdgeVLAError(f"cannot resume {out}: the training samples differ from the run's (the data changed)",
+                           "resume on the same --data, or distil into a new --out")
+
+
+def _finished(saved: dict, cfg: DistillConfig, out: Path) -> bool:
+    return int(saved["step"]) >= cfg.steps and (out / "final").is_dir() and (out / "summary.json").is_file()
+
+
+# --- the run --------------------------------------------------------------------------------------
 def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_progress: bool = True,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, resume: bool = False, stop_at_step: int | None = None,
+            command: str | None = None, teacher_progress=None) -> Path:
     """Distil `teacher` (a checkpoint path or a VLA) into a student; returns out_dir/final.
 
     `student`: a VLA to start from (else built per the config: a copy of the teacher for
     reasoning distillation, the teacher's config + `student_model` overrides for size). The run
-    trains in the one training loop (edge_vla.train.loop); it keeps no resumable state. `out_dir`
-    may be missing, empty or an unfinished run; `overwrite` deletes anything else there (never the
-    teacher or the data).
+    trains in the one training loop (edge_vla.train.loop) and keeps its resumable state in
+    out_dir/state: `resume` continues it exactly; `stop_at_step` ends the run after that step with
+    its state saved, as a pre-emption would (returns out_dir/state). Reasoning mode keeps the
+    teacher's targets in out_dir/teacher_targets, and a re-run (resumed or not) computes only
+    those missing; `teacher_progress(done, total)` is called after each. `out_dir` may be missing,
+    empty or this run's; `overwrite` deletes anything else there (never the teacher or the data).
+    `command`: the command line, recorded in summary.json.
     """
     cfg = config
     cfg.validate()
     out = Path(out_dir)
-    replace_output_dir(out, RUN_KIND, overwrite, [p for p in (teacher, data) if isinstance(p, (str, Path))])
-    if (out / "final").exists():
-        raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out, or pass --overwrite")
+    saved = _open_run(out, resume, overwrite, [p for p in (teacher, data) if isinstance(p, (str, Path))])
     teacher, recipe = _open_teacher(teacher, cfg.mode)
     k = teacher.config.action_chunk
     cams = teacher.config.cameras  # what the teacher sees (a released VLA: one 3rd-person camera)
@@ -402,38 +498,68 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
     check_data(train_ds, teacher.action_stats, recipe, k, "distillation data")
     if cfg.mode == "reasoning":
         check_data(train_ds, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
-    student, copied = _open_student(cfg, teacher, recipe, student)
     val_samples = val_ds[: cfg.val_max_samples] or train_ds[: cfg.val_max_samples]
+    if cfg.mode == "reasoning":  # the student trains on the samples the teacher reasoned on
+        train_ds = [train_ds[i] for i in draw_subset(len(train_ds), cfg.teacher_samples, cfg.seed)]
+    teacher_fp = teacher_digest(teacher)
+    # (Not "samples": the loop's clock records its sample count under that name.)
+    meta = {"distill_fingerprint": cfg.fingerprint(), "config": asdict(cfg), "teacher_digest": teacher_fp,
+            "train_samples_digest": samples_digest(train_ds)}
+    if saved is not None:
+        _check_resume(saved, meta, out)
+        if _finished(saved, cfg, out):
+            return out / "final"  # a resume of a finished run is a no-op
+    student, copied = _open_student(cfg, teacher, recipe, student)
 
     settings = LoopSettings.of(cfg)
     accelerator = make_accelerator(settings)
+    main = accelerator.is_main_process
     teacher.to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, accelerator.is_main_process, None)
-    atomic_write_text(out / "distill_config.json", json.dumps(asdict(cfg), indent=2))
+    if main:
+        atomic_write_text(out / "distill_config.json", json.dumps(asdict(cfg), indent=2))
+    teacher_cost = None
     if cfg.mode == "reasoning":
-        targets, val_targets = _teacher_targets(teacher, train_ds, val_samples, cfg.temperature, show_progress)
-        objective = ReasoningDistillation(cfg, student.processor.tokenizer, targets, val_samples, val_targets)
+        found, teacher_cost = teacher_targets(teacher, {"train": train_ds, "val": val_samples}, out / TARGETS_DIR,
+                                              cfg.teacher_chunk, show_progress, teacher_progress, teacher_fp)
+        objective = ReasoningDistillation(cfg, student.processor.tokenizer,
+                                          _at_temperature(found["train"], cfg.temperature), val_samples,
+                                          _at_temperature(found["val"], cfg.temperature))
     else:
         objective = SizeDistillation(cfg, teacher, recipe, val_samples)
     # One learning-rate stage: a multi-stage teacher recipe's stage switch is not the student's.
     loop = TrainLoop(settings, accelerator, student, objective, out, lr_lambda_for(settings, get_recipe("vla")),
-                     lambda step: recipe.stages[-1], f"distil ({cfg.mode})")
-    kl_before = loop.validate(0, log)["kl"]
+                     lambda step: recipe.stages[-1], f"distil ({cfg.mode})", lambda: meta)
+    log = MetricsLog(out, main, int(saved["step"]) if saved is not None else None)
+    if saved is not None:
+        loop.restore(saved)
+        meta["val_kl_before"] = saved.get("val_kl_before")
+    else:
+        meta["val_kl_before"] = loop.validate(0, log).get("kl")
     rows = RecipeDataset(train_ds, recipe, student.processor, student.action_tokenizer, cfg.seed)
-    loop.run(rows, log, show_progress=show_progress)
+    step = loop.run(rows, log, stop_at_step, show_progress=show_progress)
     wall = loop.clock()["wall_s"]
-    kl_after = loop.validate(cfg.steps, log)["kl"]
+    if step < cfg.steps:  # stopped early on purpose: the state is saved, no final checkpoint
+        log.close()
+        return out / STATE_DIR
+    kl_after = loop.validate(cfg.steps, log).get("kl")
     log.close()
-    final = save_checkpoint(loop.unwrapped, out / "final", lora=False)
-    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    summary = {"mode": cfg.mode, "val_kl_before": kl_before, "val_kl_after": kl_after, "steps": cfg.steps,
-               "teacher_params": n_params(teacher), "student_params": n_params(student),
-               "tensors_initialised_from_teacher": copied, "wall_s": wall}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    final = out / "final"
+    if main:
+        save_checkpoint(loop.unwrapped, final, lora=False)
+        n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        summary = {"mode": cfg.mode, "val_kl_before": meta["val_kl_before"], "val_kl_after": kl_after,
+                   "steps": cfg.steps, "teacher_params": n_params(teacher), "student_params": n_params(loop.unwrapped),
+                   "tensors_initialised_from_teacher": copied, "wall_s": wall, "n_train": len(train_ds),
+                   "command": command, "config": asdict(cfg)}
+        if teacher_cost is not None:
+            summary["teacher_targets"] = {**teacher_cost,
+                                          "s_per_sample": teacher_cost["seconds"] / max(teacher_cost["samples"], 1)}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
     return final
 
 
 __all__ = ["DistillConfig", "load_distill_config", "distill", "build_student", "init_from", "reasoning_targets",
-           "reasoning_policy", "TeacherTarget", "ReasoningDistillation", "SizeDistillation", "action_kl", "sequence_kl",
-           "MODES"]
+           "reasoning_policy", "teacher_targets", "TeacherTarget", "ReasoningDistillation", "SizeDistillation",
+           "action_kl", "sequence_kl", "MODES"]
