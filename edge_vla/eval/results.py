@@ -29,30 +29,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from edge_vla.io import read_json
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import atomic_write_text, jsonable, read_json
 
 RESULTS_FORMAT = "edge-vla-results"
 SCHEMA_VERSION = 1
 KINDS = ("libero", "hardware", "bench")
-
-
-def _jsonable(x):
-    """numpy scalars/arrays and tuples -> plain JSON; NaN/Inf -> None (JSON has no NaN)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def write_results(path: str | Path, kind: str, config: dict, records: list[dict], summary: dict | None = None,
@@ -73,7 +55,7 @@ def write_results(path: str | Path, kind: str, config: dict, records: list[dict]
         "summary": summary if summary is not None else summarize(kind, records),
     }
     path = Path(path)
-    atomic_write_text(path, json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n")
     return path
 
 

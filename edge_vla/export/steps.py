@@ -14,7 +14,6 @@ Nothing here imports torch at module level: the package is imported by torch-fre
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -173,7 +172,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     from edge_vla.tensorrt.lint import lint_for_target
 
     from edge_vla.artifacts.bundle import BUNDLE_FORMAT
-    from edge_vla.io import check_output_dir, clean_staging
+    from edge_vla.io import check_output_dir, clean_staging, jsonable
 
     out = Path(out_dir)
     inputs = [p for p in (ckpt_dir, calibration_data, parity_samples) if isinstance(p, (str, Path))]
@@ -196,7 +195,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         return st.export_bundle_streaming(src, ckpt_dir, out, precision,
                                           graph_precisions({r: {} for r in st.ROLES}, precision, vision_precision),
                                           target, parity_obs, held_out, min_action_agreement, parity_atol, report,
-                                          overwrite, inputs, _jsonable)
+                                          overwrite, inputs)
     vla = load_checkpoint(ckpt_dir, target)
     memory_fit = check_export_fits(vla, precision, target, report)  # refuses before the slow export
     parity_obs = (load_observations(parity_samples, vla.config, limit=PARITY_OBSERVATIONS)
@@ -236,17 +235,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
             Policy(test_backend).act(held_out[0])  # smoke: the bundle decodes
             manifest["accuracy"] = None
         manifest["environment"] = environment_report()
-        bundle = write_bundle(out, final_dir, json.loads(json.dumps(manifest, default=_jsonable)),
+        bundle = write_bundle(out, final_dir, jsonable(manifest),
                               overwrite=overwrite, inputs=inputs)
     report(f"wrote {out} ({bundle.size_bytes / 1e6:.2f} MB)")
     return out
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)

@@ -543,7 +543,7 @@ class _progress:
 
 def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, precisions: dict, target: str,
                             parity_obs: list, held_out: list, min_action_agreement, parity_atol: float, report,
-                            overwrite: bool, inputs: list, jsonable, decoder_accessor: DecoderWeights | None = None) -> Path:
+                            overwrite: bool, inputs: list, decoder_accessor: DecoderWeights | None = None) -> Path:
     """The streaming export of the opened checkpoint `src` to a bundle at `out_dir`: edge_vla.export.steps
     passes what it decided (each graph's precision, the parity and held-out observations, the inputs never
     replaced, the manifest's JSON encoder). `decoder_accessor`: an instrumented accessor (tests)."""
@@ -555,7 +555,7 @@ def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, prec
     from edge_vla.environment import environment_report
     from edge_vla.export.onnx_export import ACTION_HEAD_GRAPH, export_prefix, write_action_head
     from edge_vla.export.quantize import quantize_graph
-    from edge_vla.io import clean_staging
+    from edge_vla.io import clean_staging, jsonable
     from edge_vla.kernels.reference import action_head_rows
     from edge_vla.model.vla import hf_config
     from edge_vla.tensorrt.lint import lint_for_target
@@ -651,7 +651,7 @@ def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, prec
                         streaming={"params": n_params, "source_layout": src.kind,
                                    "decoder_bytes": sum(f.stat().st_size for f in final.glob("decoder.onnx*"))})
         manifest["environment"] = environment_report()
-        bundle = write_bundle(out, final, json.loads(json.dumps(manifest, default=jsonable)), overwrite=overwrite,
+        bundle = write_bundle(out, final, jsonable(manifest), overwrite=overwrite,
                               inputs=inputs)
     report(f"wrote {out} ({bundle.size_bytes / 1e6:.2f} MB)")
     return out
