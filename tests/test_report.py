@@ -49,6 +49,22 @@ def test_report_without_baseline_leaves_ratios_empty(tmp_path):
     assert variants[0].row["speedup_vs_baseline"] is None
 
 
+def test_a_named_baseline_wins_over_the_default_full_cot_choice(tmp_path):
+    # two full-CoT `ecot` variants (a fair parallel one and the published sequential one): by
+    # default the first by name, or the one the user names; an unknown name is a clear error
+    doc = json.loads((FIXTURES / "ecot_full.json").read_text())
+    doc["config"]["variant"]["name"] = "ecot-sequential"
+    (tmp_path / "seq.json").write_text(json.dumps(doc))
+    runs = [FIXTURES / "ecot_full.json", tmp_path / "seq.json", FIXTURES / "vla_int4.json"]
+    assert build_report(runs, tmp_path / "a")["baseline"] == "ecot-full-fp32"
+    info = build_report(runs, tmp_path / "b", baseline="ecot-sequential")
+    assert info["baseline"] == "ecot-sequential"
+    assert "Baseline: **ecot-sequential** (recipe `ecot`, mode `full`)" in (tmp_path / "b" / "report.md").read_text()
+    with pytest.raises(EdgeVLAError, match="unknown baseline variant `ecot-seq`") as e:
+        build_report(runs, tmp_path / "c", baseline="ecot-seq")
+    assert "did you mean `ecot-sequential`" in e.value.fix
+
+
 def test_pareto_front():
     # (latency, success): B dominates C; A is slow but best
     pts = [(100.0, 0.9), (10.0, 0.8), (20.0, 0.7), (5.0, 0.5)]

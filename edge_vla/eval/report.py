@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_vla.config import unknown_name_error
 from edge_vla.errors import EdgeVLAError
 from edge_vla.eval.results import load_results, summarize, wilson_interval
 from edge_vla.io import atomic_write_bytes, atomic_write_text
@@ -68,7 +69,9 @@ def _artifact_key(config: dict) -> tuple | None:
     return (str(Path(path).resolve()), mode)
 
 
-def collect(paths: list[str | Path]) -> list[Variant]:
+def collect(paths: list[str | Path], baseline: str | None = None) -> list[Variant]:
+    """The variants in `paths` (results files or directories of them), the baseline marked:
+    `baseline` names it, else the full-CoT variant with rollouts, first by name."""
     if not paths:
         raise EdgeVLAError("no results files given", "pass one or more JSON files written by `edge-vla eval`/`bench`")
     files: list[Path] = []
@@ -100,10 +103,16 @@ def collect(paths: list[str | Path]) -> list[Variant]:
             continue
         for i, r in enumerate(doc["records"]):
             var.episodes.setdefault(str(r.get("id", f"{path}:{i}")), r)
-    # One baseline: the full-CoT variant with rollouts (success to compare), else the first by name.
-    full_cot = sorted((v for v in variants.values() if v.is_full_cot), key=lambda v: (not v.episodes, v.name))
-    if full_cot:
-        full_cot[0].baseline = True
+    # One baseline: the one named, else the full-CoT variant with rollouts (success to compare),
+    # else the first full-CoT one by name.
+    if baseline is not None:
+        if baseline not in variants:
+            raise unknown_name_error("baseline variant", baseline, sorted(variants))
+        variants[baseline].baseline = True
+    else:
+        full_cot = sorted((v for v in variants.values() if v.is_full_cot), key=lambda v: (not v.episodes, v.name))
+        if full_cot:
+            full_cot[0].baseline = True
     for var in variants.values():
         var.row = _row(var)
     return sorted(variants.values(), key=lambda v: (not v.is_baseline, v.name))
@@ -359,7 +368,8 @@ def _notes(variants, base) -> list[str]:
     if base is None:
         notes.append("No full-CoT baseline (recipe `ecot`, mode `full`) among these results: ratios are left empty.")
     else:
-        notes.append(f"Baseline: **{base.name}** (recipe `ecot`, mode `full`); ratios are against it "
+        how = ", ".join(f"{k} `{base.info[k]}`" for k in ("recipe", "mode") if base.info.get(k))
+        notes.append(f"Baseline: **{base.name}**" + (f" ({how})" if how else "") + "; ratios are against it "
                      "(success ratio; speed-up = baseline p50 / variant p50).")
     notes.append("Success intervals are Wilson 95% score intervals. Latency is per policy call, measured in the "
                  "loop that wrote each file (see each file's environment).")
@@ -470,10 +480,12 @@ def render_html(variants, base, png: bytes | None, models: list[dict] | None = N
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path, models: list[dict] | None = None) -> dict:
+def build_report(paths: list[str | Path], out_dir: str | Path, models: list[dict] | None = None,
+                 baseline: str | None = None) -> dict:
     """Write report.md, report.html (self-contained) and pareto.png into `out_dir`. `models`:
-    where each compared model came from (see `model_rows`), shown as its own table."""
-    variants = collect(paths)
+    where each compared model came from (see `model_rows`), shown as its own table; `baseline`:
+    the variant every ratio is against (default: the full-CoT one, see `collect`)."""
+    variants = collect(paths, baseline)
     base = add_ratios(variants)
     png = pareto_png(variants)
     out = Path(out_dir)
