@@ -189,3 +189,60 @@ def test_capped_distillation_killed_and_resumed_ends_with_the_uninterrupted_weig
     assert distill(cfg, str(teacher_dir), data, out, show_progress=False, resume=True) == final
     with pytest.raises(EdgeVLAError, match="already holds a distilled checkpoint"):
         distill(cfg, str(teacher_dir), data, out, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, data):
+    """The teacher's samples on disk, as `edge-vla data` writes them (3-step episodes + ECoT JSON)."""
+    import numpy as np
+
+    from conftest import INSTRUCTIONS
+    from edge_vla.data.ecot_json import EcotAnnotations
+    from edge_vla.data.libero_hdf5 import write_libero_hdf5
+
+    root = tmp_path_factory.mktemp("ds")
+    episodes = [data[i:i + 3] for i in range(0, 15, 3)]
+    demos = [{"actions": np.stack([s.action for s in ep]), "proprio": np.stack([s.state for s in ep]),
+              "images": {c: np.stack([s.images[c] for s in ep]) for c in ("agentview", "wrist")}} for ep in episodes]
+    rel = "libero_90/LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket_demo.hdf5"
+    write_libero_hdf5(root / rel, demos, INSTRUCTIONS[0])
+    ann = EcotAnnotations({})
+    for e, ep in enumerate(episodes):
+        ann.set_episode(rel, e, [s.reasoning for s in ep], [(10, 20)] * len(ep))
+    ann.save(root / "reasoning.json")
+    (root / "manifest.json").write_text(json.dumps({"files": [rel], "reasoning": "reasoning.json"}))
+    return root
+
+
+def test_distill_command_caps_the_teacher_and_resumes(tmp_path, teacher_dir, data_dir):
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_dir), "--data", str(data_dir), "--out", str(out), "--no-progress",
+            "--set", "teacher_samples=5", "--set", "teacher_chunk=2", "--set", "batch_size=4", "--set", "warmup_steps=1",
+            "--set", "val_fraction=0.25", "--set", "val_max_samples=2", "--set", "save_every=2", "--set", "log_every=1"]
+    res = CliRunner().invoke(main, [*args, "--set", "steps=2"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 5 and summary["teacher_targets"]["samples"] == 5 + 2  # train + val
+    assert summary["command"].startswith("edge-vla distill --teacher ") and "teacher_samples=5" in summary["command"]
+    assert sorted(p.name for p in (out / "teacher_targets").glob("*.json")) == [
+        "manifest.json", "train-000000.json", "train-000001.json", "train-000002.json", "val-000000.json"]
+
+    res = CliRunner().invoke(main, [*args, "--set", "steps=2"])
+    assert res.exit_code == 1 and "already holds a distilled checkpoint" in res.output
+    res = CliRunner().invoke(main, [*args, "--set", "steps=2", "--set", "temperature=2", "--resume"])
+    assert res.exit_code == 1 and "config differs" in res.output and "Traceback" not in res.output
+    # Longer (steps may change on a resume): it continues from step 2, the teacher's targets reused.
+    res = CliRunner().invoke(main, [*args, "--set", "steps=4", "--resume"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["teacher_targets"]["computed"] == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and steps.count(1) == 1
+
+    res = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_dir), "--data", str(data_dir), "--out",
+                                    str(tmp_path / "size"), "--mode", "size", "--set", "teacher_samples=5"])
+    assert res.exit_code == 1 and "runs the teacher online" in res.output and "Traceback" not in res.output

@@ -493,14 +493,18 @@ def distill(config: DistillConfig, teacher, data, out_dir, student=None, show_pr
     teacher, recipe = _open_teacher(teacher, cfg.mode)
     k = teacher.config.action_chunk
     cams = teacher.config.cameras  # what the teacher sees (a released VLA: one 3rd-person camera)
-    train_ds = list(open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams))
-    val_ds = list(open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams))
-    check_data(train_ds, teacher.action_stats, recipe, k, "distillation data")
+    # A dataset on disk is read lazily: only the samples the run uses are loaded (a capped teacher's
+    # subset, not the whole dataset's images).
+    train_all = open_split(data, "train", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams)
+    val_all = open_split(data, "val", cfg.val_fraction, k, cfg.drop_noops, cfg.seed, cams)
+    check_data(train_all, teacher.action_stats, recipe, k, "distillation data")
     if cfg.mode == "reasoning":
-        check_data(train_ds, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
-    val_samples = val_ds[: cfg.val_max_samples] or train_ds[: cfg.val_max_samples]
-    if cfg.mode == "reasoning":  # the student trains on the samples the teacher reasoned on
-        train_ds = [train_ds[i] for i in draw_subset(len(train_ds), cfg.teacher_samples, cfg.seed)]
+        check_data(train_all, teacher.action_stats, get_recipe("ecot"), k, "distillation data")
+    val_from = val_all if len(val_all) else train_all
+    val_samples = [val_from[i] for i in range(min(len(val_from), cfg.val_max_samples))]
+    # Reasoning: the student trains on the samples the teacher reasoned on.
+    keep = draw_subset(len(train_all), cfg.teacher_samples if cfg.mode == "reasoning" else None, cfg.seed)
+    train_ds = [train_all[i] for i in keep]
     teacher_fp = teacher_digest(teacher)
     # (Not "samples": the loop's clock records its sample count under that name.)
     meta = {"distill_fingerprint": cfg.fingerprint(), "config": asdict(cfg), "teacher_digest": teacher_fp,
