@@ -246,3 +246,18 @@ def test_distill_command_caps_the_teacher_and_resumes(tmp_path, teacher_dir, dat
     res = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_dir), "--data", str(data_dir), "--out",
                                     str(tmp_path / "size"), "--mode", "size", "--set", "teacher_samples=5"])
     assert res.exit_code == 1 and "runs the teacher online" in res.output and "Traceback" not in res.output
+
+
+def test_size_distillation_resumes_to_the_uninterrupted_weights(tmp_path, teacher_dir, data):
+    cfg = DistillConfig(mode="size", student_model={"lm.num_hidden_layers": 2}, steps=4, batch_size=4, lr=2e-3,
+                        warmup_steps=1, val_fraction=0.25, val_max_samples=4)
+    whole = distill(cfg, str(teacher_dir), data, tmp_path / "whole", show_progress=False)
+    distill(cfg, str(teacher_dir), data, tmp_path / "cut", show_progress=False, stop_at_step=1)
+    final = distill(cfg, str(teacher_dir), data, tmp_path / "cut", show_progress=False, resume=True)
+    a, b = _weights(whole), _weights(final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "teacher_targets").exists()  # size mode runs the teacher online
+    other = copy.deepcopy(cfg)
+    other.student_model = {"lm.num_hidden_layers": 3}
+    with pytest.raises(EdgeVLAError, match="config differs.*student_model"):
+        distill(other, str(teacher_dir), data, tmp_path / "cut", show_progress=False, resume=True)
