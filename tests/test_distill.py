@@ -3,6 +3,7 @@ teacher reasons as the deployed policy does in full mode."""
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -242,6 +243,13 @@ def test_distill_command_caps_the_teacher_and_resumes(tmp_path, teacher_dir, dat
     assert summary["steps"] == 4 and summary["teacher_targets"]["computed"] == 0
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4 and steps.count(1) == 1
+
+    # The targets, copied into a new run, serve another temperature without the teacher reasoning again.
+    shutil.copytree(out / "teacher_targets", tmp_path / "hot" / "teacher_targets")
+    res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "hot"), *args[7:], "--set", "steps=1",
+                                    "--set", "temperature=2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "hot" / "summary.json").read_text())["teacher_targets"]["computed"] == 0
 
     res = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_dir), "--data", str(data_dir), "--out",
                                     str(tmp_path / "size"), "--mode", "size", "--set", "teacher_samples=5"])
