@@ -143,6 +143,9 @@ def test_interrupted_teacher_targets_continue_to_the_uninterrupted_ones(tmp_path
         teacher_targets(teacher, {"train": data[1:6], "val": data[5:7]}, tmp_path / "cut", 2, False)
     with pytest.raises(EdgeVLAError, match="teacher_chunk=2"):
         teacher_targets(teacher, splits, tmp_path / "cut", 3, False)
+    (tmp_path / "cut" / "train-000001.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(EdgeVLAError, match="train-000001.safetensors cannot be read.*computed again"):
+        teacher_targets(teacher, splits, tmp_path / "cut", 2, False)
 
 
 def _weights(final):

@@ -432,7 +432,7 @@ def _at_temperature(targets: list[TeacherTarget], temperature: float) -> list[Te
 # --- resume ---------------------------------------------------------------------------------------
 def _open_run(out: Path, resume: bool, overwrite: bool, inputs) -> dict | None:
     """The run's saved state (its trainer.json) when resuming; refuses what train refuses."""
-    from edge_vla.train.trainer import _read_state
+    from edge_vla.train.trainer import _read_state  # the train run's reader: the state layout is the loop's
 
     if overwrite and resume:
         raise EdgeVLAError("--overwrite starts the run over and --resume continues it", "pass one of them")
