@@ -212,7 +212,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/work/demo_out/data")
     ap.add_argument("--work", default="/tmp/qat_int4")
-    ap.add_argument("--stage", default="all", choices=("bake", "qat", "all", "truth"),
+    ap.add_argument("--stage", default="all", choices=("bake", "all", "truth"),
                     help="truth: the bundles of an earlier run in --work against the targets only")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -235,7 +235,7 @@ def main(argv=None):
         return
     ckpts = {"orig": src, "ptq": bake_checkpoint(src, work / "ckpt-ptq")}
     pairs = [("orig:int4", "orig"), ("ptq:int4", "ptq"), ("ptq:int4-fcomp", "ptq")]
-    if a.stage in ("qat", "all"):
+    if a.stage == "all":
         t = time.time()
         final = qat(src, data, work / "qat-run", a.steps, a.lr, a.batch_size)
         res["qat_wall_s"] = time.time() - t
