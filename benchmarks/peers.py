@@ -4,6 +4,9 @@ The same decoder weights through every runtime:
 
     edge-vla fp32 / int8 / int4   the bundle's embed + decoder + lm_head graphs (ONNX Runtime), as a
                                   bundle's free-token decode step runs them (no Python policy loop)
+    edge-vla int8-mmi             the int8 bundle with its decoder in ONNX Runtime's MatMulInteger form
+                                  (build_int8_matmulinteger): what `edge-vla export` writes for TensorRT
+                                  targets, timed on the CPU because MLAS's QGEMM prefills faster
     ort-genai int4 / int8         ONNX Runtime GenAI, its model builder's outputs from the HF weights
     llama.cpp q8_0 / q4_0 / q4_k_m  llama-cpp-python; GGUF from llama.cpp's convert_hf_to_gguf.py,
                                   then llama_model_quantize
@@ -23,13 +26,18 @@ The action row (`--rows action`): what one robot action costs, measured as an ac
 `Policy.act` in direct mode on a bundle (the vision prefix graph, one prefill of prefix + prompt positions,
 the action tokens through the restricted action head) on a synthetic observation; each peer prefills the
 same number of prefix + prompt positions as token ids and decodes the 7 action tokens one by one through
-its full head, as OpenVLA does (prefill + 6 decode steps). `tiny`: the shipped `vla` checkpoint, which
-decodes its whole 4 x 7 chunk in parallel inside the prefill (33 prefix positions). `qwen0.5b`: the decode
-table's bundles with a one-camera 128 px vision tower swapped in (256 image positions + proprio + prompt,
-~285 in all); this checkpoint is not parallel-decoding, so edge-vla too decodes its 7 action tokens one by
-one, through the restricted head (build_action_bundle). edge-vla pays for its vision tower inside the
-action; the peers get token ids and no vision. CPU time of each process (one thread) is the figure;
-ratios are against the best peer.
+its full head, as OpenVLA does (prefill + 6 decode steps). `--action-decoding` picks edge-vla's rows:
+`parallel` (model.parallel_actions, as the lite recipes deploy: the 6 placeholders after the first action
+position ride in the prefill, so one decoder pass over the same 292 positions the peers run as a prefill of
+286 and 6 steps) and `sequential` (OpenVLA's published way: prefill, then 6 steps). `tiny`: the shipped `vla`
+checkpoint, which decodes its whole 4 x 7 chunk in parallel inside the prefill (33 prefix positions; no
+sequential row). `qwen0.5b`, parallel: build_parallel_checkpoint (the peers' LM weights and tokenizer, a
+one-camera 128 px vision tower, one 7-token chunk), exported whole; sequential: the decode table's bundles
+with that vision tower swapped in (build_action_bundle). Both: 256 image positions + proprio + prompt, ~285.
+edge-vla pays for its vision tower inside the action; the peers get token ids and no vision. CPU time of
+each process (one thread) is the figure; ratios are against the best peer. Each edge-vla row also gives the
+CPU ms of each graph in its action (vision, embed, decoder prefill, decoder steps, heads; "other": Python,
+image preprocessing, feeds).
 
 Timing: one intra-op thread, a fresh process per runtime per repeat, repeats interleaved (runtime
 A, B, C, A, B, C, ...), ratios from this one run. Per runtime: prefill ms (median over repeats),
@@ -41,7 +49,7 @@ stand in for the bytes a step reads; they overcount where an embedding table is 
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --model qwen0.5b --work /tmp/peers/qwen \\
         --llama-src /path/to/llama.cpp [--peers edge-vla-int8,llama.cpp-q8_0] [--rows decode,action] \\
-        [--repeats 3] [--out peers.json]
+        [--repeats 3] [--action-decoding parallel,sequential] [--out peers.json]
 
 llama.cpp needs `pip install llama-cpp-python` (no wheel on this platform: a 20-40 minute build
 from source with cmake and a C++ compiler, so it is not in requirements.lock) and a llama.cpp
@@ -65,10 +73,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CKPT = REPO / "pretrained" / "tiny-libero-butter" / "vla"
 QWEN05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
            "intermediate_size": 4864}
-PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int4", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
+PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-mmi", "edge-vla-int4", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
          "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
 FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit blocks of 256 + fp32 scale",
+               "edge-vla-int8-mmi": "8-bit per channel + fp32 scale, uint8 activations per tensor (MatMulInteger)",
                "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",
                "ort-genai-int4": "4-bit blocks of 32 + fp32 scale", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
@@ -98,17 +107,31 @@ def build_checkpoint(model: str, work: Path) -> Path:
 # pooling: 256 image positions + proprio + prompt (~280, OpenVLA's 256 patches + prompt).
 ACTION_VISION = ["image_size=128", "vision.image_size=128", "token_pool=1", 'cameras=["agentview"]']
 OPENVLA_ACTION_TOKENS = 7
+# How edge-vla's action row decodes its chunk: in one decoder pass (model.parallel_actions, as the lite recipes
+# deploy) or one token at a time (OpenVLA's published way).
+ACTION_DECODING = ("parallel", "sequential")
 
 
-def build_action_bundle(model: str, ckpt: Path, work: Path, fmt: str) -> Path:
-    """The bundle whose direct-mode action the action row times. `tiny`: the decode table's bundle of the
-    shipped parallel-decoding `vla` checkpoint. `qwen0.5b`: the decode table's bundle (embed, decoder, lm_head,
-    action head: the same graphs) with its vision prefix graph replaced by ACTION_VISION's, exported alone
-    (a small tower; re-exporting the 359M decoder as a parallel-decoding model needs ~4 GB more than this
-    swap); its action tokens decode one by one through the restricted head (the checkpoint is not parallel)."""
-    base = build_edge_vla(ckpt, work, fmt)
+def build_action_bundle(model: str, ckpt: Path, work: Path, fmt: str, decoding: str = "sequential") -> Path:
+    """The bundle whose direct-mode action the action row times.
+
+    `tiny`: the decode table's bundle of the shipped `vla` checkpoint, which decodes its chunk in parallel (no
+    sequential variant). `qwen0.5b`, `decoding="parallel"`: build_parallel_checkpoint's model exported whole (the
+    7 action tokens from one decoder pass). `decoding="sequential"` (OpenVLA's published way): the decode table's
+    bundle (embed, decoder, lm_head, action head: the same graphs) with its vision prefix graph replaced by
+    ACTION_VISION's, exported alone; its 7 action tokens decode one by one through the restricted head."""
+    from edge_vla.errors import EdgeVLAError
+
+    if decoding not in ACTION_DECODING:
+        raise EdgeVLAError(f"unknown action decoding {decoding}", f"use {' or '.join(ACTION_DECODING)}")
     if model == "tiny":
-        return base
+        if decoding != "parallel":
+            raise EdgeVLAError("the shipped tiny checkpoint decodes its actions in parallel only",
+                               "time it with --action-decoding parallel")
+        return build_edge_vla(ckpt, work, fmt)
+    if decoding == "parallel":
+        return build_edge_vla(build_parallel_checkpoint(ckpt, work), work, fmt, name="action-bundle-parallel")
+    base = build_edge_vla(ckpt, work, fmt)
     out = work / f"action-bundle-{fmt}"
     if (out / "manifest.json").exists():
         return out
@@ -145,6 +168,28 @@ def build_action_bundle(model: str, ckpt: Path, work: Path, fmt: str) -> Path:
     return out
 
 
+def build_parallel_checkpoint(ckpt: Path, work: Path) -> Path:
+    """`qwen0.5b`'s parallel-decoding action checkpoint: the decode table's LM (the same weights and tokenizer
+    the peers run), ACTION_VISION's tower and projector (random), model.parallel_actions=true with one 7-token
+    chunk (the peers' 7 tokens), and the direct `vla` recipe, as the lite recipes deploy. Exported whole by
+    build_edge_vla (parity of the one-pass chunk against PyTorch included)."""
+    out = work / "ckpt-parallel"
+    if (out / "config.json").exists():
+        return out
+    import dataclasses
+
+    from edge_vla.model.vla import VLA
+
+    src = VLA.from_pretrained(ckpt)
+    lm = [f"lm.{k}={v}" for k, v in QWEN05B.items() if k != "num_hidden_layers"] + ["lm.num_hidden_layers=1"]
+    light = VLA.from_preset("tiny", lm + ACTION_VISION, texts=["pick up the object"], action_stats=src.action_stats)
+    cfg = dataclasses.replace(light.config, lm=src.config.lm, parallel_actions=True, action_chunk=1)
+    vla = VLA(cfg, light.vision, src.lm, src.processor.tokenizer, src.action_stats)
+    vla.projector, vla.camera_embed, vla.proprio = light.projector, light.camera_embed, light.proprio
+    vla.recipe_info = {"name": "vla", "decode_mode": "direct", "max_free_tokens": 0, "inference_prefix": " ACTION:"}
+    return vla.save_pretrained(out)
+
+
 def build_hf(ckpt: Path, work: Path) -> Path:
     """The checkpoint's LM as a plain Hugging Face directory (what GenAI's builder and llama.cpp read)."""
     out = work / "hf"
@@ -172,10 +217,42 @@ def n_params(hf: Path) -> int:
 
 def build_edge_vla(ckpt: Path, work: Path, prec: str, name: str = "bundle") -> Path:
     out = work / f"{name}-{prec}"
-    if not (out / "manifest.json").exists():
-        from edge_vla.export import export_bundle
+    if (out / "manifest.json").exists():
+        return out
+    if prec == "int8-mmi":
+        return build_int8_matmulinteger(build_edge_vla(ckpt, work, "fp32", name),
+                                        build_edge_vla(ckpt, work, "int8", name), out)
+    from edge_vla.export import export_bundle
 
-        export_bundle(ckpt, out, precision=prec, report=lambda *_: None)
+    export_bundle(ckpt, out, precision=prec, report=lambda *_: None)
+    return out
+
+
+def build_int8_matmulinteger(fp32: Path, int8: Path, out: Path) -> Path:
+    """The int8 bundle `int8` with its decoder body in ONNX Runtime's MatMulInteger form instead of
+    MatMulNBits: the same fp32 decoder graph through edge_vla.export.quantize.quantize_graph("int8",
+    for_tensorrt=True) (quantize_dynamic: per-channel int8 weights, activations quantized per tensor to uint8
+    at run time; ORT runs it as DynamicQuantizeMatMul on MLAS's QGEMM kernels). `edge-vla export` writes
+    this form for TensorRT targets only; on the CPU it writes MatMulNBits, faster per decode step. The other
+    graphs are `int8`'s."""
+    import shutil
+    import tempfile
+
+    from edge_vla.artifacts.bundle import load_bundle, write_bundle
+    from edge_vla.export.quantize import quantize_graph
+
+    b8, b32 = load_bundle(int8), load_bundle(fp32)
+    dec = b8.graphs["decoder"]["file"]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
+        for f in b8.path.iterdir():
+            if f.name != "manifest.json" and not f.name.startswith(Path(dec).stem):
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
+        quantize_graph(b32.path / b32.graphs["decoder"]["file"], staging / dec, "int8", for_tensorrt=True)
+        manifest = {k: v for k, v in b8.manifest.items() if k not in ("format", "schema_version", "files")}
+        manifest["graphs"] = {**b8.graphs, "decoder": {**b8.graphs["decoder"], "int8_form": "MatMulInteger"}}
+        write_bundle(out, staging, manifest)
     return out
 
 
@@ -267,7 +344,7 @@ def prepare(peer: str, ckpt: Path, hf: Path, work: Path, llama_src: Path | None)
     """Build (or reuse) the model files `peer` runs; returns the path its worker loads."""
     fmt = peer.rsplit("-", 1)[1]
     if peer.startswith("edge-vla"):
-        return build_edge_vla(ckpt, work, fmt)
+        return build_edge_vla(ckpt, work, peer.removeprefix("edge-vla-"))
     if peer.startswith("ort-genai"):
         return build_genai(hf, work, fmt)
     if peer.startswith("llama.cpp"):
@@ -338,8 +415,26 @@ def _time_edge_vla(path: Path, ids: list[int], new: int) -> tuple[float, list[fl
     return run()
 
 
+class _CpuTimedSession:
+    """An onnxruntime session that adds each run's CPU ms to `parts[name]` (the decoder's first run of an
+    action, the prefill, apart from its later runs, the decode steps)."""
+
+    def __init__(self, session, parts: dict, role: str):
+        self._s, self._parts, self._role = session, parts, role
+
+    def run(self, outputs, feeds):
+        t = time.process_time()
+        out = self._s.run(outputs, feeds)
+        name = self._role
+        if name == "decoder":
+            name = "decoder_steps" if "decoder_prefill" in self._parts else "decoder_prefill"
+        self._parts[name] = self._parts.get(name, 0.0) + (time.process_time() - t) * 1e3
+        return out
+
+
 def _time_edge_vla_action(path: Path, actions: int) -> tuple[list[tuple[float, float]], dict]:
-    """`actions` direct-mode actions of the bundle's Policy on one synthetic observation, after a warm-up."""
+    """`actions` direct-mode actions of the bundle's Policy on one synthetic observation, after a warm-up;
+    with the CPU ms of each graph of the last action (the rest: Python, image preprocessing, feeds)."""
     from edge_vla.artifacts.bundle import load_bundle
     from edge_vla.data.observations import synthetic_observations
     from edge_vla.runtime.policy import load_policy
@@ -347,12 +442,21 @@ def _time_edge_vla_action(path: Path, actions: int) -> tuple[list[tuple[float, f
     pol = load_policy(str(path), mode="direct")
     obs = synthetic_observations(load_bundle(path).config, n=1)[0]
     r = pol.act(obs)  # warm-up: ORT plans its kernels on the first runs
+    parts: dict[str, float] = {}
+    sessions = pol.backend.sessions
+    for role in list(sessions):
+        sessions[role] = _CpuTimedSession(sessions[role], parts, role)
     times = []
     for _ in range(actions):
+        parts.clear()
         t = _now()
         r = pol.act(obs)
         times.append(_since(t))
-    return times, {"tokens": [int(x) for x in r.info["action_token_ids"]]}
+    names = {"prefix": "vision", "embed": "embed", "decoder_prefill": "decoder_prefill",
+             "decoder_steps": "decoder_steps", "lm_head": "lm_head", "action_head": "action_head"}
+    comp = {names[k]: round(v, 2) for k, v in parts.items()}
+    comp["other"] = round(times[-1][1] - sum(parts.values()), 2)
+    return times, {"tokens": [int(x) for x in r.info["action_token_ids"]], "components_cpu_ms": comp}
 
 
 def action_positions(bundle: Path) -> dict:
@@ -515,9 +619,10 @@ def action_worker(spec: dict) -> dict:
 # --- the driver ----------------------------------------------------------------------------------
 def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", peers: tuple[str, ...] = PEERS,
               prompt: int = 280, new: int = 16, repeats: int = 3, llama_src: str | Path | None = None,
-              log=print, rows: tuple[str, ...] = ("decode",)) -> dict:
+              log=print, rows: tuple[str, ...] = ("decode",), action_decoding: tuple[str, ...] | None = None) -> dict:
     """Build every available peer's model from the same weights, time them interleaved; returns the table
-    (`rows`: "decode", the prefill + decode table; "action", one measured action per runtime)."""
+    (`rows`: "decode", the prefill + decode table; "action", one measured action per runtime, edge-vla's
+    once per `action_decoding`: ACTION_DECODING for qwen0.5b, parallel for tiny, whose checkpoint has no other)."""
     from edge_vla.deploy.roofline import measure_memory_bandwidth
     from edge_vla.errors import EdgeVLAError
 
@@ -528,6 +633,10 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
         raise EdgeVLAError(f"unknown model {model}", "use tiny or qwen0.5b")
     if not rows or set(rows) - {"decode", "action"}:
         raise EdgeVLAError(f"unknown rows {','.join(rows)}", "use decode, action or both")
+    action_decoding = tuple(action_decoding or (("parallel",) if model == "tiny" else ACTION_DECODING))
+    if set(action_decoding) - set(ACTION_DECODING):
+        raise EdgeVLAError(f"unknown action decoding {','.join(action_decoding)}",
+                           f"use {' or '.join(ACTION_DECODING)}, or both")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     src = llama_src or os.environ.get("LLAMA_CPP_SRC")
@@ -554,7 +663,7 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
             log(f"# {p}: skipped: {why}")
     action = None
     if "action" in rows:
-        action = prepare_action(model, work, peers, paths, skipped, log)
+        action = prepare_action(model, work, peers, paths, skipped, log, action_decoding)
     if "decode" not in rows:
         return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
                 "repeats": repeats, "rows": {}, "skipped": skipped,
@@ -605,31 +714,49 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
                     "process per runtime per repeat, repeats interleaved"}
 
 
-def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, log) -> dict:
-    """What the action row runs: edge-vla's action bundles (build_action_bundle), and the peers' models (the
-    decode table's) with the same number of prefix + prompt positions as token ids."""
+def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, log,
+                   decodings: tuple[str, ...] = ACTION_DECODING) -> dict:
+    """What the action row runs: edge-vla's action bundles (build_action_bundle), one row per precision and
+    decoding ("edge-vla-int8-parallel"), and the peers' models (the decode table's) with the same number of
+    prefix + prompt positions as token ids."""
+    from edge_vla.errors import EdgeVLAError
+
     ckpt = build_checkpoint(model, work)
-    specs = {}
+    specs, positions = {}, {}
     for p in peers:
         if p in skipped or p not in paths:
             continue
-        if p.startswith("edge-vla"):
+        if not p.startswith("edge-vla"):
+            specs[p] = {"path": str(paths[p]), "peer": p}
+            continue
+        for d in decodings:
+            row = f"{p}-{d}"
             try:
-                specs[p] = {"path": str(build_action_bundle(model, ckpt, work, p.rsplit("-", 1)[1]))}
+                path = build_action_bundle(model, ckpt, work, p.removeprefix("edge-vla-"), d)
+                log(f"# {row}: action bundle ready")
             except Exception as e:
-                skipped[p + " (action)"] = f"build failed: {type(e).__name__}: {str(e)[:200]}"
-        else:
-            specs[p] = {"path": str(paths[p])}
-    probe = next((v["path"] for k, v in specs.items() if k.startswith("edge-vla")), None)
-    if probe is None:  # positions come from an edge-vla action bundle
-        probe = str(build_action_bundle(model, ckpt, work, "fp32"))
-    pos = action_positions(Path(probe))
+                skipped[row + " (action)"] = f"build failed: {type(e).__name__}: {str(e)[:200]}"
+                log(f"# {row} action: {skipped[row + ' (action)']}")
+                continue
+            specs[row] = {"path": str(path), "peer": p, "decoding": d}
+            positions[row] = action_positions(path)
+    if not positions:  # positions come from an edge-vla action bundle
+        positions["probe"] = action_positions(build_action_bundle(model, ckpt, work, "fp32", decodings[0]))
+    pos = next(iter(positions.values()))
+    # Same prompt for every row: every edge-vla bundle prefills the same prefix + prompt positions.
+    if len({(q["prefix"], q["prompt"]) for q in positions.values()}) != 1:
+        raise EdgeVLAError(f"the action bundles prefill different positions: {positions}",
+                           "build them with the same vision tower and prompt")
     n = pos["prefix"] + pos["prompt"]
     vocab = json.loads((build_hf(ckpt, work) / "config.json").read_text())["vocab_size"]
     ids = [int(x) for x in np.random.default_rng(1).integers(3, vocab, n)]
-    log(f"# action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla decodes "
-        f"{pos['action_tokens']} action tokens, peers {OPENVLA_ACTION_TOKENS} one by one")
-    return {"positions": pos, "ids": ids, "specs": specs}
+    for row, q in positions.items():
+        log(f"# action {row}: {q['prefix']} prefix + {q['prompt']} prompt positions; {q['action_tokens']} action "
+            f"tokens {'in one pass' if q['parallel'] else 'one by one'}; peers {OPENVLA_ACTION_TOKENS} one by one")
+    for row, q in positions.items():
+        if row in specs:
+            specs[row]["positions"] = q
+    return {"positions": {k: v for k, v in pos.items() if k in ("prefix", "prompt")}, "ids": ids, "specs": specs}
 
 
 def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int = 1) -> dict:
@@ -637,8 +764,8 @@ def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int
     runs: dict[str, list] = {p: [] for p in action["specs"]}
     for _ in range(repeats):
         for p, sp in action["specs"].items():
-            spec = json.dumps({"row": "action", "peer": p, "path": sp["path"], "ids": action["ids"], "new": 0,
-                               "tokens": OPENVLA_ACTION_TOKENS, "actions": per_process})
+            spec = json.dumps({"row": "action", "peer": sp["peer"], "path": sp["path"], "ids": action["ids"],
+                               "new": 0, "tokens": OPENVLA_ACTION_TOKENS, "actions": per_process})
             run = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
                                  env=_env())
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
@@ -657,7 +784,12 @@ def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int
         rows[p] = {"action_cpu_ms": float(np.median(cpu)), "action_ms": float(np.median(wall)),
                    "action_cpu_ms_min": float(cpu.min()), "action_cpu_ms_max": float(cpu.max()),
                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "actions": int(cpu.size),
-                   "tokens": rs[0].get("tokens"), "format": FORMAT_BITS[p]}
+                   "tokens": rs[0].get("tokens"), "format": FORMAT_BITS[action["specs"][p]["peer"]],
+                   "decoding": action["specs"][p].get("decoding", "sequential"),
+                   "positions": action["specs"][p].get("positions")}
+        if rs[0].get("components_cpu_ms"):  # edge-vla: where its action's CPU time goes (median per part)
+            rows[p]["components_cpu_ms"] = {k: float(np.median([r["components_cpu_ms"][k] for r in rs]))
+                                            for k in rs[0]["components_cpu_ms"]}
     peers_only = [r["action_cpu_ms"] for p, r in rows.items() if not p.startswith("edge-vla")]
     best_peer = min(peers_only) if peers_only else None
     for r in rows.values():
@@ -671,16 +803,21 @@ def format_action_table(res: dict) -> str:
     if not a:
         return ""
     pos = a["positions"]
-    how = "in one parallel pass" if pos.get("parallel") else "one by one"
     lines = [f"one action: {pos['prefix']} prefix + {pos['prompt']} prompt positions; edge-vla: Policy.act, direct "
-             f"mode, {pos['action_tokens']} action tokens {how} through the restricted head (vision "
-             f"tower included); peers: prefill + {OPENVLA_ACTION_TOKENS} tokens one by one (no vision); "
-             f"{a['repeats']} interleaved fresh processes, 1 thread",
-             f"{'runtime':18s} {'cpu ms':>9s} {'min':>9s} {'max':>9s} {'wall ms':>9s} {'best peer / this':>16s}  format"]
+             f"mode, its action tokens through the restricted head, parallel (one decoder pass) or sequential (one "
+             f"by one), vision tower included; peers: prefill + {OPENVLA_ACTION_TOKENS} tokens one by one (no "
+             f"vision); {a['repeats']} interleaved fresh processes, 1 thread",
+             f"{'runtime':30s} {'tokens':>6s} {'cpu ms':>9s} {'min':>9s} {'max':>9s} {'wall ms':>9s} "
+             f"{'best peer / this':>16s}  format"]
     for p, r in sorted(a["rows"].items(), key=lambda kv: kv[1]["action_cpu_ms"]):
         ratio = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else "-"
-        lines.append(f"{p:18s} {r['action_cpu_ms']:9.1f} {r['action_cpu_ms_min']:9.1f} {r['action_cpu_ms_max']:9.1f} "
-                     f"{r['action_ms']:9.1f} {ratio:>16s}  {r['format']}")
+        n = (r.get("positions") or {}).get("action_tokens", OPENVLA_ACTION_TOKENS)
+        lines.append(f"{p:30s} {n:6d} {r['action_cpu_ms']:9.1f} {r['action_cpu_ms_min']:9.1f} "
+                     f"{r['action_cpu_ms_max']:9.1f} {r['action_ms']:9.1f} {ratio:>16s}  {r['format']}")
+    for p, r in a["rows"].items():
+        if r.get("components_cpu_ms"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["components_cpu_ms"].items())
+            lines.append(f"  {p} CPU ms by part: {parts}")
     return "\n".join(lines)
 
 
@@ -715,10 +852,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-src", default=None)
     ap.add_argument("--rows", default="decode,action", help="decode (prefill + decode table), action, or both")
+    ap.add_argument("--action-decoding", default=None,
+                    help="edge-vla's action rows: parallel (the whole chunk in one decoder pass), sequential (one "
+                         "token at a time, as OpenVLA), or both (default: both for qwen0.5b, parallel for tiny)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     res = run_peers(a.model, a.work or f"/tmp/edge_vla_peers/{a.model}", tuple(a.peers.split(",")), a.prompt, a.new,
-                    a.repeats, a.llama_src, rows=tuple(a.rows.split(",")))
+                    a.repeats, a.llama_src, rows=tuple(a.rows.split(",")),
+                    action_decoding=tuple(a.action_decoding.split(",")) if a.action_decoding else None)
     if res["rows"]:
         print(format_table(res))
     if res.get("action"):

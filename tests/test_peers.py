@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not peers.TINY_CKPT.joinpath("model.safetensors"
 def table(tmp_path_factory):
     chosen = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0")
     res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), chosen, prompt=40, new=4, repeats=1,
-                          llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None, rows=("decode", "action"))
+                          llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None, rows=("decode", "action"),
+                          action_decoding=("parallel", "sequential"))
     return res
 
 
@@ -36,7 +37,8 @@ def test_installed_peers_run_and_absent_ones_say_why(table):
             assert peer in skipped and "not installed" in skipped[peer]
         elif peer not in rows:
             assert skipped[peer]  # installed but not runnable here (e.g. no converter source): a reason
-    assert set(rows) | set(skipped) == {"edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0"}
+    decode_skips = {p for p in skipped if not p.endswith(" (action)")}
+    assert set(rows) | decode_skips == {"edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0"}
 
 
 def test_rows_are_consistent(table):
@@ -70,10 +72,12 @@ def test_action_row_is_measured_per_runtime(table):
     # number of prefix + prompt positions.
     a = table["action"]
     rows, pos = a["rows"], a["positions"]
-    assert {"edge-vla-fp32", "torch-eager"} <= set(rows)
-    assert pos["prefix"] == 33 and pos["prompt"] > 2 and pos["action_tokens"] == 28  # 2 cameras x 16 + proprio
-    assert pos["parallel"]
-    assert len(rows["edge-vla-fp32"]["tokens"]) == 28
+    assert {"edge-vla-fp32-parallel", "torch-eager"} <= set(rows)
+    assert pos["prefix"] == 33 and pos["prompt"] > 2  # 2 cameras x 16 + proprio
+    edge = rows["edge-vla-fp32-parallel"]
+    assert edge["decoding"] == "parallel" and edge["format"] == peers.FORMAT_BITS["edge-vla-fp32"]
+    assert edge["positions"]["parallel"] and edge["positions"]["action_tokens"] == 28
+    assert len(edge["tokens"]) == 28
     for p, r in rows.items():
         assert 0 < r["action_cpu_ms_min"] <= r["action_cpu_ms"] <= r["action_cpu_ms_max"] and r["actions"] == 1
         if not p.startswith("edge-vla"):
@@ -84,7 +88,22 @@ def test_action_row_is_measured_per_runtime(table):
     for r in rows.values():
         assert r["vs_best_peer"] == pytest.approx(best / r["action_cpu_ms"])
     text = peers.format_action_table(table)
-    assert "edge-vla-fp32" in text and "best peer / this" in text
+    assert "edge-vla-fp32-parallel" in text and "best peer / this" in text and "CPU ms by part" in text
+
+
+def test_action_profile_shows_one_decoder_pass_for_a_parallel_chunk(table):
+    # Where edge-vla's action time goes, per graph: a parallel chunk runs the decoder once (the prefill,
+    # no decode steps), the vision graph and the fused head once each; the parts fit in the action's CPU time.
+    parts = table["action"]["rows"]["edge-vla-fp32-parallel"]["components_cpu_ms"]
+    assert {"vision", "embed", "decoder_prefill", "action_head", "other"} <= set(parts)
+    assert "decoder_steps" not in parts and "lm_head" not in parts
+    assert all(v > 0 for k, v in parts.items() if k != "other")
+
+
+def test_tiny_has_no_sequential_action_row(table):
+    # The shipped tiny checkpoint was trained to decode in parallel: a sequential row is refused with why.
+    why = table["skipped"]["edge-vla-fp32-sequential (action)"]
+    assert "parallel only" in why and "edge-vla-fp32-sequential" not in table["action"]["rows"]
 
 
 def test_unknown_peer_and_model_are_refused(tmp_path):
@@ -94,3 +113,26 @@ def test_unknown_peer_and_model_are_refused(tmp_path):
         peers.run_peers("llama-70b", tmp_path, ("torch-eager",))
     with pytest.raises(EdgeVLAError, match="unknown rows"):
         peers.run_peers("tiny", tmp_path, ("torch-eager",), rows=("latency",))
+    with pytest.raises(EdgeVLAError, match="unknown action decoding"):
+        peers.run_peers("tiny", tmp_path, ("torch-eager",), rows=("action",), action_decoding=("speculative",))
+
+
+def test_int8_matmulinteger_bundle_changes_only_the_decoder_form(tmp_path):
+    # The int8-mmi variant: the same fp32 decoder quantized to ORT's MatMulInteger form, every other graph the
+    # int8 bundle's; a real bundle that Policy loads and that acts (the shipped tiny checkpoint).
+    import onnx
+
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.data.observations import synthetic_observations
+    from edge_vla.runtime.policy import load_policy
+
+    out = peers.build_edge_vla(peers.TINY_CKPT, tmp_path, "int8-mmi")
+    b, b8 = load_bundle(out), load_bundle(tmp_path / "bundle-int8")
+    ops = {n.op_type for n in onnx.load(str(b.graph_path("decoder"))).graph.node}
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops and "MatMul" not in ops
+    assert b.graphs["decoder"]["int8_form"] == "MatMulInteger"
+    for role in ("prefix", "embed", "lm_head", "action_head"):
+        assert b.graph_path(role).read_bytes() == b8.graph_path(role).read_bytes()
+    obs = synthetic_observations(b.config, n=1)[0]
+    assert len(load_policy(str(out), mode="direct").act(obs).info["action_token_ids"]) == 28
+
