@@ -50,6 +50,7 @@ stand in for the bytes a step reads; they overcount where an embedding table is 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --model qwen0.5b --work /tmp/peers/qwen \\
         --llama-src /path/to/llama.cpp [--peers edge-vla-int8,llama.cpp-q8_0] [--rows decode,action] \\
         [--repeats 3] [--action-decoding parallel,sequential] [--out peers.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers.py --matmuls    # one MatMul per shape and weight form
 
 llama.cpp needs `pip install llama-cpp-python` (no wheel on this platform: a 20-40 minute build
 from source with cmake and a C++ compiler, so it is not in requirements.lock) and a llama.cpp
@@ -821,6 +822,64 @@ def format_action_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# The 0.5B-shaped decoder's MatMuls: fused gate+up, down, fused QKV (K x N).
+DECODER_MATMULS = {"gate+up": (896, 9728), "down": (4864, 896), "qkv": (896, 1152)}
+
+
+def matmul_forms(rows: tuple[int, ...] = (292, 1), repeats: int = 5, shapes: dict | None = None) -> list[dict]:
+    """One MatMul of each decoder shape in ONNX Runtime, one thread, best-of-`repeats` CPU ms per form: fp32,
+    edge-vla's int8 (MatMulNBits, blocks of 256) and int4, and int8 in the MatMulInteger form (what
+    `edge-vla-int8-mmi` runs), all written by edge_vla.export.quantize.quantize_graph from one random fp32
+    weight. `rows`: 292 is an action's one-pass prefill, 1 a decode step."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_vla.export.quantize import quantize_graph
+
+    forms = {"fp32": None, "int8": ("int8", False), "int4": ("int4", False), "int8-mmi": ("int8", True)}
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for name, (k, n) in (shapes or DECODER_MATMULS).items():
+            w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((k, n)) * 0.02).astype(np.float32), "W")
+            g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], [w])
+            onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "fp32.onnx"))
+            for f, q in forms.items():
+                if q:
+                    quantize_graph(d / "fp32.onnx", d / f"{f}.onnx", q[0], for_tensorrt=q[1])
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
+            sess = {f: ort.InferenceSession(str(d / f"{f}.onnx"), so, providers=["CPUExecutionProvider"]) for f in forms}
+            for m in rows:
+                x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+                row = {"matmul": name, "k": k, "n": n, "rows": m}
+                for f, s in sess.items():
+                    s.run(None, {"x": x})  # warm-up
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t = time.process_time()
+                        s.run(None, {"x": x})
+                        best = min(best, time.process_time() - t)
+                    row[f] = best * 1e3
+                out.append(row)
+    return out
+
+
+def format_matmuls(rows: list[dict]) -> str:
+    lines = [f"{'matmul':8s} {'K x N':>11s} {'rows':>5s} " + " ".join(f"{f:>9s}" for f in ("fp32", "int8", "int4",
+                                                                                          "int8-mmi"))
+             + "   (CPU ms, best of repeats, 1 thread)"]
+    for r in rows:
+        lines.append(f"{r['matmul']:8s} {r['k']:>5d} x {r['n']:<5d} {r['rows']:5d} "
+                     + " ".join(f"{r[f]:9.2f}" for f in ("fp32", "int8", "int4", "int8-mmi")))
+    return "\n".join(lines)
+
+
 def format_table(res: dict) -> str:
     lines = [f"model {res['model']}: {res['decoder_params'] / 1e6:.0f}M parameters {res['config']}; prompt "
              f"{res['prompt_tokens']} tokens, {res['new_tokens']} generated, {res['repeats']} interleaved repeats, "
@@ -856,7 +915,12 @@ def main():
                     help="edge-vla's action rows: parallel (the whole chunk in one decoder pass), sequential (one "
                          "token at a time, as OpenVLA), or both (default: both for qwen0.5b, parallel for tiny)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--matmuls", action="store_true",
+                    help="only time one MatMul per decoder shape in each edge-vla weight form (matmul_forms)")
     a = ap.parse_args()
+    if a.matmuls:
+        print(format_matmuls(matmul_forms()))
+        return
     res = run_peers(a.model, a.work or f"/tmp/edge_vla_peers/{a.model}", tuple(a.peers.split(",")), a.prompt, a.new,
                     a.repeats, a.llama_src, rows=tuple(a.rows.split(",")),
                     action_decoding=tuple(a.action_decoding.split(",")) if a.action_decoding else None)

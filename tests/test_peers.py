@@ -136,3 +136,12 @@ def test_int8_matmulinteger_bundle_changes_only_the_decoder_form(tmp_path):
     obs = synthetic_observations(b.config, n=1)[0]
     assert len(load_policy(str(out), mode="direct").act(obs).info["action_token_ids"]) == 28
 
+
+def test_matmul_forms_times_every_weight_form_per_shape():
+    # The per-MatMul comparison behind the action row's finding: each shape x rows gets every form, in CPU ms.
+    rows = peers.matmul_forms(rows=(8, 1), repeats=1, shapes={"small": (64, 96)})
+    assert [(r["matmul"], r["rows"]) for r in rows] == [("small", 8), ("small", 1)]
+    for r in rows:
+        assert all(r[f] >= 0 for f in ("fp32", "int8", "int4", "int8-mmi"))
+    assert "int8-mmi" in peers.format_matmuls(rows)
+
