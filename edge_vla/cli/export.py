@@ -12,6 +12,12 @@ import click
               help="Dynamic INT8 (ONNX Runtime; the CPU default): MatMul weights in symmetric 8-bit blocks "
                    "of 256 with int8 compute, other weights per-channel; activations quantized on the fly. "
                    "TensorRT targets get per-channel MatMulInteger. Default: the target's.")
+@click.option("--int8-matmul", "int8_matmul", default="auto", show_default=True,
+              type=click.Choice(["auto", "nbits", "integer"]),
+              help="The --int8 decoder's MatMul kernel on ONNX Runtime targets: nbits (MatMulNBits blocks, faster "
+                   "single-token decode steps), integer (MatMulInteger, ~2x faster at a prefill's hundreds of rows), "
+                   "auto: integer when the checkpoint's action is one prefill (direct decode mode and "
+                   "model.parallel_actions), nbits otherwise. Recorded in the manifest.")
 @click.option("--int8-static", "precision", flag_value="int8-static",
               help="Static QDQ INT8 calibrated on --data (for accelerator targets).")
 @click.option("--int4", "precision", flag_value="int4", help="Weight-only 4-bit blocks (MatMulNBits), embedding too.")
@@ -33,7 +39,8 @@ import click
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT even when it is not a bundle (a bundle is replaced without it; "
                    "the checkpoint and --data never are).")
-def export(checkpoint, output, precision, vision_precision, target, data, min_agreement, streaming, overwrite):
+def export(checkpoint, output, precision, int8_matmul, vision_precision, target, data, min_agreement, streaming,
+           overwrite):
     """Export CHECKPOINT to an ONNX bundle that runs without PyTorch.
 
     Every export checks parity against PyTorch (logit difference, greedy-token agreement) and
@@ -48,4 +55,4 @@ def export(checkpoint, output, precision, vision_precision, target, data, min_ag
         click.echo(f"precision: {precision} (the default for target {target})")
     export_bundle(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
                   target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
-                  report=click.echo, overwrite=overwrite, streaming=streaming)
+                  report=click.echo, overwrite=overwrite, streaming=streaming, int8_matmul=int8_matmul)

@@ -11,7 +11,10 @@
 
 Measured on this kind of CPU (AVX-512 VNNI, 1 thread, a 136M fused decoder, 100 tokens of
 context): 8-bit MatMulNBits decodes ~2x faster than ORT's MatMulInteger/DynamicQuantizeMatMul
-form of the same weights (6.8 vs 12.4 ms per step); INT4 with int8 compute (accuracy_level 4)
+form of the same weights (6.8 vs 12.4 ms per step); at a prefill's ~292 rows the MatMulInteger form
+is ~2x faster instead (0.5B-shaped gate+up 13.6 vs 30.2 ms), so a CPU export whose action is one
+prefill (direct mode, parallel actions) ships its int8 decoder in that form (`int8_matmul="integer"`,
+edge_vla.export.steps.choose_int8_matmul); INT4 with int8 compute (accuracy_level 4)
 ~3x faster than with float compute (accuracy_level 0). For TensorRT targets `int8` keeps the
 MatMulInteger form (`for_tensorrt=True`), which the TensorRT lint names with its fix; static QDQ
 drifts most (docs/facts.md).
@@ -31,6 +34,8 @@ INT8_BLOCK = 256
 # MatMulNBits accuracy_level 4: int8 activations and int8 dot products (VNNI/AVX2 kernels); 0 would
 # dequantize the weights to float32 and run float MatMuls.
 INT_COMPUTE = 4
+# int8's two MatMul forms: MatMulNBits blocks (the default) and ORT's MatMulInteger (quantize_dynamic).
+INT8_MATMUL_FORMS = ("nbits", "integer")
 
 
 def check_precision(precision: str, what: str = "precision") -> str:
@@ -42,13 +47,20 @@ def check_precision(precision: str, what: str = "precision") -> str:
 
 
 def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict] | None = None,
-                   for_tensorrt: bool = False) -> None:
+                   for_tensorrt: bool = False, int8_matmul: str = "nbits") -> None:
     """Write `src` quantized to `precision` at `dst` (`calibration`: input feeds, int8-static only;
-    `for_tensorrt`: int8 in ORT's MatMulInteger form, which the TensorRT lint recognises and refuses)."""
+    `for_tensorrt`: int8 in ORT's MatMulInteger form, which the TensorRT lint recognises and refuses;
+    `int8_matmul`: int8's MatMul form on ONNX Runtime targets, "nbits" (MatMulNBits blocks) or "integer"
+    (the MatMulInteger form, faster at a prefill's hundreds of rows))."""
     check_precision(precision)
+    if int8_matmul not in INT8_MATMUL_FORMS:
+        from edge_vla.config import unknown_name_error
+
+        raise unknown_name_error("INT8 MatMul form", int8_matmul, INT8_MATMUL_FORMS)
     notices.silence("", "onnxruntime.quantization.matmul_nbits_quantizer")
     src, dst = Path(src), Path(dst)
-    quantizer = _int8_dynamic if precision == "int8" and for_tensorrt else QUANTIZERS[precision]
+    integer = precision == "int8" and (for_tensorrt or int8_matmul == "integer")
+    quantizer = _int8_dynamic if integer else QUANTIZERS[precision]
     try:
         with notices.root_logger_kept():
             quantizer(src, dst, calibration)

@@ -24,6 +24,13 @@ from edge_vla.errors import EdgeVLAError
 PARITY_OBSERVATIONS = 8
 HELD_OUT_OBSERVATIONS = 64
 
+# The INT8 kernel of a CPU export's decoder MatMuls (`--int8-matmul`). "nbits": MatMulNBits, 8-bit blocks of 256
+# with int8 compute, faster per single-token decode step; "integer": ONNX Runtime's MatMulInteger form (per-channel
+# int8 weights, activations quantized per tensor on the fly, MLAS's QGEMM), ~2x faster at a prefill's hundreds of
+# rows. "auto": integer when the deployed action is one prefill (direct mode, parallel actions), nbits otherwise.
+INT8_MATMULS = ("auto", "nbits", "integer")
+INT8_MATMUL_OPS = {"nbits": "MatMulNBits", "integer": "MatMulInteger"}
+
 
 def _uses_tensorrt(target: str) -> bool:
     from edge_vla.deploy.targets import get_target
@@ -55,6 +62,49 @@ def export_fp32_graphs(vla, out_dir: Path, for_tensorrt: bool) -> dict:
     graphs = export_graphs(vla, out_dir, fused_decoder=not for_tensorrt)
     vla.processor.tokenizer.save(out_dir / TOKENIZER_DIR)
     return graphs
+
+
+def choose_int8_matmul(requested: str, precision: str, config, recipe: dict | None, target: str,
+                       streaming: bool = False) -> dict | None:
+    """The decoder's INT8 MatMul form and why: the manifest's `int8_matmul` (None where the decoder is not
+    int8 and nothing was asked). An explicit choice the export cannot honour is refused, never ignored."""
+    if requested not in INT8_MATMULS:
+        from edge_vla.config import unknown_name_error
+
+        raise unknown_name_error("INT8 MatMul form (--int8-matmul)", requested, INT8_MATMULS)
+    explicit = requested != "auto"
+    if precision != "int8":
+        if explicit:
+            raise EdgeVLAError(f"--int8-matmul {requested} applies to --int8 exports, not {precision}",
+                               "export with --int8, or leave --int8-matmul out")
+        return None
+    if _uses_tensorrt(target):
+        if explicit:
+            raise EdgeVLAError(f"--int8-matmul {requested} applies to ONNX Runtime targets, not TensorRT target "
+                               f"`{target}`", "leave --int8-matmul out for TensorRT targets")
+        return _int8_record(requested, "integer", "TensorRT target: int8 keeps ONNX Runtime's MatMulInteger form "
+                                                  "on every graph (the TensorRT lint names it with its fix)")
+    if streaming:
+        if requested == "integer":
+            raise EdgeVLAError("--int8-matmul integer is not written by the streaming export (it packs the "
+                               "decoder's weights one at a time as MatMulNBits)",
+                               "export in memory (--no-streaming) where the model fits, or use --int8-matmul nbits")
+        return _int8_record(requested, "nbits", "the streaming export packs the decoder's weights one at a time "
+                                                "as MatMulNBits (edge_vla.export.nbits)" if not explicit else "asked for")
+    if explicit:
+        return _int8_record(requested, requested, "asked for")
+    mode = (recipe or {}).get("decode_mode") or "direct"  # the Policy's default mode
+    parallel = bool(getattr(config, "parallel_actions", False))
+    if mode == "direct" and parallel:
+        return _int8_record(requested, "integer", "direct mode with parallel actions: the deployed action is one "
+                                                  "prefill of hundreds of rows, where MatMulInteger's QGEMM is faster")
+    why = (f"decode mode {mode}: the model decodes token by token" if mode != "direct" else
+           "sequential actions: each action token is a single-row decode step")
+    return _int8_record(requested, "nbits", why + ", where MatMulNBits' steps are faster")
+
+
+def _int8_record(requested: str, form: str, reason: str) -> dict:
+    return {"requested": requested, "decoder": form, "op": INT8_MATMUL_OPS[form], "reason": reason}
 
 
 def check_parity(vla, fp32_backend, observations: list[dict], atol: float, report) -> dict:
@@ -120,15 +170,19 @@ def graph_precisions(graphs: dict, precision: str, vision_precision: str) -> dic
 
 
 def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibration: dict | None,
-                    for_tensorrt: bool, report) -> None:
+                    for_tensorrt: bool, report, int8_matmul: dict | None = None) -> None:
+    """`int8_matmul` (choose_int8_matmul): the int8 decoder's MatMul form; the other graphs keep the default."""
     from edge_vla.export.quantize import quantize_graph
 
     for role, g in graphs.items():
         p = precisions[role]
-        report(f"quantizing {role} graph to {p} ...")
+        form = int8_matmul["decoder"] if int8_matmul and role == "decoder" and p == "int8" else "nbits"
+        report(f"quantizing {role} graph to {p}" + (f" ({INT8_MATMUL_OPS[form]})" if p == "int8" else "") + " ...")
         quantize_graph(src / g["file"], dst / g["file"], p, calibration and calibration.get(role),
-                       for_tensorrt=for_tensorrt)
+                       for_tensorrt=for_tensorrt, int8_matmul=form)
         g["precision"] = p
+        if p == "int8":
+            g["int8_matmul"] = "integer" if for_tensorrt else form
 
 
 def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recipe: dict, precision: str,
@@ -147,9 +201,15 @@ def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recip
     return rep
 
 
+def _report_int8_matmul(mm: dict | None, report) -> None:
+    if mm:
+        report(f"int8 decoder MatMuls: {mm['op']} ({'auto: ' if mm['requested'] == 'auto' else ''}{mm['reason']})")
+
+
 def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=None, target: str = "cpu",
                   parity_samples=None, vision_precision: str | None = None, min_action_agreement: float | None = None,
-                  parity_atol: float = 1e-3, report=print, overwrite: bool = False, streaming: bool | None = None) -> Path:
+                  parity_atol: float = 1e-3, report=print, overwrite: bool = False, streaming: bool | None = None,
+                  int8_matmul: str = "auto") -> Path:
     """Export the checkpoint `ckpt_dir` to a bundle at `out_dir` (the steps above, in order).
 
     `parity_samples` (Samples, obs dicts or a dataset path; synthetic observations when None) check
@@ -160,6 +220,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     the checkpoint or the data (edge_vla.io.check_output_dir, refused before the slow steps).
     `streaming` (None: above STREAM_ABOVE_PARAMS parameters) exports without loading the model
     (edge_vla.export.streaming: weights read from the shards, graphs quantized as they are built).
+    `int8_matmul` ("auto", "nbits", "integer"): the int8 decoder's MatMul form (choose_int8_matmul).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -181,6 +242,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     get_target(target)  # an unknown name is refused with the close ones
     vision_precision = check_precision(vision_precision or default_vision_precision(target, precision),
                                        "vision precision")
+    choose_int8_matmul(int8_matmul, precision, None, None, target)  # a bad value is refused before the slow steps
     if streaming is None:
         from edge_vla.export.streaming import STREAM_ABOVE_PARAMS, checkpoint_params
 
@@ -192,16 +254,20 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         parity_obs = (load_observations(parity_samples, src.config, limit=PARITY_OBSERVATIONS)
                       or synthetic_observations(src.config))
         held_out = load_observations(calibration_data, src.config, limit=HELD_OUT_OBSERVATIONS) or parity_obs
+        mm = choose_int8_matmul(int8_matmul, precision, src.config, src.recipe_info, target, streaming=True)
+        _report_int8_matmul(mm, report)
         return st.export_bundle_streaming(src, ckpt_dir, out, precision,
                                           graph_precisions({r: {} for r in st.ROLES}, precision, vision_precision),
                                           target, parity_obs, held_out, min_action_agreement, parity_atol, report,
-                                          overwrite, inputs)
+                                          overwrite, inputs, extra_manifest={"int8_matmul": mm} if mm else None)
     vla = load_checkpoint(ckpt_dir, target)
     memory_fit = check_export_fits(vla, precision, target, report)  # refuses before the slow export
     parity_obs = (load_observations(parity_samples, vla.config, limit=PARITY_OBSERVATIONS)
                   or synthetic_observations(vla.config))
     held_out = load_observations(calibration_data, vla.config, limit=HELD_OUT_OBSERVATIONS) or parity_obs
     for_tensorrt = _uses_tensorrt(target)
+    mm = choose_int8_matmul(int8_matmul, precision, vla.config, vla.recipe_info, target)
+    _report_int8_matmul(mm, report)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_staging(out)  # what an export killed before its cleanup left
@@ -221,7 +287,9 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         final_dir.mkdir()
         shutil.copytree(fp32_dir / TOKENIZER_DIR, final_dir / TOKENIZER_DIR)
         quantize_graphs(fp32_dir, final_dir, graphs, graph_precisions(graphs, precision, vision_precision),
-                        calibration, for_tensorrt, report)
+                        calibration, for_tensorrt, report, mm)
+        if mm:
+            manifest["int8_matmul"] = mm
         manifest.update(graphs=graphs, precision=precision, parity=parity, memory_fit=memory_fit,
                         tensorrt_lint=lint_for_target(final_dir, graphs, vla.config, target, report))
 

@@ -543,10 +543,12 @@ class _progress:
 
 def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, precisions: dict, target: str,
                             parity_obs: list, held_out: list, min_action_agreement, parity_atol: float, report,
-                            overwrite: bool, inputs: list, decoder_accessor: DecoderWeights | None = None) -> Path:
+                            overwrite: bool, inputs: list, decoder_accessor: DecoderWeights | None = None,
+                            extra_manifest: dict | None = None) -> Path:
     """The streaming export of the opened checkpoint `src` to a bundle at `out_dir`: edge_vla.export.steps
     passes what it decided (each graph's precision, the parity and held-out observations, the inputs never
-    replaced, the manifest's JSON encoder). `decoder_accessor`: an instrumented accessor (tests)."""
+    replaced, the manifest's JSON encoder). `decoder_accessor`: an instrumented accessor (tests).
+    `extra_manifest`: what steps decided that the manifest records (its int8 MatMul form and why)."""
     from types import SimpleNamespace
 
     from edge_vla import __version__
@@ -650,6 +652,7 @@ def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, prec
                         tensorrt_lint=lint_for_target(final, graphs, cfg, target, report),
                         streaming={"params": n_params, "source_layout": src.kind,
                                    "decoder_bytes": sum(f.stat().st_size for f in final.glob("decoder.onnx*"))})
+        manifest.update(extra_manifest or {})
         manifest["environment"] = environment_report()
         bundle = write_bundle(out, final, jsonable(manifest), overwrite=overwrite,
                               inputs=inputs)
