@@ -4,9 +4,10 @@ The same decoder weights through every runtime:
 
     edge-vla fp32 / int8 / int4   the bundle's embed + decoder + lm_head graphs (ONNX Runtime), as a
                                   bundle's free-token decode step runs them (no Python policy loop)
-    edge-vla int8-mmi             the int8 bundle with its decoder in ONNX Runtime's MatMulInteger form
-                                  (build_int8_matmulinteger): what `edge-vla export` writes for TensorRT
-                                  targets, timed on the CPU because MLAS's QGEMM prefills faster
+                                  (int8: what `edge-vla export --int8` writes, its decoder's MatMul form
+                                  chosen by `--int8-matmul auto`: MatMulInteger for a direct-mode
+                                  parallel-action checkpoint, MatMulNBits otherwise)
+    edge-vla int8-nbits / -integer  the same export with `--int8-matmul nbits` / `integer` forced
     ort-genai int4 / int8         ONNX Runtime GenAI, its model builder's outputs from the HF weights
     llama.cpp q8_0 / q4_0 / q4_k_m  llama-cpp-python; GGUF from llama.cpp's convert_hf_to_gguf.py,
                                   then llama_model_quantize
@@ -74,11 +75,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CKPT = REPO / "pretrained" / "tiny-libero-butter" / "vla"
 QWEN05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
            "intermediate_size": 4864}
-PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-mmi", "edge-vla-int4", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
+PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-nbits", "edge-vla-int8-integer", "edge-vla-int4", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
          "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
-FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit blocks of 256 + fp32 scale",
-               "edge-vla-int8-mmi": "8-bit per channel + fp32 scale, uint8 activations per tensor (MatMulInteger)",
+FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --int8-matmul auto form",
+               "edge-vla-int8-nbits": "8-bit blocks of 256 + fp32 scale (MatMulNBits)",
+               "edge-vla-int8-integer": "8-bit per channel + fp32 scale, uint8 activations per tensor (MatMulInteger)",
                "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",
                "ort-genai-int4": "4-bit blocks of 32 + fp32 scale", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
@@ -216,44 +218,23 @@ def n_params(hf: Path) -> int:
     return total if total else int(cfg.get("num_parameters", 0))
 
 
-def build_edge_vla(ckpt: Path, work: Path, prec: str, name: str = "bundle") -> Path:
-    out = work / f"{name}-{prec}"
-    if (out / "manifest.json").exists():
+# edge-vla's formats: the export's precision and, for int8, its --int8-matmul choice.
+EDGE_VLA_FORMATS = {"fp32": ("fp32", "auto"), "int8": ("int8", "auto"), "int8-nbits": ("int8", "nbits"),
+                    "int8-integer": ("int8", "integer"), "int4": ("int4", "auto")}
+
+
+def build_edge_vla(ckpt: Path, work: Path, fmt: str, name: str = "bundle") -> Path:
+    """The bundle `edge-vla export` writes for `fmt` (EDGE_VLA_FORMATS), reused when built before. An int8
+    bundle written before the export recorded its MatMul form (`int8_matmul`) is exported again: its form
+    may not be what the export writes now."""
+    out = work / f"{name}-{fmt}"
+    precision, int8_matmul = EDGE_VLA_FORMATS[fmt]
+    manifest = out / "manifest.json"
+    if manifest.exists() and (precision != "int8" or "int8_matmul" in json.loads(manifest.read_text())):
         return out
-    if prec == "int8-mmi":
-        return build_int8_matmulinteger(build_edge_vla(ckpt, work, "fp32", name),
-                                        build_edge_vla(ckpt, work, "int8", name), out)
     from edge_vla.export import export_bundle
 
-    export_bundle(ckpt, out, precision=prec, report=lambda *_: None)
-    return out
-
-
-def build_int8_matmulinteger(fp32: Path, int8: Path, out: Path) -> Path:
-    """The int8 bundle `int8` with its decoder body in ONNX Runtime's MatMulInteger form instead of
-    MatMulNBits: the same fp32 decoder graph through edge_vla.export.quantize.quantize_graph("int8",
-    for_tensorrt=True) (quantize_dynamic: per-channel int8 weights, activations quantized per tensor to uint8
-    at run time; ORT runs it as DynamicQuantizeMatMul on MLAS's QGEMM kernels). `edge-vla export` writes
-    this form for TensorRT targets only; on the CPU it writes MatMulNBits, faster per decode step. The other
-    graphs are `int8`'s."""
-    import shutil
-    import tempfile
-
-    from edge_vla.artifacts.bundle import load_bundle, write_bundle
-    from edge_vla.export.quantize import quantize_graph
-
-    b8, b32 = load_bundle(int8), load_bundle(fp32)
-    dec = b8.graphs["decoder"]["file"]
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        staging = Path(tmp) / "staging"
-        staging.mkdir()
-        for f in b8.path.iterdir():
-            if f.name != "manifest.json" and not f.name.startswith(Path(dec).stem):
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging / f.name)
-        quantize_graph(b32.path / b32.graphs["decoder"]["file"], staging / dec, "int8", for_tensorrt=True)
-        manifest = {k: v for k, v in b8.manifest.items() if k not in ("format", "schema_version", "files")}
-        manifest["graphs"] = {**b8.graphs, "decoder": {**b8.graphs["decoder"], "int8_form": "MatMulInteger"}}
-        write_bundle(out, staging, manifest)
+    export_bundle(ckpt, out, precision=precision, int8_matmul=int8_matmul, report=lambda *_: None)
     return out
 
 
@@ -652,6 +633,9 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
     skipped, paths = {}, {}
     for p in peers:
         why = missing(p, src)
+        if why is None and p.startswith("edge-vla") and "decode" not in rows:
+            paths[p] = None  # the action row builds edge-vla's action bundles itself (prepare_action)
+            continue
         if why is None:
             try:
                 t = time.time()
@@ -829,7 +813,7 @@ DECODER_MATMULS = {"gate+up": (896, 9728), "down": (4864, 896), "qkv": (896, 115
 def matmul_forms(rows: tuple[int, ...] = (292, 1), repeats: int = 5, shapes: dict | None = None) -> list[dict]:
     """One MatMul of each decoder shape in ONNX Runtime, one thread, best-of-`repeats` CPU ms per form: fp32,
     edge-vla's int8 (MatMulNBits, blocks of 256) and int4, and int8 in the MatMulInteger form (what
-    `edge-vla-int8-mmi` runs), all written by edge_vla.export.quantize.quantize_graph from one random fp32
+    `--int8-matmul integer` writes), all written by edge_vla.export.quantize.quantize_graph from one random fp32
     weight. `rows`: 292 is an action's one-pass prefill, 1 a decode step."""
     import tempfile
 
@@ -839,7 +823,7 @@ def matmul_forms(rows: tuple[int, ...] = (292, 1), repeats: int = 5, shapes: dic
 
     from edge_vla.export.quantize import quantize_graph
 
-    forms = {"fp32": None, "int8": ("int8", False), "int4": ("int4", False), "int8-mmi": ("int8", True)}
+    forms = {"fp32": None, "int8": ("int8", "nbits"), "int4": ("int4", "nbits"), "int8-integer": ("int8", "integer")}
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -851,7 +835,7 @@ def matmul_forms(rows: tuple[int, ...] = (292, 1), repeats: int = 5, shapes: dic
             onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "fp32.onnx"))
             for f, q in forms.items():
                 if q:
-                    quantize_graph(d / "fp32.onnx", d / f"{f}.onnx", q[0], for_tensorrt=q[1])
+                    quantize_graph(d / "fp32.onnx", d / f"{f}.onnx", q[0], int8_matmul=q[1])
             so = ort.SessionOptions()
             so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
             sess = {f: ort.InferenceSession(str(d / f"{f}.onnx"), so, providers=["CPUExecutionProvider"]) for f in forms}
@@ -872,11 +856,11 @@ def matmul_forms(rows: tuple[int, ...] = (292, 1), repeats: int = 5, shapes: dic
 
 def format_matmuls(rows: list[dict]) -> str:
     lines = [f"{'matmul':8s} {'K x N':>11s} {'rows':>5s} " + " ".join(f"{f:>9s}" for f in ("fp32", "int8", "int4",
-                                                                                          "int8-mmi"))
+                                                                                          "int8-integer"))
              + "   (CPU ms, best of repeats, 1 thread)"]
     for r in rows:
         lines.append(f"{r['matmul']:8s} {r['k']:>5d} x {r['n']:<5d} {r['rows']:5d} "
-                     + " ".join(f"{r[f]:9.2f}" for f in ("fp32", "int8", "int4", "int8-mmi")))
+                     + " ".join(f"{r[f]:9.2f}" for f in ("fp32", "int8", "int4", "int8-integer")))
     return "\n".join(lines)
 
 
