@@ -723,7 +723,7 @@ def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, lo
                 skipped[row + " (action)"] = f"build failed: {type(e).__name__}: {str(e)[:200]}"
                 log(f"# {row} action: {skipped[row + ' (action)']}")
                 continue
-            specs[row] = {"path": str(path), "peer": p, "decoding": d}
+            specs[row] = {"path": str(path), "peer": p, "decoding": d, "format": bundle_format(path, p)}
             positions[row] = action_positions(path)
     if not positions:  # positions come from an edge-vla action bundle
         positions["probe"] = action_positions(build_action_bundle(model, ckpt, work, "fp32", decodings[0]))
@@ -742,6 +742,15 @@ def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, lo
         if row in specs:
             specs[row]["positions"] = q
     return {"positions": {k: v for k, v in pos.items() if k in ("prefix", "prompt")}, "ids": ids, "specs": specs}
+
+
+def bundle_format(bundle: Path, peer: str) -> str:
+    """FORMAT_BITS of an edge-vla row, with the decoder's int8 MatMul form the export chose (its manifest)."""
+    mm = json.loads((Path(bundle) / "manifest.json").read_text()).get("int8_matmul")
+    if not mm:
+        return FORMAT_BITS[peer]
+    form = FORMAT_BITS["edge-vla-int8-" + mm["decoder"]]
+    return f"{form}, --int8-matmul {mm['requested']}" if mm["requested"] == "auto" else form
 
 
 def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int = 1) -> dict:
@@ -769,7 +778,8 @@ def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int
         rows[p] = {"action_cpu_ms": float(np.median(cpu)), "action_ms": float(np.median(wall)),
                    "action_cpu_ms_min": float(cpu.min()), "action_cpu_ms_max": float(cpu.max()),
                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "actions": int(cpu.size),
-                   "tokens": rs[0].get("tokens"), "format": FORMAT_BITS[action["specs"][p]["peer"]],
+                   "tokens": rs[0].get("tokens"),
+                   "format": action["specs"][p].get("format") or FORMAT_BITS[action["specs"][p]["peer"]],
                    "decoding": action["specs"][p].get("decoding", "sequential"),
                    "positions": action["specs"][p].get("positions")}
         if rs[0].get("components_cpu_ms"):  # edge-vla: where its action's CPU time goes (median per part)

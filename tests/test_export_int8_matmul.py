@@ -66,8 +66,15 @@ def test_a_parallel_direct_checkpoint_ships_a_matmulinteger_decoder(parallel_ckp
     assert "GroupQueryAttention" in ops  # the fused CPU decoder, quantized in the other form
     assert m["int8_matmul"]["requested"] == "auto" and m["int8_matmul"]["decoder"] == "integer"
     assert m["int8_matmul"]["op"] == "MatMulInteger" and "parallel" in m["int8_matmul"]["reason"]
-    assert m["graphs"]["decoder"]["int8_matmul"] == "integer" and m["graphs"]["lm_head"]["int8_matmul"] == "nbits"
+    assert m["graphs"]["decoder"]["int8_matmul"] == "integer" and "int8_matmul" not in m["graphs"]["lm_head"]
     assert "int8 decoder MatMuls: MatMulInteger (auto: direct mode with parallel actions" in out
+    assert "quantizing decoder graph to int8 (MatMulInteger)" in out
+    import onnx
+
+    from edge_vla.artifacts.bundle import load_bundle
+
+    head = load_bundle(tmp_path / "b").graph_path("lm_head")  # only the decoder takes the choice
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(head)).graph.node}
     assert m["accuracy"]["direct"]["action_token_agreement"] is not None  # accuracy measured as for every bundle
 
 

@@ -176,13 +176,13 @@ def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibr
 
     for role, g in graphs.items():
         p = precisions[role]
-        form = int8_matmul["decoder"] if int8_matmul and role == "decoder" and p == "int8" else "nbits"
-        report(f"quantizing {role} graph to {p}" + (f" ({INT8_MATMUL_OPS[form]})" if p == "int8" else "") + " ...")
+        chosen = int8_matmul if int8_matmul and role == "decoder" and p == "int8" else None
+        report(f"quantizing {role} graph to {p}" + (f" ({chosen['op']})" if chosen else "") + " ...")
         quantize_graph(src / g["file"], dst / g["file"], p, calibration and calibration.get(role),
-                       for_tensorrt=for_tensorrt, int8_matmul=form)
+                       for_tensorrt=for_tensorrt, int8_matmul=chosen["decoder"] if chosen else "nbits")
         g["precision"] = p
-        if p == "int8":
-            g["int8_matmul"] = "integer" if for_tensorrt else form
+        if chosen:
+            g["int8_matmul"] = chosen["decoder"]
 
 
 def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recipe: dict, precision: str,
