@@ -97,7 +97,7 @@ def choose_int8_matmul(requested: str, precision: str, config, recipe: dict | No
     parallel = bool(getattr(config, "parallel_actions", False))
     if mode == "direct" and parallel:
         return _int8_record(requested, "integer", "direct mode with parallel actions: the deployed action is one "
-                                                  "prefill of hundreds of rows, where MatMulInteger's QGEMM is faster")
+                                                  "prefill, no decode steps, where MatMulInteger's QGEMM is faster")
     why = (f"decode mode {mode}: the model decodes token by token" if mode != "direct" else
            "sequential actions: each action token is a single-row decode step")
     return _int8_record(requested, "nbits", why + ", where MatMulNBits' steps are faster")
