@@ -5,7 +5,7 @@
 # runs/scene2-basket/ (WORK= to move them), JOBS (default 2) of them side by side, one thread each.
 #
 # The comparison of issue #23: six recipes at one budget (10,000 steps x batch 16 = 160k samples,
-# ~4.3 passes over ~37k training samples), every one decoding its 4-action chunk in one decoder pass
+# ~3 passes over the ~53k training samples of 58,670 demo steps), every one decoding its 4-action chunk in one decoder pass
 # (`model.parallel_actions=true`), the full-CoT `ecot` included after its reasoning: that `ecot` is
 # the fair baseline. The published `ecot` (one action token at a time) trains last, beside it.
 # Then two students: the fair `ecot` distilled into a direct-mode student (its own reasoning written
