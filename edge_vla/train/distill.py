@@ -46,7 +46,7 @@ from edge_vla.io import RUN_KIND, atomic_write_text, replace_output_dir
 from edge_vla.tokens.sequence import IGNORE, action_prefix_ids
 from edge_vla.train.data import Collate, RecipeDataset, check_data, open_split
 from edge_vla.train.loop import (STATE_DIR, LoopSettings, MetricsLog, Objective, TrainLoop, lr_lambda_for,
-                                 make_accelerator, save_checkpoint)
+                                 make_accelerator, save_checkpoint, saved_run)
 from edge_vla.train.recipes import DEFAULT_MAX_REASONING_TOKENS, get_recipe
 from edge_vla.train.teacher_targets import (TARGETS_DIR, TeacherTarget, draw_subset, samples_digest, stored_targets,
                                             teacher_digest)
@@ -432,12 +432,11 @@ def _at_temperature(targets: list[TeacherTarget], temperature: float) -> list[Te
 # --- resume ---------------------------------------------------------------------------------------
 def _open_run(out: Path, resume: bool, overwrite: bool, inputs) -> dict | None:
     """The run's saved state (its trainer.json) when resuming; refuses what train refuses."""
-    from edge_vla.train.trainer import _read_state  # the train run's reader: the state layout is the loop's
 
     if overwrite and resume:
         raise EdgeVLAError("--overwrite starts the run over and --resume continues it", "pass one of them")
     replace_output_dir(out, RUN_KIND, overwrite, inputs)
-    saved = None if overwrite else _read_state(out)
+    saved = None if overwrite else saved_run(out)
     if (out / "final").exists() and not (resume and saved is not None):
         raise EdgeVLAError(f"{out} already holds a distilled checkpoint", "choose another --out, or pass --overwrite")
     if saved is not None and not resume:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.io import atomic_write_text
+from edge_vla.io import atomic_write_text, read_json
 from edge_vla.train.data import Collate, MicroBatches, length_groups, take_rows
 from edge_vla.train.state import STATE_FORMAT, read_state, write_state
 
@@ -189,6 +189,19 @@ def recover_state(out: Path) -> None:
         if (candidate / TRAINER_FILE).is_file():
             os.replace(candidate, final)
             return
+
+
+def saved_run(out: Path) -> dict | None:
+    """The saved state's record (state/trainer.json: its step and what a resume must match) of
+    the run in `out`, after recover_state; None when the run saved no state."""
+    recover_state(out)  # killed mid-swap: the last complete state goes back in place first
+    f = out / STATE_DIR / TRAINER_FILE
+    if not f.is_file():
+        return None
+    saved = read_json(f, f"restore {out / STATE_DIR} from a copy, or delete it to start over")
+    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+        raise EdgeVLAError(f"{f} is not a training state (no step)", f"delete {out / STATE_DIR} to start over")
+    return saved
 
 
 def save_state(accelerator, out: Path, meta: dict, model, optimizer, scheduler) -> None:

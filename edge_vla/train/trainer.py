@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.io import RUN_KIND, atomic_write_text, read_json, replace_output_dir
+from edge_vla.io import RUN_KIND, atomic_write_text, replace_output_dir
 from edge_vla.tokens.sequence import IGNORE
 from edge_vla.train.config import TrainConfig
 from edge_vla.train.data import RecipeDataset, check_data, dataset_stats, dataset_texts, open_split
 from edge_vla.train.evaluate import evaluate
-from edge_vla.train.loop import (STATE_DIR, TRAINER_FILE, LoopSettings, MetricsLog, Objective, TrainLoop,
-                                 lr_lambda_for, make_accelerator, recover_state, save_checkpoint)
+from edge_vla.train.loop import (STATE_DIR, LoopSettings, MetricsLog, Objective, TrainLoop,
+                                 lr_lambda_for, make_accelerator, save_checkpoint, saved_run)
 from edge_vla.train.recipes import get_recipe
 
 FINAL_DIR = "final"
@@ -100,17 +100,6 @@ class RecipeObjective(Objective):
         return evaluate(model, self.recipe, self.val_ds, self.max_samples, stage=stage)
 
 
-def _read_state(out: Path) -> dict | None:
-    recover_state(out)  # killed mid-swap: the last complete state goes back in place first
-    f = out / STATE_DIR / TRAINER_FILE
-    if not f.is_file():
-        return None
-    saved = read_json(f, f"restore {out / STATE_DIR} from a copy, or delete it to start over")
-    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
-        raise EdgeVLAError(f"{f} is not a training state (no step)", f"delete {out / STATE_DIR} to start over")
-    return saved
-
-
 def _check_resume(saved: dict, cfg: TrainConfig, stats, tokenizer, out: Path) -> None:
     # A run saved before split_by_length existed ran every micro-batch whole.
     mine, theirs = cfg.fingerprint(), {"split_by_length": False, **saved["config_fingerprint"]}
@@ -157,7 +146,7 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool = False
     replace_output_dir(out, RUN_KIND, overwrite, [cfg.init_from, *inputs])
     if overwrite:
         return None
-    saved = _read_state(out)
+    saved = saved_run(out)
     if saved is None and not resume and (out / "train_config.json").exists():
         raise EdgeVLAError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
     if saved is not None and not resume:
