@@ -8,7 +8,7 @@ export PYOPENGL_PLATFORM ?= egl
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo demo-quick pretrained test test-slow test-gpu install clean
+.PHONY: demo demo-quick pretrained pretrained-eval test test-slow test-gpu install clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 pretrained: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PRETRAINED)/make.sh
+
+# The shipped set's own evaluation, where it has one (pretrained/scene2-basket/evaluate.sh).
+pretrained-eval: $(STAMP)
+	@test -x $(PRETRAINED)/evaluate.sh || { echo "$(PRETRAINED) has no evaluate.sh (its evaluation is the demo's: make demo)"; exit 1; }
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PRETRAINED)/evaluate.sh
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/edge-vla demo --quick
