@@ -34,8 +34,9 @@ INT8_BLOCK = 256
 # MatMulNBits accuracy_level 4: int8 activations and int8 dot products (VNNI/AVX2 kernels); 0 would
 # dequantize the weights to float32 and run float MatMuls.
 INT_COMPUTE = 4
-# int8's two MatMul forms: MatMulNBits blocks (the default) and ORT's MatMulInteger (quantize_dynamic).
-INT8_MATMUL_FORMS = ("nbits", "integer")
+# int8's two MatMul forms and the ONNX op each writes: MatMulNBits blocks (the default) and ORT's
+# MatMulInteger (quantize_dynamic).
+INT8_MATMUL_OPS = {"nbits": "MatMulNBits", "integer": "MatMulInteger"}
 
 
 def check_precision(precision: str, what: str = "precision") -> str:
@@ -53,10 +54,10 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
     `int8_matmul`: int8's MatMul form on ONNX Runtime targets, "nbits" (MatMulNBits blocks) or "integer"
     (the MatMulInteger form, faster at a prefill's hundreds of rows))."""
     check_precision(precision)
-    if int8_matmul not in INT8_MATMUL_FORMS:
+    if int8_matmul not in INT8_MATMUL_OPS:
         from edge_vla.config import unknown_name_error
 
-        raise unknown_name_error("INT8 MatMul form", int8_matmul, INT8_MATMUL_FORMS)
+        raise unknown_name_error("INT8 MatMul form", int8_matmul, INT8_MATMUL_OPS)
     notices.silence("", "onnxruntime.quantization.matmul_nbits_quantizer")
     src, dst = Path(src), Path(dst)
     integer = precision == "int8" and (for_tensorrt or int8_matmul == "integer")

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError
+from edge_vla.export.quantize import INT8_MATMUL_OPS
 
 PARITY_OBSERVATIONS = 8
 HELD_OUT_OBSERVATIONS = 64
@@ -28,8 +29,7 @@ HELD_OUT_OBSERVATIONS = 64
 # with int8 compute, faster per single-token decode step; "integer": ONNX Runtime's MatMulInteger form (per-channel
 # int8 weights, activations quantized per tensor on the fly, MLAS's QGEMM), ~2x faster at a prefill's hundreds of
 # rows. "auto": integer when the deployed action is one prefill (direct mode, parallel actions), nbits otherwise.
-INT8_MATMULS = ("auto", "nbits", "integer")
-INT8_MATMUL_OPS = {"nbits": "MatMulNBits", "integer": "MatMulInteger"}
+INT8_MATMULS = ("auto", *INT8_MATMUL_OPS)
 
 
 def _uses_tensorrt(target: str) -> bool:

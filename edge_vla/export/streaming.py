@@ -547,7 +547,7 @@ def export_bundle_streaming(src: Source, ckpt_dir, out_dir, precision: str, prec
                             extra_manifest: dict | None = None) -> Path:
     """The streaming export of the opened checkpoint `src` to a bundle at `out_dir`: edge_vla.export.steps
     passes what it decided (each graph's precision, the parity and held-out observations, the inputs never
-    replaced, the manifest's JSON encoder). `decoder_accessor`: an instrumented accessor (tests).
+    replaced). `decoder_accessor`: an instrumented accessor (tests).
     `extra_manifest`: what steps decided that the manifest records (its int8 MatMul form and why)."""
     from types import SimpleNamespace
 
