@@ -76,6 +76,30 @@ def test_env_contract(render_env):
         env.step([0, 0, 1])
 
 
+def test_skipped_frames_change_nothing_but_the_frames(render_env):
+    """step(render=False) skips the camera renders only: the physics and the next rendered frame
+    are what rendering every step gives (MuJoCo's own run-to-run noise is ~1e-13)."""
+    env = render_env
+    actions = [[0, 0.5, 0.5, 0, 0, 0, -1], [0.3, 0, 0.2, 0, 0, 0.1, 1], [0, -0.4, 0, 0, 0, 0, 1]] * 2
+    runs = []
+    for every in (1, 3):
+        env.reset(options={"init_state": 1})
+        seen = []
+        for i, a in enumerate(actions):
+            obs, *_ = env.step(a, render=i % every == every - 1)
+            assert (obs["images"] is None) == (i % every != every - 1)
+            assert obs["state"].shape == (8,)
+            seen.append(obs["images"])
+        runs.append((env.sim_state(), seen))
+    (state_all, frames_all), (state_some, frames_some) = runs
+    np.testing.assert_allclose(state_some, state_all, atol=1e-9)
+    for i in (2, 5):
+        for cam in ("agentview", "wrist"):
+            np.testing.assert_array_equal(frames_some[i][cam], frames_all[i][cam])
+    # The arm moved between the two rendered frames, so the second is not the first left over.
+    assert not np.array_equal(frames_some[2]["wrist"], frames_some[5]["wrist"])
+
+
 def _segmentation(env, size):
     """(row, col) -> geom id in the canonical frame (MuJoCo renders upside down, like the images)."""
     seg = env.sim.render(camera_name=CAMERAS["agentview"], height=size, width=size, segmentation=True)

@@ -282,7 +282,8 @@ def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, vi
 
             caption = f"step {steps}  action {np.array2string(action, precision=2, suppress_small=True)}"
             frames.append(compose_frame(obs["images"], caption, reasoning))
-        obs, _, success, truncated, _ = env.step(action)
+        # Frames are rendered only where they are seen: the next policy call, or the video.
+        obs, _, success, truncated, _ = env.step(action, render=video_path is not None or chunks.needs_query())
         lift.update()
         steps += 1
         executed += 1

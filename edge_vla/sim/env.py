@@ -303,6 +303,7 @@ class LiberoEnv:
             if isinstance(language, str) and language.strip():
                 self.instruction = language.strip()
         self._raw_obs: dict | None = None
+        self._rendered = True
         self.steps = 0
         self._init_states = None
 
@@ -335,23 +336,55 @@ class LiberoEnv:
                 self._raw_obs = self._env.set_init_state(np.asarray(options["state"], dtype=np.float64))
             else:
                 self._raw_obs = self._env.env._get_observations(force_update=True)
-        for _ in range(self.settle_steps):
-            self._raw_obs, _, _, _ = self._env.step(NOOP_ACTION.tolist())
+        for i in range(self.settle_steps):  # only the last settle step's frames are seen
+            with self._frames_skipped(i < self.settle_steps - 1):
+                self._raw_obs, _, _, _ = self._env.step(NOOP_ACTION.tolist())
+        self._rendered = True
         self.steps = 0
         return self._obs(), {"success": self.success(), "init_state": options.get("init_state")}
 
-    def step(self, action):
+    def step(self, action, render: bool = True):
+        """One control step. `render=False` skips the camera frames of this step (the physics and
+        every other observation are unchanged: rendering reads the simulation, never writes it);
+        the returned obs then has `images` None. A rollout executing an action chunk open-loop
+        needs frames only where it asks the policy again, and rendering is most of a step's cost."""
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (7,) or not np.isfinite(a).all():
             raise EdgeVLAError(f"LIBERO takes a finite 7-D action, got shape {a.shape}",
                                "pass (dx, dy, dz, droll, dpitch, dyaw, gripper) with gripper -1 open / +1 close")
         if self._raw_obs is None:
             raise EdgeVLAError("step() before reset()", "call env.reset() first")
-        self._raw_obs, reward, _, _ = self._env.step(a.tolist())
+        with self._frames_skipped(not render):
+            self._raw_obs, reward, _, _ = self._env.step(a.tolist())
+        self._rendered = render
         self.steps += 1
         success = self.success()
         truncated = self.steps >= self.max_steps and not success
         return self._obs(), float(reward), success, truncated, {"success": success, "step": self.steps}
+
+    @contextlib.contextmanager
+    def _frames_skipped(self, skip: bool):
+        """While active, the camera observables' sensors return their last frame without
+        rendering (robosuite samples every observable inside step(); swapping the sensor keeps
+        its sampling clock, so the next rendered frame comes from the same sub-step as always)."""
+        observables = self._env.env._observables if skip else {}
+        swapped = []
+        for cam in self.cameras:
+            ob = observables.get(f"{CAMERAS[cam]}_image")
+            if ob is None:
+                continue
+
+            def last_frame(_cache, ob=ob):
+                return ob._current_observed_value
+
+            last_frame.__modality__ = ob._sensor.__modality__
+            swapped.append((ob, ob._sensor))
+            ob._sensor = last_frame
+        try:
+            yield
+        finally:
+            for ob, sensor in swapped:
+                ob._sensor = sensor
 
     def close(self) -> None:
         env, self._env = getattr(self, "_env", None), None
@@ -382,6 +415,7 @@ class LiberoEnv:
         """Jump to a stored state without stepping (replay annotation); returns the observation."""
         with contextlib.redirect_stdout(io.StringIO()):
             self._raw_obs = self._env.set_init_state(np.asarray(state, dtype=np.float64))
+        self._rendered = True
         return self._obs()
 
     @property
@@ -394,7 +428,8 @@ class LiberoEnv:
 
     def _obs(self) -> dict:
         o = self._raw_obs
-        images = {c: np.ascontiguousarray(o[f"{CAMERAS[c]}_image"][::-1, ::-1]) for c in self.cameras}
+        images = ({c: np.ascontiguousarray(o[f"{CAMERAS[c]}_image"][::-1, ::-1]) for c in self.cameras}
+                  if self._rendered else None)
         return {"images": images, "state": self.state_from_raw(o), "instruction": self.instruction}
 
     @staticmethod
