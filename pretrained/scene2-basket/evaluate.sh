@@ -4,7 +4,8 @@
 # (held out: the training demos use random layouts), LIBERO's protocol (seed 7, 10 settle steps,
 # 400 steps per episode), then one trade-off report. Resumable: a results file keeps every finished
 # episode and a rerun runs only the rest. Results and report go to runs/scene2-basket/eval/.
-# Cost on this 2-core CPU: ~55 s of one core per failed episode (400 steps), less per success;
+# Cost on this 2-core CPU: ~21 s of one core per failed direct-mode episode (400 steps; frames are
+# rendered only before a policy call), less per success;
 # full mode adds the chain of thought per call.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
