@@ -28,6 +28,8 @@ DEMO_TASKS = ("LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket",)
 # What a directory of shipped checkpoints says about itself (tasks, chunking) in this file.
 PRETRAINED_INFO = "pretrained.json"
 BASELINE_RECIPE = "ecot"
+# What a shipped set's pretrained.json may set of its own demo (DemoConfig.for_pretrained).
+PRETRAINED_DEMO_KEYS = ("tasks", "demos_per_task", "trials", "max_steps")
 
 
 @dataclass
@@ -63,6 +65,25 @@ class DemoConfig:
     pretrained: str | None = None  # directory of shipped checkpoints (<recipe>/) used for the comparison
     data: str | None = None  # an existing dataset (edge-vla data generate) instead of generating one
     model: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_pretrained(cls, pretrained: str, quick: bool = False, **kw) -> "DemoConfig":
+        """The demo over a shipped set: its pretrained.json may say how its demo runs (`demo`: the
+        tasks, demos per task, trials per task, step limit) so that a multi-task set fits the
+        demo's time; what the user gives (`kw`) wins. The quick demo keeps its own small settings."""
+        if quick:
+            return cls.quick(**kw, pretrained=pretrained)
+        how = f"fix `demo` in {Path(pretrained) / PRETRAINED_INFO} (keys: {', '.join(PRETRAINED_DEMO_KEYS)})"
+        info_file = Path(pretrained) / PRETRAINED_INFO
+        own = (read_json(info_file, how).get("demo") or {}) if info_file.is_file() else {}
+        if not isinstance(own, dict):
+            raise EdgeVLAError(f"`demo` in {info_file} is not a mapping", how)
+        unknown = sorted(set(own) - set(PRETRAINED_DEMO_KEYS))
+        if unknown:
+            raise EdgeVLAError(f"{info_file}: `demo` has unknown key(s) {unknown}", how)
+        if "tasks" in own:
+            own["tasks"] = tuple(own["tasks"])
+        return cls(**{**own, **kw, "pretrained": pretrained})
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":

@@ -145,3 +145,21 @@ def test_demo_takes_task_sets_and_names_a_wrong_task():
     assert with_task_names(DemoConfig()).tasks == tuple(DEMO_TASKS)
     with pytest.raises(EdgeVLAError, match="living-room-scene2-basket"):
         with_task_names(DemoConfig(tasks=("living-room-scene2-baskets",)))
+
+
+def test_a_shipped_set_says_how_its_demo_runs_and_the_user_wins(tmp_path):
+    five = ["LIVING_ROOM_SCENE2_pick_up_the_butter_and_put_it_in_the_basket",
+            "LIVING_ROOM_SCENE2_pick_up_the_milk_and_put_it_in_the_basket"]
+    d = shipped_dir(tmp_path, DemoConfig().recipes,
+                    {"tasks": five, "action_chunk": 4, "demo": {"tasks": five, "trials": 4, "demos_per_task": 8}})
+    cfg = DemoConfig.for_pretrained(str(d))
+    assert (cfg.tasks, cfg.trials, cfg.demos_per_task, cfg.pretrained) == (tuple(five), 4, 8, str(d))
+    check_pretrained(d, cfg)
+    assert DemoConfig.for_pretrained(str(d), trials=2).trials == 2
+    assert DemoConfig.for_pretrained(str(d), quick=True).tasks == DEMO_TASKS[:1]  # quick stays quick
+    # A set without `demo` (the butter set) runs the default demo.
+    (d / PRETRAINED_INFO).write_text(json.dumps({"tasks": list(DEMO_TASKS), "action_chunk": 4}))
+    assert DemoConfig.for_pretrained(str(d)).trials == DemoConfig().trials
+    (d / PRETRAINED_INFO).write_text(json.dumps({"tasks": five, "demo": {"trails": 4}}))
+    with pytest.raises(EdgeVLAError, match=r"unknown key\(s\) \['trails'\]"):
+        DemoConfig.for_pretrained(str(d))

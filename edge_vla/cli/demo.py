@@ -26,5 +26,8 @@ def demo(quick, out, workers, pretrained, trials, train_steps, demos_per_task, d
                                  **steps, demos_per_task=demos_per_task, data=data,
                                  tasks=tuple(tasks) or None).items()
           if v is not None}
-    cfg = DemoConfig.quick(**kw) if quick else DemoConfig(**kw)
+    if pretrained:
+        cfg = DemoConfig.for_pretrained(kw.pop("pretrained"), quick=quick, **kw)
+    else:
+        cfg = DemoConfig.quick(**kw) if quick else DemoConfig(**kw)
     run_demo(cfg)

@@ -87,6 +87,9 @@ atomic_write_text(sys.argv[1], json.dumps({
     "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
     "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
     "baseline": "ecot",
+    # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
+    # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
+    "demo": {"tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]), "demos_per_task": 8, "trials": 4},
 }, indent=1) + "\n")
 PY
 echo "checkpoints in $here"
