@@ -186,6 +186,24 @@ def test_lifted_object_says_right_wrong_placement(tmp_path):
     dropped = episode(max_steps=60)  # lifted at ~step 41 (after 10 settle steps), placed at ~84
     assert dropped["outcome"] == "placement_failure" and dropped["lifted"] == "butter_1"
     assert episode(max_steps=15)["outcome"] == "grasp_failure"
+    assert right["destination_object"] == "basket_1"
+
+
+def test_lifting_the_destination_is_a_failed_grasp_not_a_wrong_object():
+    """The basket of "put it in the basket" is named by the instruction: lifting it is not the
+    grounding error that `wrong_object` counts; another grocery is."""
+    from edge_vla.sim.lift import destination_object, outcome
+
+    objects = dict.fromkeys(["butter_1", "milk_1", "basket_1", "basket_10"])
+    pv = {"goal": [["in", "butter_1", "basket_1_contain_region"]], "objects": objects}
+    assert destination_object(pv) == "basket_1"
+    assert destination_object({"goal": [["on", "butter_1", "milk_1"]], "objects": objects}) == "milk_1"
+    assert destination_object({"goal": [], "objects": objects}) is None
+    lift = {"target": "butter_1", "destination": "basket_1"}
+    assert outcome(False, {**lift, "lifted_objects": ["basket_1"]}) == "grasp_failure"
+    assert outcome(False, {**lift, "lifted_objects": ["basket_1", "milk_1"]}) == "wrong_object"
+    assert outcome(False, {**lift, "lifted_objects": ["basket_1", "butter_1"]}) == "placement_failure"
+    assert outcome(True, {**lift, "lifted_objects": ["basket_1"]}) == "success"
 
 
 def test_five_task_eval_reports_per_task_pooled_and_failures(tmp_path):

@@ -297,6 +297,7 @@ def run_episode(env, policy, trial: int, chunks: ChunkExecutor | None = None, vi
     return {"success": bool(success), "steps": steps, "actions_executed": executed, "latency_ms": latency,
             "reasoned": reasoned, "reasoning_rate": round(sum(reasoned) / len(reasoned), 4) if reasoned else None,
             "lifted": lifted["lifted"], "lifted_objects": lifted["lifted_objects"], "target_object": lifted["target"],
+            "destination_object": lifted["destination"],
             "max_rise_m": lifted["max_rise_m"], "outcome": outcome(success, lifted),
             "tokens_generated": generated, "reasoning_samples": samples,
             "wall_s": round(time.perf_counter() - t_episode, 3), "video": str(video_path) if video_path else None}

@@ -2,7 +2,7 @@
 
     tracker = LiftTracker(env)            # after env.reset(): heights at rest are the reference
     tracker.update()                      # after every env.step()
-    lift = tracker.result()               # {"target", "lifted", "lifted_objects", "max_rise_m"}
+    lift = tracker.result()               # {"target", "destination", "lifted", "lifted_objects", "max_rise_m"}
     outcome(success, lift)                # "success" | "wrong_object" | "grasp_failure" | "placement_failure"
 
 The rule: an object counts as lifted once its body has risen at least `LIFT_THRESHOLD_M` (5 cm)
@@ -18,9 +18,10 @@ Failures are classified by what was lifted (a success is a success whatever it t
 - `wrong_object`: another object was lifted and the target never was (grounding: the policy went
   for the wrong thing; what reasoning is meant to fix);
 - `placement_failure`: the target was lifted, the task was not done (dropped, missed the basket);
-- `grasp_failure`: nothing was lifted.
-An episode also says whether any non-target object was lifted at all (`wrong_object_lifted`),
-successes included.
+- `grasp_failure`: nothing was lifted, or only the destination (the basket of "put it in the
+  basket": the instruction names it, so lifting it is a failed grasp near it, not a confusion
+  between the objects the instruction chooses from).
+`lifted_objects` keeps every object lifted, the destination included, so nothing is hidden.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def target_object(privileged: dict) -> str | None:
     return of_interest[0] if len(of_interest) == 1 else None
 
 
+def destination_object(privileged: dict) -> str | None:
+    """The object a single In/On goal puts the target in or on: the goal's third argument, or the
+    object owning that region (LIBERO names regions `<object>_<region>`, e.g.
+    basket_1_contain_region); None when there is none."""
+    goal = privileged.get("goal") or []
+    objects = privileged.get("objects", {})
+    if len(goal) != 1 or len(goal[0]) != 3:
+        return None
+    where = str(goal[0][2])
+    if where in objects:
+        return where
+    owners = [o for o in objects if where.startswith(f"{o}_")]
+    return max(owners, key=len) if owners else None
+
+
 class LiftTracker:
     """Per-episode lift bookkeeping over one LiberoEnv; build it after reset()."""
 
@@ -49,6 +65,7 @@ class LiftTracker:
         self.env, self.threshold = env, float(threshold_m)
         pv = env.privileged(cameras=False)
         self.target = target_object(pv)
+        self.destination = destination_object(pv)
         rs = env.robosuite_env
         self._bodies = {n: int(rs.obj_body_id[n]) for n in rs.objects_dict}
         self._rest = {n: float(env.sim.data.body_xpos[b][2]) for n, b in self._bodies.items()}
@@ -91,7 +108,8 @@ class LiftTracker:
 
     def result(self) -> dict:
         lifted = self._lifted[0] if self._lifted else None
-        return {"target": self.target, "lifted": lifted, "lifted_objects": list(self._lifted),
+        return {"target": self.target, "destination": self.destination, "lifted": lifted,
+                "lifted_objects": list(self._lifted),
                 "max_rise_m": {n: round(r, 4) for n, r in self._max_rise.items()}}
 
 
@@ -104,7 +122,8 @@ def outcome(success: bool, lift: dict) -> str | None:
         return None
     if target in lifted:
         return "placement_failure"
-    return "wrong_object" if lifted else "grasp_failure"
+    others = [o for o in lifted if o != lift.get("destination")]
+    return "wrong_object" if others else "grasp_failure"
 
 
-__all__ = ["LiftTracker", "outcome", "target_object", "LIFT_THRESHOLD_M", "OUTCOMES"]
+__all__ = ["LiftTracker", "outcome", "target_object", "destination_object", "LIFT_THRESHOLD_M", "OUTCOMES"]
