@@ -2,24 +2,40 @@
 # The five-task comparison's evaluation (issue #23): every shipped checkpoint here rolled out on the
 # first TRIALS (default 20) benchmark init states of each of LIVING_ROOM_SCENE2's five basket tasks
 # (held out: the training demos use random layouts), LIBERO's protocol (seed 7, 10 settle steps,
-# 400 steps per episode), then one trade-off report. Resumable: a results file keeps every finished
-# episode and a rerun runs only the rest. Results and report go to runs/scene2-basket/eval/.
-# Cost on this 2-core CPU: ~21 s of one core per failed direct-mode episode (400 steps; frames are
-# rendered only before a policy call), less per success;
-# full mode adds the chain of thought per call.
+# 400 steps per episode), then one trade-off report. Resumable: a bundle already exported is kept,
+# a results file keeps every finished episode and a rerun runs only the rest. Bundles, results and
+# report go to runs/scene2-basket/ (bundles/, eval/).
+#
+# What rolls out is each checkpoint's fp32 ONNX bundle (`edge-vla export --fp32`: parity-checked
+# against PyTorch, the same greedy decisions), so the latency per call is the deployed CPU
+# runtime's, not PyTorch eager's, and a full-mode call (~270 reasoning tokens) costs ~0.08 s of
+# one core instead of ~0.7 s. Cost on this 2-core CPU: ~21 s of one core per failed direct-mode
+# episode (400 steps; frames are rendered only before a policy call), ~30 s in full mode.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
 out="$work/eval"
+bundles="$work/bundles"
 export OMP_NUM_THREADS=1
 eval_args=(--tasks living-room-scene2-basket --trials "${TRIALS:-20}" --workers "${JOBS:-2}" --out "$out" --no-progress)
+mkdir -p "$bundles"
+
+# bundle NAME: the shipped checkpoint NAME as an fp32 bundle named like it (the report's variant
+# names come from it: ecot -> ecot-full); an existing bundle is reused (exports write atomically).
+bundle() {
+    [ -d "$bundles/$1" ] || edge-vla export "$here/$1" -o "$bundles/$1" --fp32 --data "$work/data" >>"$bundles/export.log" 2>&1
+}
 
 # The comparison's pair first: the dropout model in direct, full and adaptive mode, the fair
 # full-CoT baseline in its own (full) mode. Then the others in their recipe's mode.
-edge-vla eval libero "$here/ecot-lite-dropout" --mode direct,adaptive,full "${eval_args[@]}"
-edge-vla eval libero "$here/ecot" "${eval_args[@]}"
+bundle ecot-lite-dropout
+edge-vla eval libero "$bundles/ecot-lite-dropout" --mode direct,adaptive,full "${eval_args[@]}"
+bundle ecot
+edge-vla eval libero "$bundles/ecot" "${eval_args[@]}"
 for r in vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential; do
-    [ -d "$here/$r" ] && edge-vla eval libero "$here/$r" "${eval_args[@]}"
+    [ -d "$here/$r" ] || continue
+    bundle "$r"
+    edge-vla eval libero "$bundles/$r" "${eval_args[@]}"
 done
 # The fair full-CoT model (parallel action chunk after its reasoning) is the baseline, not the
 # published sequential one.
