@@ -216,3 +216,31 @@ def test_quantized_agreement_comes_from_the_export_report_in_the_mode_benched(tm
     add_ratios(variants)
     header, rows, _ = table_rows(variants)
     assert rows[0][header.index("vs fp32 tokens")] == "98.1% / 99.6%"
+
+
+def test_students_are_set_beside_their_teachers(tmp_path):
+    """A reasoning-distilled student sits beside the baseline (its teacher's recipe, the variant
+    every ratio is against), a size-distilled one beside its teacher's variant in its own mode."""
+    base = json.loads((FIXTURES / "ecot_full.json").read_text())
+    seq = json.loads(json.dumps(base))
+    seq["config"]["variant"]["name"] = "ecot-sequential"
+    student = json.loads((FIXTURES / "vla_int4.json").read_text())
+    student["config"]["variant"].update(name="ecot-distilled", distilled={"mode": "reasoning", "teacher_recipe": "ecot"})
+    small = json.loads((FIXTURES / "vla_int4.json").read_text())
+    small["config"]["variant"].update(name="vla-2layer", bundle_bytes=47000000,
+                                      distilled={"mode": "size", "teacher_recipe": "vla"})
+    orphan = json.loads((FIXTURES / "vla_int4.json").read_text())
+    orphan["config"]["variant"].update(name="scaffold-small", recipe="scaffold",
+                                       distilled={"mode": "size", "teacher_recipe": "scaffold-big"})
+    for name, doc in (("base", base), ("seq", seq), ("student", student), ("small", small), ("orphan", orphan)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    runs = [tmp_path / f"{n}.json" for n in ("base", "seq", "student", "small", "orphan")] + [FIXTURES / "vla_int4.json"]
+    build_report(runs, tmp_path / "rep", baseline="ecot-sequential")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    section = md.split("## Students and their teachers")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| ")}
+    assert rows["ecot-distilled"][1:3] == ["ecot (reasoning)", "ecot-sequential"]  # the named baseline
+    assert rows["vla-2layer"][1:3] == ["vla (size)", "vla-int4"]
+    assert rows["vla-2layer"][-2:] == ["44.8 MiB", "89.6 MiB |"]
+    assert rows["scaffold-small"][2] == "– (not in these results)"
+    assert "ecot-full-fp32" not in section and "Students and their teachers" in (tmp_path / "rep" / "report.html").read_text()

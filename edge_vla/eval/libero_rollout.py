@@ -244,6 +244,8 @@ def variant_info(cfg: RolloutConfig, policy) -> dict:
         "bundle_bytes": _dir_bytes(Path(cfg.policy)),
         "perturbation": cfg.perturbation,
     }
+    if recipe.get("distilled"):  # a student: the report sets it beside its teacher
+        info["distilled"] = dict(recipe["distilled"])
     info["name"] = cfg.name or f"{Path(cfg.policy).name}-{info['mode'].replace('/', '-')}{tag}"
     return info
 

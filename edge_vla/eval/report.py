@@ -176,7 +176,7 @@ def _pct(x) -> str:
 FAILURE_NOTE = ("From simulator state (edge_vla/sim/lift.py): an object is lifted once it rises 5 cm above its rest "
                 "height while touching the gripper. **wrong object**: the task failed, another object was lifted and "
                 "the target never was (grounding); **placement failure**: the target was lifted, the task not done; "
-                "**grasp failure**: nothing was lifted.")
+                "**grasp failure**: nothing was lifted, or only the destination (the basket the instruction names).")
 REASONING_NOTE = ("Per policy call: whether it reasoned (full mode always, direct never, adaptive when the direct "
                   "action tokens are uncertain) and the latency of the calls on each path.")
 FAILURE_HEADER = ["variant", "recipe", "mode", "episodes", "success", "wrong object", "placement failure",
@@ -211,6 +211,40 @@ def reasoning_rows(variants: list[Variant]) -> list[list[str]]:
         calls = sum(p["calls"] for p in paths.values())
         rows.append([v.name, str(r["mode"] or "–"), str(calls), _pct(r["reasoning_rate"]),
                      _f(paths["reasoned"]["p50_ms"]), _f(paths["direct"]["p50_ms"]), _f(r["latency_p50_ms"])])
+    return rows
+
+
+STUDENT_NOTE = ("Each distilled student (`edge-vla distill`) beside its teacher: the variant of the teacher's "
+                "recipe that is the baseline, else the one in the student's mode. `reasoning`: a direct-mode student "
+                "of the teacher's post-reasoning actions; `size`: a smaller model of the teacher's outputs.")
+STUDENT_HEADER = ["student", "distilled from", "teacher variant", "success student", "success teacher",
+                  "p50 ms student", "p50 ms teacher", "speed-up", "bundle student", "bundle teacher"]
+
+
+def teacher_of(student: Variant, variants: list[Variant]) -> Variant | None:
+    """The variant a student is compared with: its teacher's recipe, the baseline first, then the
+    student's own mode, then by name (perturbed runs and other students never)."""
+    recipe = (student.info.get("distilled") or {}).get("teacher_recipe")
+    cands = [v for v in variants if v is not student and v.info.get("recipe") == recipe
+             and not v.info.get("distilled") and not v.info.get("perturbation")]
+    cands.sort(key=lambda v: (not v.is_baseline, v.info.get("mode") != student.info.get("mode"), v.name))
+    return cands[0] if cands else None
+
+
+def student_rows(variants: list[Variant]) -> list[list[str]]:
+    rows = []
+    for v in variants:
+        d = v.info.get("distilled")
+        if not d:
+            continue
+        t = teacher_of(v, variants)
+        tr = t.row if t else {}
+        speedup = (tr["latency_p50_ms"] / v.row["latency_p50_ms"]
+                   if tr.get("latency_p50_ms") and v.row.get("latency_p50_ms") else None)
+        rows.append([v.name, f"{d.get('teacher_recipe', '?')} ({d.get('mode', '?')})", t.name if t else "– (not in these results)",
+                     _success(v.row), _success(tr) if t else "–", _f(v.row["latency_p50_ms"]),
+                     _f(tr.get("latency_p50_ms")), _f(speedup, "{:.1f}×"), _size(v.row["bundle_bytes"]),
+                     _size(tr.get("bundle_bytes"))])
     return rows
 
 
@@ -426,7 +460,9 @@ def render_markdown(variants, base, has_plot: bool, models: list[dict] | None = 
         parts += ["## Success vs latency", "", "![Pareto plot: success vs latency](pareto.png)", ""]
     if tr:
         parts += ["## Success per task", "", _md_table(th, tr), ""]
-    fr, rr = failure_rows(variants), reasoning_rows(variants)
+    fr, rr, sr = failure_rows(variants), reasoning_rows(variants), student_rows(variants)
+    if sr:
+        parts += ["## Students and their teachers", "", STUDENT_NOTE, "", _md_table(STUDENT_HEADER, sr), ""]
     if fr:
         parts += ["## Why episodes failed", "", FAILURE_NOTE, "", _md_table(FAILURE_HEADER, fr), ""]
     if rr:
@@ -468,7 +504,9 @@ def render_html(variants, base, png: bytes | None, models: list[dict] | None = N
                  f'<img alt="Pareto plot: success vs latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">']
     if tr:
         body += ["<h2>Success per task</h2>", _html_table(th, tr)]
-    fr, rr = failure_rows(variants), reasoning_rows(variants)
+    fr, rr, sr = failure_rows(variants), reasoning_rows(variants), student_rows(variants)
+    if sr:
+        body += ["<h2>Students and their teachers</h2>", f"<p>{md_inline(STUDENT_NOTE)}</p>", _html_table(STUDENT_HEADER, sr)]
     if fr:
         body += ["<h2>Why episodes failed</h2>", f"<p>{md_inline(FAILURE_NOTE)}</p>", _html_table(FAILURE_HEADER, fr)]
     if rr:

@@ -110,6 +110,7 @@ class VariantSchema(_Open):
     bundle_bytes: Optional[Count] = None
     peak_memory_mb: Optional[Number] = None
     projected_hz: Optional[dict[str, Optional[Number]]] = None
+    distilled: Optional[dict[str, StrictStr]] = None  # a student: {"mode", "teacher_recipe"}
 
 
 class ConfigSchema(_Open):
