@@ -14,11 +14,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
+mkdir -p "$work/bundles"
+# The physical path: a results file resumes only for the same policy path, whichever symlink led here.
+work="$(cd "$work" && pwd -P)"
 out="$work/eval"
 bundles="$work/bundles"
 export OMP_NUM_THREADS=1
 eval_args=(--tasks living-room-scene2-basket --trials "${TRIALS:-20}" --workers "${JOBS:-2}" --out "$out" --no-progress)
-mkdir -p "$bundles"
 
 # bundle NAME: the shipped checkpoint NAME as an fp32 bundle named like it (the report's variant
 # names come from it: ecot -> ecot-full); an existing bundle is reused (exports write atomically).
