@@ -78,6 +78,22 @@ def test_right_padding_does_not_change_real_positions(tiny_vla, samples):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_only_a_right_padded_mask_is_dropped(tiny_vla, samples):
+    """Right padding needs no mask in a causal LM (the forward drops it, SDPA runs causal); any other
+    mask is still applied."""
+    from edge_vla.model.vla import _right_padded
+
+    assert _right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]])) and _right_padded(torch.tensor([[True, False]]))
+    assert not _right_padded(torch.tensor([[0, 1, 1]])) and not _right_padded(torch.tensor([[1, 0, 1]]))
+    pv, ids, mask, labels, st = batch_for(tiny_vla, samples[:1])
+    holed = mask.clone()
+    holed[0, 2] = 0
+    a = tiny_vla(pv, ids, mask, state=st).logits
+    b = tiny_vla(pv, ids, holed, state=st).logits
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-4
+
+
 def test_kv_cache_decoding_matches_full_forward(tiny_vla, samples):
     pv, ids, mask, labels, st = batch_for(tiny_vla, samples[:1])
     full = tiny_vla(pv, ids, state=st).hidden

@@ -92,6 +92,12 @@ def _load_pretrained(kind: str, path: str):
         ) from None
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row's mask is ones then zeros (padding only after the real tokens)."""
+    m = mask.long()
+    return bool((m.cumprod(1) == m).all())
+
+
 def _last(hidden: torch.Tensor, n_last: int | None) -> torch.Tensor:
     return hidden[:, -1] if n_last is None else hidden[:, -n_last:]
 
@@ -211,8 +217,11 @@ class VLA(nn.Module):
         b, p = prefix.shape[:2]
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not _right_padded(attention_mask):
             mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        # A right-padded batch needs no mask in a causal LM: a row's real tokens never attend to
+        # the padding after them, and the padding's own outputs carry no loss. Without one, SDPA
+        # runs causal and skips the masked-out upper triangle (~4% of an `ecot` training step).
         hidden = self._decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
         logits = self.head(hidden)
         loss = None
