@@ -14,6 +14,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
+ship="${SHIP:-$here}"  # where the checkpoints are (make.sh's SHIP)
 mkdir -p "$work/bundles"
 # The physical path: a results file resumes only for the same policy path, whichever symlink led here.
 work="$(cd "$work" && pwd -P)"
@@ -25,7 +26,7 @@ eval_args=(--tasks living-room-scene2-basket --trials "${TRIALS:-20}" --workers 
 # bundle NAME: the shipped checkpoint NAME as an fp32 bundle named like it (the report's variant
 # names come from it: ecot -> ecot-full); an existing bundle is reused (exports write atomically).
 bundle() {
-    [ -d "$bundles/$1" ] || edge-vla export "$here/$1" -o "$bundles/$1" --fp32 --data "$work/data" >>"$bundles/export.log" 2>&1
+    [ -d "$bundles/$1" ] || edge-vla export "$ship/$1" -o "$bundles/$1" --fp32 --data "$work/data" >>"$bundles/export.log" 2>&1
 }
 
 # The comparison's pair first: the dropout model in direct, full and adaptive mode, the fair
@@ -35,7 +36,7 @@ edge-vla eval libero "$bundles/ecot-lite-dropout" --mode direct,adaptive,full "$
 bundle ecot
 edge-vla eval libero "$bundles/ecot" "${eval_args[@]}"
 for r in vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential; do
-    [ -d "$here/$r" ] || continue
+    [ -d "$ship/$r" ] || continue
     bundle "$r"
     edge-vla eval libero "$bundles/$r" "${eval_args[@]}"
 done

@@ -13,6 +13,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
+# Where the checkpoints ship (SHIP=): this directory, or another checkout's when the runs were
+# started from a separate worktree so that edits here cannot change a run under way.
+ship="${SHIP:-$here}"
 jobs="${JOBS:-2}"
 export OMP_NUM_THREADS=1
 mkdir -p "$work"
@@ -66,13 +69,13 @@ drain
 
 # Ship: every final checkpoint in float16 (half the bytes) with its run's summary.
 for r in ecot-lite-dropout ecot vla thinking-tokens ecot-lite-pretrain scaffold ecot-distilled dropout-2layer ecot-sequential; do
-    rm -rf "${here:?}/$r"
+    rm -rf "${ship:?}/$r"
     python -c 'import sys, torch; from edge_vla.model.vla import VLA
-VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r/final" "$here/$r"
-    cp "$work/$r/summary.json" "$here/$r/train_summary.json"
+VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r/final" "$ship/$r"
+    cp "$work/$r/summary.json" "$ship/$r/train_summary.json"
 done
 # What the demo checks before comparing them (its tasks, its action chunk, the data seed it must avoid).
-python - "$here/pretrained.json" <<'PY'
+python - "$ship/pretrained.json" <<'PY'
 import json, sys
 from edge_vla.io import atomic_write_text
 from edge_vla.sim.env import TASK_SETS
@@ -92,4 +95,4 @@ atomic_write_text(sys.argv[1], json.dumps({
     "demo": {"tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]), "demos_per_task": 8, "trials": 4},
 }, indent=1) + "\n")
 PY
-echo "checkpoints in $here"
+echo "checkpoints in $ship"
