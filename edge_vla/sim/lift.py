@@ -32,13 +32,20 @@ LIFT_THRESHOLD_M = 0.05
 OUTCOMES = ("success", "wrong_object", "placement_failure", "grasp_failure")
 
 
+def _in_on_goal(privileged: dict) -> tuple[str, str] | None:
+    """(object, where) of a task's single In/On goal, else None."""
+    goal = privileged.get("goal") or []
+    if len(goal) == 1 and len(goal[0]) == 3 and str(goal[0][0]).lower() in ("in", "on"):
+        return str(goal[0][1]), str(goal[0][2])
+    return None
+
+
 def target_object(privileged: dict) -> str | None:
     """The object a task moves: the first argument of its single In/On goal, else the task's
     objects of interest that are objects (not fixtures or regions), if exactly one."""
-    goal = privileged.get("goal") or []
-    objects = privileged.get("objects", {})
-    if len(goal) == 1 and len(goal[0]) == 3 and str(goal[0][0]).lower() in ("in", "on") and goal[0][1] in objects:
-        return goal[0][1]
+    goal, objects = _in_on_goal(privileged), privileged.get("objects", {})
+    if goal and goal[0] in objects:
+        return goal[0]
     of_interest = [o for o in privileged.get("obj_of_interest", []) if o in objects]
     return of_interest[0] if len(of_interest) == 1 else None
 
@@ -47,11 +54,10 @@ def destination_object(privileged: dict) -> str | None:
     """The object a single In/On goal puts the target in or on: the goal's third argument, or the
     object owning that region (LIBERO names regions `<object>_<region>`, e.g.
     basket_1_contain_region); None when there is none."""
-    goal = privileged.get("goal") or []
-    objects = privileged.get("objects", {})
-    if len(goal) != 1 or len(goal[0]) != 3:
+    goal, objects = _in_on_goal(privileged), privileged.get("objects", {})
+    if goal is None:
         return None
-    where = str(goal[0][2])
+    where = goal[1]
     if where in objects:
         return where
     owners = [o for o in objects if where.startswith(f"{o}_")]
