@@ -374,3 +374,18 @@ def test_generate_killed_mid_run_resumes_from_its_finished_demos(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["tasks"][BUTTER]["demos"] == 2 and m["runs"][-1]["jobs"] == 1  # only the missing demo ran
     assert (out / "parts" / BUTTER / "demo_0.hdf5").read_bytes() == kept
+
+
+@pytest.mark.slow
+def test_parallel_generation_writes_the_demos_serial_generation_writes(tmp_path):
+    from edge_vla.data.dataset import open_dataset
+    from edge_vla.data.generate import generate_dataset
+
+    actions = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        generate_dataset(out, tasks=[BUTTER], demos_per_task=2, image_size=32, workers=workers, progress=False,
+                         cameras=("agentview",), seed=3)
+        ds = open_dataset(out, split="all", cameras=("agentview",))
+        actions[workers] = np.stack([ds[i].action for i in range(len(ds))])
+    assert actions[1].shape == actions[2].shape and np.array_equal(actions[1], actions[2])

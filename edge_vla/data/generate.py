@@ -27,6 +27,7 @@ from edge_vla.data.ecot_json import EcotAnnotations, episode_record
 from edge_vla.data.libero_hdf5 import _h5py, write_libero_hdf5
 from edge_vla.errors import EdgeVLAError
 from edge_vla.io import atomic_write_text, replace_output_dir
+from edge_vla.procs import exit_with_parent, sigterm_raises_exit
 from edge_vla.sim.env import HELD_OUT_INIT_STATES_FROM
 
 MANIFEST_FORMAT = "edge-vla-libero-dataset"
@@ -231,29 +232,32 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
         bar.start()
         tid = bar.add_task("", total=len(jobs))
     pool = None
-    try:
-        if workers == 1:
-            it = map(_make_demo, jobs)
-        else:
-            # spawn: forked MuJoCo/EGL state is not safe to share; each worker builds its own envs.
-            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)))
-            it = pool.imap_unordered(_make_demo, jobs, chunksize=1)
-        for r in it:
-            results.append(r)
+    # SIGTERM runs the `finally` too; a worker whose parent is gone (even by SIGKILL) exits by itself.
+    with sigterm_raises_exit():
+        try:
+            if workers == 1:
+                it = map(_make_demo, jobs)
+            else:
+                # spawn: forked MuJoCo/EGL state is not safe to share; each worker builds its own envs.
+                pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=exit_with_parent,
+                                                    initargs=(os.getpid(),))
+                it = pool.imap_unordered(_make_demo, jobs, chunksize=1)
+            for r in it:
+                results.append(r)
+                if bar is not None:
+                    ok = sum(x["ok"] for x in results)
+                    bar.update(tid, advance=1, description=f"{ok} kept, {time.time() - t0:.0f}s")
+            if pool is not None:
+                pool.close()
+                pool.join()
+        finally:
+            if pool is not None:
+                pool.terminate()  # interrupted: finished parts are on disk already, the rest resumes
             if bar is not None:
-                ok = sum(x["ok"] for x in results)
-                bar.update(tid, advance=1, description=f"{ok} kept, {time.time() - t0:.0f}s")
-        if pool is not None:
-            pool.close()
-            pool.join()
-    finally:
-        if pool is not None:
-            pool.terminate()  # interrupted: finished parts are on disk already, the rest resumes
-        if bar is not None:
-            bar.stop()
-        for env in _ENV_CACHE.values():
-            env.close()
-        _ENV_CACHE.clear()
+                bar.stop()
+            for env in _ENV_CACHE.values():
+                env.close()
+            _ENV_CACHE.clear()
     return results
 
 

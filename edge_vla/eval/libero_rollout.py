@@ -40,6 +40,7 @@ from edge_vla.data.sample import ACTION_DIM
 from edge_vla.eval.chunking import ChunkExecutor, query_chunk
 from edge_vla.eval.results import load_results, summarize, write_results
 from edge_vla.artifacts import content_digest
+from edge_vla.procs import exit_with_parent, sigterm_raises_exit
 
 from edge_vla.sim.env import preload_triton  # noqa: E402  (before any simulator: see its docstring)
 
@@ -358,9 +359,8 @@ def episode_record(cfg: RolloutConfig, env, policy, task: str, trial: int, chunk
             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (Ray: which node)
 
 
-def _worker(cfg: RolloutConfig, episodes, variant: str, out_q) -> None:  # runs in a spawned process
-    import os
-
+def _worker(cfg: RolloutConfig, episodes, variant: str, out_q, parent_pid: int) -> None:  # a spawned process
+    exit_with_parent(parent_pid)  # a killed `edge-vla eval` leaves no rollouts running
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -486,30 +486,31 @@ def _run_parallel(cfg, todo, workers, variant, emit) -> None:
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     # Round-robin over the task-ordered list: every worker gets a similar mix of tasks and trials.
-    procs = [ctx.Process(target=_worker, args=(cfg, todo[w::workers], variant, out_q), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(cfg, todo[w::workers], variant, out_q, os.getpid()), daemon=True)
              for w in range(workers)]
-    for p in procs:
-        p.start()
     finished, error = 0, None
-    try:
-        while finished < workers and error is None:
-            try:
-                kind, payload = out_q.get(timeout=5)
-            except queue_mod.Empty:
-                if not any(p.is_alive() for p in procs) and out_q.empty():
-                    error = "a rollout worker exited without reporting (killed? out of memory?)"
-                continue
-            if kind == "record":
-                emit(payload)
-            elif kind == "done":
-                finished += 1
-            else:
-                error = payload
-    finally:
-        for p in procs:
-            if p.is_alive() and (error is not None or finished < workers):
-                p.terminate()
-            p.join(10)
+    with sigterm_raises_exit():  # SIGTERM (a scheduler, `kill`) runs the `finally` that stops the workers
+        try:
+            for p in procs:
+                p.start()
+            while finished < workers and error is None:
+                try:
+                    kind, payload = out_q.get(timeout=5)
+                except queue_mod.Empty:
+                    if not any(p.is_alive() for p in procs) and out_q.empty():
+                        error = "a rollout worker exited without reporting (killed? out of memory?)"
+                    continue
+                if kind == "record":
+                    emit(payload)
+                elif kind == "done":
+                    finished += 1
+                else:
+                    error = payload
+        finally:
+            for p in (p for p in procs if p.pid is not None):
+                if p.is_alive() and (error is not None or finished < workers):
+                    p.terminate()
+                p.join(10)
     if error:
         raise EdgeVLAError(f"{error} (finished episodes are saved; re-run the same command to resume)")
 
