@@ -24,21 +24,24 @@ export OMP_NUM_THREADS=1
 eval_args=(--tasks living-room-scene2-basket --trials "${TRIALS:-20}" --workers "${JOBS:-2}" --out "$out" --no-progress)
 
 # bundle NAME: the shipped checkpoint NAME as an fp32 bundle named like it (the report's variant
-# names come from it: ecot -> ecot-full); an existing bundle is reused (exports write atomically).
+# names come from it: ecot -> ecot-full). An existing bundle is reused while the checkpoint it was
+# exported from is still the one shipped (NAME.shipped.json: its training summary); a re-shipped
+# checkpoint is exported again, and its old results file is then refused by `eval libero`.
 bundle() {
-    [ -d "$bundles/$1" ] || edge-vla export "$ship/$1" -o "$bundles/$1" --fp32 --data "$work/data" >>"$bundles/export.log" 2>&1
+    local stamp="$bundles/$1.shipped.json"
+    if [ -d "$bundles/$1" ] && { [ ! -f "$stamp" ] || cmp -s "$ship/$1/train_summary.json" "$stamp"; }; then return 0; fi
+    edge-vla export "$ship/$1" -o "$bundles/$1" --fp32 --data "$work/data" >>"$bundles/export.log" 2>&1
+    cp "$ship/$1/train_summary.json" "$stamp"
 }
 
 # The comparison's pair first: the dropout model in direct, full and adaptive mode, the fair
 # full-CoT baseline in its own (full) mode. Then the others in their recipe's mode.
-bundle ecot-lite-dropout
-edge-vla eval libero "$bundles/ecot-lite-dropout" --mode direct,adaptive,full "${eval_args[@]}"
-bundle ecot
-edge-vla eval libero "$bundles/ecot" "${eval_args[@]}"
-for r in vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential; do
-    [ -d "$ship/$r" ] || continue
+# What is not shipped yet (make.sh ships each run as it finishes) is left for the next run.
+for r in ecot-lite-dropout ecot vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential; do
+    [ -f "$ship/$r/train_summary.json" ] || { echo "$r: not shipped yet, skipped"; continue; }
     bundle "$r"
-    edge-vla eval libero "$bundles/$r" "${eval_args[@]}"
+    modes=(); [ "$r" = ecot-lite-dropout ] && modes=(--mode direct,adaptive,full)
+    edge-vla eval libero "$bundles/$r" "${modes[@]}" "${eval_args[@]}"
 done
 # The fair full-CoT model (parallel action chunk after its reasoning) is the baseline, not the
 # published sequential one.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the five-task checkpoints of LIVING_ROOM_SCENE2 (`make pretrained PRETRAINED=pretrained/scene2-basket`).
 # Resumable at every step: data generation skips finished demos, every training run continues from
-# its last saved state (--resume), a finished run (OUT/final) is skipped. Runs go to
+# its last saved state (--resume), a finished run (OUT/final) is skipped. Each checkpoint ships
+# (float16) as soon as its run finishes, so `evaluate.sh` can roll it out while the rest train. Runs go to
 # runs/scene2-basket/ (WORK= to move them), JOBS (default 2) of them side by side, one thread each.
 #
 # The comparison of issue #23: six recipes at one budget (10,000 steps x batch 16 = 160k samples,
@@ -26,21 +27,36 @@ edge-vla data generate --out "$work/data" --tasks living-room-scene2-basket \
 budget=(--set steps=10000 --set save_every=500 --set eval_every=2000)
 common=(--data "$work/data" --set action_chunk=4 --set lr=1e-3 --set warmup_steps=50 "${budget[@]}" --no-progress)
 
+# ship_one NAME: the finished run's checkpoint in float16 (half the bytes) with its run's summary,
+# shipped as soon as it is done so that `evaluate.sh` can roll it out while the others train.
+ship_one() {
+    local r="$1"
+    [ -f "$ship/$r/train_summary.json" ] && cmp -s "$work/$r/summary.json" "$ship/$r/train_summary.json" && return 0
+    local tmp="$ship/.$r.tmp"
+    rm -rf "$tmp"
+    python -c 'import sys, torch; from edge_vla.model.vla import VLA
+VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r/final" "$tmp"
+    cp "$work/$r/summary.json" "$tmp/train_summary.json"
+    rm -rf "${ship:?}/$r" && mv "$tmp" "$ship/$r"
+}
+
 # train NAME RECIPE ARGS...: one run into $work/NAME (log: $work/NAME.log), resumed if begun.
 train() {
     local name="$1" recipe="$2"; shift 2
-    [ -d "$work/$name/final" ] && return 0
+    [ -d "$work/$name/final" ] && { ship_one "$name"; return 0; }
     local resume=""; [ -f "$work/$name/train_config.json" ] && resume="--resume"
     edge-vla train --recipe "$recipe" --out "$work/$name" "${common[@]}" "$@" $resume >>"$work/$name.log" 2>&1
+    ship_one "$name"
 }
 
 # distil NAME TEACHER ARGS...: one distillation run into $work/NAME, resumed if begun.
 distil() {
     local name="$1" teacher="$2"; shift 2
-    [ -d "$work/$name/final" ] && return 0
+    [ -d "$work/$name/final" ] && { ship_one "$name"; return 0; }
     local resume=""; [ -f "$work/$name/distill_config.json" ] && resume="--resume"
     edge-vla distill --teacher "$work/$teacher/final" --data "$work/data" --out "$work/$name" "$@" \
         --set save_every=250 --no-progress $resume >>"$work/$name.log" 2>&1
+    ship_one "$name"
 }
 
 # Up to $jobs commands at once, in order; stops at the first failure once the running ones end.
@@ -67,13 +83,6 @@ slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden
 slot train ecot-sequential ecot --set model.parallel_actions=false
 drain
 
-# Ship: every final checkpoint in float16 (half the bytes) with its run's summary.
-for r in ecot-lite-dropout ecot vla thinking-tokens ecot-lite-pretrain scaffold ecot-distilled dropout-2layer ecot-sequential; do
-    rm -rf "${ship:?}/$r"
-    python -c 'import sys, torch; from edge_vla.model.vla import VLA
-VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)' "$work/$r/final" "$ship/$r"
-    cp "$work/$r/summary.json" "$ship/$r/train_summary.json"
-done
 # What the demo checks before comparing them (its tasks, its action chunk, the data seed it must avoid).
 python - "$ship/pretrained.json" <<'PY'
 import json, sys
