@@ -24,7 +24,7 @@ install: $(STAMP)
 # their README.md) are what the demo compares when all three exist; it still trains every recipe
 # live briefly. The five-task set is the default once it ships (its pretrained.json says how its
 # demo runs); until then the butter set.
-PRETRAINED ?= $(if $(word 3,$(foreach r,vla ecot ecot-lite-dropout,$(wildcard pretrained/scene2-basket/$(r)/model.safetensors))),pretrained/scene2-basket,pretrained/tiny-libero-butter)
+PRETRAINED ?= $(if $(word 4,$(wildcard pretrained/scene2-basket/pretrained.json) $(foreach r,vla ecot ecot-lite-dropout,$(wildcard pretrained/scene2-basket/$(r)/model.safetensors))),pretrained/scene2-basket,pretrained/tiny-libero-butter)
 SHIPPED := $(foreach r,vla ecot ecot-lite-dropout,$(wildcard $(PRETRAINED)/$(r)/model.safetensors))
 
 demo: $(STAMP)

@@ -24,6 +24,29 @@ mkdir -p "$work"
 edge-vla data generate --out "$work/data" --tasks living-room-scene2-basket \
     --demos-per-task 100 --image-size 64 --seed 0 --workers "$jobs" --no-progress
 
+# What the demo checks before comparing them (its tasks, its action chunk, the data seed it must avoid),
+# written first: `make demo` takes this set as soon as vla, ecot and ecot-lite-dropout are shipped.
+python - "$ship/pretrained.json" <<'PY'
+import json, sys
+from edge_vla.io import atomic_write_text
+from edge_vla.sim.env import TASK_SETS
+atomic_write_text(sys.argv[1], json.dumps({
+    "description": "tiny preset, LIBERO-90 LIVING_ROOM_SCENE2's five basket tasks, 100 scripted-expert demos each "
+                   "(random layouts, seed 0); 10,000 steps x batch 16 per recipe (160k samples), parallel action "
+                   "decoding (ecot-sequential: one token at a time); two distilled students",
+    "suite": "libero_90", "tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]),
+    "action_chunk": 4, "image_size": 64, "cameras": ["agentview", "wrist"],
+    "data_command": "edge-vla data generate --tasks living-room-scene2-basket --demos-per-task 100 --image-size 64 --seed 0",
+    "data_seed": 0,
+    "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
+    "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
+    "baseline": "ecot",
+    # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
+    # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
+    "demo": {"tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]), "demos_per_task": 8, "trials": 4},
+}, indent=1) + "\n")
+PY
+
 budget=(--set steps=10000 --set save_every=500 --set eval_every=2000)
 common=(--data "$work/data" --set action_chunk=4 --set lr=1e-3 --set warmup_steps=50 "${budget[@]}" --no-progress)
 
@@ -83,25 +106,4 @@ slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden
 slot train ecot-sequential ecot --set model.parallel_actions=false
 drain
 
-# What the demo checks before comparing them (its tasks, its action chunk, the data seed it must avoid).
-python - "$ship/pretrained.json" <<'PY'
-import json, sys
-from edge_vla.io import atomic_write_text
-from edge_vla.sim.env import TASK_SETS
-atomic_write_text(sys.argv[1], json.dumps({
-    "description": "tiny preset, LIBERO-90 LIVING_ROOM_SCENE2's five basket tasks, 100 scripted-expert demos each "
-                   "(random layouts, seed 0); 10,000 steps x batch 16 per recipe (160k samples), parallel action "
-                   "decoding (ecot-sequential: one token at a time); two distilled students",
-    "suite": "libero_90", "tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]),
-    "action_chunk": 4, "image_size": 64, "cameras": ["agentview", "wrist"],
-    "data_command": "edge-vla data generate --tasks living-room-scene2-basket --demos-per-task 100 --image-size 64 --seed 0",
-    "data_seed": 0,
-    "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
-    "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
-    "baseline": "ecot",
-    # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
-    # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
-    "demo": {"tasks": list(TASK_SETS["libero_90"]["living-room-scene2-basket"]), "demos_per_task": 8, "trials": 4},
-}, indent=1) + "\n")
-PY
 echo "checkpoints in $ship"
