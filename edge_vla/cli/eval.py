@@ -9,7 +9,7 @@ temporal_ensemble_option = click.option(
 
 @click.group("eval")
 def eval_group():
-    """Evaluate policies: LIBERO rollouts, or hardware rollouts through the policy server."""
+    """Evaluate policies: LIBERO rollouts, hardware rollouts through the policy server, or offline on held-out data."""
 
 
 @eval_group.command("libero")
@@ -128,3 +128,32 @@ def hardware(policy, robot, episodes, max_steps, execute_k, temporal_ensemble, s
     r = run_hardware(cfg)
     s = r["summary"]
     click.echo(f"success {s['successes']}/{s['episodes']}; {len(r['episodes'])} episode(s) recorded; results -> {r['path']}")
+
+
+@eval_group.command("offline")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="The dataset it was trained on (its held-out validation split is used) or another one.")
+@click.option("--samples", default=64, show_default=True, type=int, help="Validation samples, spread evenly.")
+@click.option("--mode", default=None, type=click.Choice(["full", "direct", "adaptive"]),
+              help="Decode mode (default: the recipe's).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
+def offline(checkpoint, data, samples, mode, out):
+    """Validation metrics of CHECKPOINT on held-out samples, decoded as the deployed policy decodes:
+    action accuracy free-running and teacher-forced, and for a reasoning policy how close its own
+    reasoning is to the annotation, field by field, with the action accuracy when its MOVE is right
+    vs wrong (see edge_vla/train/evaluate.py)."""
+    import json
+
+    from edge_vla.io import atomic_write_text
+    from edge_vla.train.evaluate import evaluate_checkpoint
+
+    if samples < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--samples")
+    r = evaluate_checkpoint(checkpoint, data, samples, mode)
+    click.echo(f"{r['recipe']} ({r['mode']} mode), {r['metrics']['n']} held-out samples of {data}:")
+    for k, v in r["metrics"].items():
+        click.echo(f"  {k:30s} {v:.4f}" if isinstance(v, float) else f"  {k:30s} {v}")
+    if out:
+        atomic_write_text(out, json.dumps(r, indent=1) + "\n")
+        click.echo(f"wrote {out}")

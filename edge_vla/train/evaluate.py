@@ -12,6 +12,18 @@ Metrics (means over the validation samples looked at):
     action_token_acc_tf  teacher-forced argmax over the action block at the action positions
     loss                 the recipe's training loss (its current stage)
     reasoning_loss       cross-entropy on the reasoning tokens given the prompt (samples with reasoning)
+
+When the policy writes reasoning (full mode, or adaptive when it reasons) on samples annotated with
+it, how close its own reasoning is to the annotation, field by field, and whether its action errors
+follow its reasoning errors (the mechanism behind a free-running accuracy below the teacher-forced one):
+    reasoning_n                     samples where both exist
+    reasoning_subtask_acc           SUBTASK written == annotated
+    reasoning_move_acc              MOVE written == annotated
+    reasoning_gripper_px            mean |written - annotated| of the gripper points (pixels), over
+                                    the points both have
+    reasoning_objects_f1            F1 of the VISIBLE OBJECTS names written vs annotated
+    action_token_acc_move_right     action token accuracy on the samples whose MOVE was right
+    action_token_acc_move_wrong     ... whose MOVE was wrong (or missing)
 """
 
 from __future__ import annotations
@@ -40,15 +52,49 @@ def decoded_metrics(policy, samples) -> dict:
 
     act_tok = policy.action_tokenizer
     hits = total = 0
-    l1, free = [], []
+    l1, free, fidelity = [], [], []
     for s in samples:
         r = policy.act(sample_to_obs(s))
         target = act_tok.encode(np.asarray(s.action)).reshape(-1)
-        hits += int((np.asarray(r.info["action_token_ids"]) == target).sum())
+        right = np.asarray(r.info["action_token_ids"]) == target
+        hits += int(right.sum())
         total += target.size
         l1.append(float(np.abs(r.action - np.asarray(s.action)).mean()))
         free.append(r.tokens["reasoning"])
-    return {"action_token_acc": hits / total, "action_l1": float(np.mean(l1)), "free_tokens": float(np.mean(free))}
+        if r.reasoning_text is not None and s.reasoning is not None and not s.reasoning.is_empty():
+            fidelity.append({**reasoning_fidelity(r.reasoning, s.reasoning), "action_acc": float(right.mean())})
+    out = {"action_token_acc": hits / total, "action_l1": float(np.mean(l1)), "free_tokens": float(np.mean(free))}
+    if fidelity:
+        out.update(_fidelity_summary(fidelity))
+    return out
+
+
+def reasoning_fidelity(written, annotated) -> dict:
+    """One sample: how the reasoning a policy wrote (a parsed Reasoning, or None when it wrote no
+    tag) compares with the annotated one. Keys as in the module docstring, per sample."""
+    w = written if written is not None else type(annotated)()
+    out = {"subtask": w.subtask is not None and w.subtask == annotated.subtask,
+           "move": w.move is not None and w.move == annotated.move}
+    if annotated.gripper and w.gripper:
+        n = min(len(w.gripper), len(annotated.gripper))
+        out["gripper_px"] = float(np.abs(np.asarray(w.gripper[:n], float) - np.asarray(annotated.gripper[:n], float)).mean())
+    if annotated.visible_objects is not None:
+        a = {name for name, _ in annotated.visible_objects}
+        g = {name for name, _ in (w.visible_objects or [])}
+        out["objects_f1"] = 2 * len(a & g) / (len(a) + len(g)) if (a or g) else 1.0
+    return out
+
+
+def _fidelity_summary(rows: list[dict]) -> dict:
+    def mean(key, where=lambda r: True):
+        vals = [r[key] for r in rows if key in r and where(r)]
+        return float(np.mean(vals)) if vals else None
+
+    out = {"reasoning_n": len(rows), "reasoning_subtask_acc": mean("subtask"), "reasoning_move_acc": mean("move"),
+           "reasoning_gripper_px": mean("gripper_px"), "reasoning_objects_f1": mean("objects_f1"),
+           "action_token_acc_move_right": mean("action_acc", lambda r: r["move"]),
+           "action_token_acc_move_wrong": mean("action_acc", lambda r: not r["move"])}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _teacher_forced(model, rows, collate, first, n_bins):
@@ -112,4 +158,44 @@ def evaluate(model, recipe, dataset, max_samples: int = 64, stage: str | None = 
     return metrics
 
 
-__all__ = ["evaluate", "policy_for", "decoded_metrics", "teacher_forced_metrics"]
+def evaluate_checkpoint(checkpoint, data, max_samples: int = 64, mode: str | None = None) -> dict:
+    """`evaluate` of a saved checkpoint on the validation split of `data` that its training held
+    out (val_fraction, seed, no-op dropping from its training summary; else the training defaults):
+    the numbers its run logged as `final_val`, on as many samples as asked, in its recipe's mode
+    or `mode`. Returns {"metrics", "checkpoint", "data", "recipe", "mode", "split"}."""
+    from pathlib import Path
+
+    from edge_vla.data.sample import ACTION_DIM
+    from edge_vla.errors import EdgeVLAError
+    from edge_vla.io import read_json
+    from edge_vla.model.vla import VLA
+    from edge_vla.train.config import TrainConfig
+    from edge_vla.train.data import open_split
+    from edge_vla.train.recipes import get_recipe
+
+    ckpt = Path(checkpoint)
+    model = VLA.from_pretrained(ckpt)
+    info = model.recipe_info or {}
+    if not info.get("name"):
+        raise EdgeVLAError(f"{ckpt} records no recipe (recipe.json)", "evaluate a checkpoint saved by `edge-vla train`")
+    recipe = get_recipe(info["name"], **info.get("options", {}))
+    trained = {}
+    for f in (ckpt / "train_summary.json", ckpt.parent / "summary.json"):
+        if f.is_file():
+            trained = read_json(f, f"fix or remove {f}").get("config") or {}
+            break
+    defaults = TrainConfig()
+    split = {k: trained.get(k, getattr(defaults, k)) for k in ("val_fraction", "seed", "drop_noops")}
+    if split["val_fraction"] <= 0:
+        raise EdgeVLAError(f"{ckpt} was trained with no validation split (val_fraction 0)",
+                           "evaluate it on another dataset than the one it was trained on")
+    val = open_split(data, "val", split["val_fraction"], model.config.n_action_tokens // ACTION_DIM,
+                     split["drop_noops"], split["seed"], cameras=model.config.cameras)
+    if not len(val):
+        raise EdgeVLAError(f"the validation split of {data} is empty", "pass a dataset with more episodes")
+    metrics = evaluate(model, recipe, val, max_samples, mode=mode)
+    return {"metrics": metrics, "checkpoint": str(ckpt), "data": str(data), "recipe": info["name"],
+            "mode": mode or recipe.decode_mode, "split": split}
+
+
+__all__ = ["evaluate", "evaluate_checkpoint", "policy_for", "decoded_metrics", "reasoning_fidelity", "teacher_forced_metrics"]
