@@ -75,6 +75,26 @@ def test_calibration_divides_each_phase_by_the_efficiency_measured_on_cpu():
     assert scaled.phases_ms["vision"] == pytest.approx(base.phases_ms["vision"])
 
 
+def test_a_full_mode_measurement_of_a_parallel_action_model_calibrates_its_decode():
+    """A parallel-action model's direct call has no decode step: calibrating a full-mode decode
+    measurement against it set the decode efficiency to its floor (1e-3) and projected a tiny
+    model's full-mode call on an Orin at ~7 s (the demo's bench printed ~0.15 calls/s)."""
+    from edge_vla.config import preset
+
+    cfg = preset("tiny")
+    cfg.parallel_actions = True
+    cpu = get_target("cpu", ["bandwidth_gbs=10.0"])
+    full = project_latency(cfg, "fp32", "full", cpu)
+    assert not project_latency(cfg, "fp32", "direct", cpu).decode_steps and full.decode_steps
+    cal = calibrate({"decode_ms_per_token": full.decode_ms_per_token * 2}, 10.0, model=cfg, mode="full")
+    assert cal.efficiency["decode"] == pytest.approx(0.5)
+    orin = project_latency(cfg, "fp32", "full", "orin-agx-64", calibration=cal)
+    bare = project_latency(cfg, "fp32", "full", "orin-agx-64")
+    assert orin.total_ms <= 2 * bare.total_ms  # at 50% efficiency, never the 1000x of the floor
+    with pytest.raises(EdgeVLAError, match="has none"):
+        calibrate({"decode_ms_per_token": 1.0}, 10.0, model=cfg, mode="direct")
+
+
 def test_calibration_clips_and_rejects_bad_input():
     assert Calibration({"decode": 1.0}).factor("vision") == 1.0
     roof = project_latency("tiny", "fp32", "direct", get_target("cpu", ["bandwidth_gbs=10"]))

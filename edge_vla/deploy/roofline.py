@@ -280,7 +280,7 @@ def published_check(calibrate_on: str = "fp16", published: dict | None = None, m
 
 
 def calibrate(measured: dict, cpu_bandwidth_gbs: float, model=None, precision: str = "fp32",
-              cpu_gflops: float | None = None, prompt_tokens: int = PROMPT_TOKENS) -> Calibration:
+              cpu_gflops: float | None = None, prompt_tokens: int = PROMPT_TOKENS, mode: str = "direct") -> Calibration:
     """Efficiency per phase = this CPU's roofline time / its measured time.
 
     `measured` holds any of vision_ms, prefill_ms (one call, direct mode) and
@@ -299,9 +299,14 @@ def calibrate(measured: dict, cpu_bandwidth_gbs: float, model=None, precision: s
     cpu = get_target("cpu", [f"bandwidth_gbs={cpu_bandwidth_gbs}"] + (
         [f"fp32_tflops={cpu_gflops / 1e3}", f"fp16_tflops={cpu_gflops / 1e3}", f"int8_tops={cpu_gflops / 1e3}"]
         if cpu_gflops else []))
-    bound = project_latency(model, precision, "direct", cpu, prompt_tokens=prompt_tokens)
+    # The roofline of the calls that were measured (`mode`): a parallel-action model's direct call
+    # has no decode step, and its full-mode call's prefill holds no action placeholders.
+    bound = project_latency(model, precision, mode, cpu, prompt_tokens=prompt_tokens)
     roof = {"vision": bound.phases_ms["vision"], "prefill": bound.phases_ms["prefill"],
             "decode": bound.decode_ms_per_token}
+    if "decode_ms_per_token" in measured and not bound.decode_steps:
+        raise EdgeVLAError(f"a decode step was measured, but a {mode}-mode call of this model has none",
+                           "pass the mode the measurement was taken in (full mode decodes its reasoning)")
     keys = {"vision": "vision_ms", "prefill": "prefill_ms", "decode": "decode_ms_per_token"}
     eff = {}
     for phase, key in keys.items():

@@ -288,8 +288,10 @@ def _project(row, s, bandwidth, targets) -> dict:
     if s["decode_ms_per_token"]:
         measured["decode_ms_per_token"] = s["decode_ms_per_token"]
     prec = row["precision"] if row["precision"] in ("fp32", "fp16", "int8", "int4") else "int8"
-    cal = calibrate(measured, bandwidth, model=row["artifact"], precision=prec)
     mode = row["mode"] if row["mode"] in ("direct", "full") else "direct"
+    if mode == "direct" and "decode_ms_per_token" in measured and not project_latency(row["artifact"], prec, mode).decode_steps:
+        measured.pop("decode_ms_per_token")  # adaptive's occasional reasoning: no direct-mode roofline to set it against
+    cal = calibrate(measured, bandwidth, model=row["artifact"], precision=prec, mode=mode)
     return {t: round_significant(project_latency(row["artifact"], prec, mode, t, calibration=cal).hz) for t in targets}
 
 
