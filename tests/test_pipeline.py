@@ -64,28 +64,36 @@ def test_with_shipped_checkpoints_the_live_runs_are_short_proofs():
     assert train_config_for(cfg, "ecot").model == {} and train_config_for(cfg, "vla").model["parallel_actions"]
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-libero-butter"
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+SHIPPED = PRETRAINED_DIR / "tiny-libero-butter"
 
 
-@pytest.mark.skipif(not (SHIPPED / "ecot" / "model.safetensors").exists(),
-                    reason="the shipped checkpoints are missing: `make pretrained` rebuilds them")
-def test_the_shipped_checkpoints_load_and_match_their_description():
-    """What `make demo` compares: every recipe's checkpoint loads as a policy, predicts chunks of
-    the size pretrained.json claims, and records the command that trained it."""
+@pytest.mark.parametrize("shipped", [SHIPPED, PRETRAINED_DIR / "scene2-basket"], ids=lambda p: p.name)
+def test_the_shipped_checkpoints_load_and_match_their_description(shipped):
+    """What `make demo` compares: every shipped checkpoint of a set loads as a policy, predicts
+    chunks of the size pretrained.json claims, and records the command that trained it; the set's
+    own demo settings pass the demo's checks (its tasks, chunk, a data seed of its own)."""
     import numpy as np
 
+    from edge_vla.pipeline import with_task_names
     from edge_vla.runtime.policy import load_policy
 
-    info = json.loads((SHIPPED / PRETRAINED_INFO).read_text())
-    check_pretrained(SHIPPED, DemoConfig(tasks=tuple(info["tasks"]), action_chunk=info["action_chunk"]))
+    if not (shipped / "ecot" / "model.safetensors").exists():
+        pytest.skip(f"{shipped.name}: the shipped checkpoints are missing (`make pretrained` rebuilds them)")
+    info = json.loads((shipped / PRETRAINED_INFO).read_text())
+    check_pretrained(shipped, DemoConfig(tasks=tuple(info["tasks"]), action_chunk=info["action_chunk"]))
+    check_pretrained(shipped, with_task_names(DemoConfig.for_pretrained(str(shipped))))
     rng = np.random.default_rng(0)
     obs = {"images": {c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in info["cameras"]},
            "instruction": "pick up the butter and put it in the basket", "state": np.zeros(8, np.float32)}
-    for recipe in info["recipes"]:
-        summary = json.loads((SHIPPED / recipe / "train_summary.json").read_text())
-        assert summary["command"].startswith(f"edge-vla train --recipe {recipe} ")
+    names = [r for r in [*info["recipes"], *info.get("students", {})] if (shipped / r).is_dir()]
+    assert {"vla", "ecot", "ecot-lite-dropout"} <= set(names)  # what the demo compares
+    for recipe in names:
+        summary = json.loads((shipped / recipe / "train_summary.json").read_text())
+        assert summary["command"].startswith(f"edge-vla train --recipe {recipe} ") or (
+            recipe in info.get("students", {}) and summary["command"].startswith("edge-vla distill "))
         assert summary["config"]["action_chunk"] == info["action_chunk"] and summary["steps"] > 0
-        policy = load_policy(SHIPPED / recipe, backend="torch", mode="direct")
+        policy = load_policy(shipped / recipe, backend="torch", mode="direct")
         assert policy.act(obs).action.shape == (info["action_chunk"], 7)
 
 
