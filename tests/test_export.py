@@ -99,6 +99,37 @@ def test_int4_export_is_smaller_and_reports_accuracy(trained, int8_bundle, tmp_p
     assert r.action.shape == (7,) and np.isfinite(r.action).all()
 
 
+def test_int4_block_size_is_an_export_option_recorded_in_the_manifest(trained, tmp_path):
+    """Larger INT4 blocks decode faster on a CPU (docs/results.md); the block is the user's choice."""
+    import onnx
+
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.cli import main
+
+    ckpt, _ = trained
+    sizes = {}
+    for block in (32, 128):
+        out = tmp_path / f"b{block}"
+        res = CliRunner().invoke(main, ["export", str(ckpt), "--int4", "--int4-block", str(block), "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        b = load_bundle(out)
+        assert b.graphs["decoder"]["int4_block"] == block and "int4_block" not in b.graphs["action_head"]
+        blocks = {a.i for n in onnx.load(str(b.graph_path("decoder"))).graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "block_size"}
+        assert max(blocks) == block  # K >= block gets the block (a smaller K, the largest power of two below it)
+        sizes[block] = b.graph_path("decoder").stat().st_size
+    assert sizes[128] < sizes[32]  # fewer scales
+    for bad, words in ((["--int4", "--int4-block", "48"], "not a power of two"),
+                       (["--int8", "--int4-block", "64"], "has no INT4 graph")):
+        res = CliRunner().invoke(main, ["export", str(ckpt), *bad, "-o", str(tmp_path / "bad")])
+        assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "bad").exists()
+    from edge_vla.export import export_bundle
+
+    with pytest.raises(EdgeVLAError, match="streaming one writes blocks of 32"):
+        export_bundle(ckpt, tmp_path / "bad", precision="int4", streaming=True, int4_block=64)
+
+
 def test_checkpoint_and_fp32_bundle_give_the_same_actions(trained, fp32_bundle):
     from edge_vla.runtime.policy import load_policy
 

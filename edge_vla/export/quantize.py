@@ -47,13 +47,23 @@ def check_precision(precision: str, what: str = "precision") -> str:
     return precision
 
 
+def check_int4_block(block: int) -> int:
+    """An INT4 block size MatMulNBits and GatherBlockQuantized take: a power of two from 16 to 256."""
+    if not isinstance(block, int) or block < 16 or block > 256 or block & (block - 1):
+        raise EdgeVLAError(f"INT4 block size {block!r} is not a power of two from 16 to 256",
+                           f"use 32 (the default), 64 (4.5 bits per weight, llama.cpp Q4_0's) or 128")
+    return block
+
+
 def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict] | None = None,
-                   for_tensorrt: bool = False, int8_matmul: str = "nbits") -> None:
+                   for_tensorrt: bool = False, int8_matmul: str = "nbits", int4_block: int = INT4_BLOCK) -> None:
     """Write `src` quantized to `precision` at `dst` (`calibration`: input feeds, int8-static only;
     `for_tensorrt`: int8 in ORT's MatMulInteger form, which the TensorRT lint recognises and refuses;
     `int8_matmul`: int8's MatMul form on ONNX Runtime targets, "nbits" (MatMulNBits blocks) or "integer"
-    (the MatMulInteger form, faster at a prefill's hundreds of rows))."""
+    (the MatMulInteger form, faster at a prefill's hundreds of rows); `int4_block`: INT4's block size
+    (larger blocks decode faster on a CPU, docs/results.md#decode-re-measured-two-runs-in-one-session))."""
     check_precision(precision)
+    check_int4_block(int4_block)
     if int8_matmul not in INT8_MATMUL_OPS:
         from edge_vla.config import unknown_name_error
 
@@ -64,7 +74,10 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
     quantizer = _int8_dynamic if integer else QUANTIZERS[precision]
     try:
         with notices.root_logger_kept():
-            quantizer(src, dst, calibration)
+            if precision == "int4":
+                _int4(src, dst, calibration, block=int4_block)
+            else:
+                quantizer(src, dst, calibration)
     except EdgeVLAError:
         raise
     except Exception as e:
@@ -287,10 +300,10 @@ def _int8_static(src, dst, calibration):
                     extra_options={"MatMulConstBOnly": True})
 
 
-def _int4(src, dst, _):
+def _int4(src, dst, _, block: int = INT4_BLOCK):
     import onnx
 
-    onnx.save(_nbits(onnx.load(str(src)), bits=4, block=INT4_BLOCK, op_types=("MatMul", "Gather")), str(dst))
+    onnx.save(_nbits(onnx.load(str(src)), bits=4, block=block, op_types=("MatMul", "Gather")), str(dst))
 
 
 QUANTIZERS = {"fp32": _copy, "fp16": _fp16, "int8": _int8_blocks, "int8-static": _int8_static, "int4": _int4}

@@ -170,17 +170,23 @@ def graph_precisions(graphs: dict, precision: str, vision_precision: str) -> dic
 
 
 def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibration: dict | None,
-                    for_tensorrt: bool, report, int8_matmul: dict | None = None) -> None:
-    """`int8_matmul` (choose_int8_matmul): the int8 decoder's MatMul form; the other graphs keep the default."""
-    from edge_vla.export.quantize import quantize_graph
+                    for_tensorrt: bool, report, int8_matmul: dict | None = None, int4_block: int | None = None) -> None:
+    """`int8_matmul` (choose_int8_matmul): the int8 decoder's MatMul form; the other graphs keep the default.
+    `int4_block`: the INT4 graphs' block size (recorded on each; default INT4_BLOCK)."""
+    from edge_vla.export.quantize import INT4_BLOCK, quantize_graph
+
+    int4_block = int4_block or INT4_BLOCK
 
     for role, g in graphs.items():
         p = precisions[role]
         chosen = int8_matmul if int8_matmul and role == "decoder" and p == "int8" else None
         report(f"quantizing {role} graph to {p}" + (f" ({chosen['op']})" if chosen else "") + " ...")
         quantize_graph(src / g["file"], dst / g["file"], p, calibration and calibration.get(role),
-                       for_tensorrt=for_tensorrt, int8_matmul=chosen["decoder"] if chosen else "nbits")
+                       for_tensorrt=for_tensorrt, int8_matmul=chosen["decoder"] if chosen else "nbits",
+                       int4_block=int4_block)
         g["precision"] = p
+        if p == "int4":
+            g["int4_block"] = int4_block
         if chosen:
             g["int8_matmul"] = chosen["decoder"]
 
@@ -209,7 +215,7 @@ def _report_int8_matmul(mm: dict | None, report) -> None:
 def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=None, target: str = "cpu",
                   parity_samples=None, vision_precision: str | None = None, min_action_agreement: float | None = None,
                   parity_atol: float = 1e-3, report=print, overwrite: bool = False, streaming: bool | None = None,
-                  int8_matmul: str = "auto") -> Path:
+                  int8_matmul: str = "auto", int4_block: int | None = None) -> Path:
     """Export the checkpoint `ckpt_dir` to a bundle at `out_dir` (the steps above, in order).
 
     `parity_samples` (Samples, obs dicts or a dataset path; synthetic observations when None) check
@@ -221,6 +227,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     `streaming` (None: above STREAM_ABOVE_PARAMS parameters) exports without loading the model
     (edge_vla.export.streaming: weights read from the shards, graphs quantized as they are built).
     `int8_matmul` ("auto", "nbits", "integer"): the int8 decoder's MatMul form (choose_int8_matmul).
+    `int4_block`: the INT4 graphs' block size (None: INT4_BLOCK, 32; the in-memory export only).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -243,10 +250,20 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     vision_precision = check_precision(vision_precision or default_vision_precision(target, precision),
                                        "vision precision")
     choose_int8_matmul(int8_matmul, precision, None, None, target)  # a bad value is refused before the slow steps
+    if int4_block is not None:
+        from edge_vla.export.quantize import check_int4_block
+
+        check_int4_block(int4_block)
+        if "int4" not in (precision, vision_precision):
+            raise EdgeVLAError(f"--int4-block sets INT4 blocks, and this {precision} export has no INT4 graph",
+                               "add --int4, or drop --int4-block")
     if streaming is None:
         from edge_vla.export.streaming import STREAM_ABOVE_PARAMS, checkpoint_params
 
         streaming = (checkpoint_params(ckpt_dir) or 0) > STREAM_ABOVE_PARAMS
+    if streaming and int4_block is not None:
+        raise EdgeVLAError("--int4-block applies to the in-memory export; the streaming one writes blocks of 32",
+                           "drop --int4-block, or pass --no-streaming where the model fits in memory")
     if streaming:
         from edge_vla.export import streaming as st
 
@@ -287,7 +304,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         final_dir.mkdir()
         shutil.copytree(fp32_dir / TOKENIZER_DIR, final_dir / TOKENIZER_DIR)
         quantize_graphs(fp32_dir, final_dir, graphs, graph_precisions(graphs, precision, vision_precision),
-                        calibration, for_tensorrt, report, mm)
+                        calibration, for_tensorrt, report, mm, int4_block)
         if mm:
             manifest["int8_matmul"] = mm
         manifest.update(graphs=graphs, precision=precision, parity=parity, memory_fit=memory_fit,
