@@ -148,6 +148,13 @@ def test_edge_vla_int8_is_what_the_export_writes_and_the_forced_forms_differ_in_
     assert "int8_matmul" in json.loads((auto.path / "manifest.json").read_text())
 
 
+def test_edge_vla_int4_block_variants_are_what_the_export_writes(tmp_path):
+    path = peers.build_edge_vla(peers.TINY_CKPT, tmp_path, "int4-b64")
+    graphs = json.loads((path / "manifest.json").read_text())["graphs"]
+    assert graphs["decoder"]["precision"] == "int4" and graphs["decoder"]["int4_block"] == 64
+    assert peers.FORMAT_BITS["edge-vla-int4-b64"].startswith("4-bit blocks of 64")
+
+
 def test_matmul_forms_times_every_weight_form_per_shape():
     # The per-MatMul comparison behind the action row's finding: each shape x rows gets every form, in CPU ms.
     rows = peers.matmul_forms(rows=(8, 1), repeats=1, shapes={"small": (64, 96)})
