@@ -39,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
 INSTRUCTIONS = ["pick up the butter and put it in the basket", "pick up the milk and put it in the basket"]
 
 
+def random_demos(n: int, steps: int = 6, image_size: int = 64, seed: int = 0) -> list[dict]:
+    """Random demos as edge_vla.data.libero_hdf5.write_libero_hdf5 takes them (both cameras)."""
+    rng = np.random.default_rng(seed)
+    return [{"actions": rng.uniform(-0.8, 0.8, (steps, 7)).astype(np.float32),
+             "proprio": rng.normal(size=(steps, 8)).astype(np.float32),
+             "images": {c: rng.integers(0, 256, (steps, image_size, image_size, 3), dtype=np.uint8)
+                        for c in ("agentview", "wrist")}}
+            for _ in range(n)]
+
+
 def make_samples(n: int = 6, seed: int = 0, image_size: int = 64, with_reasoning: bool = True):
     """Small deterministic Samples with distinct images and actions (tests only)."""
     from edge_vla.data.sample import Sample

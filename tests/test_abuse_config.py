@@ -4,11 +4,10 @@ model_type; a typo never reaches config.json."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import INSTRUCTIONS
+from conftest import INSTRUCTIONS, random_demos
 from edge_vla.config import apply_overrides, hf_config_keys, preset
 from edge_vla.errors import EdgeVLAError
 
@@ -55,13 +54,8 @@ def test_train_refuses_a_nested_typo_before_writing_anything(tmp_path):
     from edge_vla.cli import main
     from edge_vla.data.libero_hdf5 import write_libero_hdf5
 
-    rng = np.random.default_rng(0)
-    demos = [{"actions": rng.uniform(-0.8, 0.8, (6, 7)).astype(np.float32),
-              "proprio": rng.normal(size=(6, 8)).astype(np.float32),
-              "images": {c: rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8) for c in ("agentview", "wrist")}}
-             for _ in range(4)]
     data = tmp_path / "ds"
-    write_libero_hdf5(data / "libero_90" / "TASK_pick_up_the_butter_demo.hdf5", demos, INSTRUCTIONS[0])
+    write_libero_hdf5(data / "libero_90" / "TASK_pick_up_the_butter_demo.hdf5", random_demos(4), INSTRUCTIONS[0])
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out), "--no-progress",
                                     "--set", "model.lm.num_hiden_layers=2", "--set", "steps=1",

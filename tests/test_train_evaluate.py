@@ -110,17 +110,12 @@ def test_eval_offline_cli_on_a_dataset_directory(run, tmp_path):
     from click.testing import CliRunner
 
     from _trained_tiny import train_tiny_checkpoint
-    from conftest import INSTRUCTIONS
+    from conftest import INSTRUCTIONS, random_demos
     from edge_vla.cli import main
     from edge_vla.data.libero_hdf5 import write_libero_hdf5
 
-    rng = np.random.default_rng(0)
-    demos = [{"actions": rng.uniform(-0.8, 0.8, (6, 7)).astype(np.float32),
-              "proprio": rng.normal(size=(6, 8)).astype(np.float32),
-              "images": {c: rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8) for c in ("agentview", "wrist")}}
-             for _ in range(20)]
     data = tmp_path / "ds"
-    write_libero_hdf5(data / "libero_90" / "TASK_pick_up_the_butter_demo.hdf5", demos, INSTRUCTIONS[0])
+    write_libero_hdf5(data / "libero_90" / "TASK_pick_up_the_butter_demo.hdf5", random_demos(20), INSTRUCTIONS[0])
     ckpt, _ = train_tiny_checkpoint(tmp_path / "vla", steps=5)  # a `vla` checkpoint, no training summary
     out = tmp_path / "offline.json"
     r = CliRunner().invoke(main, ["eval", "offline", str(ckpt), "--data", str(data), "--samples", "3", "--out", str(out)])
