@@ -126,7 +126,7 @@ def test_int4_block_size_is_an_export_option_recorded_in_the_manifest(trained, t
         assert not (tmp_path / "bad").exists()
     from edge_vla.export import export_bundle
 
-    with pytest.raises(EdgeVLAError, match="streaming one writes blocks of 32"):
+    with pytest.raises(EdgeVLAError, match="streaming one writes blocks of 64"):
         export_bundle(ckpt, tmp_path / "bad", precision="int4", streaming=True, int4_block=64)
 
 

@@ -22,8 +22,8 @@ import click
               help="Static QDQ INT8 calibrated on --data (for accelerator targets).")
 @click.option("--int4", "precision", flag_value="int4", help="Weight-only 4-bit blocks (MatMulNBits), embedding too.")
 @click.option("--int4-block", type=int, default=None,
-              help="INT4 block size (power of two, 16-256; default 32): 64 is llama.cpp Q4_0's 4.5 bits per "
-                   "weight, and larger blocks decode faster on a CPU.")
+              help="INT4 block size (power of two, 16-256; default 64, llama.cpp Q4_0's 4.5 bits per weight); "
+                   "larger blocks decode faster on a CPU, smaller ones keep more precision.")
 @click.option("--fp16", "precision", flag_value="fp16", help="float16 weights.")
 @click.option("--fp32", "precision", flag_value="fp32", help="No quantization.")
 @click.option("--vision-precision", default=None,

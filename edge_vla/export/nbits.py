@@ -3,7 +3,7 @@
 The whole-graph quantizer (edge_vla.export.quantize: MatMulNBitsQuantizer over a loaded ONNX
 model) needs the float32 graph in memory; a 7B decoder is 28 GB of it. Here each weight is packed
 as the graph is built, with the same packers and conventions, so the two paths give the same
-bytes: symmetric blocks along K, INT4 block 32 and INT8 block 256 (smaller where K is smaller:
+bytes: symmetric blocks along K, INT4 block 64 and INT8 block 256 (smaller where K is smaller:
 the largest power of two <= K, at least 16), accuracy_level 4 (int8 activations and dot
 products), packed by ONNX Runtime's own C++ kernels (`quantize_matmul_4bits` / `_8bits`, what
 MatMulNBitsQuantizer calls) and, for the INT4 embedding, its numpy block quantizer along the
@@ -77,7 +77,7 @@ def matmul_nbits_node(helper, x: str, packed_names: tuple[str, str], out: str, p
 
 
 def pack_gather_int4(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """An embedding table (V, H) as GatherBlockQuantized takes it (quantize_axis 1, symmetric INT4, block 32):
+    """An embedding table (V, H) as GatherBlockQuantized takes it (quantize_axis 1, symmetric INT4, block INT4_BLOCK):
     (packed uint8 of V*H/2 bytes, scales (V, H/block), block)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 

@@ -6,7 +6,7 @@
                  accuracy_level 4: activations quantized to int8 on the fly, int8 dot products);
                  Gemm/Conv/Gather dynamic INT8 per-channel. The CPU default.
     int8-static  static QDQ INT8 with activation ranges calibrated on real inputs (accelerators)
-    int4         weight-only 4-bit blocks (MatMulNBits, block 32, symmetric, int8 compute), embedding
+    int4         weight-only 4-bit blocks (MatMulNBits, block 64, symmetric, int8 compute), embedding
                  Gather too
 
 Measured on this kind of CPU (AVX-512 VNNI, 1 thread, a 136M fused decoder, 100 tokens of
@@ -26,10 +26,11 @@ import shutil
 from pathlib import Path
 
 from edge_vla import notices
+from edge_vla.deploy import memory_fit
 from edge_vla.errors import EdgeVLAError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
-INT4_BLOCK = 32
+INT4_BLOCK = memory_fit.INT4_BLOCK  # 64: see there
 INT8_BLOCK = 256
 # MatMulNBits accuracy_level 4: int8 activations and int8 dot products (VNNI/AVX2 kernels); 0 would
 # dequantize the weights to float32 and run float MatMuls.
@@ -51,7 +52,7 @@ def check_int4_block(block: int) -> int:
     """An INT4 block size MatMulNBits and GatherBlockQuantized take: a power of two from 16 to 256."""
     if not isinstance(block, int) or block < 16 or block > 256 or block & (block - 1):
         raise EdgeVLAError(f"INT4 block size {block!r} is not a power of two from 16 to 256",
-                           f"use 32 (the default), 64 (4.5 bits per weight, llama.cpp Q4_0's) or 128")
+                           "use 64 (the default: 4.5 bits per weight, llama.cpp Q4_0's), 32 or 128")
     return block
 
 

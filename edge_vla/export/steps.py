@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from edge_vla.errors import EdgeVLAError
-from edge_vla.export.quantize import INT8_MATMUL_OPS
+from edge_vla.export.quantize import INT4_BLOCK, INT8_MATMUL_OPS
 
 PARITY_OBSERVATIONS = 8
 HELD_OUT_OBSERVATIONS = 64
@@ -173,7 +173,7 @@ def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibr
                     for_tensorrt: bool, report, int8_matmul: dict | None = None, int4_block: int | None = None) -> None:
     """`int8_matmul` (choose_int8_matmul): the int8 decoder's MatMul form; the other graphs keep the default.
     `int4_block`: the INT4 graphs' block size (recorded on each; default INT4_BLOCK)."""
-    from edge_vla.export.quantize import INT4_BLOCK, quantize_graph
+    from edge_vla.export.quantize import quantize_graph
 
     int4_block = int4_block or INT4_BLOCK
 
@@ -227,7 +227,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     `streaming` (None: above STREAM_ABOVE_PARAMS parameters) exports without loading the model
     (edge_vla.export.streaming: weights read from the shards, graphs quantized as they are built).
     `int8_matmul` ("auto", "nbits", "integer"): the int8 decoder's MatMul form (choose_int8_matmul).
-    `int4_block`: the INT4 graphs' block size (None: INT4_BLOCK, 32; the in-memory export only).
+    `int4_block`: the INT4 graphs' block size (None: INT4_BLOCK, 64; the in-memory export only).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -262,7 +262,7 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
 
         streaming = (checkpoint_params(ckpt_dir) or 0) > STREAM_ABOVE_PARAMS
     if streaming and int4_block is not None:
-        raise EdgeVLAError("--int4-block applies to the in-memory export; the streaming one writes blocks of 32",
+        raise EdgeVLAError(f"--int4-block applies to the in-memory export; the streaming one writes blocks of {INT4_BLOCK}",
                            "drop --int4-block, or pass --no-streaming where the model fits in memory")
     if streaming:
         from edge_vla.export import streaming as st
