@@ -76,13 +76,13 @@ TINY_CKPT = REPO / "pretrained" / "tiny-libero-butter" / "vla"
 QWEN05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
            "intermediate_size": 4864}
 PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-nbits", "edge-vla-int8-integer", "edge-vla-int4",
-         "edge-vla-int4-b64", "edge-vla-int4-b128", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
+         "edge-vla-int4-b32", "edge-vla-int4-b128", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
          "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
 FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --int8-matmul auto form",
                "edge-vla-int8-nbits": "8-bit blocks of 256 + fp32 scale (MatMulNBits)",
                "edge-vla-int8-integer": "8-bit per channel + fp32 scale, uint8 activations per tensor (MatMulInteger)",
-               "edge-vla-int4": "4-bit blocks of 32 + fp32 scale", "edge-vla-int4-b64": "4-bit blocks of 64 + fp32 scale",
+               "edge-vla-int4": "4-bit blocks of 64 + fp32 scale", "edge-vla-int4-b32": "4-bit blocks of 32 + fp32 scale",
                "edge-vla-int4-b128": "4-bit blocks of 128 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",
                "ort-genai-int4": "4-bit blocks of 32 + fp32 scale", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
@@ -224,7 +224,7 @@ def n_params(hf: Path) -> int:
 # format -> (precision, --int8-matmul, --int4-block)
 EDGE_VLA_FORMATS = {"fp32": ("fp32", "auto", None), "int8": ("int8", "auto", None), "int8-nbits": ("int8", "nbits", None),
                     "int8-integer": ("int8", "integer", None), "int4": ("int4", "auto", None),
-                    "int4-b64": ("int4", "auto", 64), "int4-b128": ("int4", "auto", 128)}
+                    "int4-b32": ("int4", "auto", 32), "int4-b128": ("int4", "auto", 128)}
 
 
 def build_edge_vla(ckpt: Path, work: Path, fmt: str, name: str = "bundle") -> Path:
@@ -234,8 +234,17 @@ def build_edge_vla(ckpt: Path, work: Path, fmt: str, name: str = "bundle") -> Pa
     out = work / f"{name}-{fmt}"
     precision, int8_matmul, int4_block = EDGE_VLA_FORMATS[fmt]
     manifest = out / "manifest.json"
-    if manifest.exists() and (precision != "int8" or "int8_matmul" in json.loads(manifest.read_text())):
-        return out
+    if manifest.exists():
+        from edge_vla.export.quantize import INT4_BLOCK
+
+        m = json.loads(manifest.read_text())
+        if precision == "int8" and "int8_matmul" in m:
+            return out
+        # an INT4 bundle of another block size (the default was 32 before 2026-12-07) is exported again
+        if precision == "int4" and m["graphs"]["decoder"].get("int4_block", 32) == (int4_block or INT4_BLOCK):
+            return out
+        if precision not in ("int8", "int4"):
+            return out
     from edge_vla.export import export_bundle
 
     export_bundle(ckpt, out, precision=precision, int8_matmul=int8_matmul, int4_block=int4_block, report=lambda *_: None)

@@ -149,10 +149,15 @@ def test_edge_vla_int8_is_what_the_export_writes_and_the_forced_forms_differ_in_
 
 
 def test_edge_vla_int4_block_variants_are_what_the_export_writes(tmp_path):
-    path = peers.build_edge_vla(peers.TINY_CKPT, tmp_path, "int4-b64")
+    path = peers.build_edge_vla(peers.TINY_CKPT, tmp_path, "int4-b32")
     graphs = json.loads((path / "manifest.json").read_text())["graphs"]
-    assert graphs["decoder"]["precision"] == "int4" and graphs["decoder"]["int4_block"] == 64
-    assert peers.FORMAT_BITS["edge-vla-int4-b64"].startswith("4-bit blocks of 64")
+    assert graphs["decoder"]["precision"] == "int4" and graphs["decoder"]["int4_block"] == 32
+    assert peers.FORMAT_BITS["edge-vla-int4-b32"].startswith("4-bit blocks of 32")
+    # a bundle of another block at the default's path is exported again, not reused
+    (tmp_path / "bundle-int4").mkdir()
+    (path / "manifest.json").rename(tmp_path / "bundle-int4" / "manifest.json")
+    default = peers.build_edge_vla(peers.TINY_CKPT, tmp_path, "int4")
+    assert json.loads((default / "manifest.json").read_text())["graphs"]["decoder"]["int4_block"] == 64
 
 
 def test_matmul_forms_times_every_weight_form_per_shape():
