@@ -227,24 +227,26 @@ EDGE_VLA_FORMATS = {"fp32": ("fp32", "auto", None), "int8": ("int8", "auto", Non
                     "int4-b32": ("int4", "auto", 32), "int4-b128": ("int4", "auto", 128)}
 
 
+def _written_as_now(manifest: dict, precision: str, int4_block: int | None) -> bool:
+    """Whether a bundle built before is what the export writes for these settings now: an int8 bundle
+    records its MatMul form, an INT4 one its block size (32 before 2026-12-07, when none was recorded)."""
+    from edge_vla.export.quantize import INT4_BLOCK
+
+    if precision == "int8":
+        return "int8_matmul" in manifest
+    if precision == "int4":
+        return manifest["graphs"]["decoder"].get("int4_block", 32) == (int4_block or INT4_BLOCK)
+    return True
+
+
 def build_edge_vla(ckpt: Path, work: Path, fmt: str, name: str = "bundle") -> Path:
-    """The bundle `edge-vla export` writes for `fmt` (EDGE_VLA_FORMATS), reused when built before. An int8
-    bundle written before the export recorded its MatMul form (`int8_matmul`) is exported again: its form
-    may not be what the export writes now."""
+    """The bundle `edge-vla export` writes for `fmt` (EDGE_VLA_FORMATS), reused when built before as the
+    export writes it now (_written_as_now), else exported again."""
     out = work / f"{name}-{fmt}"
     precision, int8_matmul, int4_block = EDGE_VLA_FORMATS[fmt]
     manifest = out / "manifest.json"
-    if manifest.exists():
-        from edge_vla.export.quantize import INT4_BLOCK
-
-        m = json.loads(manifest.read_text())
-        if precision == "int8" and "int8_matmul" in m:
-            return out
-        # an INT4 bundle of another block size (the default was 32 before 2026-12-07) is exported again
-        if precision == "int4" and m["graphs"]["decoder"].get("int4_block", 32) == (int4_block or INT4_BLOCK):
-            return out
-        if precision not in ("int8", "int4"):
-            return out
+    if manifest.exists() and _written_as_now(json.loads(manifest.read_text()), precision, int4_block):
+        return out
     from edge_vla.export import export_bundle
 
     export_bundle(ckpt, out, precision=precision, int8_matmul=int8_matmul, int4_block=int4_block, report=lambda *_: None)
