@@ -240,26 +240,24 @@ def check_pretrained(shipped: Path, cfg: DemoConfig) -> None:
 def model_provenance(recipe: str, checkpoint: Path, source: str, compared: bool) -> dict:
     """What the report says about a model: its training summary (a live run keeps it beside
     `final/`, a shipped checkpoint carries it as `train_summary.json`)."""
-    from edge_vla.artifacts.checkpoint import CONFIG_FILE, load_config
+    from edge_vla.artifacts.checkpoint import CONFIG_FILE, load_config, training_summary
     from edge_vla.train.recipes import get_recipe
 
     info = {"recipe": recipe, "source": source, "checkpoint": str(checkpoint), "compared": compared}
     if (checkpoint / CONFIG_FILE).exists():
         info["action_decoding"] = "parallel" if load_config(checkpoint).parallel_actions else "sequential"
-    for f in (checkpoint / "train_summary.json", checkpoint.parent / "summary.json"):
-        if f.exists():
-            summary = read_json(f, "re-run the training that wrote it")
-            val = dict(summary.get("final_val") or {})
-            if not get_recipe(recipe).needs_reasoning:
-                val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
-            info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"),
-                        init_from=(summary.get("config") or {}).get("init_from"))
-            # a shipped fine-tune carries the runs it started from, earliest first (one run: a dict)
-            base = checkpoint / "base_train_summary.json"
-            if info["init_from"] and base.exists():
-                earlier = read_json(base, "re-run `make pretrained`")
-                info["base_steps"] = [s.get("steps") for s in (earlier if isinstance(earlier, list) else [earlier])]
-            break
+    summary = training_summary(checkpoint)
+    if summary is not None:
+        val = dict(summary.get("final_val") or {})
+        if not get_recipe(recipe).needs_reasoning:
+            val.pop("reasoning_loss", None)  # scored on reasoning the recipe never trains: noise
+        info.update(steps=summary.get("steps"), final_val=val, command=summary.get("command"),
+                    init_from=(summary.get("config") or {}).get("init_from"))
+        # a shipped fine-tune carries the runs it started from, earliest first (one run: a dict)
+        base = checkpoint / "base_train_summary.json"
+        if info["init_from"] and base.exists():
+            earlier = read_json(base, "re-run `make pretrained`")
+            info["base_steps"] = [s.get("steps") for s in (earlier if isinstance(earlier, list) else [earlier])]
     return info
 
 

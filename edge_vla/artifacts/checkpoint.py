@@ -53,6 +53,16 @@ def load_config(path: str | Path) -> VLAConfig:
     return VLAConfig.from_dict(meta, source=str(cfg_file))
 
 
+def training_summary(checkpoint: str | Path) -> dict | None:
+    """How the checkpoint was trained: the summary a shipped checkpoint carries as train_summary.json,
+    else the one its live run keeps beside `final/`; None when neither exists."""
+    ckpt = Path(checkpoint)
+    for f in (ckpt / "train_summary.json", ckpt.parent / "summary.json"):
+        if f.is_file():
+            return read_json(f, f"fix or remove {f}, or re-run the training that wrote it")
+    return None
+
+
 # safetensors dtype names of the tensors a checkpoint holds (the file format's own spelling).
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64", "int32": "I32",
                       "uint8": "U8", "int8": "I8", "bool": "BOOL", "float64": "F64"}

@@ -167,7 +167,7 @@ def evaluate_checkpoint(checkpoint, data, max_samples: int = 64, mode: str | Non
 
     from edge_vla.data.sample import ACTION_DIM
     from edge_vla.errors import EdgeVLAError
-    from edge_vla.io import read_json
+    from edge_vla.artifacts.checkpoint import training_summary
     from edge_vla.model.vla import VLA
     from edge_vla.train.config import TrainConfig
     from edge_vla.train.data import open_split
@@ -179,11 +179,7 @@ def evaluate_checkpoint(checkpoint, data, max_samples: int = 64, mode: str | Non
     if not info.get("name"):
         raise EdgeVLAError(f"{ckpt} records no recipe (recipe.json)", "evaluate a checkpoint saved by `edge-vla train`")
     recipe = get_recipe(info["name"], **info.get("options", {}))
-    trained = {}
-    for f in (ckpt / "train_summary.json", ckpt.parent / "summary.json"):
-        if f.is_file():
-            trained = read_json(f, f"fix or remove {f}").get("config") or {}
-            break
+    trained = (training_summary(ckpt) or {}).get("config") or {}
     defaults = TrainConfig()
     split = {k: trained.get(k, getattr(defaults, k)) for k in ("val_fraction", "seed", "drop_noops")}
     if split["val_fraction"] <= 0:
