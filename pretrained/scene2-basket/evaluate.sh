@@ -34,15 +34,20 @@ bundle() {
     cp "$ship/$1/train_summary.json" "$stamp"
 }
 
-# The comparison's pair first: the dropout model in direct, full and adaptive mode, the fair
-# full-CoT baseline in its own (full) mode. Then the others in their recipe's mode.
-# What is not shipped yet (make.sh ships each run as it finishes) is left for the next run.
+# The comparison's pair first: the dropout model in direct and adaptive mode, the fair full-CoT
+# baseline in its own (full) mode. Then the others in their recipe's mode, and last the dropout
+# model's full mode (the slowest rollouts: ~60 s of a core per episode, which would otherwise hold
+# back every recipe shipped after it). What is not shipped yet (make.sh ships each run as it
+# finishes) is left for the next run.
 for r in ecot-lite-dropout ecot vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential; do
     [ -f "$ship/$r/train_summary.json" ] || { echo "$r: not shipped yet, skipped"; continue; }
     bundle "$r"
-    modes=(); [ "$r" = ecot-lite-dropout ] && modes=(--mode direct,adaptive,full)
+    modes=(); [ "$r" = ecot-lite-dropout ] && modes=(--mode direct,adaptive)
     edge-vla eval libero "$bundles/$r" "${modes[@]}" "${eval_args[@]}"
 done
+if [ -f "$ship/ecot-lite-dropout/train_summary.json" ]; then
+    edge-vla eval libero "$bundles/ecot-lite-dropout" --mode full "${eval_args[@]}"
+fi
 # The fair full-CoT model (parallel action chunk after its reasoning) is the baseline, not the
 # published sequential one.
 edge-vla report "$out" -o "$out/report" --baseline ecot-full
