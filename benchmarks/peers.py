@@ -14,6 +14,13 @@ The same decoder weights through every runtime:
     torch eager                   PyTorch fp32, the HF model's forward with a DynamicCache in a greedy
                                   loop (generate()'s inner loop, without its logits processors)
     torch compile                 the same with torch.compile'd forward and a StaticCache
+    executorch fp32 / 8da8w / 8da4w  ExecuTorch 1.5.1, XNNPACK-delegated .pte from optimum-executorch's exporter
+                                  (`optimum-cli export executorch --recipe xnnpack --use_custom_sdpa
+                                  --use_custom_kv_cache [--qlinear 8da8w|8da4w] --max_seq_len 1024`: the static
+                                  KV cache and ExecuTorch's custom SDPA inside the program; torchao's
+                                  Int8DynamicActivationIntxWeightConfig: 8da8w = int8 weights per output channel,
+                                  8da4w = int4 weights in groups of 32, both with int8 activations quantized
+                                  per token at run time); run by ExecuTorch's Python runtime (portable_lib)
 
 Models (`--model`): `qwen0.5b` = Qwen2.5-0.5B's decoder layers (hidden 896, 24 layers, 14 heads /
 2 KV heads, MLP 4864) with random weights, built offline inside an edge-vla VLA (so its bundles
@@ -57,6 +64,16 @@ llama.cpp needs `pip install llama-cpp-python` (no wheel on this platform: a 20-
 from source with cmake and a C++ compiler, so it is not in requirements.lock) and a llama.cpp
 source tree for its converter (`--llama-src`, or $LLAMA_CPP_SRC; the llama-cpp-python sdist's
 vendor/llama.cpp has it). A peer that is not installed is skipped with the reason.
+
+ExecuTorch cannot share the project's venv (executorch 1.5.1 needs numpy >= 2 and torchao 0.18; the LIBERO
+stack pins numpy 1.26): it gets its own venv, whose interpreter builds its .pte files and runs its workers
+(`--executorch-python PATH`, or $EXECUTORCH_PYTHON). This file imports nothing at module level that venv
+lacks (numpy only), so it serves as that venv's worker and exporter entry point too:
+
+    python3.11 -m venv /tmp/peers/et_venv
+    /tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1     # torch 2.13.0+cpu, from /opt/wheels here
+    /tmp/peers/et_venv/bin/pip install optimum-executorch==1.1.0            # pulls transformers 5.0.0rc1, optimum 2.0
+    EXECUTORCH_PYTHON=/tmp/peers/et_venv/bin/python .venv/bin/python benchmarks/peers.py --peers executorch-8da4w ...
 """
 
 from __future__ import annotations
@@ -77,7 +94,8 @@ QWEN05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 1
            "intermediate_size": 4864}
 PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-nbits", "edge-vla-int8-integer", "edge-vla-int4",
          "edge-vla-int4-b32", "edge-vla-int4-b128", "ort-genai-int8", "ort-genai-int4", "llama.cpp-q8_0",
-         "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile")
+         "llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-eager", "torch-compile", "executorch-fp32", "executorch-8da8w",
+         "executorch-8da4w")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
 FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --int8-matmul auto form",
                "edge-vla-int8-nbits": "8-bit blocks of 256 + fp32 scale (MatMulNBits)",
@@ -86,7 +104,9 @@ FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --
                "edge-vla-int4-b128": "4-bit blocks of 128 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",
                "ort-genai-int4": "4-bit blocks of 32 + fp32 scale", "llama.cpp-q8_0": "8-bit blocks of 32 + fp16 scale",
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
-               "torch-eager": "fp32", "torch-compile": "fp32"}
+               "torch-eager": "fp32", "torch-compile": "fp32", "executorch-fp32": "fp32 (XNNPACK)",
+               "executorch-8da8w": "8-bit per channel + fp32 scale, int8 activations per token (XNNPACK)",
+               "executorch-8da4w": "4-bit groups of 32 + scale, int8 activations per token (XNNPACK)"}
 
 
 # --- building every runtime's model from the same weights ------------------------------------------
@@ -318,14 +338,65 @@ def build_gguf(hf: Path, work: Path, quant: str, llama_src: Path) -> Path:
     return out
 
 
+# ExecuTorch: optimum-executorch's exporter, as an HF user runs it, under the ExecuTorch venv's interpreter.
+EXECUTORCH_MAX_SEQ_LEN = 1024  # the static KV cache's length: prompt + generated tokens must fit
+EXECUTORCH_QLINEAR = {"fp32": [], "8da8w": ["--qlinear", "8da8w"], "8da4w": ["--qlinear", "8da4w"]}
+EXECUTORCH_VENV = ("executorch needs its own venv (numpy 2): python3.11 -m venv /tmp/peers/et_venv; "
+                   "/tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1 optimum-executorch==1.1.0; "
+                   "pass --executorch-python or set EXECUTORCH_PYTHON")
+
+
+def find_executorch_python(path: str | Path | None = None) -> Path | None:
+    """The ExecuTorch venv's interpreter: `path`, else $EXECUTORCH_PYTHON, else None."""
+    path = path or os.environ.get("EXECUTORCH_PYTHON")
+    return Path(path) if path else None
+
+
+def executorch_export_cmd(python: Path, hf: Path, fmt: str, out: Path) -> list[str]:
+    """`optimum-cli export executorch` for `fmt`: XNNPACK, ExecuTorch's custom SDPA and KV cache ops, the static
+    cache inside the program; 8da4w's group size is the exporter's (32: it does not forward --qlinear_group_size)."""
+    return [str(python), "-m", "optimum.commands.optimum_cli", "export", "executorch", "-m", str(hf), "--task",
+            "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache",
+            *EXECUTORCH_QLINEAR[fmt], "--max_seq_len", str(EXECUTORCH_MAX_SEQ_LEN), "-o", str(out)]
+
+
+def build_executorch(hf: Path, work: Path, fmt: str, python: Path) -> Path:
+    """The .pte optimum-executorch writes for `fmt` (reused when built before); returns the file."""
+    out = work / f"executorch-{fmt}"
+    if (out / "model.pte").exists():
+        return out / "model.pte"
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    run = subprocess.run(executorch_export_cmd(python, hf, fmt, tmp), capture_output=True, text=True,
+                         env={**_env(), "HF_HUB_OFFLINE": "1"})
+    if not (tmp / "model.pte").exists():
+        err = [ln for ln in (run.stderr or run.stdout).splitlines() if ln.strip() and "Warning" not in ln]
+        raise RuntimeError(f"optimum-cli export executorch failed: {err[-1:] if err else run.returncode}")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out / "model.pte"
+
+
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def missing(peer: str, llama_src: Path | None) -> str | None:
-    """Why `peer` cannot run here, or None."""
+def missing(peer: str, llama_src: Path | None, et_python: Path | None = None) -> str | None:
+    """Why `peer` cannot run here, or None. `et_python`: the ExecuTorch venv's interpreter (find_executorch_python)."""
     import importlib.util
+
+    if peer.startswith("executorch"):
+        if et_python is None:
+            return EXECUTORCH_VENV
+        if not Path(et_python).exists():
+            return f"no interpreter at {et_python}: {EXECUTORCH_VENV}"
+        probe = ("import importlib.util as u, sys; sys.exit(0 if u.find_spec('executorch') and "
+                 "u.find_spec('optimum.exporters.executorch') else 1)")
+        if subprocess.run([str(et_python), "-c", probe], capture_output=True).returncode:
+            return f"{et_python} lacks executorch or optimum-executorch: {EXECUTORCH_VENV}"
 
     if peer.startswith("ort-genai") and importlib.util.find_spec("onnxruntime_genai") is None:
         return "onnxruntime-genai is not installed (pip install onnxruntime-genai, or the `peers` extra)"
@@ -337,9 +408,11 @@ def missing(peer: str, llama_src: Path | None) -> str | None:
     return None
 
 
-def prepare(peer: str, ckpt: Path, hf: Path, work: Path, llama_src: Path | None) -> Path:
+def prepare(peer: str, ckpt: Path, hf: Path, work: Path, llama_src: Path | None, et_python: Path | None = None) -> Path:
     """Build (or reuse) the model files `peer` runs; returns the path its worker loads."""
     fmt = peer.rsplit("-", 1)[1]
+    if peer.startswith("executorch"):
+        return build_executorch(hf, work, fmt, et_python)
     if peer.startswith("edge-vla"):
         return build_edge_vla(ckpt, work, peer.removeprefix("edge-vla-"))
     if peer.startswith("ort-genai"):
@@ -571,6 +644,52 @@ def _time_torch(path: Path, ids: list[int], new: int, compiled: bool) -> tuple[f
     return run()
 
 
+def _time_executorch(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
+    """The .pte's `forward(input_ids, cache_position) -> logits` in ExecuTorch's Python runtime: the prefill
+    in one call (in chunks of the program's longest input only where the prompt is longer), then one call per
+    token; the KV cache lives in the program (its mutable buffers)."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    # Kernels the program names outside XNNPACK: the quantized ops' and ExecuTorch's LLM ops (llama::custom_sdpa,
+    # llama::update_cache: the KV cache), registered by importing their modules, as optimum-executorch does.
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+    torch.set_num_threads(1)
+    # XNNPACK and the custom SDPA op run on ExecuTorch's own threadpool, sized to the cores by default.
+    portable_lib._unsafe_reset_threadpool(1)
+    assert portable_lib._threadpool_get_thread_count() == 1
+    model = portable_lib._load_for_executorch(str(path))
+    max_len = int(model.run_method("get_max_seq_len", ())[0])
+    if len(ids) + new + 1 > max_len:
+        raise RuntimeError(f"{len(ids)} prompt + {new + 1} tokens exceed the program's KV cache of {max_len}")
+    chunk = int(model.method_meta("forward").input_tensor_meta(0).sizes()[1])
+
+    def forward(tokens: list[int], start: int) -> int:
+        out = None
+        for i in range(0, len(tokens), chunk):
+            part = tokens[i:i + chunk]
+            out = model.forward((torch.tensor([part], dtype=torch.long),
+                                 torch.arange(start + i, start + i + len(part), dtype=torch.long)))[0]
+        return int(out[0, -1].argmax())
+
+    def run():
+        t = _now()
+        tok = forward(ids, 0)
+        prefill = _since(t)
+        steps, toks = [], [tok]
+        for i in range(new):
+            t = _now()
+            tok = forward([tok], len(ids) + i)
+            steps.append(_since(t))
+            toks.append(tok)
+        return prefill, steps, toks
+
+    run()  # warm-up; the second run overwrites the cache from position 0 (attention reads only up to its position)
+    return run()
+
+
 def worker(spec: dict) -> dict:
     peer, path, ids, new = spec["peer"], Path(spec["path"]), spec["ids"], spec["new"]
     t0 = time.perf_counter()
@@ -582,6 +701,8 @@ def worker(spec: dict) -> dict:
         prefill, steps, toks = _time_genai(path, ids, new)
     elif peer.startswith("llama.cpp"):
         prefill, steps, toks = _time_llama(path, ids, new)
+    elif peer.startswith("executorch"):
+        prefill, steps, toks = _time_executorch(path, ids, new)
     else:
         prefill, steps, toks = _time_torch(path, ids, new, compiled=peer == "torch-compile")
     # tokens: the greedy continuation (new + 1 tokens: the prefill's, then one per decode step)
@@ -605,6 +726,8 @@ def action_worker(spec: dict) -> dict:
                 prefill, steps, toks = _time_genai(path, spec["ids"], new)
             elif peer.startswith("llama.cpp"):
                 prefill, steps, toks = _time_llama(path, spec["ids"], new)
+            elif peer.startswith("executorch"):
+                prefill, steps, toks = _time_executorch(path, spec["ids"], new)
             else:
                 prefill, steps, toks = _time_torch(path, spec["ids"], new, compiled=peer == "torch-compile")
             times.append((prefill[0] + sum(x[0] for x in steps), prefill[1] + sum(x[1] for x in steps)))
@@ -616,10 +739,13 @@ def action_worker(spec: dict) -> dict:
 # --- the driver ----------------------------------------------------------------------------------
 def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", peers: tuple[str, ...] = PEERS,
               prompt: int = 280, new: int = 16, repeats: int = 3, llama_src: str | Path | None = None,
-              log=print, rows: tuple[str, ...] = ("decode",), action_decoding: tuple[str, ...] | None = None) -> dict:
+              log=print, rows: tuple[str, ...] = ("decode",), action_decoding: tuple[str, ...] | None = None,
+              executorch_python: str | Path | None = None) -> dict:
     """Build every available peer's model from the same weights, time them interleaved; returns the table
     (`rows`: "decode", the prefill + decode table; "action", one measured action per runtime, edge-vla's
-    once per `action_decoding`: ACTION_DECODING for qwen0.5b, parallel for tiny, whose checkpoint has no other)."""
+    once per `action_decoding`: ACTION_DECODING for qwen0.5b, parallel for tiny, whose checkpoint has no other).
+    `executorch_python`: the ExecuTorch venv's interpreter (default $EXECUTORCH_PYTHON), which builds and runs
+    the executorch peers."""
     from edge_vla.deploy.roofline import measure_memory_bandwidth
     from edge_vla.errors import EdgeVLAError
 
@@ -638,6 +764,7 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
     work.mkdir(parents=True, exist_ok=True)
     src = llama_src or os.environ.get("LLAMA_CPP_SRC")
     src = Path(src) if src else None
+    et_python = find_executorch_python(executorch_python)
     ckpt = build_checkpoint(model, work)
     hf = build_hf(ckpt, work)
     params = n_params(hf)
@@ -647,14 +774,14 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
     ids = [int(x) for x in np.random.default_rng(0).integers(3, vocab, prompt)]
     skipped, paths = {}, {}
     for p in peers:
-        why = missing(p, src)
+        why = missing(p, src, et_python)
         if why is None and p.startswith("edge-vla") and "decode" not in rows:
             paths[p] = None  # the action row builds edge-vla's action bundles itself (prepare_action)
             continue
         if why is None:
             try:
                 t = time.time()
-                paths[p] = prepare(p, ckpt, hf, work, src)
+                paths[p] = prepare(p, ckpt, hf, work, src, et_python)
                 log(f"# {p}: model ready ({time.time() - t:.0f} s)")
             except Exception as e:  # a peer that fails to build is reported, not fatal to the others
                 why = f"build failed: {type(e).__name__}: {str(e)[:200]}"
@@ -663,7 +790,7 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
             log(f"# {p}: skipped: {why}")
     action = None
     if "action" in rows:
-        action = prepare_action(model, work, peers, paths, skipped, log, action_decoding)
+        action = prepare_action(model, work, peers, paths, skipped, log, action_decoding, et_python)
     if "decode" not in rows:
         return {"model": model, "decoder_params": params, "config": {k: cfg.get(k) for k in (*QWEN05B, "vocab_size")},
                 "repeats": repeats, "rows": {}, "skipped": skipped,
@@ -673,8 +800,8 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
     for r in range(repeats):
         for p, path in paths.items():
             spec = json.dumps({"peer": p, "path": str(path), "ids": ids, "new": new})
-            run = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                                 env=_env())
+            run = subprocess.run([_interpreter(p, et_python), __file__, "--worker", spec], capture_output=True,
+                                 text=True, env=_env())
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
             if run.returncode or not lines:
                 err = [ln for ln in (run.stderr or "").splitlines() if ln.strip()]
@@ -714,8 +841,13 @@ def run_peers(model: str = "tiny", work: str | Path = "/tmp/edge_vla_peers", pee
                     "process per runtime per repeat, repeats interleaved"}
 
 
+def _interpreter(peer: str, et_python: Path | None) -> str:
+    """The Python a peer's worker runs under: the ExecuTorch venv's for the executorch peers, else this one."""
+    return str(et_python) if peer.startswith("executorch") else sys.executable
+
+
 def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, log,
-                   decodings: tuple[str, ...] = ACTION_DECODING) -> dict:
+                   decodings: tuple[str, ...] = ACTION_DECODING, et_python: Path | None = None) -> dict:
     """What the action row runs: edge-vla's action bundles (build_action_bundle), one row per precision and
     decoding ("edge-vla-int8-parallel"), and the peers' models (the decode table's) with the same number of
     prefix + prompt positions as token ids."""
@@ -727,7 +859,7 @@ def prepare_action(model: str, work: Path, peers, paths: dict, skipped: dict, lo
         if p in skipped or p not in paths:
             continue
         if not p.startswith("edge-vla"):
-            specs[p] = {"path": str(paths[p]), "peer": p}
+            specs[p] = {"path": str(paths[p]), "peer": p, "python": _interpreter(p, et_python)}
             continue
         for d in decodings:
             row = f"{p}-{d}"
@@ -775,8 +907,8 @@ def run_actions(action: dict, repeats: int, skipped: dict, log, per_process: int
         for p, sp in action["specs"].items():
             spec = json.dumps({"row": "action", "peer": sp["peer"], "path": sp["path"], "ids": action["ids"],
                                "new": 0, "tokens": OPENVLA_ACTION_TOKENS, "actions": per_process})
-            run = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                                 env=_env())
+            run = subprocess.run([sp.get("python", sys.executable), __file__, "--worker", spec], capture_output=True,
+                                 text=True, env=_env())
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
             if run.returncode or not lines:
                 err = [ln for ln in (run.stderr or "").splitlines() if ln.strip()]
@@ -923,6 +1055,9 @@ def main():
     ap.add_argument("--action-decoding", default=None,
                     help="edge-vla's action rows: parallel (the whole chunk in one decoder pass), sequential (one "
                          "token at a time, as OpenVLA), or both (default: both for qwen0.5b, parallel for tiny)")
+    ap.add_argument("--executorch-python", default=None,
+                    help="the ExecuTorch venv's python, which builds and runs the executorch peers (default "
+                         "$EXECUTORCH_PYTHON; executorch needs numpy 2, so not this venv: see the docstring)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--matmuls", action="store_true",
                     help="only time one MatMul per decoder shape in each edge-vla weight form (matmul_forms)")
@@ -932,7 +1067,8 @@ def main():
         return
     res = run_peers(a.model, a.work or f"/tmp/edge_vla_peers/{a.model}", tuple(a.peers.split(",")), a.prompt, a.new,
                     a.repeats, a.llama_src, rows=tuple(a.rows.split(",")),
-                    action_decoding=tuple(a.action_decoding.split(",")) if a.action_decoding else None)
+                    action_decoding=tuple(a.action_decoding.split(",")) if a.action_decoding else None,
+                    executorch_python=a.executorch_python)
     if res["rows"]:
         print(format_table(res))
     if res.get("action"):

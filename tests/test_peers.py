@@ -21,9 +21,15 @@ pytestmark = pytest.mark.skipif(not peers.TINY_CKPT.joinpath("model.safetensors"
                                 reason="the shipped tiny checkpoint is not in this checkout")
 
 
+# ExecuTorch runs from its own venv (numpy 2): with $EXECUTORCH_PYTHON set, its peers build and run (fp32 and the
+# 4-bit XNNPACK programs, ~4 min of export each on the shared cores); without it, they are skipped with the reason.
+EXECUTORCH = ("executorch-fp32", "executorch-8da4w")
+CHOSEN = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0", *EXECUTORCH)
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    chosen = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0")
+    chosen = CHOSEN
     res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), chosen, prompt=40, new=4, repeats=1,
                           llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None, rows=("decode", "action"),
                           action_decoding=("parallel", "sequential"))
@@ -39,7 +45,30 @@ def test_installed_peers_run_and_absent_ones_say_why(table):
         elif peer not in rows:
             assert skipped[peer]  # installed but not runnable here (e.g. no converter source): a reason
     decode_skips = {p for p in skipped if not p.endswith(" (action)")}
-    assert set(rows) | decode_skips == {"edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0"}
+    assert set(rows) | decode_skips == set(CHOSEN)
+
+
+def test_executorch_runs_from_its_own_venv_or_says_how_to_make_it(table):
+    rows, skipped = table["rows"], table["skipped"]
+    if not os.environ.get("EXECUTORCH_PYTHON"):
+        for p in EXECUTORCH:
+            assert p not in rows and "executorch needs its own venv (numpy 2)" in skipped[p]
+            assert "--executorch-python" in skipped[p] and "EXECUTORCH_PYTHON" in skipped[p]
+        return
+    assert set(EXECUTORCH) <= set(rows), skipped
+    # the 4-bit program holds far fewer bits per weight than the fp32 one (~32: fp32 weights, XNNPACK-packed)
+    assert 30 < rows["executorch-fp32"]["bits_per_weight"] < 40
+    assert rows["executorch-8da4w"]["bits_per_weight"] < 0.5 * rows["executorch-fp32"]["bits_per_weight"]
+    assert all(p in table["action"]["rows"] for p in EXECUTORCH)
+
+
+def test_executorch_missing_reasons(tmp_path):
+    # No interpreter, a path that is not one, and a python without executorch: each says what to do.
+    assert "executorch needs its own venv" in peers.missing("executorch-8da4w", None, None)
+    assert "no interpreter at" in peers.missing("executorch-fp32", None, tmp_path / "nope" / "python")
+    why = peers.missing("executorch-8da8w", None, Path(sys.executable))
+    if importlib.util.find_spec("executorch") is None:
+        assert "lacks executorch" in why and "EXECUTORCH_PYTHON" in why
 
 
 def test_rows_are_consistent(table):
@@ -63,6 +92,8 @@ def test_same_weights_same_greedy_tokens(table):
     # is what makes their times comparable (a broken conversion would decode something else, faster).
     rows = table["rows"]
     assert rows["edge-vla-fp32"]["tokens"] == rows["torch-eager"]["tokens"]
+    if "executorch-fp32" in rows:  # the fp32 XNNPACK program with its in-program KV cache: the same continuation
+        assert rows["executorch-fp32"]["tokens"] == rows["torch-eager"]["tokens"]
     if "llama.cpp-q8_0" in rows:  # the GGUF conversion kept the weights: the trained model's first pick holds at 8 bits
         assert rows["llama.cpp-q8_0"]["tokens"][0] == rows["edge-vla-fp32"]["tokens"][0]
 
