@@ -1,6 +1,6 @@
 """Accuracy at equal bits (issue #20): which 4-bit format keeps the fp32 actions, recipe by recipe.
 
-For each shipped tiny checkpoint (pretrained/tiny-libero-butter/{vla,ecot,ecot-lite-dropout}) the fp32
+For each shipped tiny checkpoint (`--pretrained`, default pretrained/tiny-libero-butter; {vla,ecot,ecot-lite-dropout}) the fp32
 bundle is exported once, then every variant below quantizes its graphs (the decoder body, the embedding,
 the LM head, the vision prefix; the action head stays fp32) and decodes the same held-out observations
 as the fp32 bundle, free-running and teacher-forced, in the recipe's own mode (`ecot`: full, reasoning
@@ -17,7 +17,7 @@ Variants (`--variants`, default all):
     int8-w, int4-w          the same with the vision prefix in fp32: the weights' rounding alone, the footing
                             on which `--peer-formats` measures llama.cpp's and GenAI's formats
     int4-vis32              --int4 with the vision prefix in fp32: how much of the loss is the vision's
-    int4-b16/-b64/-b128     4-bit blocks of 16 / 64 / 128 (the default is 32)
+    int4-b16/-b32/-b64/-b128  4-bit blocks of 16 / 32 / 64 / 128 (the export's default is 64 since 2026-12-07)
     int4-asym               asymmetric 4-bit blocks (zero points)
     int4-hqq/-rtn/-kquant   ONNX Runtime's HQQ, RTN, k-quant weight-only algorithms (MatMulNBitsQuantizer
                             algo_config), block 32
@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict] = {
     "int8-fcomp": {r: {"bits": 8, "block": 256, "accuracy_level": 0} for r in ("decoder", "lm_head")} | {"embed": "int8"},
     "int4-fcomp": {r: {**B4, "accuracy_level": 0} for r in LM_ROLES},
     "int4-b16": {r: {**B4, "block": 16} for r in LM_ROLES},
+    "int4-b32": {r: dict(B4) for r in LM_ROLES},
     "int4-b64": {r: {**B4, "block": 64} for r in LM_ROLES},
     "int4-b128": {r: {**B4, "block": 128} for r in LM_ROLES},
     "int4-asym": {r: {**B4, "symmetric": False} for r in LM_ROLES},
@@ -112,13 +113,13 @@ def held_out(data: Path, generate: bool) -> Path:
     return data
 
 
-def fp32_bundle(recipe: str, work: Path, obs: list[dict]):
+def fp32_bundle(src: Path, work: Path, obs: list[dict]):
     from edge_vla.artifacts.bundle import load_bundle
     from edge_vla.export import export_bundle
 
-    out = work / recipe / "fp32"
+    out = work / src.name / "fp32"
     if not (out / "manifest.json").exists():
-        export_bundle(PRETRAINED / recipe, out, precision="fp32", parity_samples=obs[:4], calibration_data=obs[:4],
+        export_bundle(src, out, precision="fp32", parity_samples=obs[:4], calibration_data=obs[:4],
                       report=lambda *_: None)
     return load_bundle(out)
 
@@ -231,13 +232,13 @@ def sizes(bundle) -> dict:
     return {"lm_bytes": lm, "bundle_bytes": total}
 
 
-def observations(recipe: str, data: Path, n_obs: int, n_cal: int) -> tuple[list[dict], list[dict]]:
+def observations(src: Path, data: Path, n_obs: int, n_cal: int) -> tuple[list[dict], list[dict]]:
     """`n_obs` scored and `n_cal` calibration observations, spread evenly over the held-out episodes and
     interleaved (never the same sample)."""
     from edge_vla.data.dataset import open_dataset, pick_evenly
     from edge_vla.data.observations import sample_to_obs
 
-    cams = tuple(json.loads((PRETRAINED / recipe / "config.json").read_text()).get("cameras", ()))
+    cams = tuple(json.loads((src / "config.json").read_text()).get("cameras", ()))
     ds = open_dataset(data, split="val", cameras=cams or None, action_chunk=4)
     picked = pick_evenly(ds, min(len(ds), n_obs + n_cal))
     idx = np.linspace(0, len(picked) - 1, min(n_obs, len(picked))).round().astype(int)
@@ -246,15 +247,16 @@ def observations(recipe: str, data: Path, n_obs: int, n_cal: int) -> tuple[list[
                                                     if i not in chosen][:n_cal]
 
 
-def run(recipes, variants, data: Path, n_obs: int, n_cal: int, work: Path, sens_k: int, log=print) -> dict:
+def run(recipes, variants, data: Path, n_obs: int, n_cal: int, work: Path, sens_k: int, log=print,
+        pretrained: Path = PRETRAINED) -> dict:
     from edge_vla.export import accuracy as acc
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.runtime.policy import Policy
 
-    results: dict = {"n_observations": n_obs, "data": str(data), "recipes": {}}
+    results: dict = {"n_observations": n_obs, "data": str(data), "pretrained": str(pretrained), "recipes": {}}
     for recipe in recipes:
-        obs, cal = observations(recipe, data, n_obs, n_cal)
-        fp32 = fp32_bundle(recipe, work, obs)
+        obs, cal = observations(pretrained / recipe, data, n_obs, n_cal)
+        fp32 = fp32_bundle(pretrained / recipe, work, obs)
         mode = fp32.recipe.get("decode_mode", "direct")
         t = time.time()
         ref_policy = Policy(OrtBackend(fp32), mode=mode)
@@ -385,7 +387,7 @@ def genai_weights(model_dir: Path, hf_state: dict) -> tuple[dict, dict]:
     return out, {"MatMulNBits": (elems, nbytes)}
 
 
-def peer_checkpoint(recipe: str, fmt: str, work: Path, llama_src: Path | None) -> tuple[Path, dict]:
+def peer_checkpoint(src: Path, fmt: str, work: Path, llama_src: Path | None) -> tuple[Path, dict]:
     """The recipe's checkpoint with its LM weights round-tripped through `fmt`; and the format's bits."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import peers
@@ -393,7 +395,7 @@ def peer_checkpoint(recipe: str, fmt: str, work: Path, llama_src: Path | None) -
 
     from edge_vla.model.vla import VLA
 
-    src = PRETRAINED / recipe
+    recipe = src.name
     w = work / recipe / "peers"
     w.mkdir(parents=True, exist_ok=True)
     hf = peers.build_hf(src, w)
@@ -424,7 +426,8 @@ def peer_checkpoint(recipe: str, fmt: str, work: Path, llama_src: Path | None) -
                  "bits_per_weight": sum(b for _, b in kinds.values()) * 8 / elems}
 
 
-def run_peer_formats(recipes, formats, data: Path, n_obs: int, n_cal: int, work: Path, llama_src, log=print) -> dict:
+def run_peer_formats(recipes, formats, data: Path, n_obs: int, n_cal: int, work: Path, llama_src, log=print,
+                     pretrained: Path = PRETRAINED) -> dict:
     """Each peer format's LM weights (dequantized) in an fp32 bundle, scored against the fp32 bundle."""
     from edge_vla.export import accuracy as acc
     from edge_vla.export import export_bundle
@@ -432,17 +435,17 @@ def run_peer_formats(recipes, formats, data: Path, n_obs: int, n_cal: int, work:
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.runtime.policy import Policy
 
-    results: dict = {"n_observations": n_obs, "recipes": {}}
+    results: dict = {"n_observations": n_obs, "pretrained": str(pretrained), "recipes": {}}
     for recipe in recipes:
-        obs, _ = observations(recipe, data, n_obs, n_cal)
-        fp32 = fp32_bundle(recipe, work, obs)
+        obs, _ = observations(pretrained / recipe, data, n_obs, n_cal)
+        fp32 = fp32_bundle(pretrained / recipe, work, obs)
         mode = fp32.recipe.get("decode_mode", "direct")
         ref_policy = Policy(OrtBackend(fp32), mode=mode)
         reference = acc.reference_results(ref_policy, obs, modes=(mode,))
         rows = {}
         for fmt in formats:
             try:
-                ckpt, bits = peer_checkpoint(recipe, fmt, work, llama_src)
+                ckpt, bits = peer_checkpoint(pretrained / recipe, fmt, work, llama_src)
                 out = work / recipe / f"bundle-{fmt}"
                 export_bundle(ckpt, out, precision="fp32", parity_samples=obs[:4], calibration_data=obs[:4],
                               report=lambda *_: None, overwrite=True)
@@ -465,17 +468,17 @@ def run_peer_formats(recipes, formats, data: Path, n_obs: int, n_cal: int, work:
     return results
 
 
-def reasoning_margins(recipe: str, data: Path, n_obs: int, work: Path, variants=("int4", "int8"), log=print) -> dict:
+def reasoning_margins(src: Path, data: Path, n_obs: int, work: Path, variants=("int4", "int8"), log=print) -> dict:
     """Why full mode drifts: the fp32 reasoning tokens' top-1/top-2 logit margins, and each variant's logit
     error and argmax flips at the same positions (teacher-forced on the fp32 tokens)."""
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.runtime.policy import Policy
 
-    obs, _ = observations(recipe, data, n_obs, 0)
-    fp32 = fp32_bundle(recipe, work, obs)
+    obs, _ = observations(src, data, n_obs, 0)
+    fp32 = fp32_bundle(src, work, obs)
     backends = {"fp32": OrtBackend(fp32)}
     for v in variants:
-        backends[v] = OrtBackend(build_variant(fp32, v, work / recipe / "margins", {}, []))
+        backends[v] = OrtBackend(build_variant(fp32, v, work / src.name / "margins", {}, []))
     pol = Policy(backends["fp32"], mode="full")
     logits: dict[str, list] = {k: [] for k in backends}
     for o in obs:
@@ -504,6 +507,8 @@ def reasoning_margins(recipe: str, data: Path, n_obs: int, work: Path, variants=
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="demo_out/data")
+    ap.add_argument("--pretrained", default=str(PRETRAINED),
+                    help="the shipped set whose checkpoints are scored (a directory of recipe checkpoints)")
     ap.add_argument("--generate", action="store_true", help="generate the demo's dataset at --data if missing")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -525,18 +530,21 @@ def main(argv=None):
     if unknown:
         raise SystemExit(str(EdgeVLAError(f"unknown variant {unknown[0]}", f"use some of {', '.join(VARIANTS)}")))
     data = held_out(Path(a.data), a.generate)
+    pretrained = Path(a.pretrained)
+    work = Path(a.work) / pretrained.name  # a bundle built from one set is never reused for another
     if a.margins:
-        res = reasoning_margins("ecot", data, a.n_obs, Path(a.work))
+        res = reasoning_margins(pretrained / "ecot", data, a.n_obs, work)
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2))
         return
     if a.peer_formats:
-        res = run_peer_formats(a.recipes.split(","), a.peer_formats.split(","), data, a.n_obs, a.n_cal, Path(a.work),
-                               Path(a.llama_src) if a.llama_src else None)
+        res = run_peer_formats(a.recipes.split(","), a.peer_formats.split(","), data, a.n_obs, a.n_cal, work,
+                               Path(a.llama_src) if a.llama_src else None, pretrained=pretrained)
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2, default=str))
         return
-    res = run(a.recipes.split(","), a.variants.split(","), data, a.n_obs, a.n_cal, Path(a.work), a.sens_k)
+    res = run(a.recipes.split(","), a.variants.split(","), data, a.n_obs, a.n_cal, work, a.sens_k,
+              pretrained=pretrained)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2, default=str))
 
