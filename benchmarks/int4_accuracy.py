@@ -140,48 +140,6 @@ def record_feeds(bundle, obs: list[dict], mode: str, keep: int = 96) -> list[dic
     return feeds[::max(1, len(feeds) // keep)]
 
 
-def decoder_matmuls(path: Path) -> list[str]:
-    import onnx
-
-    m = onnx.load(str(path))
-    inits = {i.name for i in m.graph.initializer}
-    return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-
-
-def sensitivity(bundle, feeds: list[dict], tmp: Path) -> dict[str, float]:
-    """Per decoder MatMul: the decoder's hidden output's relative error when only it is 4-bit (block 32)."""
-    import onnxruntime as ort
-
-    src = bundle.graph_path("decoder")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = 1, 3
-    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    ref_out = [ref.run(None, f)[0] for f in feeds]
-    names = decoder_matmuls(src)
-    out = {}
-    for n in names:
-        dst = tmp / f"sens-{n.replace('/', '_')}.onnx"
-        _only(src, dst, n)
-        s = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
-        err = [np.linalg.norm(s.run(None, f)[0] - r) / max(np.linalg.norm(r), 1e-9) for f, r in zip(feeds, ref_out)]
-        out[n] = float(np.mean(err))
-        dst.unlink()
-    return out
-
-
-def _only(src: Path, dst: Path, name: str) -> None:
-    """`src` with only the MatMul `name` in 4-bit blocks of 32."""
-    import onnx
-
-    from edge_vla import notices
-    from edge_vla.export.quantize import _nbits
-
-    m = onnx.load(str(src))
-    others = [n.name for n in m.graph.node if n.name != name]
-    with notices.root_logger_kept():  # importing ORT's quantizer sets the root logger to INFO
-        onnx.save(_nbits(m, 4, 32, ("MatMul",), nodes_to_exclude=others), str(dst))
-
-
 def build_variant(fp32, name: str, work: Path, node_sets: dict, calibration: list[dict]):
     """The bundle of variant `name` (quantized from the fp32 bundle's graphs), in memory: not hashed."""
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle
@@ -250,6 +208,7 @@ def observations(src: Path, data: Path, n_obs: int, n_cal: int) -> tuple[list[di
 def run(recipes, variants, data: Path, n_obs: int, n_cal: int, work: Path, sens_k: int, log=print,
         pretrained: Path = PRETRAINED) -> dict:
     from edge_vla.export import accuracy as acc
+    from edge_vla.export.quantize import matmul_sensitivity, most_sensitive, weight_matmuls
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.runtime.policy import Policy
 
@@ -264,12 +223,13 @@ def run(recipes, variants, data: Path, n_obs: int, n_cal: int, work: Path, sens_
         feeds = record_feeds(fp32, cal, mode)
         log(f"# {recipe}: {len(obs)} scored observations, {mode} mode, fp32 decoded in {time.time() - t:.0f} s; "
             f"{len(feeds)} decoder feeds recorded on {len(cal)} other observations")
-        matmuls = decoder_matmuls(fp32.graph_path("decoder"))
+        matmuls = weight_matmuls(fp32.graph_path("decoder"))
         last = max(int(n.split("/")[0][1:]) for n in matmuls)  # the fused decoder names them l<i>/...
         node_sets = {"ends": [n for n in matmuls if n.split("/")[0] in ("l0", f"l{last}")]}
         if any("sens" in v for v in variants):
-            sens = sensitivity(fp32, feeds, work / recipe)
-            node_sets["sensitive"] = sorted(sens, key=sens.get, reverse=True)[:sens_k]
+            # blocks of 32: the block of the variants it serves (B4); the export ranks at its own block
+            sens = matmul_sensitivity(fp32.graph_path("decoder"), feeds, work / recipe, bits=4, block=32)
+            node_sets["sensitive"] = most_sensitive(sens, sens_k)
             log(f"#   sensitivity: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(sens.items(), key=lambda kv: -kv[1])))
         params = lm_params(fp32)
         # What is not a weight matrix (rotary tables, norms, the graph itself) is the same in every variant:

@@ -130,6 +130,49 @@ def test_int4_block_size_is_an_export_option_recorded_in_the_manifest(trained, t
         export_bundle(ckpt, tmp_path / "bad", precision="int4", streaming=True, int4_block=64)
 
 
+def test_int4_keep8_keeps_the_most_sensitive_decoder_matmuls_at_8_bits(trained, tmp_path):
+    """Mixed precision: the K MatMuls whose 4-bit rounding moves the fp32 decoder most, measured on the
+    held-out observations during the export, are the ones written at 8 bits; the rest stay 4-bit."""
+    import onnx
+
+    from edge_vla.artifacts.bundle import load_bundle
+    from edge_vla.cli import main
+
+    ckpt, samples = trained
+    out = tmp_path / "k2"
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--int4", "--int4-keep8", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "kept at 8 bits" in res.output and "(2 MatMuls at 8 bits)" in res.output
+    b = load_bundle(out)
+    sens = b.manifest["int4_sensitivity"]
+    scores = sens["scores"]
+    kept = b.graphs["decoder"]["int8_nodes"]
+    assert len(scores) >= 4 and sens["kept_8bit"] == kept and len(kept) == 2
+    assert sorted(scores.values(), reverse=True)[:2] == [scores[n] for n in kept]
+    assert len(set(scores.values())) > 1  # a ranking, not a tie
+    bits = {}
+    for n in onnx.load(str(b.graph_path("decoder"))).graph.node:
+        if n.op_type == "MatMulNBits":
+            bits[n.name] = next(a.i for a in n.attribute if a.name == "bits")
+    assert sorted(bits.values()).count(8) == 2 and sorted(bits.values()).count(4) == len(scores) - 2
+    assert {name for name, x in bits.items() if x == 8} == {f"{n}_Q8" for n in kept}  # the quantizer's naming
+    assert "int8_nodes" not in b.graphs["lm_head"]
+    plain = tmp_path / "k0"
+    assert CliRunner().invoke(main, ["export", str(ckpt), "--int4", "-o", str(plain)]).exit_code == 0
+    assert b.graph_path("decoder").stat().st_size > load_bundle(plain).graph_path("decoder").stat().st_size
+    assert "int4_sensitivity" not in load_bundle(plain).manifest
+    for bad, words in ((["--int8", "--int4-keep8", "2"], "add --int4"),
+                       (["--int4", "--int4-keep8", "500"], "more MatMuls than the decoder has"),
+                       (["--int4", "--int4-keep8", "-1"], "-1")):
+        res = CliRunner().invoke(main, ["export", str(ckpt), *bad, "-o", str(tmp_path / "bad")])
+        assert res.exit_code != 0 and words in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "bad").exists()
+    from edge_vla.export import export_bundle
+
+    with pytest.raises(EdgeVLAError, match="in-memory export"):
+        export_bundle(ckpt, tmp_path / "bad", precision="int4", streaming=True, int4_keep8=2)
+
+
 def test_checkpoint_and_fp32_bundle_give_the_same_actions(trained, fp32_bundle):
     from edge_vla.runtime.policy import load_policy
 

@@ -24,6 +24,10 @@ import click
 @click.option("--int4-block", type=int, default=None,
               help="INT4 block size (power of two, 16-256; default 64, llama.cpp Q4_0's 4.5 bits per weight); "
                    "larger blocks decode faster on a CPU, smaller ones keep more precision.")
+@click.option("--int4-keep8", type=click.IntRange(min=0), default=0, metavar="K",
+              help="With --int4: keep the K decoder MatMuls whose 4-bit rounding moves the decoder's output most "
+                   "(measured on --data before quantizing) at 8 bits. Mixed precision for models that lose too "
+                   "much at 4 bits; each one adds its share of the weights at 8 bits. Recorded in the manifest.")
 @click.option("--fp16", "precision", flag_value="fp16", help="float16 weights.")
 @click.option("--fp32", "precision", flag_value="fp32", help="No quantization.")
 @click.option("--vision-precision", default=None,
@@ -42,8 +46,8 @@ import click
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT even when it is not a bundle (a bundle is replaced without it; "
                    "the checkpoint and --data never are).")
-def export(checkpoint, output, precision, int8_matmul, int4_block, vision_precision, target, data, min_agreement,
-           streaming, overwrite):
+def export(checkpoint, output, precision, int8_matmul, int4_block, int4_keep8, vision_precision, target, data,
+           min_agreement, streaming, overwrite):
     """Export CHECKPOINT to an ONNX bundle that runs without PyTorch.
 
     Every export checks parity against PyTorch (logit difference, greedy-token agreement) and
@@ -59,4 +63,4 @@ def export(checkpoint, output, precision, int8_matmul, int4_block, vision_precis
     export_bundle(checkpoint, output, precision=precision, calibration_data=data, parity_samples=data,
                   target=target, vision_precision=vision_precision, min_action_agreement=min_agreement,
                   report=click.echo, overwrite=overwrite, streaming=streaming, int8_matmul=int8_matmul,
-                  int4_block=int4_block)
+                  int4_block=int4_block, int4_keep8=int4_keep8)

@@ -7,7 +7,8 @@
                  Gemm/Conv/Gather dynamic INT8 per-channel. The CPU default.
     int8-static  static QDQ INT8 with activation ranges calibrated on real inputs (accelerators)
     int4         weight-only 4-bit blocks (MatMulNBits, block 64, symmetric, int8 compute), embedding
-                 Gather too
+                 Gather too; optionally the decoder MatMuls most sensitive to 4-bit rounding at 8 bits
+                 (matmul_sensitivity, measured on held-out inputs)
 
 Measured on this kind of CPU (AVX-512 VNNI, 1 thread, a 136M fused decoder, 100 tokens of
 context): 8-bit MatMulNBits decodes ~2x faster than ORT's MatMulInteger/DynamicQuantizeMatMul
@@ -57,14 +58,19 @@ def check_int4_block(block: int) -> int:
 
 
 def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict] | None = None,
-                   for_tensorrt: bool = False, int8_matmul: str = "nbits", int4_block: int = INT4_BLOCK) -> None:
+                   for_tensorrt: bool = False, int8_matmul: str = "nbits", int4_block: int = INT4_BLOCK,
+                   int8_nodes: list[str] | None = None) -> None:
     """Write `src` quantized to `precision` at `dst` (`calibration`: input feeds, int8-static only;
     `for_tensorrt`: int8 in ORT's MatMulInteger form, which the TensorRT lint recognises and refuses;
     `int8_matmul`: int8's MatMul form on ONNX Runtime targets, "nbits" (MatMulNBits blocks) or "integer"
     (the MatMulInteger form, faster at a prefill's hundreds of rows); `int4_block`: INT4's block size
-    (larger blocks decode faster on a CPU, docs/results.md#decode-re-measured-two-runs-in-one-session))."""
+    (larger blocks decode faster on a CPU, docs/results.md#decode-re-measured-two-runs-in-one-session));
+    `int8_nodes`: int4 only, MatMuls (by node name) kept at 8 bits (mixed precision, `most_sensitive`)."""
     check_precision(precision)
     check_int4_block(int4_block)
+    if int8_nodes and precision != "int4":
+        raise EdgeVLAError(f"MatMuls kept at 8 bits are a mixed INT4 format; {src} is being quantized to {precision}",
+                           "pass int8_nodes with precision int4 only")
     if int8_matmul not in INT8_MATMUL_OPS:
         from edge_vla.config import unknown_name_error
 
@@ -76,7 +82,7 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: list[dict]
     try:
         with notices.root_logger_kept():
             if precision == "int4":
-                _int4(src, dst, calibration, block=int4_block)
+                _int4(src, dst, calibration, block=int4_block, int8_nodes=int8_nodes)
             else:
                 quantizer(src, dst, calibration)
     except EdgeVLAError:
@@ -301,10 +307,57 @@ def _int8_static(src, dst, calibration):
                     extra_options={"MatMulConstBOnly": True})
 
 
-def _int4(src, dst, _, block: int = INT4_BLOCK):
+def _int4(src, dst, _, block: int = INT4_BLOCK, int8_nodes: list[str] | None = None):
     import onnx
 
-    onnx.save(_nbits(onnx.load(str(src)), bits=4, block=block, op_types=("MatMul", "Gather")), str(dst))
+    onnx.save(_nbits(onnx.load(str(src)), bits=4, block=block, op_types=("MatMul", "Gather"),
+                     node_bits={n: 8 for n in int8_nodes or ()}), str(dst))
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    """The names of the graph's MatMuls with a constant weight: what weight-only quantization rounds."""
+    import onnx
+
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def matmul_sensitivity(src: Path, feeds: list[dict], work: Path, bits: int = 4, block: int = INT4_BLOCK) -> dict[str, float]:
+    """{MatMul name: how far the graph's first output moves (relative L2 error, mean over `feeds`) when only
+    that MatMul's weight is `bits`-bit blocks of `block`}: the ranking mixed-precision export keeps at 8 bits.
+    `work`: a directory for the one-MatMul graphs (each removed after use)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    if not feeds:
+        raise EdgeVLAError(f"no inputs to measure {Path(src).name}'s sensitivity on", "pass held-out observations")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 1, 3
+    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ref_out = [ref.run(None, f)[0] for f in feeds]
+    names = weight_matmuls(src)
+    out: dict[str, float] = {}
+    for name in names:
+        m = onnx.load(str(src))
+        dst = Path(work) / f".sensitivity-{len(out)}.onnx"
+        with notices.root_logger_kept():  # importing ORT's quantizer sets the root logger to INFO
+            onnx.save(_nbits(m, bits, block, ("MatMul",), nodes_to_exclude=[n.name for n in m.graph.node if n.name != name]),
+                      str(dst))
+        try:
+            sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+            err = [np.linalg.norm(sess.run(None, f)[0] - r) / max(float(np.linalg.norm(r)), 1e-9)
+                   for f, r in zip(feeds, ref_out)]
+        finally:
+            dst.unlink(missing_ok=True)
+        out[name] = float(np.mean(err))
+    return out
+
+
+def most_sensitive(scores: dict[str, float], k: int) -> list[str]:
+    """The `k` names with the largest scores, most sensitive first."""
+    return sorted(scores, key=lambda n: -scores[n])[:k]
 
 
 QUANTIZERS = {"fp32": _copy, "fp16": _fp16, "int8": _int8_blocks, "int8-static": _int8_static, "int4": _int4}

@@ -170,9 +170,11 @@ def graph_precisions(graphs: dict, precision: str, vision_precision: str) -> dic
 
 
 def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibration: dict | None,
-                    for_tensorrt: bool, report, int8_matmul: dict | None = None, int4_block: int | None = None) -> None:
+                    for_tensorrt: bool, report, int8_matmul: dict | None = None, int4_block: int | None = None,
+                    int8_nodes: list[str] | None = None) -> None:
     """`int8_matmul` (choose_int8_matmul): the int8 decoder's MatMul form; the other graphs keep the default.
-    `int4_block`: the INT4 graphs' block size (recorded on each; default INT4_BLOCK)."""
+    `int4_block`: the INT4 graphs' block size (recorded on each; default INT4_BLOCK). `int8_nodes`: the INT4
+    decoder's MatMuls kept at 8 bits (sensitive_matmuls; recorded on the decoder graph)."""
     from edge_vla.export.quantize import quantize_graph
 
     int4_block = int4_block or INT4_BLOCK
@@ -180,15 +182,38 @@ def quantize_graphs(src: Path, dst: Path, graphs: dict, precisions: dict, calibr
     for role, g in graphs.items():
         p = precisions[role]
         chosen = int8_matmul if int8_matmul and role == "decoder" and p == "int8" else None
-        report(f"quantizing {role} graph to {p}" + (f" ({chosen['op']})" if chosen else "") + " ...")
+        keep8 = int8_nodes if role == "decoder" and p == "int4" and int8_nodes else None
+        report(f"quantizing {role} graph to {p}" + (f" ({chosen['op']})" if chosen else "")
+               + (f" ({len(keep8)} MatMuls at 8 bits)" if keep8 else "") + " ...")
         quantize_graph(src / g["file"], dst / g["file"], p, calibration and calibration.get(role),
                        for_tensorrt=for_tensorrt, int8_matmul=chosen["decoder"] if chosen else "nbits",
-                       int4_block=int4_block)
+                       int4_block=int4_block, int8_nodes=keep8)
         g["precision"] = p
         if p == "int4":
             g["int4_block"] = int4_block
+        if keep8:
+            g["int8_nodes"] = list(keep8)
         if chosen:
             g["int8_matmul"] = chosen["decoder"]
+
+
+def sensitive_matmuls(fp32_bundle, observations: list[dict], k: int, block: int, work: Path, report,
+                      max_feeds: int = 16) -> tuple[list[str], dict[str, float]]:
+    """The `k` decoder MatMuls whose 4-bit rounding (blocks of `block`) moves the fp32 decoder's output most
+    while the policy decodes `observations` (up to `max_feeds` of the decoder's inputs, evenly spaced), and
+    every MatMul's score. More than the decoder has is refused with the count."""
+    from edge_vla.export.quantize import matmul_sensitivity, most_sensitive
+
+    feeds = calibrate(fp32_bundle, observations)["decoder"]
+    feeds = feeds[::max(1, len(feeds) // max_feeds)][:max_feeds]
+    scores = matmul_sensitivity(fp32_bundle.graph_path("decoder"), feeds, work, bits=4, block=block)
+    if k > len(scores):
+        raise EdgeVLAError(f"--int4-keep8 {k} asks for more MatMuls than the decoder has ({len(scores)})",
+                           f"pass at most {len(scores)}")
+    chosen = most_sensitive(scores, k)
+    report(f"decoder MatMuls most sensitive to 4 bits (on {len(feeds)} decoder inputs of {len(observations)} "
+           f"observations), kept at 8 bits: " + ", ".join(f"{n} {scores[n]:.4f}" for n in chosen))
+    return chosen, scores
 
 
 def measure_accuracy(fp32_backend, test_backend, observations: list[dict], recipe: dict, precision: str,
@@ -215,7 +240,7 @@ def _report_int8_matmul(mm: dict | None, report) -> None:
 def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=None, target: str = "cpu",
                   parity_samples=None, vision_precision: str | None = None, min_action_agreement: float | None = None,
                   parity_atol: float = 1e-3, report=print, overwrite: bool = False, streaming: bool | None = None,
-                  int8_matmul: str = "auto", int4_block: int | None = None) -> Path:
+                  int8_matmul: str = "auto", int4_block: int | None = None, int4_keep8: int = 0) -> Path:
     """Export the checkpoint `ckpt_dir` to a bundle at `out_dir` (the steps above, in order).
 
     `parity_samples` (Samples, obs dicts or a dataset path; synthetic observations when None) check
@@ -228,6 +253,8 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
     (edge_vla.export.streaming: weights read from the shards, graphs quantized as they are built).
     `int8_matmul` ("auto", "nbits", "integer"): the int8 decoder's MatMul form (choose_int8_matmul).
     `int4_block`: the INT4 graphs' block size (None: INT4_BLOCK, 64; the in-memory export only).
+    `int4_keep8`: an INT4 decoder keeps its `int4_keep8` MatMuls most sensitive to 4-bit rounding, measured on
+    the held-out observations, at 8 bits (sensitive_matmuls; the in-memory export only).
     """
     from edge_vla import __version__
     from edge_vla.artifacts.bundle import TOKENIZER_DIR, Bundle, write_bundle
@@ -261,6 +288,15 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         from edge_vla.export.streaming import STREAM_ABOVE_PARAMS, checkpoint_params
 
         streaming = (checkpoint_params(ckpt_dir) or 0) > STREAM_ABOVE_PARAMS
+    if int4_keep8:
+        if not isinstance(int4_keep8, int) or int4_keep8 < 0:
+            raise EdgeVLAError(f"--int4-keep8 {int4_keep8!r} is not a count of MatMuls", "pass a whole number, e.g. 4")
+        if precision != "int4":
+            raise EdgeVLAError(f"--int4-keep8 keeps some of an INT4 decoder's MatMuls at 8 bits, and this export is {precision}",
+                               "add --int4, or drop --int4-keep8")
+        if streaming:
+            raise EdgeVLAError("--int4-keep8 applies to the in-memory export (it measures the fp32 decoder first)",
+                               "drop --int4-keep8, or pass --no-streaming where the model fits in memory")
     if streaming and int4_block is not None:
         raise EdgeVLAError(f"--int4-block applies to the in-memory export; the streaming one writes blocks of {INT4_BLOCK}",
                            "drop --int4-block, or pass --no-streaming where the model fits in memory")
@@ -301,10 +337,15 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         parity = check_parity(vla, fp32_backend, parity_obs, parity_atol, report)
 
         calibration = calibrate(fp32_bundle, held_out) if "int8-static" in (precision, vision_precision) else None
+        keep8 = None
+        if int4_keep8:
+            keep8, scores = sensitive_matmuls(fp32_bundle, held_out, int4_keep8, int4_block or INT4_BLOCK, Path(work),
+                                              report)
+            manifest["int4_sensitivity"] = {"scores": scores, "observations": len(held_out), "kept_8bit": keep8}
         final_dir.mkdir()
         shutil.copytree(fp32_dir / TOKENIZER_DIR, final_dir / TOKENIZER_DIR)
         quantize_graphs(fp32_dir, final_dir, graphs, graph_precisions(graphs, precision, vision_precision),
-                        calibration, for_tensorrt, report, mm, int4_block)
+                        calibration, for_tensorrt, report, mm, int4_block, keep8)
         if mm:
             manifest["int8_matmul"] = mm
         manifest.update(graphs=graphs, precision=precision, parity=parity, memory_fit=memory_fit,
