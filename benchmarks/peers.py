@@ -354,7 +354,8 @@ def find_executorch_python(path: str | Path | None = None) -> Path | None:
 
 def executorch_export_cmd(python: Path, hf: Path, fmt: str, out: Path) -> list[str]:
     """`optimum-cli export executorch` for `fmt`: XNNPACK, ExecuTorch's custom SDPA and KV cache ops, the static
-    cache inside the program; 8da4w's group size is the exporter's (32: it does not forward --qlinear_group_size)."""
+    cache inside the program; 8da4w's group size is the exporter's (32: its text-generation task ignores
+    --qlinear_group_size)."""
     return [str(python), "-m", "optimum.commands.optimum_cli", "export", "executorch", "-m", str(hf), "--task",
             "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache",
             *EXECUTORCH_QLINEAR[fmt], "--max_seq_len", str(EXECUTORCH_MAX_SEQ_LEN), "-o", str(out)]
