@@ -163,6 +163,7 @@ def test_int4_keep8_keeps_the_most_sensitive_decoder_matmuls_at_8_bits(trained, 
     assert "int4_sensitivity" not in load_bundle(plain).manifest
     for bad, words in ((["--int8", "--int4-keep8", "2"], "add --int4"),
                        (["--int4", "--int4-keep8", "500"], "more MatMuls than the decoder has"),
+                       (["--int4", "--int4-keep8", "2", "--target", "orin-nano-8"], "4-bit blocks only"),
                        (["--int4", "--int4-keep8", "-1"], "-1")):
         res = CliRunner().invoke(main, ["export", str(ckpt), *bad, "-o", str(tmp_path / "bad")])
         assert res.exit_code != 0 and words in res.output and "Traceback" not in res.output

@@ -294,6 +294,9 @@ def export_bundle(ckpt_dir, out_dir, precision: str = "int8", calibration_data=N
         if precision != "int4":
             raise EdgeVLAError(f"--int4-keep8 keeps some of an INT4 decoder's MatMuls at 8 bits, and this export is {precision}",
                                "add --int4, or drop --int4-keep8")
+        if _uses_tensorrt(target):
+            raise EdgeVLAError(f"--int4-keep8 writes 8-bit MatMulNBits, and TensorRT's INT4 path (target {target}) "
+                               "takes 4-bit blocks only", "drop --int4-keep8 for this target, or export --fp16")
         if streaming:
             raise EdgeVLAError("--int4-keep8 applies to the in-memory export (it measures the fp32 decoder first)",
                                "drop --int4-keep8, or pass --no-streaming where the model fits in memory")
