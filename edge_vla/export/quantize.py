@@ -342,15 +342,18 @@ def matmul_sensitivity(src: Path, feeds: list[dict], work: Path, bits: int = 4, 
     for name in names:
         m = onnx.load(str(src))
         dst = Path(work) / f".sensitivity-{len(out)}.onnx"
-        with notices.root_logger_kept():  # importing ORT's quantizer sets the root logger to INFO
-            onnx.save(_nbits(m, bits, block, ("MatMul",), nodes_to_exclude=[n.name for n in m.graph.node if n.name != name]),
-                      str(dst))
+        side = dst.with_name(dst.name + ".data")
         try:
+            with notices.root_logger_kept():  # importing ORT's quantizer sets the root logger to INFO
+                one = _nbits(m, bits, block, ("MatMul",), nodes_to_exclude=[n.name for n in m.graph.node if n.name != name])
+            # external data: the graph is still almost all fp32, and protobuf caps a file at 2 GB
+            onnx.save(one, str(dst), save_as_external_data=True, location=side.name)
             sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
             err = [np.linalg.norm(sess.run(None, f)[0] - r) / max(float(np.linalg.norm(r)), 1e-9)
                    for f, r in zip(feeds, ref_out)]
         finally:
             dst.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
         out[name] = float(np.mean(err))
     return out
 
