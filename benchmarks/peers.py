@@ -19,8 +19,9 @@ The same decoder weights through every runtime:
                                   --use_custom_kv_cache [--qlinear 8da8w|8da4w] --max_seq_len 1024`: the static
                                   KV cache and ExecuTorch's custom SDPA inside the program; torchao's
                                   Int8DynamicActivationIntxWeightConfig: 8da8w = int8 weights per output channel,
-                                  8da4w = int4 weights in groups of 32, both with int8 activations quantized
-                                  per token at run time); run by ExecuTorch's Python runtime (portable_lib)
+                                  8da4w = int4 weights in groups of 32 (XNNPACK stores group scales as bf16:
+                                  4.5 bits/weight), both with int8 activations quantized per token at run time);
+                                  the embedding table stays fp32; run by ExecuTorch's Python runtime (portable_lib)
 
 Models (`--model`): `qwen0.5b` = Qwen2.5-0.5B's decoder layers (hidden 896, 24 layers, 14 heads /
 2 KV heads, MLP 4864) with random weights, built offline inside an edge-vla VLA (so its bundles
@@ -106,7 +107,7 @@ FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --
                "llama.cpp-q4_0": "4-bit blocks of 32 + fp16 scale", "llama.cpp-q4_k_m": "4/6-bit k-quants",
                "torch-eager": "fp32", "torch-compile": "fp32", "executorch-fp32": "fp32 (XNNPACK)",
                "executorch-8da8w": "8-bit per channel + fp32 scale, int8 activations per token (XNNPACK)",
-               "executorch-8da4w": "4-bit groups of 32 + scale, int8 activations per token (XNNPACK)"}
+               "executorch-8da4w": "4-bit groups of 32 + bf16 scale, int8 activations per token (XNNPACK)"}
 
 
 # --- building every runtime's model from the same weights ------------------------------------------
