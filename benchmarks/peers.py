@@ -72,7 +72,7 @@ stack pins numpy 1.26): it gets its own venv, whose interpreter builds its .pte 
 lacks (numpy only), so it serves as that venv's worker and exporter entry point too:
 
     python3.11 -m venv /tmp/peers/et_venv
-    /tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1     # torch 2.13.0+cpu, from /opt/wheels here
+    /tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1     # the CPU torch first, as the Makefile
     /tmp/peers/et_venv/bin/pip install optimum-executorch==1.1.0            # pulls transformers 5.0.0rc1, optimum 2.0
     EXECUTORCH_PYTHON=/tmp/peers/et_venv/bin/python .venv/bin/python benchmarks/peers.py --peers executorch-8da4w ...
 """
