@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -244,3 +245,23 @@ def test_students_are_set_beside_their_teachers(tmp_path):
     assert rows["vla-2layer"][-2:] == ["44.8 MiB", "89.6 MiB |"]
     assert rows["scaffold-small"][2] == "– (not in these results)"
     assert "ecot-full-fp32" not in section and "Students and their teachers" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_label_offsets_keep_close_variants_names_apart():
+    """The demo's variants sit close together (6.5 ms / 27% beside 7.2 ms / 22%): their names must not
+    cover each other; a variant far from the others keeps the default place."""
+    from edge_vla.eval.report import CHAR_W_PT, LABEL_H_PT, LABEL_OFFSETS, PLOT_H_PT, PLOT_W_PT, label_offsets
+
+    pts = [(6.5, 27.0), (7.2, 22.0), (8.0, 32.0), (135.8, 1.0)]
+    names = ["thinking-tokens-direct", "ecot-lite-dropout-direct", "vla-direct", "ecot-full (full CoT)"]
+    x_range = (4.0, 340.0)
+    offs = label_offsets(pts, names, x_range)
+    assert offs[0] == LABEL_OFFSETS[0] and offs[3] == LABEL_OFFSETS[0]
+    lo, hi = math.log(x_range[0]), math.log(x_range[1])
+    boxes = []
+    for (lat, pct), name, (dx, dy) in zip(pts, names, offs):
+        px, py = (math.log(lat) - lo) / (hi - lo) * PLOT_W_PT, (pct + 5) / 110 * PLOT_H_PT
+        boxes.append((px + dx, py + dy, px + dx + CHAR_W_PT * len(name), py + dy + LABEL_H_PT))
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)

@@ -327,6 +327,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+# The plot's axes in points (7 x 4.5 in at 72 pt/in, less the margins) and an 8-pt label's size, for
+# placing the variants' names where they do not cover each other.
+PLOT_W_PT, PLOT_H_PT, CHAR_W_PT, LABEL_H_PT = 430.0, 260.0, 4.6, 10.0
+LABEL_OFFSETS = ((6, 6), (6, -14), (6, 18), (6, -26), (6, 30), (6, -38), (6, 42))
+
+
+def label_offsets(points: list[tuple[float, float]], labels: list[str], x_range: tuple[float, float]) -> list[tuple[int, int]]:
+    """Offsets (points) of each label from its (latency ms, success %) point: the first of LABEL_OFFSETS
+    whose box overlaps no label placed before it (the last one when every one does)."""
+    lo, hi = math.log(x_range[0]), math.log(x_range[1])
+    boxes: list[tuple[float, float, float, float]] = []
+    out = []
+    for (lat, pct), text in zip(points, labels):
+        px = (math.log(lat) - lo) / max(hi - lo, 1e-9) * PLOT_W_PT
+        py = (pct + 5) / 110 * PLOT_H_PT
+        w = CHAR_W_PT * len(text)
+        for dx, dy in LABEL_OFFSETS:
+            box = (px + dx, py + dy, px + dx + w, py + dy + LABEL_H_PT)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        out.append((dx, dy))
+    return out
+
+
 def pareto_png(variants: list[Variant]) -> bytes | None:
     pts = [(v.row["latency_p50_ms"], v.row["success_rate"], v) for v in variants
            if v.row["latency_p50_ms"] and v.row["success_rate"] is not None and not v.is_reference]
@@ -339,22 +364,24 @@ def pareto_png(variants: list[Variant]) -> bytes | None:
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    placed: list[tuple[float, float]] = []
-    for lat, sr, v in sorted(pts, key=lambda p: p[0]):
+    pts = sorted(pts, key=lambda p: p[0])
+    lats = [p[0] for p in pts]
+    # Fixed limits (a margin on each side of the log axis) so the labels' places are known before drawing.
+    x_range = (min(lats) / 1.6, max(lats) * 2.5)
+    names = [v.name + (" (full CoT)" if v.is_baseline else "") for _, _, v in pts]
+    offsets = label_offsets([(lat, 100 * sr) for lat, sr, _ in pts], names, x_range)
+    for (lat, sr, v), name, off in zip(pts, names, offsets):
         lo, hi = v.row["success_ci95"]
         ax.errorbar([lat], [100 * sr], yerr=[[100 * (sr - lo)], [100 * (hi - sr)]], fmt="*" if v.is_baseline else "o",
                     markersize=13 if v.is_baseline else 7, capsize=3, color="tab:red" if v.is_baseline else "tab:blue")
-        # Variants of nearly the same latency and success would print their names on top of each other.
-        near = sum(1 for x, y in placed if abs(math.log(lat / x)) < 0.15 and abs(100 * sr - y) < 6)
-        placed.append((lat, 100 * sr))
-        ax.annotate(v.name + (" (full CoT)" if v.is_baseline else ""), (lat, 100 * sr), textcoords="offset points",
-                    xytext=(6, 6 + 11 * near), fontsize=8)
+        ax.annotate(name, (lat, 100 * sr), textcoords="offset points", xytext=off, fontsize=8)
     front = pareto_front([(p[0], p[1]) for p in pts])
     if len(front) > 1:  # one point is no line: a legend entry for it would name nothing drawn
         ax.plot([pts[i][0] for i in front], [100 * pts[i][1] for i in front], "--", color="gray", lw=1,
                 label="Pareto front")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)  # where it covers the fewest points: a fixed corner hid the baseline
     ax.set_xscale("log")
+    ax.set_xlim(*x_range)
     # milliseconds as plain numbers (5, 20, 50), not 2x10^1
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(
