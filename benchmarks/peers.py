@@ -80,8 +80,10 @@ lacks (numpy only), so it serves as that venv's worker and exporter entry point 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -161,7 +163,6 @@ def build_action_bundle(model: str, ckpt: Path, work: Path, fmt: str, decoding: 
     out = work / f"action-bundle-{fmt}"
     if (out / "manifest.json").exists():
         return out
-    import shutil
     import tempfile
 
     from edge_vla.artifacts.bundle import load_bundle, write_bundle
@@ -368,8 +369,6 @@ def build_executorch(hf: Path, work: Path, fmt: str, python: Path) -> Path:
     if (out / "model.pte").exists():
         return out / "model.pte"
     tmp = out.with_name(out.name + ".tmp")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     run = subprocess.run(executorch_export_cmd(python, hf, fmt, tmp), capture_output=True, text=True,
                          env={**_env(), "HF_HUB_OFFLINE": "1"})
@@ -386,6 +385,15 @@ def _env() -> dict:
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+@functools.lru_cache(maxsize=None)
+def _has_executorch(python: str) -> bool:
+    """Whether the interpreter `python` imports executorch and optimum-executorch (probed once per run, not
+    once per executorch peer: a fresh interpreter start each)."""
+    probe = ("import importlib.util as u, sys; sys.exit(0 if u.find_spec('executorch') and "
+             "u.find_spec('optimum.exporters.executorch') else 1)")
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
 def missing(peer: str, llama_src: Path | None, et_python: Path | None = None) -> str | None:
     """Why `peer` cannot run here, or None. `et_python`: the ExecuTorch venv's interpreter (find_executorch_python)."""
     import importlib.util
@@ -395,9 +403,7 @@ def missing(peer: str, llama_src: Path | None, et_python: Path | None = None) ->
             return EXECUTORCH_VENV
         if not Path(et_python).exists():
             return f"no interpreter at {et_python}: {EXECUTORCH_VENV}"
-        probe = ("import importlib.util as u, sys; sys.exit(0 if u.find_spec('executorch') and "
-                 "u.find_spec('optimum.exporters.executorch') else 1)")
-        if subprocess.run([str(et_python), "-c", probe], capture_output=True).returncode:
+        if not _has_executorch(str(et_python)):
             return f"{et_python} lacks executorch or optimum-executorch: {EXECUTORCH_VENV}"
 
     if peer.startswith("ort-genai") and importlib.util.find_spec("onnxruntime_genai") is None:
@@ -692,21 +698,25 @@ def _time_executorch(path: Path, ids: list[int], new: int) -> tuple[float, list[
     return run()
 
 
+def _time_peer(peer: str, path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
+    """One prefill of `ids` and `new` greedy decode steps through `peer`'s runtime (each timer's contract)."""
+    if peer.startswith("edge-vla"):
+        return _time_edge_vla(path, ids, new)
+    if peer.startswith("ort-genai"):
+        return _time_genai(path, ids, new)
+    if peer.startswith("llama.cpp"):
+        return _time_llama(path, ids, new)
+    if peer.startswith("executorch"):
+        return _time_executorch(path, ids, new)
+    return _time_torch(path, ids, new, compiled=peer == "torch-compile")
+
+
 def worker(spec: dict) -> dict:
     peer, path, ids, new = spec["peer"], Path(spec["path"]), spec["ids"], spec["new"]
     t0 = time.perf_counter()
     if spec.get("row") == "action":
         return action_worker(spec)
-    if peer.startswith("edge-vla"):
-        prefill, steps, toks = _time_edge_vla(path, ids, new)
-    elif peer.startswith("ort-genai"):
-        prefill, steps, toks = _time_genai(path, ids, new)
-    elif peer.startswith("llama.cpp"):
-        prefill, steps, toks = _time_llama(path, ids, new)
-    elif peer.startswith("executorch"):
-        prefill, steps, toks = _time_executorch(path, ids, new)
-    else:
-        prefill, steps, toks = _time_torch(path, ids, new, compiled=peer == "torch-compile")
+    prefill, steps, toks = _time_peer(peer, path, ids, new)
     # tokens: the greedy continuation (new + 1 tokens: the prefill's, then one per decode step)
     return {"prefill_ms": prefill[0], "prefill_cpu_ms": prefill[1], "decode_ms": [x[0] for x in steps],
             "decode_cpu_ms": [x[1] for x in steps], "tokens": toks[:new + 1], "peak_rss_mb": peak_rss_mb(),
@@ -724,14 +734,7 @@ def action_worker(spec: dict) -> dict:
         times, info = [], {}
         for _ in range(actions):
             new = spec["tokens"] - 1
-            if peer.startswith("ort-genai"):
-                prefill, steps, toks = _time_genai(path, spec["ids"], new)
-            elif peer.startswith("llama.cpp"):
-                prefill, steps, toks = _time_llama(path, spec["ids"], new)
-            elif peer.startswith("executorch"):
-                prefill, steps, toks = _time_executorch(path, spec["ids"], new)
-            else:
-                prefill, steps, toks = _time_torch(path, spec["ids"], new, compiled=peer == "torch-compile")
+            prefill, steps, toks = _time_peer(peer, path, spec["ids"], new)
             times.append((prefill[0] + sum(x[0] for x in steps), prefill[1] + sum(x[1] for x in steps)))
             info = {"tokens": toks[:spec["tokens"]]}
     return {"action_ms": [t[0] for t in times], "action_cpu_ms": [t[1] for t in times],
