@@ -29,8 +29,7 @@ CHOSEN = ("edge-vla-fp32", "torch-eager", "ort-genai-int4", "llama.cpp-q8_0", *E
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    chosen = CHOSEN
-    res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), chosen, prompt=40, new=4, repeats=1,
+    res = peers.run_peers("tiny", tmp_path_factory.mktemp("peers"), CHOSEN, prompt=40, new=4, repeats=1,
                           llama_src=os.environ.get("LLAMA_CPP_SRC"), log=lambda *_: None, rows=("decode", "action"),
                           action_decoding=("parallel", "sequential"))
     return res

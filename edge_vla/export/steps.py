@@ -147,12 +147,12 @@ class _RecordingSession:
         return self._s.run(outputs, feeds)
 
 
-def calibrate(fp32_bundle, observations: list[dict]) -> dict:
-    """{role: [feeds]}: what each fp32 graph sees while the policy decodes `observations`."""
+def calibrate(fp32_bundle, observations: list[dict], roles=("prefix", "embed", "decoder", "lm_head")) -> dict:
+    """{role: [feeds]}: what each fp32 graph of `roles` sees while the policy decodes `observations`."""
     from edge_vla.runtime.ort_backend import OrtBackend
     from edge_vla.runtime.policy import Policy
 
-    calibration: dict[str, list] = {"prefix": [], "embed": [], "decoder": [], "lm_head": []}
+    calibration: dict[str, list] = {role: [] for role in roles}
     # head="full": action tokens go through lm_head too, so it sees the decoder's real hidden states.
     backend = OrtBackend(fp32_bundle, head="full")
     for role in calibration:
@@ -204,7 +204,7 @@ def sensitive_matmuls(fp32_bundle, observations: list[dict], k: int, block: int,
     every MatMul's score. More than the decoder has is refused with the count."""
     from edge_vla.export.quantize import matmul_sensitivity, most_sensitive
 
-    feeds = calibrate(fp32_bundle, observations)["decoder"]
+    feeds = calibrate(fp32_bundle, observations, roles=("decoder",))["decoder"]
     feeds = feeds[::max(1, len(feeds) // max_feeds)][:max_feeds]
     scores = matmul_sensitivity(fp32_bundle.graph_path("decoder"), feeds, work, bits=4, block=block)
     if k > len(scores):
