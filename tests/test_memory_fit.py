@@ -1,5 +1,6 @@
 """Memory fit: exact parameter counts, hand-computed breakdowns, refusals that name the numbers and the fix."""
 
+import numpy as np
 import pytest
 
 from edge_vla.config import preset
@@ -52,8 +53,8 @@ def test_breakdown_by_hand_for_qwen_int4_on_nano():
     t = get_target("orin-nano-8")
     est = estimate_memory(shape, "int4", "full", t)
     emb = 151936 * 896
-    # head quantized to int4 (0.5 B + one fp16 scale per block of 64), embedding Gather kept fp16
-    assert est.weights["lm_head"] == pytest.approx(emb * (0.5 + 2 / 64))
+    # head quantized to int4 (0.5 B + one fp32 scale per block of 64), embedding Gather kept fp16
+    assert est.weights["lm_head"] == pytest.approx(emb * (0.5 + 4 / 64))
     assert est.weights["embedding"] == pytest.approx(emb * 2)
     # vision stays int8 under int4
     assert est.weights["vision"] == pytest.approx(shape.vision_matrix_params * 1 + shape.vision_other_params * 2)
@@ -113,3 +114,14 @@ def test_export_check_refuses_before_exporting_and_skips_unknown_targets(tiny_vl
     seven_b = SimpleNamespace(config=preset("openvla"), recipe_info={"decode_mode": "full"})
     with pytest.raises(EdgeVLAError, match="full needs .* orin-nano-8 .* use --int4"):
         check_export_fits(seven_b, "fp16", "orin-nano-8", lines.append)
+
+
+def test_int4_bytes_per_weight_are_what_the_export_packs():
+    # The memory and roofline models count the INT4 bytes the exporter writes (4-bit blocks plus their
+    # scales, fp32 as MatMulNBits keeps them beside fp32 activations), not a format it does not write.
+    from edge_vla.deploy.memory_fit import weight_bytes
+    from edge_vla.export.nbits import pack_matmul
+
+    k, n = 896, 1152
+    p = pack_matmul(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), 4)
+    assert (p.data.nbytes + p.scales.nbytes) / (k * n) == pytest.approx(weight_bytes("int4"))

@@ -9,8 +9,9 @@ PyTorch's `meta` device (no memory, no download). Presets that name hub models (
 `openvla`) use the published configs in `KNOWN_ARCHITECTURES`, so no network is needed.
 
 Precision policy (what the export path produces; keep in step with edge_vla.export):
-- the LM's linear layers and its output head take the chosen precision; INT4 adds one FP16
-  scale per block of INT4_BLOCK weights (blockwise weight-only quantization);
+- the LM's linear layers and its output head take the chosen precision; INT4 adds one FP32
+  scale per block of INT4_BLOCK weights (blockwise weight-only quantization: MatMulNBits keeps its
+  scales in the activations' dtype, fp32 in the exported graphs, and the TensorRT rewrite keeps them);
 - the token-embedding table is a Gather, left in the float dtype unless `quantize_embedding`;
   when the head is tied to it and quantized, both copies exist;
 - the vision tower and projector take the precision, except INT4 -> INT8 (weight-only INT4 is an
@@ -40,6 +41,7 @@ ACTION_PREFIX_TOKENS = 3  # " ACTION:"
 # The export's INT4 block (edge_vla.export.quantize takes it from here): 64 weights per scale, llama.cpp
 # Q4_0's 4.5 bits per weight; MLAS decodes it faster than blocks of 32 at the same accuracy (docs/results.md).
 INT4_BLOCK = 64
+INT4_SCALE_BYTES = 4  # one fp32 scale per block: 0.5625 bytes (4.5 bits) per weight at blocks of 64
 
 # Published Hugging Face configs of the hub models the presets name (only the fields that size them).
 KNOWN_ARCHITECTURES: dict[str, dict] = {
@@ -272,7 +274,7 @@ def weight_bytes(precision: str) -> float:
     if precision not in PRECISIONS:
         raise unknown_name_error("precision", precision, PRECISIONS)
     if precision == "int4":
-        return 0.5 + 2 / INT4_BLOCK  # one fp16 scale per block
+        return 0.5 + INT4_SCALE_BYTES / INT4_BLOCK
     return PRECISIONS[precision]
 
 
