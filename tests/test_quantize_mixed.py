@@ -93,6 +93,33 @@ def test_block_size_and_float_compute(graph, tmp_path):
     assert sizes[16] > sizes[32] > sizes[128]  # one fp32 scale per block
 
 
+def test_blocks_divide_k_so_no_weight_row_is_padded(tmp_path):
+    # MatMulNBits pads K up to whole blocks and reads the padding at every step; a K that the asked block does
+    # not divide (Qwen2.5-0.5B's 896 in 8-bit blocks of 256) gets the largest power-of-two block that does.
+    from edge_vla.export.nbits import pack_matmul
+    from edge_vla.export.quantize import INT8_BLOCK, block_for
+
+    assert block_for(896, 256) == 128 and block_for(4864, 256) == 256 and block_for(896, 64) == 64
+    assert block_for(96, 64) == 32 and block_for(128, 256) == 128  # K below the block: a power of two <= K
+    assert block_for(100, 64) == 64  # no power-of-two factor >= 16: the first choice, padded
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(96, 8)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 96])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [numpy_helper.from_array(w, "w")])
+    src, out = tmp_path / "g.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    quantize_nbits(src, out, block=64, gather=False)
+    (node,) = _nbits_nodes(out).values()
+    assert node["block_size"] == 32 and node["K"] == 96
+    x = rng.normal(size=(1, 96)).astype(np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ w).max() < 0.1 * np.abs(x @ w).max()
+    # the weight-by-weight packer (streaming export) takes the same blocks: 3 of 32 rows, none padded
+    p = pack_matmul(rng.normal(size=(896, 16)).astype(np.float32), 8)
+    assert INT8_BLOCK == 256 and p.block == 128 and p.data.shape == (16, 7, 128)
+
+
 def test_gptq_uses_calibration_and_refuses_without(graph, tmp_path):
     with pytest.raises(EdgeVLAError, match="calibration"):
         quantize_nbits(graph, tmp_path / "x.onnx", algo="gptq", gather=False)

@@ -2,7 +2,8 @@
 
     fp32         unchanged
     fp16         float16 weights and compute, float32 graph inputs/outputs kept
-    int8         dynamic INT8: MatMul weights in symmetric 8-bit blocks of 256 along K (MatMulNBits,
+    int8         dynamic INT8: MatMul weights in symmetric 8-bit blocks of 256 along K (128 and below
+                 where 256 does not divide K: block_for) (MatMulNBits,
                  accuracy_level 4: activations quantized to int8 on the fly, int8 dot products);
                  Gemm/Conv/Gather dynamic INT8 per-channel. The CPU default.
     int8-static  static QDQ INT8 with activation ranges calibrated on real inputs (accelerators)
@@ -124,10 +125,19 @@ def _int8_dynamic(src, dst, _, op_types=("MatMul", "Gemm", "Conv", "Gather")):
 
 
 def block_for(k: int, block: int) -> int:
-    """The block size a K-row weight gets: `block`, or the largest power of two <= K (>= 16) where K is
-    smaller (ORT's quantizer leaves a MatMul whose K is below the block size in float). The
-    whole-graph quantizer here and the weight-by-weight packer (edge_vla.export.nbits) both use it."""
-    return block if k >= block else max(16, 1 << (int(k).bit_length() - 1))
+    """The block size a K-row weight gets: `block`, or where K is smaller the largest power of two <= K
+    (ORT's quantizer leaves a MatMul whose K is below the block size in float); then halved (down to 16)
+    until it divides K. MatMulNBits pads K up to whole blocks and reads the padding at every decode step:
+    Qwen2.5-0.5B's hidden size 896 in 8-bit blocks of 256 is 1024 rows, 14% more bytes than its weights
+    (blocks of 128 divide it; finer blocks round no worse). A K with no power-of-two factor >= 16 keeps the
+    first choice, padded. The whole-graph quantizer here and the weight-by-weight packer
+    (edge_vla.export.nbits) both use it."""
+    k = int(k)
+    first = block if k >= block else max(16, 1 << (k.bit_length() - 1))
+    b = first
+    while b > 16 and k % b:
+        b //= 2
+    return b if k % b == 0 else first
 
 
 def _matmul_blocks(model, block: int) -> dict[str, int]:
