@@ -101,7 +101,7 @@ PEERS = ("edge-vla-fp32", "edge-vla-int8", "edge-vla-int8-nbits", "edge-vla-int8
          "executorch-8da4w")
 # Bits per weight of each format as its runtime stores the decoder's matrices (weights + scales).
 FORMAT_BITS = {"edge-vla-fp32": "fp32", "edge-vla-int8": "8-bit, the export's --int8-matmul auto form",
-               "edge-vla-int8-nbits": "8-bit blocks of 256 (or the largest dividing K) + fp32 scale (MatMulNBits)",
+               "edge-vla-int8-nbits": "8-bit blocks of 256 (128 at K = 896) + fp32 scale (MatMulNBits)",
                "edge-vla-int8-integer": "8-bit per channel + fp32 scale, uint8 activations per tensor (MatMulInteger)",
                "edge-vla-int4": "4-bit blocks of 64 + fp32 scale", "edge-vla-int4-b32": "4-bit blocks of 32 + fp32 scale",
                "edge-vla-int4-b128": "4-bit blocks of 128 + fp32 scale", "ort-genai-int8": "8-bit blocks of 32 + fp32 scale",

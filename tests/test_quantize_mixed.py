@@ -95,13 +95,15 @@ def test_block_size_and_float_compute(graph, tmp_path):
 
 def test_blocks_divide_k_so_no_weight_row_is_padded(tmp_path):
     # MatMulNBits pads K up to whole blocks and reads the padding at every step; a K that the asked block does
-    # not divide (Qwen2.5-0.5B's 896 in 8-bit blocks of 256) gets the largest power-of-two block that does.
+    # not divide (Qwen2.5-0.5B's 896 in 8-bit blocks of 256) gets the block that stores the fewest bytes.
     from edge_vla.export.nbits import pack_matmul
     from edge_vla.export.quantize import INT8_BLOCK, block_for
 
-    assert block_for(896, 256) == 128 and block_for(4864, 256) == 256 and block_for(896, 64) == 64
-    assert block_for(96, 64) == 32 and block_for(128, 256) == 128  # K below the block: a power of two <= K
-    assert block_for(100, 64) == 64  # no power-of-two factor >= 16: the first choice, padded
+    assert block_for(896, 256, 8) == 128 and block_for(4864, 256, 8) == 256 and block_for(896, 64, 4) == 64
+    assert block_for(96, 64, 4) == 32 and block_for(128, 256, 8) == 128  # K below the block: a power of two <= K
+    # SigLIP's MLP (4304 = 16 x 269): 1% padding at 256 costs less than a scale per 16 weights
+    assert block_for(4304, 256, 8) == 256 and block_for(4304, 64, 4) == 64
+    assert block_for(100, 64, 4) == 64  # no block divides it: the one with the fewest bytes, padded
     rng = np.random.default_rng(0)
     w = rng.normal(size=(96, 8)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",

@@ -56,7 +56,7 @@ def pack_matmul(weight_kn: np.ndarray, bits: int) -> Packed:
 
     w = np.ascontiguousarray(weight_kn, dtype=np.float32)
     k, n = w.shape
-    block = block_for(k, BLOCKS[bits])
+    block = block_for(k, BLOCKS[bits], bits)
     k_blocks = (k + block - 1) // block
     if k_blocks * block != k:
         w = np.pad(w, ((0, k_blocks * block - k), (0, 0)))
