@@ -115,6 +115,9 @@ for name, path in spec["graphs"].items():
     ins = s.get_inputs()
     f = {ins[0].name: rng.standard_normal((1, 1, ins[0].shape[-1])).astype(np.float32)}
     for x in ins[1:]:
+        if x.name == "past_len":  # the fused decoder's cache length
+            f[x.name] = np.array([context], np.int64)
+            continue
         f[x.name] = rng.standard_normal((1, spec["kv_heads"], context, spec["head_dim"])).astype(np.float32)
     sessions[name], feeds[name] = s, f
 # Wall time and this thread's CPU time (one intra-op thread: ORT and torch compute in the calling

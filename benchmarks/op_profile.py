@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vla.artifacts.bundle import PAST_LEN
+
 # Ops that multiply by a weight initializer, and the op types ONNX Runtime's graph fusions run them as
 # (its profiler names the fused kernel: MatMulInteger + its activation's DynamicQuantizeLinear and the scale's Mul
 # become one DynamicQuantizeMatMul; the quantization of the activation is part of an int8 matmul's cost).
@@ -71,7 +73,9 @@ def _feeds(session, seq: int, past: int) -> dict:
         shape = [dims.get(d, d) if isinstance(d, str) else d for d in i.shape]
         if any(isinstance(d, str) for d in shape):
             raise SystemExit(f"decoder input {i.name} has a dimension this script does not know: {i.shape}")
-        if "int" in i.type:
+        if i.name == PAST_LEN:  # the fused decoder's cache length
+            feeds[i.name] = np.array([past], np.int64)
+        elif "int" in i.type:
             feeds[i.name] = np.zeros(shape, np.int64)
         else:
             feeds[i.name] = (np.random.default_rng(0).standard_normal(shape) * 0.1).astype(np.float32)

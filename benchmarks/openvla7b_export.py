@@ -202,7 +202,7 @@ STEP_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime as ort
-from edge_vla.artifacts.bundle import load_bundle
+from edge_vla.artifacts.bundle import decoder_feeds, load_bundle
 b = load_bundle(sys.argv[1], verify=False)
 so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1; so.log_severity_level = 3
 t0 = time.perf_counter()
@@ -211,8 +211,8 @@ load_s = time.perf_counter() - t0
 d = b.graphs["decoder"]
 ctx = int(sys.argv[2])
 rng = np.random.default_rng(0)
-past = {n: (rng.standard_normal((1, d["n_kv_heads"], ctx, d["head_dim"])) * 0.5).astype(np.float32) for n in d["inputs"][1:]}
-feed = {"inputs_embeds": (rng.standard_normal((1, 1, d["hidden_size"])) * 0.02).astype(np.float32), **past}
+past = [(rng.standard_normal((1, d["n_kv_heads"], ctx, d["head_dim"])) * 0.5).astype(np.float32) for _ in d["inputs"][1:]]
+feed = decoder_feeds(d, (rng.standard_normal((1, 1, d["hidden_size"])) * 0.02).astype(np.float32), past)
 outs = [o.name for o in s.get_outputs() if not o.name.startswith("present")][:1]
 s.run(outs, feed)
 ts = []

@@ -460,31 +460,23 @@ def peak_rss_mb() -> float:
 
 
 def _time_edge_vla(path: Path, ids: list[int], new: int) -> tuple[float, list[float], list[int]]:
-    import onnxruntime as ort
+    """edge-vla's runtime (OrtBackend: its KV cache kept in place where the decoder allows) on the prompt ids
+    (no image prefix), then `new` greedy tokens through the full LM head."""
+    from edge_vla.runtime.ort_backend import OrtBackend
 
-    m = json.loads((path / "manifest.json").read_text())["graphs"]
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
-    sess = {r: ort.InferenceSession(str(path / m[r]["file"]), so, providers=["CPUExecutionProvider"])
-            for r in ("embed", "decoder", "lm_head")}
-    dec = m["decoder"]
-    n_past = len(dec["inputs"]) - 1
-    empty = np.zeros((1, dec["n_kv_heads"], 0, dec["head_dim"]), dtype=np.float32)
-
-    def step(tokens, past):
-        emb = sess["embed"].run(None, {"input_ids": np.asarray([tokens], dtype=np.int64)})[0]
-        out = sess["decoder"].run(None, {"inputs_embeds": emb, **dict(zip(dec["inputs"][1:], past))})
-        logits = sess["lm_head"].run(None, {"hidden": out[0]})[0]
-        return int(np.argmax(logits.reshape(-1, logits.shape[-1])[-1])), list(out[1:1 + n_past])
+    be = OrtBackend.load(path, threads=1)
+    no_prefix = np.zeros((1, 0, be.bundle.graphs["decoder"]["hidden_size"]), np.float32)
 
     def run():
         t = _now()
-        tok, past = step(ids, [empty] * n_past)
+        hidden, _, cache = be.prefill(no_prefix, ids)
+        tok = int(np.argmax(be.lm_logits(hidden)))
         prefill = _since(t)
         steps, toks = [], [tok]
         for _ in range(new):
             t = _now()
-            tok, past = step([tok], past)
+            hidden, _, cache = be.step([tok], cache)
+            tok = int(np.argmax(be.lm_logits(hidden)))
             steps.append(_since(t))
             toks.append(tok)
         return prefill, steps, toks
@@ -501,8 +493,17 @@ class _CpuTimedSession:
         self._s, self._parts, self._role = session, parts, role
 
     def run(self, outputs, feeds):
+        return self._timed(self._s.run, outputs, feeds)
+
+    def run_with_iobinding(self, binding):  # the decoder of an in-place KV cache
+        return self._timed(self._s.run_with_iobinding, binding)
+
+    def io_binding(self):
+        return self._s.io_binding()
+
+    def _timed(self, fn, *args):
         t = time.process_time()
-        out = self._s.run(outputs, feeds)
+        out = fn(*args)
         name = self._role
         if name == "decoder":
             name = "decoder_steps" if "decoder_prefill" in self._parts else "decoder_prefill"

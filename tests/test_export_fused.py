@@ -54,8 +54,8 @@ def test_fused_decoder_matches_pytorch_through_prefill_decode_and_forced_tokens(
     rng = np.random.default_rng(1)
     for t in (20, 1, 3, 1):
         emb = rng.standard_normal((1, t, vla.lm.config.hidden_size)).astype(np.float32)
-        feeds = {"inputs_embeds": emb, **{f"past_{kind}_{i}": past[2 * i + j] for i in range(n_layers)
-                                          for j, kind in enumerate(("key", "value"))}}
+        feeds = {"inputs_embeds": emb, "past_len": np.array([past[0].shape[2]], np.int64),
+                 **{f"past_{kind}_{i}": past[2 * i + j] for i in range(n_layers) for j, kind in enumerate(("key", "value"))}}
         got = sess.run(None, feeds)
         with torch.no_grad():
             want = [x.numpy() for x in ref(torch.from_numpy(emb), tuple(torch.from_numpy(p) for p in past))]
@@ -84,8 +84,9 @@ def test_fused_decoder_quantizes_every_weight_matmul(perturbed_vla, tmp_path):
         assert len(nbits) == 4 * n_layers + 1  # + the LM head
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
         sess = _session(q)
-        feeds = {i.name: np.zeros((1, 2, 0, 32) if i.name.startswith("past") else (1, 3, 128), np.float32)
-                 for i in sess.get_inputs()}
+        feeds = {i.name: np.zeros((1, 2, 0, 32) if i.name.startswith("past_") else (1, 3, 128), np.float32)
+                 for i in sess.get_inputs() if i.name != "past_len"}
+        feeds["past_len"] = np.zeros(1, np.int64)
         hidden, logits = sess.run(None, feeds)[:2]
         assert np.isfinite(logits).all() and hidden.shape == (1, 128)
 

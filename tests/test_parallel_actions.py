@@ -158,7 +158,7 @@ def test_both_decoder_forms_output_every_new_positions_hidden_state(tmp_path, fu
     equal to PyTorch's last hidden states, prefill and a multi-token step after a cache."""
     import onnxruntime as ort
 
-    from edge_vla.artifacts.bundle import HIDDEN_ALL
+    from edge_vla.artifacts.bundle import HIDDEN_ALL, decoder_feeds
     from edge_vla.export.onnx_export import export_graphs
 
     vla = _vla().eval()
@@ -166,12 +166,13 @@ def test_both_decoder_forms_output_every_new_positions_hidden_state(tmp_path, fu
     assert HIDDEN_ALL in graphs["decoder"]["outputs"]
     sess = ort.InferenceSession(str(tmp_path / graphs["decoder"]["file"]), providers=["CPUExecutionProvider"])
     n_layers, n_kv, hd = graphs["decoder"]["n_layers"], graphs["decoder"]["n_kv_heads"], graphs["decoder"]["head_dim"]
-    past = {n: np.zeros((1, n_kv, 0, hd), np.float32) for n in graphs["decoder"]["inputs"][1:]}
+    dec = graphs["decoder"]
+    past = [np.zeros((1, n_kv, 0, hd), np.float32)] * len(dec["inputs"][1:])
     emb = torch.randn(1, 9, vla.lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
     names = [o.name for o in sess.get_outputs()]
-    out = dict(zip(names, sess.run(None, {"inputs_embeds": emb[:, :6].numpy(), **past})))
-    present = {n.replace("present", "past"): v for n, v in out.items() if n.startswith("present")}
-    out2 = dict(zip(names, sess.run(None, {"inputs_embeds": emb[:, 6:].numpy(), **present})))
+    out = dict(zip(names, sess.run(None, decoder_feeds(dec, emb[:, :6].numpy(), past))))
+    present = [out[n.replace("past", "present")] for n in dec["inputs"][1:]]
+    out2 = dict(zip(names, sess.run(None, decoder_feeds(dec, emb[:, 6:].numpy(), present))))
     with torch.no_grad():
         ref = vla.lm.get_decoder()(inputs_embeds=emb).last_hidden_state[0].numpy()
     np.testing.assert_allclose(out[HIDDEN_ALL][0], ref[:6], atol=1e-4)

@@ -31,6 +31,9 @@ BUNDLE_FORMAT = "edge-vla-bundle"
 BUNDLE_SCHEMA_VERSION = 2
 # Decoder output of parallel-decoding bundles: every new position's hidden state (B, T, H).
 HIDDEN_ALL = "hidden_all"
+# Input of the fused decoder (manifest: graphs.decoder.cache_length): the KV cache's length (1,) int64, so that a
+# runtime may bind one preallocated buffer per layer as both past_* and present_* (the cache kept in place).
+PAST_LEN = "past_len"
 TOKENIZER_DIR = "tokenizer"
 GRAPH_ROLES = ("prefix", "embed", "decoder", "lm_head", "action_head")
 
@@ -67,6 +70,19 @@ class Bundle:
     @property
     def size_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.manifest["files"])
+
+
+def decoder_feeds(decoder: dict, inputs_embeds, past) -> dict:
+    """The feeds of a bundle's decoder graph (`decoder`: the manifest's graphs.decoder) for new positions
+    `inputs_embeds` after the cache `past` (the past_* arrays in the manifest's order); a decoder that takes
+    the cache's length as an input (`cache_length`, the fused one) gets the past arrays' own length."""
+    import numpy as np
+
+    names = decoder["inputs"]
+    feeds = {names[0]: inputs_embeds, **dict(zip(names[1:], past))}
+    if decoder.get("cache_length"):
+        feeds[decoder["cache_length"]] = np.array([past[0].shape[2]], np.int64)
+    return feeds
 
 
 def _hash_tree(root: Path) -> dict[str, str]:

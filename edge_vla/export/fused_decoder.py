@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_vla.errors import MissingDependencyError
-from edge_vla.artifacts.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL, PAST_LEN
 
 MS = "com.microsoft"
 LLAMA_FAMILY = ("qwen2", "llama", "mistral")
@@ -203,13 +203,14 @@ def build_decoder_graph(c, weights, sink, bits: int | None = None, layers=None, 
         return weights.has(name)
 
     # Sequence bookkeeping GroupQueryAttention wants: total length (scalar int32) and seqlens_k
-    # (B,) int32 = total - 1 (no padding: every row of the batch has the same length).
+    # (B,) int32 = total - 1 (no padding: every row of the batch has the same length). The cache's length
+    # is an input (`past_len`), not the past inputs' length: a runtime may bind one preallocated buffer per
+    # layer as both past_* and present_*, and GroupQueryAttention then appends the new keys in place
+    # instead of clearing the present cache and copying the past into it, once per query head, every step.
     node("Shape", ["inputs_embeds"], ["shape_embeds"])
-    node("Shape", ["past_key_0"], ["shape_past"])
     node("Gather", ["shape_embeds", const("c/i0", np.array([0], np.int64))], ["batch"])
     node("Gather", ["shape_embeds", const("c/i1", np.array(1, np.int64))], ["seq"])
-    node("Gather", ["shape_past", const("c/i2", np.array(2, np.int64))], ["past_len"])
-    node("Add", ["seq", "past_len"], ["total64"])
+    node("Add", ["seq", PAST_LEN], ["total64"])
     node("Cast", ["total64"], ["total_sequence_length"], to=TensorProto.INT32)
     node("Sub", ["total64", const("c/one", np.array(1, np.int64))], ["last_pos"])
     node("Expand", ["last_pos", "batch"], ["seqlens64"])
@@ -299,6 +300,7 @@ def build_decoder_graph(c, weights, sink, bits: int | None = None, layers=None, 
             if head_bias is not None:
                 node("Add", [head, const("lm_head/b", np.asarray(head_bias, np.float32))], ["logits"])
             outputs.append(helper.make_tensor_value_info("logits", f, ["batch", int(np.shape(head_weight)[0])]))
+    inputs.append(helper.make_tensor_value_info(PAST_LEN, TensorProto.INT64, [1]))
     for j in range(n_graph_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{j}", f, ["batch", n_kv, "past", head_dim]))

@@ -34,7 +34,7 @@ from torch import nn
 
 from edge_vla import notices
 from edge_vla.errors import EdgeVLAError
-from edge_vla.artifacts.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL, PAST_LEN
 
 PREFIX_GRAPH, EMBED_GRAPH, DECODER_GRAPH, ACTION_HEAD_GRAPH = "prefix.onnx", "embed.onnx", "decoder.onnx", "action_head.onnx"
 LM_HEAD_GRAPH = "lm_head.onnx"
@@ -167,6 +167,7 @@ def export_graphs(vla, out_dir: str | Path, fused_decoder: bool = False) -> dict
         graphs.update(split_decoder(vla, build_fused_decoder(vla.lm, head.weight.detach().float().numpy(), bias,
                                                              all_hidden=cfg.parallel_actions), out))
         form = "onnxruntime-fused"
+        graphs["decoder"]["cache_length"] = PAST_LEN
     else:
         full = out / ".decoder_with_head.onnx"
         in_names, _ = export_full_decoder(vla, full)

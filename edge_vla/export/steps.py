@@ -153,8 +153,9 @@ def calibrate(fp32_bundle, observations: list[dict], roles=("prefix", "embed", "
     from edge_vla.runtime.policy import Policy
 
     calibration: dict[str, list] = {role: [] for role in roles}
-    # head="full": action tokens go through lm_head too, so it sees the decoder's real hidden states.
-    backend = OrtBackend(fp32_bundle, head="full")
+    # head="full": action tokens go through lm_head too, so it sees the decoder's real hidden states; the cache
+    # fed back as arrays (not kept in place), so that every decoder feed is a plain dict to record.
+    backend = OrtBackend(fp32_bundle, head="full", in_place_kv=False)
     for role in calibration:
         backend.sessions[role] = _RecordingSession(backend.sessions[role], calibration[role])
     policy = Policy(backend, mode="direct")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_vla.artifacts.bundle import PAST_LEN
 from edge_vla.errors import EdgeVLAError
 
 # Above ~2B parameters the in-memory export no longer fits this 23 GB machine: the float32 model
@@ -199,7 +200,8 @@ def write_decoder(src: Source, lm_cfg, out: Path, bits: int | None, report, acce
     report(f"decoder: {n_layers} layers, {sink.bytes_written / 1e9:.2f} GB of weights written as built")
     return {"file": DECODER_GRAPH, "outputs": [o.name for o in model.graph.output],
             "inputs": ["inputs_embeds", *kv_names(n_layers, "past")], "n_layers": n_layers, "n_kv_heads": n_kv,
-            "head_dim": hd, "hidden_size": lm_cfg.hidden_size, "form": "onnxruntime-fused", "built": "streaming"}
+            "head_dim": hd, "hidden_size": lm_cfg.hidden_size, "form": "onnxruntime-fused", "built": "streaming",
+            "cache_length": PAST_LEN}
 
 
 def _graph(nodes, inputs, outputs, sink, name: str, ms: bool = False):
@@ -414,7 +416,7 @@ def check_layers(src: Source, lm_cfg, layers, bits: int | None, atol: float, rep
             x = rng.standard_normal((1, LAYER_PROBE_TOKENS, lm_cfg.hidden_size)).astype(np.float32)
             want = ref.run_layer(torch.from_numpy(x)).numpy()
             empty = np.zeros((1, n_kv, 0, hd), np.float32)
-            feeds = {"inputs_embeds": x, "past_key_0": empty, "past_value_0": empty}
+            feeds = {"inputs_embeds": x, "past_key_0": empty, "past_value_0": empty, PAST_LEN: np.zeros(1, np.int64)}
             row = {"layer": i}
             for tag, b in (("fp32", None), ("quantized", bits)):
                 if tag == "quantized" and b is None:

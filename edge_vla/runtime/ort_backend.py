@@ -1,7 +1,11 @@
 """ONNX Runtime backend: runs a bundle with onnxruntime + numpy + tokenizers only (no torch).
 
-The KV cache is a list of numpy arrays fed back as `past_*` inputs; prefill and decode use the
-same decoder graph (past length 0 at prefill). The decoder graph is the body only (hidden state
+Prefill and decode use the same decoder graph (past length 0 at prefill). A decoder that takes the
+cache's length as an input (the fused one: manifest `cache_length`) keeps its KV cache in place: one
+numpy buffer per past_* input, bound (IOBinding) as both that input and its present_* output, so that
+each step appends its keys and values where they belong instead of having ONNX Runtime clear and
+re-copy the whole cache (`KVCache`; buffers grow by doubling). Other decoders (the torch-exported one)
+take the cache as a list of numpy arrays fed back as `past_*`. The decoder graph is the body only (hidden state
 out): `prefill`/`step` return logits=None and the Policy asks for what it needs from the hidden
 state, the full-vocabulary logits (`lm_logits`, lm_head.onnx: free tokens) or the action token
 (`action_bin`/`action_logits`, action_head.onnx: 256 rows). `head="full"` makes action tokens go
@@ -15,8 +19,41 @@ from pathlib import Path
 import numpy as np
 
 from edge_vla.errors import EdgeVLAError, MissingDependencyError
-from edge_vla.artifacts.bundle import HIDDEN_ALL
+from edge_vla.artifacts.bundle import HIDDEN_ALL, decoder_feeds
 from edge_vla.runtime.policy import bind_bundle
+
+# Positions an in-place cache holds beyond what its prefill needs before it first grows (a direct-mode
+# action's remaining tokens; full mode's ~250 reasoning tokens grow it twice).
+KV_HEADROOM = 64
+
+
+class KVCache:
+    """An in-place KV cache: `buffers` (1, kv, capacity, d) per past_* input, the first `length` positions
+    filled. A step returns a new KVCache over the same buffers: an older one stays valid for a step that
+    continues from it (it writes from its own length on), but two continuations from one cache cannot both
+    be kept."""
+
+    __slots__ = ("buffers", "length")
+
+    def __init__(self, buffers: list, length: int):
+        self.buffers, self.length = buffers, length
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def with_room(self, n: int) -> "KVCache":
+        """This cache, or a copy in buffers twice as large, holding `n` more positions."""
+        need = self.length + n
+        if need <= self.capacity:
+            return self
+        cap = max(need, 2 * self.capacity)
+        grown = []
+        for b in self.buffers:
+            g = np.empty((*b.shape[:2], cap, b.shape[3]), b.dtype)
+            g[:, :, :self.length] = b[:, :, :self.length]
+            grown.append(g)
+        return KVCache(grown, self.length)
 
 
 class OrtBackend:
@@ -24,7 +61,8 @@ class OrtBackend:
 
     HEADS = ("restricted", "full")
 
-    def __init__(self, bundle, threads: int | None = 1, providers: list[str] | None = None, head: str = "restricted"):
+    def __init__(self, bundle, threads: int | None = 1, providers: list[str] | None = None, head: str = "restricted",
+                 in_place_kv: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -55,6 +93,10 @@ class OrtBackend:
                 raise EdgeVLAError(f"onnxruntime cannot load the {role} graph of {bundle.path} "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", "re-export the bundle") from None
         dec = bundle.graphs["decoder"]
+        self._decoder = dec
+        # `in_place_kv=False` feeds the cache back as arrays even where the decoder could keep it in place
+        # (the reference the in-place cache is tested and timed against).
+        self._in_place = in_place_kv and bool(dec.get("cache_length"))
         self._past_names = dec["inputs"][1:]
         outs = [o.name for o in self.sessions["decoder"].get_outputs()]
         self._present_names = [o for o in outs if o.startswith("present")]
@@ -85,19 +127,45 @@ class OrtBackend:
         return self.sessions["embed"].run(None, {"input_ids": np.asarray([list(ids)], dtype=np.int64)})[0]
 
     def _run(self, embeds, cache, n_last=None):
-        feeds = {"inputs_embeds": embeds.astype(self._embed_dtype, copy=False)}
-        feeds.update(zip(self._past_names, cache))
+        embeds = embeds.astype(self._embed_dtype, copy=False)
         first = "hidden" if n_last is None else HIDDEN_ALL
-        hidden, *present = self.sessions["decoder"].run([first, *self._present_names], feeds)
+        if self._in_place:
+            hidden, cache = self._run_in_place(embeds, cache, first)
+        else:
+            hidden, *cache = self.sessions["decoder"].run([first, *self._present_names],
+                                                          decoder_feeds(self._decoder, embeds, cache))
         hidden = hidden[0] if n_last is None else hidden[0, -n_last:]
-        return hidden.astype(np.float32), None, present
+        return hidden.astype(np.float32), None, cache
+
+    def _run_in_place(self, embeds, cache: KVCache, first: str):
+        import onnxruntime as ort
+
+        n = embeds.shape[1]
+        cache = cache.with_room(n)
+        io = self.sessions["decoder"].io_binding()
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        io.bind_cpu_input(self._decoder["cache_length"], np.array([cache.length], np.int64))
+        for past, present, buf in zip(self._past_names, self._present_names, cache.buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps the numpy buffer: ORT writes into it
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_output(first)
+        self.sessions["decoder"].run_with_iobinding(io)
+        hidden = io.get_outputs()[-1].numpy()  # the one output ORT allocated (bound last)
+        return hidden, KVCache(cache.buffers, cache.length + n)
+
+    def _empty_cache(self, n: int):
+        n_kv, head_dim = self._kv_shape
+        if not self._in_place:
+            return [np.zeros((1, n_kv, 0, head_dim), dtype=self._kv_dtype)] * len(self._past_names)
+        return KVCache([np.empty((1, n_kv, n + KV_HEADROOM, head_dim), dtype=self._kv_dtype)
+                        for _ in self._past_names], 0)
 
     def prefill(self, prefix, input_ids, n_last: int | None = None):
         """(hidden (H,), None, cache) of the last position; with `n_last` (a parallel-decoding bundle),
         the hidden states of the last n_last positions (n_last, H)."""
         embeds = np.concatenate([prefix.astype(np.float32), self._embed(input_ids).astype(np.float32)], axis=1)
-        empty = np.zeros((1, *self._kv_shape[:1], 0, self._kv_shape[1]), dtype=self._kv_dtype)
-        return self._run(embeds, [empty] * len(self._past_names), n_last)
+        return self._run(embeds, self._empty_cache(embeds.shape[1]), n_last)
 
     def step(self, token_ids, cache, n_last: int | None = None):
         return self._run(self._embed(token_ids), cache, n_last)
