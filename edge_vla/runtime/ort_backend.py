@@ -23,7 +23,7 @@ from edge_vla.artifacts.bundle import HIDDEN_ALL, decoder_feeds
 from edge_vla.runtime.policy import bind_bundle
 
 # Positions an in-place cache holds beyond what its prefill needs before it first grows (a direct-mode
-# action's remaining tokens; full mode's ~250 reasoning tokens grow it twice).
+# action's remaining tokens; full mode's ~250 reasoning tokens grow it once).
 KV_HEADROOM = 64
 
 
@@ -95,8 +95,10 @@ class OrtBackend:
         dec = bundle.graphs["decoder"]
         self._decoder = dec
         # `in_place_kv=False` feeds the cache back as arrays even where the decoder could keep it in place
-        # (the reference the in-place cache is tested and timed against).
-        self._in_place = in_place_kv and bool(dec.get("cache_length"))
+        # (the reference the in-place cache is tested and timed against). The buffers are host memory: on
+        # CUDA they would have to live on the device (not built: no GPU here to test it), so CUDA feeds.
+        self._in_place = (in_place_kv and bool(dec.get("cache_length"))
+                          and self.sessions["decoder"].get_providers() == ["CPUExecutionProvider"])
         self._past_names = dec["inputs"][1:]
         outs = [o.name for o in self.sessions["decoder"].get_outputs()]
         self._present_names = [o for o in outs if o.startswith("present")]
@@ -143,7 +145,7 @@ class OrtBackend:
         n = embeds.shape[1]
         cache = cache.with_room(n)
         io = self.sessions["decoder"].io_binding()
-        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        io.bind_cpu_input(self._decoder["inputs"][0], np.ascontiguousarray(embeds))
         io.bind_cpu_input(self._decoder["cache_length"], np.array([cache.length], np.int64))
         for past, present, buf in zip(self._past_names, self._present_names, cache.buffers):
             value = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps the numpy buffer: ORT writes into it
