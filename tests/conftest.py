@@ -101,6 +101,19 @@ def tiny_ckpt(tmp_path_factory, tiny_vla):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp32_bundle(tiny_ckpt, tmp_path_factory):
+    """tiny_ckpt exported with `edge-vla export --fp32` (read-only: copy it before changing it)."""
+    from click.testing import CliRunner
+
+    from edge_vla.cli import main
+
+    out = tmp_path_factory.mktemp("fp32-bundle") / "bundle"
+    res = CliRunner().invoke(main, ["export", str(tiny_ckpt), "--fp32", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_policy(tiny_ckpt):
     """A direct-mode Policy over tiny_ckpt on the torch backend."""
     from edge_vla.runtime.policy import load_policy

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_ckpt, tmp_path_factory):
-    from edge_vla.cli import main
-
-    out = tmp_path_factory.mktemp("kv") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_ckpt), "--fp32", "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
+def bundle(tiny_fp32_bundle):
+    return tiny_fp32_bundle
 
 
 def test_the_fused_decoder_takes_the_cache_length(bundle):

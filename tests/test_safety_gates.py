@@ -22,13 +22,8 @@ def ckpt(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(ckpt, tmp_path_factory):
-    from edge_vla.cli import main
-
-    out = tmp_path_factory.mktemp("gates-b32") / "bundle"
-    res = CliRunner().invoke(main, ["export", str(ckpt), "--fp32", "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
+def fp32_bundle(tiny_fp32_bundle):
+    return tiny_fp32_bundle
 
 
 class Shifted:
