@@ -26,9 +26,10 @@ PARITY_OBSERVATIONS = 8
 HELD_OUT_OBSERVATIONS = 64
 
 # The INT8 kernel of a CPU export's decoder MatMuls (`--int8-matmul`). "nbits": MatMulNBits, 8-bit blocks of 256
-# (smaller where that stores fewer bytes: quantize.block_for) with int8 compute, faster per single-token decode step; "integer": ONNX Runtime's MatMulInteger form (per-channel
-# int8 weights, activations quantized per tensor on the fly, MLAS's QGEMM), ~2x faster at a prefill's hundreds of
-# rows. "auto": integer when the deployed action is one prefill (direct mode, parallel actions), nbits otherwise.
+# (smaller where that stores fewer bytes: quantize.block_for) with int8 compute, faster per single-token decode
+# step; "integer": ONNX Runtime's MatMulInteger form (per-channel int8 weights, activations quantized per tensor
+# on the fly, MLAS's QGEMM), ~2x faster at a prefill's hundreds of rows. "auto": integer when the deployed
+# action is one prefill (direct mode, parallel actions), nbits otherwise.
 INT8_MATMULS = ("auto", *INT8_MATMUL_OPS)
 
 

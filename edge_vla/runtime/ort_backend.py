@@ -33,10 +33,31 @@ class KVCache:
     continues from it (it writes from its own length on), but two continuations from one cache cannot both
     be kept."""
 
-    __slots__ = ("buffers", "length")
+    __slots__ = ("buffers", "length", "_bindings")
 
-    def __init__(self, buffers: list, length: int):
+    def __init__(self, buffers: list, length: int, bindings: dict | None = None):
         self.buffers, self.length = buffers, length
+        self._bindings = {} if bindings is None else bindings
+
+    def binding(self, session, past_names, present_names, output: str):
+        """The session's IOBinding with these buffers bound as both past_* and present_* and `output` left for
+        ONNX Runtime to allocate: made once per set of buffers and output, as binding every cache tensor at
+        every step costs a small model more than the copies it saves."""
+        io = self._bindings.get(output)
+        if io is None:
+            import onnxruntime as ort
+
+            io = self._bindings[output] = session.io_binding()
+            for past, present, buf in zip(past_names, present_names, self.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps the numpy memory: ORT writes into it
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
+            io.bind_output(output)
+        return io
+
+    def advanced(self, n: int) -> "KVCache":
+        """The same buffers (and bindings) with `n` more positions filled."""
+        return KVCache(self.buffers, self.length + n, self._bindings)
 
     @property
     def capacity(self) -> int:
@@ -140,21 +161,14 @@ class OrtBackend:
         return hidden.astype(np.float32), None, cache
 
     def _run_in_place(self, embeds, cache: KVCache, first: str):
-        import onnxruntime as ort
-
         n = embeds.shape[1]
         cache = cache.with_room(n)
-        io = self.sessions["decoder"].io_binding()
+        io = cache.binding(self.sessions["decoder"], self._past_names, self._present_names, first)
         io.bind_cpu_input(self._decoder["inputs"][0], np.ascontiguousarray(embeds))
         io.bind_cpu_input(self._decoder["cache_length"], np.array([cache.length], np.int64))
-        for past, present, buf in zip(self._past_names, self._present_names, cache.buffers):
-            value = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps the numpy buffer: ORT writes into it
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
-        io.bind_output(first)
         self.sessions["decoder"].run_with_iobinding(io)
         hidden = io.get_outputs()[-1].numpy()  # the one output ORT allocated (bound last)
-        return hidden, KVCache(cache.buffers, cache.length + n)
+        return hidden, cache.advanced(n)
 
     def _empty_cache(self, n: int):
         n_kv, head_dim = self._kv_shape
