@@ -2,8 +2,9 @@
 
 The same decoder weights through every runtime:
 
-    edge-vla fp32 / int8 / int4   the bundle's embed + decoder + lm_head graphs (ONNX Runtime), as a
-                                  bundle's free-token decode step runs them (no Python policy loop)
+    edge-vla fp32 / int8 / int4   the bundle's embed + decoder + lm_head graphs through edge-vla's ONNX
+                                  Runtime backend (`OrtBackend.prefill/step/lm_logits`: a free-token decode
+                                  step as the runtime runs it, the KV cache in place; no policy loop)
                                   (int8: what `edge-vla export --int8` writes, its decoder's MatMul form
                                   chosen by `--int8-matmul auto`: MatMulInteger for a direct-mode
                                   parallel-action checkpoint, MatMulNBits otherwise)
