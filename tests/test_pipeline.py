@@ -92,7 +92,9 @@ def test_the_shipped_checkpoints_load_and_match_their_description(shipped):
         summary = json.loads((shipped / recipe / "train_summary.json").read_text())
         assert summary["command"].startswith(f"edge-vla train --recipe {recipe} ") or (
             recipe in info.get("students", {}) and summary["command"].startswith("edge-vla distill "))
-        assert summary["config"]["action_chunk"] == info["action_chunk"] and summary["steps"] > 0
+        assert summary["steps"] > 0
+        if recipe not in info.get("students", {}):  # a student acts with its teacher's chunk: checked by acting below
+            assert summary["config"]["action_chunk"] == info["action_chunk"]
         policy = load_policy(shipped / recipe, backend="torch", mode="direct")
         assert policy.act(obs).action.shape == (info["action_chunk"], 7)
 
