@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_vla.artifacts.bundle import PAST_LEN
+from edge_vla.artifacts.bundle import decoder_feeds, load_bundle
 
 # Ops that multiply by a weight initializer, and the op types ONNX Runtime's graph fusions run them as
 # (its profiler names the fused kernel: MatMulInteger + its activation's DynamicQuantizeLinear and the scale's Mul
@@ -66,24 +66,18 @@ def weight_matmuls(decoder: Path) -> list[dict]:
     return out
 
 
-def _feeds(session, seq: int, past: int) -> dict:
-    dims = {"batch": 1, "seq": seq, "past": past}
-    feeds = {}
-    for i in session.get_inputs():
-        shape = [dims.get(d, d) if isinstance(d, str) else d for d in i.shape]
-        if any(isinstance(d, str) for d in shape):
-            raise SystemExit(f"decoder input {i.name} has a dimension this script does not know: {i.shape}")
-        if i.name == PAST_LEN:  # the fused decoder's cache length
-            feeds[i.name] = np.array([past], np.int64)
-        elif "int" in i.type:
-            feeds[i.name] = np.zeros(shape, np.int64)
-        else:
-            feeds[i.name] = (np.random.default_rng(0).standard_normal(shape) * 0.1).astype(np.float32)
-    return feeds
+def _feeds(decoder_info: dict, seq: int, past: int) -> dict:
+    """Random new positions after a random cache of `past` positions, as the bundle's decoder takes them."""
+    rng = np.random.default_rng(0)
+    kv = (1, decoder_info["n_kv_heads"], past, decoder_info["head_dim"])
+    cache = [(rng.standard_normal(kv) * 0.1).astype(np.float32) for _ in decoder_info["inputs"][1:]]
+    embeds = (rng.standard_normal((1, seq, decoder_info["hidden_size"])) * 0.1).astype(np.float32)
+    return decoder_feeds(decoder_info, embeds, cache)
 
 
-def profile_phase(decoder: Path, seq: int, past: int, runs: int, warmup: int = 2) -> dict:
-    """Median CPU ms of `runs` runs, and each op type's share of the profiled kernel time."""
+def profile_phase(decoder: Path, decoder_info: dict, seq: int, past: int, runs: int, warmup: int = 2) -> dict:
+    """Median CPU ms of `runs` runs, and each op type's share of the profiled kernel time (`decoder_info`: the
+    manifest's graphs.decoder)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +85,7 @@ def profile_phase(decoder: Path, seq: int, past: int, runs: int, warmup: int = 2
         so.intra_op_num_threads = so.inter_op_num_threads = 1
         so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "prof")
         s = ort.InferenceSession(str(decoder), so, providers=["CPUExecutionProvider"])
-        feeds = _feeds(s, seq, past)
+        feeds = _feeds(decoder_info, seq, past)
         cpu = []
         for i in range(warmup + runs):
             t0 = time.process_time()
@@ -144,10 +138,11 @@ def analyse(bundle: Path, prefill: int, past: int, runs: int) -> dict:
     decoder = bundle / "decoder.onnx"
     if not decoder.is_file():
         raise SystemExit(f"{bundle}: no decoder.onnx; pass an edge-vla bundle directory (edge-vla export ... -o DIR)")
+    info = load_bundle(bundle, verify=False).graphs["decoder"]
     mms = weight_matmuls(decoder)
     ops = {kernel for m in mms for kernel in WEIGHT_MATMULS[m["op"]]}
-    pre = profile_phase(decoder, prefill, 0, max(1, runs // 4))
-    dec = profile_phase(decoder, 1, past, runs)
+    pre = profile_phase(decoder, info, prefill, 0, max(1, runs // 4))
+    dec = profile_phase(decoder, info, 1, past, runs)
     rates = int8_gemm_gops({(m["K"], m["N"]) for m in mms}, prefill)
     bandwidth = max(measure_memory_bandwidth() for _ in range(3))
 
