@@ -15,6 +15,7 @@ Interrupting keeps every finished part; running again with the same arguments re
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing as mp
 import os
@@ -90,15 +91,24 @@ def record_demo(env, expert_cls, annotator_cls, init_state: int | None, seed: in
 _ENV_CACHE: dict = {}
 
 
+def _close_envs() -> None:
+    for env in _ENV_CACHE.values():
+        env.close()
+    _ENV_CACHE.clear()
+
+
 def _worker_env(suite, task, image_size, cameras):
     from edge_vla.sim.env import LiberoEnv
 
     key = (suite, task, image_size, tuple(cameras))
     if key not in _ENV_CACHE:
-        for env in _ENV_CACHE.values():  # one env per worker at a time: they hold GL contexts
-            env.close()
-        _ENV_CACHE.clear()
+        _close_envs()  # one env per worker at a time: they hold GL contexts
         _ENV_CACHE[key] = LiberoEnv(suite, task, image_size=image_size, cameras=cameras)
+        # A pool worker ends in interpreter shutdown, where the garbage collector would free the
+        # envs' GL contexts after robosuite's atexit has terminated EGL (one EGLError traceback per
+        # context on the terminal). Registered after the env's context, so it runs before that.
+        atexit.unregister(_close_envs)
+        atexit.register(_close_envs)
     return _ENV_CACHE[key]
 
 
@@ -255,9 +265,7 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
                 pool.terminate()  # interrupted: finished parts are on disk already, the rest resumes
             if bar is not None:
                 bar.stop()
-            for env in _ENV_CACHE.values():
-                env.close()
-            _ENV_CACHE.clear()
+            _close_envs()
     return results
 
 

@@ -388,9 +388,18 @@ class LiberoEnv:
 
     def close(self) -> None:
         env, self._env = getattr(self, "_env", None), None
-        if env is not None:
-            with contextlib.suppress(Exception):
-                env.close()
+        if env is None:
+            return
+        # Free the GL context now, while EGL is up: robosuite leaves it to the garbage collector,
+        # which in a worker's interpreter shutdown runs after EGL's own atexit teardown and prints
+        # an EGLError traceback per context (its second free, in __del__, is then a no-op).
+        ctx = getattr(getattr(env, "sim", None), "_render_context_offscreen", None)
+        with contextlib.suppress(Exception):
+            if ctx is not None:
+                ctx.con.free()
+                ctx.gl_ctx.free()
+        with contextlib.suppress(Exception):
+            env.close()
 
     def __enter__(self):
         return self
