@@ -18,6 +18,10 @@ work="${WORK:-$here/../../runs/scene2-basket}"
 # started from a separate worktree so that edits here cannot change a run under way.
 ship="${SHIP:-$here}"
 jobs="${JOBS:-2}"
+# MISSING_ONLY=1: train only what is not shipped here yet (a run whose state was lost with its
+# machine is then finished on another); a student's teacher is then the shipped checkpoint when its
+# run is not in $work. Without it every run is rebuilt (resumed where its state is in $work).
+missing_only="${MISSING_ONLY:-0}"
 export OMP_NUM_THREADS=1
 mkdir -p "$work"
 
@@ -63,32 +67,50 @@ VLA.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float1
     rm -rf "${ship:?}/$r" && mv "$tmp" "$ship/$r"
 }
 
+# shipped_only NAME: true when MISSING_ONLY=1 and NAME is shipped but its run is not in $work to resume.
+shipped_only() { [ "$missing_only" = 1 ] && [ -f "$ship/$1/train_summary.json" ] && [ ! -d "$work/$1/final" ]; }
+
 # train NAME RECIPE ARGS...: one run into $work/NAME (log: $work/NAME.log), resumed if begun.
 train() {
     local name="$1" recipe="$2"; shift 2
+    shipped_only "$name" && { echo "$name: shipped, kept (MISSING_ONLY=1)"; return 0; }
     [ -d "$work/$name/final" ] && { ship_one "$name"; return 0; }
     local resume=""; [ -f "$work/$name/train_config.json" ] && resume="--resume"
-    edge-vla train --recipe "$recipe" --out "$work/$name" "${common[@]}" "$@" $resume >>"$work/$name.log" 2>&1
+    edge-vla train --recipe "$recipe" --out "$work/$name" "${common[@]}" "$@" $resume >>"$work/$name.log" 2>&1 ||
+        { echo "$name failed: see $work/$name.log"; return 1; }
     ship_one "$name"
 }
 
 # distil NAME TEACHER ARGS...: one distillation run into $work/NAME, resumed if begun.
 distil() {
     local name="$1" teacher="$2"; shift 2
+    shipped_only "$name" && { echo "$name: shipped, kept (MISSING_ONLY=1)"; return 0; }
     [ -d "$work/$name/final" ] && { ship_one "$name"; return 0; }
     local resume=""; [ -f "$work/$name/distill_config.json" ] && resume="--resume"
-    edge-vla distill --teacher "$work/$teacher/final" --data "$work/data" --out "$work/$name" "$@" \
-        --set save_every=250 --no-progress $resume >>"$work/$name.log" 2>&1
+    local from="$work/$teacher/final"
+    shipped_only "$teacher" && from="$ship/$teacher"
+    edge-vla distill --teacher "$from" --data "$work/data" --out "$work/$name" "$@" \
+        --set save_every=250 --no-progress $resume >>"$work/$name.log" 2>&1 ||
+        { echo "$name failed: see $work/$name.log"; return 1; }
     ship_one "$name"
 }
 
 # Up to $jobs commands at once, in order; stops at the first failure once the running ones end.
-pids=()
+declare -A pid_of
 slot() {
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || { wait; exit 1; }; done
-    "$@" & pids+=($!)
+    "$@" & pid_of[$2]=$!
 }
-drain() { local p; for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
+# after NAME...: block until those runs have ended (the others keep their slots) and each has a
+# checkpoint to teach from; a student starts as soon as its teacher is done, not after every run.
+after() {
+    local n
+    for n in "$@"; do
+        while [ -n "${pid_of[$n]:-}" ] && kill -0 "${pid_of[$n]}" 2>/dev/null; do sleep 20; done
+        finished "$n" || { wait; exit 1; }
+    done
+}
+finished() { [ -d "$work/$1/final" ] || shipped_only "$1" || { echo "$1 did not finish: see $work/$1.log"; return 1; }; }
 
 parallel=(--set model.parallel_actions=true)
 # The pair the bar compares first, then the rest (cheapest first).
@@ -98,12 +120,13 @@ slot train vla vla "${parallel[@]}"
 slot train thinking-tokens thinking-tokens "${parallel[@]}"
 slot train ecot-lite-pretrain ecot-lite-pretrain "${parallel[@]}"
 slot train scaffold scaffold "${parallel[@]}"
-drain
+after ecot ecot-lite-dropout
 # Students, at the same budget of student steps each; the reasoning teacher writes its chain of
 # thought for a seeded 4,000-sample subset (~0.7-0.8 s of one core each on this model: ~50 min).
 slot distil ecot-distilled ecot --mode reasoning --set steps=3000 --set teacher_samples=4000
 slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden_layers=2 --set steps=3000
 slot train ecot-sequential ecot --set model.parallel_actions=false
-drain
+wait
+for n in "${!pid_of[@]}"; do finished "$n" || exit 1; done
 
 echo "checkpoints in $ship"
