@@ -1,4 +1,4 @@
-"""pretrained/scene2-basket/make.sh's orchestration: what it trains, skips and ships, and in which order.
+"""pretrained/scene2-basket's make.sh and evaluate.sh: what they train, skip, ship and export, in which order.
 
 The runs themselves take ~18 core-hours, so `edge-vla` is replaced here by a script that records its
 arguments and writes what a finished run writes (a real tiny checkpoint as `final/`, a summary); the
@@ -17,12 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "pretrained" / "scene2-basket" / "make.sh"
+EVALUATE = MAKE.with_name("evaluate.sh")
 SHIPPED = ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "thinking-tokens", "ecot-distilled"]
 
 STUB = """#!/usr/bin/env bash
 # edge-vla stand-in: log the call, then write what the finished command would
 echo "$*" >> "$LOG"
 [ "$1 $2" = "data generate" ] && exit 0
+[ "$1" = eval ] || [ "$1" = report ] && exit 0
+if [ "$1" = export ]; then
+    prev=""; for a in "$@"; do [ "$prev" = "-o" ] && mkdir -p "$a"; prev="$a"; done; exit 0
+fi
 out=""; prev=""
 for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
 name="$(basename "$out")"
@@ -31,7 +36,7 @@ mkdir -p "$out" && cp -r "$TINY" "$out/final" && echo "{\\"run\\": \\"$name\\"}"
 """
 
 
-def _run(tmp_path, tiny_ckpt, env_extra, shipped=SHIPPED):
+def _run(tmp_path, tiny_ckpt, env_extra, shipped=SHIPPED, script=MAKE):
     ship, work, bin_ = tmp_path / "ship", tmp_path / "work", tmp_path / "bin"
     bin_.mkdir()
     for name in shipped:  # a shipped checkpoint: what MISSING_ONLY looks for
@@ -44,7 +49,7 @@ def _run(tmp_path, tiny_ckpt, env_extra, shipped=SHIPPED):
     log.touch()
     env = {**os.environ, "PATH": f"{bin_}:{Path(sys.executable).parent}:{os.environ['PATH']}", "WORK": str(work),
            "SHIP": str(ship), "LOG": str(log), "TINY": str(tiny_ckpt), "JOBS": "2", **env_extra}
-    r = subprocess.run(["bash", str(MAKE)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     calls = [c.split() for c in log.read_text().splitlines()]
     return r, calls, ship, work
 
@@ -97,3 +102,18 @@ def test_a_failed_run_stops_the_build_with_its_name(tmp_path, tiny_ckpt, fail):
     assert not (ship / fail / "train_summary.json").exists()
     if fail == "ecot-lite-dropout":  # its student never starts without it
         assert "dropout-2layer" not in _trained(calls)
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_evaluate_exports_what_is_shipped_with_or_without_the_training_demos(tmp_path, tiny_ckpt, with_data):
+    if with_data:  # make.sh's finished demos: the export checks parity on their held-out samples
+        (tmp_path / "work" / "data").mkdir(parents=True)
+        (tmp_path / "work" / "data" / "manifest.json").write_text("{}")
+    r, calls, ship, work = _run(tmp_path, tiny_ckpt, {}, shipped=["vla", "ecot"], script=EVALUATE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exports = [c for c in calls if c[0] == "export"]
+    assert [_arg(c, "-o").rsplit("/", 1)[1] for c in exports] == ["ecot", "vla"]
+    assert all(("--data" in c) == with_data for c in exports)
+    rolled = [_arg(c, "--out") for c in calls if c[:2] == ["eval", "libero"]]
+    assert len(rolled) == 2 and "scaffold: not shipped yet, skipped" in r.stdout
+    assert any(c[0] == "report" and "--baseline" in c for c in calls)
