@@ -73,8 +73,9 @@ stack pins numpy 1.26): it gets its own venv, whose interpreter builds its .pte 
 lacks (numpy only), so it serves as that venv's worker and exporter entry point too:
 
     python3.11 -m venv /tmp/peers/et_venv
-    /tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1     # the CPU torch first, as the Makefile
-    /tmp/peers/et_venv/bin/pip install optimum-executorch==1.1.0            # pulls transformers 5.0.0rc1, optimum 2.0
+    # one command, so that torch stays the CPU 2.13 (optimum-executorch alone pulls the newest CUDA torch);
+    # optimum-executorch pulls transformers 5.0.0rc1 and optimum 2.0
+    /tmp/peers/et_venv/bin/pip install torch==2.13.0 executorch==1.5.1 optimum-executorch==1.1.0
     EXECUTORCH_PYTHON=/tmp/peers/et_venv/bin/python .venv/bin/python benchmarks/peers.py --peers executorch-8da4w ...
 """
 
