@@ -120,10 +120,11 @@ slot train vla vla "${parallel[@]}"
 slot train thinking-tokens thinking-tokens "${parallel[@]}"
 slot train ecot-lite-pretrain ecot-lite-pretrain "${parallel[@]}"
 slot train scaffold scaffold "${parallel[@]}"
-after ecot ecot-lite-dropout
 # Students, at the same budget of student steps each; the reasoning teacher writes its chain of
 # thought for a seeded 4,000-sample subset (~0.7-0.8 s of one core each on this model: ~50 min).
+after ecot
 slot distil ecot-distilled ecot --mode reasoning --set steps=3000 --set teacher_samples=4000
+after ecot-lite-dropout
 slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden_layers=2 --set steps=3000
 slot train ecot-sequential ecot --set model.parallel_actions=false
 wait
