@@ -11,6 +11,8 @@
 # the fair baseline. The published `ecot` (one action token at a time) trains last, beside it.
 # Then two students: the fair `ecot` distilled into a direct-mode student (its own reasoning written
 # through the deployed decoder), and a two-layer student of `ecot-lite-dropout` (size distillation).
+# Last, one control: `vla` for 5,000 steps on its own schedule, as many action steps as
+# `ecot-lite-pretrain`'s second stage, to tell the pre-training's effect from the halved action budget's.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
@@ -44,6 +46,7 @@ atomic_write_text(sys.argv[1], json.dumps({
     "data_seed": 0,
     "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
     "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
+    "controls": {"vla-5000": "vla, 5,000 steps on its own schedule (ecot-lite-pretrain's action steps)"},
     "baseline": "ecot",
     # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
     # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
@@ -127,6 +130,7 @@ slot distil ecot-distilled ecot --mode reasoning --set steps=3000 --set teacher_
 after ecot-lite-dropout
 slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden_layers=2 --set steps=3000
 slot train ecot-sequential ecot --set model.parallel_actions=false
+slot train vla-5000 vla "${parallel[@]}" --set steps=5000
 wait
 for n in "${!pid_of[@]}"; do finished "$n" || exit 1; done
 
