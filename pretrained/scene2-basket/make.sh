@@ -129,8 +129,9 @@ after ecot
 slot distil ecot-distilled ecot --mode reasoning --set steps=3000 --set teacher_samples=4000
 after ecot-lite-dropout
 slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden_layers=2 --set steps=3000
-slot train ecot-sequential ecot --set model.parallel_actions=false
+# The control before the sequential baseline: it costs half as much.
 slot train vla-5000 vla "${parallel[@]}" --set steps=5000
+slot train ecot-sequential ecot --set model.parallel_actions=false
 wait
 for n in "${!pid_of[@]}"; do finished "$n" || exit 1; done
 
