@@ -38,8 +38,8 @@ bundle() {
     cp "$ship/$1/train_summary.json" "$stamp"
 }
 
-# The comparison's pair first: the dropout model in direct and adaptive mode, the parallel full-CoT
-# model in its own (full) mode. Then the others in their recipe's mode, and last the dropout
+# The comparison's pair first: the dropout model in direct and adaptive mode, the fair full-CoT
+# baseline in its own (full) mode. Then the others in their recipe's mode, and last the dropout
 # model's full mode (the slowest rollouts: ~60 s of a core per episode, which would otherwise hold
 # back every recipe shipped after it). What is not shipped yet (make.sh ships each run as it
 # finishes) is left for the next run.
@@ -52,6 +52,6 @@ done
 if [ -f "$ship/ecot-lite-dropout/train_summary.json" ]; then
     edge-vla eval libero "$bundles/ecot-lite-dropout" --mode full "${eval_args[@]}"
 fi
-# The published sequential `ecot` is the baseline: in the loop it is the stronger full-CoT model
-# (14/100 vs the parallel one's 1/100, docs/results.md), and the baseline should be the strongest.
-edge-vla report "$out" -o "$out/report" --baseline ecot-sequential-full
+# The fair full-CoT model (parallel action chunk after its reasoning) is the baseline, not the
+# published sequential one.
+edge-vla report "$out" -o "$out/report" --baseline ecot-full
