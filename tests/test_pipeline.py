@@ -86,13 +86,14 @@ def test_the_shipped_checkpoints_load_and_match_their_description(shipped):
     rng = np.random.default_rng(0)
     obs = {"images": {c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in info["cameras"]},
            "instruction": "pick up the butter and put it in the basket", "state": np.zeros(8, np.float32)}
-    controls = info.get("controls", {})
-    names = [r for r in [*info["recipes"], *info.get("students", {}), *controls] if (shipped / r).is_dir()]
+    # a control (vla-5000) or a variant (ecot-sequential): one of the set's recipes trained otherwise
+    otherwise = {**info.get("controls", {}), **info.get("variants", {})}
+    names = [r for r in [*info["recipes"], *info.get("students", {}), *otherwise] if (shipped / r).is_dir()]
     assert {"vla", "ecot", "ecot-lite-dropout"} <= set(names)  # what the demo compares
     for recipe in names:
         summary = json.loads((shipped / recipe / "train_summary.json").read_text())
         trained_as = recipe
-        if recipe in controls:  # one of the set's recipes trained otherwise (vla-5000)
+        if recipe in otherwise:
             trained_as = summary["recipe"]["name"]
             assert trained_as in info["recipes"]
         assert summary["command"].startswith(f"edge-vla train --recipe {trained_as} ") or (

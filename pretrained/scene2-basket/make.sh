@@ -47,6 +47,7 @@ atomic_write_text(sys.argv[1], json.dumps({
     "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
     "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
     "controls": {"vla-5000": "vla, 5,000 steps on its own schedule (ecot-lite-pretrain's action steps)"},
+    "variants": {"ecot-sequential": "ecot as published: its action chunk one token at a time after the reasoning"},
     "baseline": "ecot",
     # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
     # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
