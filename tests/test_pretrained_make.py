@@ -62,19 +62,30 @@ def _arg(call, flag):
     return call[call.index(flag) + 1]
 
 
+def _last_set(call, key):
+    """The value of the last `--set key=...` (the one that counts)."""
+    return [call[i + 1].split("=", 1)[1] for i, a in enumerate(call)
+            if a == "--set" and call[i + 1].startswith(key + "=")][-1]
+
+
 def test_missing_only_trains_what_is_not_shipped_and_teaches_from_the_shipped(tmp_path, tiny_ckpt):
     r, calls, ship, work = _run(tmp_path, tiny_ckpt, {"MISSING_ONLY": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(_trained(calls)) == ["dropout-2layer", "ecot-sequential", "scaffold", "vla-5000"]
+    assert sorted(_trained(calls)) == ["dropout-2layer", "ecot-lite-dropout-20000", "ecot-sequential", "scaffold",
+                                       "vla-5000"]
     control = next(c for c in calls if c[0] == "train" and _arg(c, "--out").endswith("/vla-5000"))
-    budget = [control[i + 1] for i, a in enumerate(control) if a == "--set" and control[i + 1].startswith("steps=")]
-    assert _arg(control, "--recipe") == "vla" and budget[-1] == "steps=5000"  # the last --set is the one that counts
+    assert _arg(control, "--recipe") == "vla" and _last_set(control, "steps") == "5000"
+    # twice the budget: the shipped dropout checkpoint trained on, at half the learning rate
+    longer = next(c for c in calls if c[0] == "train" and _arg(c, "--out").endswith("/ecot-lite-dropout-20000"))
+    assert _arg(longer, "--recipe") == "ecot-lite-dropout"
+    assert _last_set(longer, "init_from") == str(ship / "ecot-lite-dropout")
+    assert (_last_set(longer, "lr"), _last_set(longer, "steps"), _last_set(longer, "seed")) == ("5e-4", "10000", "1")
     student = next(c for c in calls if c[0] == "distill")
     assert _arg(student, "--teacher") == str(ship / "ecot-lite-dropout")  # its run is not in WORK
     for name in SHIPPED:  # kept as shipped, not replaced
         assert json.loads((ship / name / "train_summary.json").read_text()) == {"shipped": True}
     from safetensors import safe_open
-    for name in ("scaffold", "dropout-2layer", "ecot-sequential", "vla-5000"):
+    for name in ("scaffold", "dropout-2layer", "ecot-sequential", "vla-5000", "ecot-lite-dropout-20000"):
         assert json.loads((ship / name / "train_summary.json").read_text()) == {"run": name}
         with safe_open(str(ship / name / "model.safetensors"), "pt") as f:  # shipped in float16
             tensors = [f.get_tensor(k) for k in f.keys()]
@@ -82,11 +93,12 @@ def test_missing_only_trains_what_is_not_shipped_and_teaches_from_the_shipped(tm
     assert "scaffold: " not in r.stdout and "vla: shipped, kept (MISSING_ONLY=1)" in r.stdout
 
 
-@pytest.mark.slow  # ships all ten (a fresh interpreter each): ~1.5 min
+@pytest.mark.slow  # ships all eleven (a fresh interpreter each): ~1.5 min
 def test_a_full_rebuild_trains_everything_and_students_learn_from_the_runs(tmp_path, tiny_ckpt):
     r, calls, ship, work = _run(tmp_path, tiny_ckpt, {})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(_trained(calls)) == sorted(SHIPPED + ["scaffold", "dropout-2layer", "ecot-sequential", "vla-5000"])
+    assert sorted(_trained(calls)) == sorted(SHIPPED + ["scaffold", "dropout-2layer", "ecot-sequential", "vla-5000",
+                                                        "ecot-lite-dropout-20000"])
     teachers = {_arg(c, "--out").rsplit("/", 1)[1]: _arg(c, "--teacher") for c in calls if c[0] == "distill"}
     assert teachers == {"ecot-distilled": str(work / "ecot" / "final"),
                         "dropout-2layer": str(work / "ecot-lite-dropout" / "final")}

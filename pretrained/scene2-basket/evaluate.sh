@@ -43,7 +43,8 @@ bundle() {
 # model's full mode (the slowest rollouts: ~60 s of a core per episode, which would otherwise hold
 # back every recipe shipped after it). What is not shipped yet (make.sh ships each run as it
 # finishes) is left for the next run.
-for r in ecot-lite-dropout ecot vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential vla-5000; do
+for r in ecot-lite-dropout ecot vla ecot-lite-pretrain scaffold thinking-tokens ecot-distilled dropout-2layer ecot-sequential vla-5000 \
+         ecot-lite-dropout-20000; do
     [ -f "$ship/$r/train_summary.json" ] || { echo "$r: not shipped yet, skipped"; continue; }
     bundle "$r"
     modes=(); [ "$r" = ecot-lite-dropout ] && modes=(--mode direct,adaptive)

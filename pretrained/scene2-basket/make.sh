@@ -13,6 +13,8 @@
 # through the deployed decoder), and a two-layer student of `ecot-lite-dropout` (size distillation).
 # Last, one control: `vla` for 5,000 steps on its own schedule, as many action steps as
 # `ecot-lite-pretrain`'s second stage, to tell the pre-training's effect from the halved action budget's.
+# And one variant outside the equal budget: `ecot-lite-dropout` continued from its shipped checkpoint
+# for another 10,000 steps (twice the budget), to measure how much of the bar's gap is training budget.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-$here/../../runs/scene2-basket}"
@@ -47,7 +49,9 @@ atomic_write_text(sys.argv[1], json.dumps({
     "recipes": ["vla", "ecot", "ecot-lite-dropout", "ecot-lite-pretrain", "scaffold", "thinking-tokens"],
     "students": {"ecot-distilled": "ecot (reasoning distillation)", "dropout-2layer": "ecot-lite-dropout (2 LM layers)"},
     "controls": {"vla-5000": "vla, 5,000 steps on its own schedule (ecot-lite-pretrain's action steps)"},
-    "variants": {"ecot-sequential": "ecot as published: its action chunk one token at a time after the reasoning"},
+    "variants": {"ecot-sequential": "ecot as published: its action chunk one token at a time after the reasoning",
+                 "ecot-lite-dropout-20000": "ecot-lite-dropout continued from its shipped checkpoint for 10,000 more "
+                                            "steps (twice the budget: 320k samples)"},
     "baseline": "ecot",
     # `make demo` over this set: 8 new demos per task (seed 1) for its live proof runs and
     # held-out observations, 4 rollouts per task (20 per recipe) to stay within ~45 minutes.
@@ -133,6 +137,12 @@ slot distil dropout-2layer ecot-lite-dropout --mode size --student lm.num_hidden
 # The control before the sequential baseline: it costs half as much.
 slot train vla-5000 vla "${parallel[@]}" --set steps=5000
 slot train ecot-sequential ecot --set model.parallel_actions=false
+# Twice the budget: from the shipped float16 checkpoint (what anyone who clones this set has), its own
+# warm-up and cosine from half the learning rate, another data order (seed 1; the seed also picks the
+# validation episodes, so this run's validation figures overlap the first run's training episodes).
+after ecot-lite-dropout
+slot train ecot-lite-dropout-20000 ecot-lite-dropout --set init_from="$ship/ecot-lite-dropout" --set lr=5e-4 \
+    --set eval_every=2500 --set seed=1
 wait
 for n in "${!pid_of[@]}"; do finished "$n" || exit 1; done
 
